@@ -1,0 +1,22 @@
+"""The ``epochwise`` command line (typer + rich). Each command module registers its commands here."""
+
+from __future__ import annotations
+
+import typer
+
+from epochwise.cli import data
+
+app = typer.Typer(
+    name="epochwise",
+    help="Fine-tune LLMs one epoch at a time on Together AI (or locally), orchestrated by Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+app.command()(data.prepare)
+app.command()(data.validate)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,68 @@
+"""``epochwise prepare`` and ``epochwise validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from epochwise.cli.common import ConfigOption, console, friendly_errors, prefect_defaults, report_problems, settings
+from epochwise.records import read_records
+from epochwise.validate import validate_file
+
+
+def prepare(
+    records: Path = typer.Argument(..., help="A directory of *.jsonl/*.json record files, or one such file."),
+    fold: Path = typer.Option(..., "--fold", help="Fold directory to write train.jsonl and val.jsonl into."),
+    val_ratio: float = typer.Option(None, "--val-ratio", help="Share of records for validation [0.1]."),
+    seed: int = typer.Option(None, "--seed", help="Split seed [42]."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for every conversation."),
+    user_template: str = typer.Option(None, "--user-template", help="User message with {field} placeholders."),
+    assistant_field: str = typer.Option(None, "--assistant-field", help="Record field holding the reply."),
+    strict: bool = typer.Option(None, "--strict/--skip-bad-records", help="Fail on unmappable records."),
+    config: Path = ConfigOption,
+) -> None:
+    """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated."""
+    cfg = settings(
+        config,
+        **{
+            "data.val_ratio": val_ratio,
+            "data.seed": seed,
+            "data.strict": strict,
+            "data.mapping.system_prompt": system_prompt,
+            "data.mapping.user_template": user_template,
+            "data.mapping.assistant_field": assistant_field,
+        },
+    ).data
+    # Structural problems are reported before Prefect starts (its ephemeral API takes seconds to boot).
+    result = read_records(records, cfg.max_line_bytes)
+    if result.problems:
+        report_problems(result.problems)
+    prefect_defaults()
+    from flows.prepare_fold import prepare_fold
+
+    with friendly_errors():
+        state = prepare_fold(str(records), str(fold), cfg, return_state=True)
+        summary = state.result()
+    table = Table(title=f"prepared {summary.fold}", show_header=False)
+    table.add_row("records read", str(summary.records_read))
+    table.add_row("train.jsonl", str(summary.train_written))
+    table.add_row("val.jsonl", str(summary.val_written))
+    table.add_row("skipped", str(len(summary.skipped)))
+    for reason, count in summary.skipped_by_reason().items():
+        table.add_row(f"  {reason}", str(count))
+    console.print(table)
+    for problem in summary.skipped[:10]:
+        console.print(f"skipped {problem}", markup=False)
+
+
+def validate(
+    files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
+) -> None:
+    """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
+    problems = [p for path in files for p in validate_file(path)]
+    if problems:
+        report_problems(problems)
+    for path in files:
+        console.print(f"{path}: ok")

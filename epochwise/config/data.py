@@ -1,0 +1,42 @@
+"""How JSON records become ChatML conversations, and how a fold is split."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class RecordMapping(BaseModel):
+    """Maps one input record to ChatML ``messages``.
+
+    ``auto`` uses a record's own ``messages`` or ``prompt``/``completion`` when it has them and the
+    template otherwise; the other formats force one reading.
+    """
+
+    format: Literal["auto", "template", "messages", "prompt_completion"] = Field(
+        "auto", description="How to read each record."
+    )
+    system_prompt: str | None = Field(None, description="System message put first in every conversation.")
+    user_template: str | None = Field(
+        None,
+        description="User message with {field} placeholders filled from the record, e.g. "
+        "'Generate a detailed socialized context for the following story:\\n\\n{story}'.",
+    )
+    assistant_field: str | None = Field(
+        None, description="Record field holding the reply; a dict or list is written as compact JSON."
+    )
+
+
+class DataConfig(BaseModel):
+    """Everything `prepare` needs besides the input and output paths."""
+
+    mapping: RecordMapping = Field(default_factory=RecordMapping)
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records in val.jsonl.")
+    seed: int = Field(42, description="Seed of the content-hash split (same seed + content = same split).")
+    strict: bool = Field(
+        False, description="Fail on records that cannot be mapped instead of skipping them with a reason."
+    )
+    max_line_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Longest accepted JSONL line in bytes (64 MiB)."
+    )

@@ -1,0 +1,244 @@
+"""Read JSON records and map them to ChatML conversations (pure functions, no Prefect).
+
+Input is a ``.jsonl`` file (one record per line), a ``.json`` file (one record or an array of records),
+or a directory holding such files (read in name order, not recursively). Every record keeps the path and
+line it came from so that each problem can be reported as ``path:line: reason``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from epochwise.config.data import RecordMapping
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, iter_lines
+from epochwise.problems import Problem, display_path
+
+RECORD_SUFFIXES = (".jsonl", ".json")
+
+Conversation = dict[str, Any]  # {"messages": [{"role": ..., "content": ...}, ...]}
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One parsed record and where it came from."""
+
+    path: str
+    line: int
+    data: Any
+
+
+@dataclass
+class ReadResult:
+    """Records read from the input plus problems that make the input unusable (bad JSON, bad bytes)."""
+
+    records: list[SourceRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def record_files(source: Path) -> list[Path]:
+    """The record files behind ``source`` (a file, or a directory's ``*.jsonl``/``*.json`` files)."""
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.suffix in RECORD_SUFFIXES and not p.name.startswith("."))
+    return [source]
+
+
+def read_records(source: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> ReadResult:
+    """Parse every record under ``source``; structural problems are collected, never raised."""
+    source = Path(source)
+    result = ReadResult()
+    if not source.exists():
+        result.problems.append(Problem(display_path(source), None, "no such file or directory"))
+        return result
+    files = record_files(source)
+    if not files:
+        result.problems.append(
+            Problem(display_path(source), None, "directory holds no *.jsonl or *.json record files")
+        )
+        return result
+    for path in files:
+        shown = display_path(path)
+        try:
+            reader = _read_json_array if path.suffix == ".json" else _read_jsonl
+            for record in reader(path, shown, max_line_bytes, result.problems):
+                result.records.append(record)
+        except OSError as exc:
+            result.problems.append(Problem(shown, None, f"cannot read file: {exc.strerror or exc}"))
+    if not result.records and not result.problems:
+        result.problems.append(Problem(display_path(source), None, "no records found (all files are empty)"))
+    return result
+
+
+def _read_jsonl(path: Path, shown: str, max_line_bytes: int, problems: list[Problem]) -> Iterator[SourceRecord]:
+    with open(path, "rb") as handle:
+        for number, raw in iter_lines(handle, max_line_bytes):
+            if isinstance(raw, LineTooLong):
+                problems.append(
+                    Problem(shown, number, f"line is {raw.size} bytes, over the limit of {max_line_bytes}")
+                )
+                continue
+            if not raw.strip():
+                continue
+            data, reason = parse_json_object(raw)
+            if reason is not None:
+                problems.append(Problem(shown, number, reason))
+                continue
+            yield SourceRecord(shown, number, data)
+
+
+def _read_json_array(
+    path: Path, shown: str, max_line_bytes: int, problems: list[Problem]
+) -> Iterator[SourceRecord]:
+    """A ``.json`` file: one object, or an array of objects, each reported at the line it starts on."""
+    size = path.stat().st_size
+    if size > max_line_bytes:
+        problems.append(Problem(shown, None, f"file is {size} bytes, over the limit of {max_line_bytes}"))
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(shown, raw.count(b"\n", 0, exc.start) + 1, "not valid UTF-8"))
+        return
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if pos == len(text):
+        problems.append(Problem(shown, None, "file is empty"))
+        return
+    if text[pos] != "[":
+        data, reason = _decode_at(decoder, text, pos)
+        if reason is None and not isinstance(data, dict):
+            reason = f"expected a JSON object or an array of objects, got {_json_type(data)}"
+        if reason is not None:
+            problems.append(Problem(shown, text.count("\n", 0, pos) + 1, reason))
+        else:
+            yield SourceRecord(shown, text.count("\n", 0, pos) + 1, data)
+        return
+    pos = _skip_ws(text, pos + 1)
+    line = text.count("\n", 0, pos) + 1
+    last = pos
+    while pos < len(text) and text[pos] != "]":
+        line += text.count("\n", last, pos)
+        last = pos
+        data, reason = _decode_at(decoder, text, pos)
+        if reason is not None:
+            problems.append(Problem(shown, line, reason))
+            return
+        end = decoder.raw_decode(text, pos)[1]
+        if not isinstance(data, dict):
+            problems.append(Problem(shown, line, f"array element is {_json_type(data)}, not a JSON object"))
+        else:
+            yield SourceRecord(shown, line, data)
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _decode_at(decoder: json.JSONDecoder, text: str, pos: int) -> tuple[Any, str | None]:
+    try:
+        return decoder.raw_decode(text, pos)[0], None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg}"
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def parse_json_object(raw: bytes) -> tuple[Any, str | None]:
+    """Parse one JSONL line into a dict, or return the reason it is not one."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not valid UTF-8"
+        return None, f"invalid JSON: {exc.args[0] if exc.args else exc}"
+    if not isinstance(data, dict):
+        return None, f"expected a JSON object, got {_json_type(data)}"
+    return data, None
+
+
+class MappingError(ValueError):
+    """A record that cannot become a conversation under the configured mapping."""
+
+
+@functools.lru_cache(maxsize=64)
+def template_fields(template: str) -> tuple[str, ...]:
+    """The ``{field}`` names a user template reads, in order (``{{`` escapes are not fields)."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if not name.isidentifier():
+                raise ValueError(f"user template placeholder {{{name}}} is not a plain field name")
+            names.append(name)
+    return tuple(names)
+
+
+def as_text(value: Any) -> str:
+    """A record value as message text: strings as they are, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode("utf-8")
+
+
+def to_conversation(record: dict[str, Any], mapping: RecordMapping) -> Conversation:
+    """Map one record to ``{"messages": [...]}``; raises `MappingError` with the reason when impossible."""
+    fmt = mapping.format
+    if fmt == "auto":
+        if "messages" in record:
+            fmt = "messages"
+        elif "prompt" in record and "completion" in record:
+            fmt = "prompt_completion"
+        else:
+            fmt = "template"
+    system = [{"role": "system", "content": mapping.system_prompt}] if mapping.system_prompt else []
+    if fmt == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise MappingError("'messages' must be a non-empty list")
+        has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        return {"messages": (system if not has_system else []) + messages}
+    if fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in record:
+                raise MappingError(f"missing field '{key}'")
+        return {
+            "messages": system
+            + [
+                {"role": "user", "content": as_text(record["prompt"])},
+                {"role": "assistant", "content": as_text(record["completion"])},
+            ]
+        }
+    if not mapping.user_template or not mapping.assistant_field:
+        raise MappingError(
+            "record has no 'messages' or 'prompt'/'completion'; configure data.mapping.user_template "
+            "and data.mapping.assistant_field to map its fields"
+        )
+    fields = template_fields(mapping.user_template)
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise MappingError(f"missing field '{missing[0]}' used by the user template")
+    if mapping.assistant_field not in record:
+        raise MappingError(f"missing assistant field '{mapping.assistant_field}'")
+    reply = record[mapping.assistant_field]
+    if reply is None or reply == "":
+        raise MappingError(f"assistant field '{mapping.assistant_field}' is empty")
+    user = mapping.user_template.format_map({name: as_text(record[name]) for name in fields})
+    return {
+        "messages": system + [{"role": "user", "content": user}, {"role": "assistant", "content": as_text(reply)}]
+    }
