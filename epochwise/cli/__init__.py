@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import data
+from epochwise.cli import convert, data, deploy, local, ops, train
 
 app = typer.Typer(
     name="epochwise",
@@ -16,6 +16,8 @@ app = typer.Typer(
 
 app.command()(data.prepare)
 app.command()(data.validate)
+for module in (convert, train, local, deploy, ops):
+    module.register(app)
 
 
 def main() -> None:

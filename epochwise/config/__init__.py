@@ -20,9 +20,23 @@ from pydantic_settings import (
 )
 
 from epochwise.config.data import DataConfig, RecordMapping
+from epochwise.config.deploy import DeployConfig
+from epochwise.config.local import LocalConfig
+from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
 
-__all__ = ["DataConfig", "HyperParams", "RecordMapping", "Settings", "TrainConfig", "deep_merge", "load_settings"]
+__all__ = [
+    "DataConfig",
+    "DeployConfig",
+    "HyperParams",
+    "LocalConfig",
+    "RecordMapping",
+    "Settings",
+    "TogetherConfig",
+    "TrainConfig",
+    "deep_merge",
+    "load_settings",
+]
 
 
 class Settings(BaseSettings):
@@ -34,6 +48,9 @@ class Settings(BaseSettings):
 
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    together: TogetherConfig = Field(default_factory=TogetherConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @classmethod
     def settings_customise_sources(
