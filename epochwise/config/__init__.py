@@ -22,6 +22,7 @@ from pydantic_settings import (
 from epochwise.config.data import DataConfig, RecordMapping
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.local import LocalConfig
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
 
@@ -30,6 +31,7 @@ __all__ = [
     "DeployConfig",
     "HyperParams",
     "LocalConfig",
+    "OpsConfig",
     "RecordMapping",
     "Settings",
     "TogetherConfig",
@@ -51,6 +53,7 @@ class Settings(BaseSettings):
     local: LocalConfig = Field(default_factory=LocalConfig)
     together: TogetherConfig = Field(default_factory=TogetherConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
 
     @classmethod
     def settings_customise_sources(
