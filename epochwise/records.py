@@ -71,26 +71,29 @@ def read_records(source: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTE
                 result.records.append(record)
         except OSError as exc:
             result.problems.append(Problem(shown, None, f"cannot read file: {exc.strerror or exc}"))
-    if not result.records and not result.problems:
-        result.problems.append(Problem(display_path(source), None, "no records found (all files are empty)"))
     return result
 
 
 def _read_jsonl(path: Path, shown: str, max_line_bytes: int, problems: list[Problem]) -> Iterator[SourceRecord]:
+    empty = True
     with open(path, "rb") as handle:
         for number, raw in iter_lines(handle, max_line_bytes):
             if isinstance(raw, LineTooLong):
+                empty = False
                 problems.append(
                     Problem(shown, number, f"line is {raw.size} bytes, over the limit of {max_line_bytes}")
                 )
                 continue
             if not raw.strip():
                 continue
+            empty = False
             data, reason = parse_json_object(raw)
             if reason is not None:
                 problems.append(Problem(shown, number, reason))
                 continue
             yield SourceRecord(shown, number, data)
+    if empty:
+        problems.append(Problem(shown, None, "file is empty"))
 
 
 def _read_json_array(

@@ -62,7 +62,7 @@ def settings(config: Path | None, **flags: Any) -> Settings:
 
 def fail_lines(lines: list[str], code: int = 1) -> NoReturn:
     for line in lines:
-        err_console.print(line, markup=False)
+        err_console.print(line, markup=False, soft_wrap=True)  # one problem per line, never wrapped
     raise typer.Exit(code)
 
 

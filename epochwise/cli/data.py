@@ -54,7 +54,7 @@ def prepare(
         table.add_row(f"  {reason}", str(count))
     console.print(table)
     for problem in summary.skipped[:10]:
-        console.print(f"skipped {problem}", markup=False)
+        console.print(f"skipped {problem}", markup=False, soft_wrap=True)
 
 
 def validate(
@@ -65,4 +65,4 @@ def validate(
     if problems:
         report_problems(problems)
     for path in files:
-        console.print(f"{path}: ok")
+        console.print(f"{path}: ok", markup=False, soft_wrap=True)
