@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fake_together.fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
 
