@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from epochwise.config.data import DataConfig, RecordMapping
 from epochwise.config.deploy import DeployConfig
+from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
@@ -53,6 +54,7 @@ class Settings(BaseSettings):
     local: LocalConfig = Field(default_factory=LocalConfig)
     together: TogetherConfig = Field(default_factory=TogetherConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    harmony: HarmonyConfig = Field(default_factory=HarmonyConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
 
     @classmethod
