@@ -551,8 +551,7 @@ def _accept(
         if len(tokens) > limit:
             stats.over_max += 1
             if config.overlong == "error":
-                problems.append(Problem(shown, number, f"{len(tokens)} tokens, over max_seq_length {limit} "
-                                        "(raise --max-seq-length, or use --overlong drop|truncate)"))
+                problems.append(Problem(shown, number, f"{len(tokens)} tokens, over max_seq_length {limit}"))
                 continue
             if config.overlong == "drop":
                 stats.dropped += 1
