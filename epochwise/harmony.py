@@ -38,7 +38,7 @@ import functools
 import gzip
 import hashlib
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import multiprocessing
 import os
 import threading
@@ -128,13 +128,21 @@ def ensure_vocab_dir(vocab_dir: Path | str | None = None) -> Path:
     target = directory / O200K_FILE
     if target.is_file() and sha256_file(target) == O200K_SHA256:
         return directory
-    packed = importlib.resources.files("bpe_openai.data") / f"{O200K_FILE}.gz"
-    data = gzip.decompress(packed.read_bytes())
+    data = gzip.decompress(packed_vocab().read_bytes())
     digest = hashlib.sha256(data).hexdigest()
     if digest != O200K_SHA256:
         raise RuntimeError(f"bpe-openai's {O200K_FILE}.gz unpacks to sha256 {digest}, expected {O200K_SHA256}")
     atomic_write_bytes(target, data)
     return directory
+
+
+def packed_vocab() -> Path:
+    """``bpe_openai/data/o200k_base.tiktoken.gz``, found without importing bpe_openai (its import takes ~2 s)."""
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the bpe-openai package is not installed; set harmony.vocab_dir to a directory "
+                           f"holding {O200K_FILE}")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / f"{O200K_FILE}.gz"
 
 
 _ENV_LOCK = threading.Lock()
