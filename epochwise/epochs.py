@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from typing import Literal
 
@@ -63,3 +65,31 @@ def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+def epoch_key(fold_hashes: list[str], base_model: str, epoch: int, hyper: dict[str, object], parent: str | None) -> str:
+    """Content key of one epoch: the fold's file hashes, base model, epoch index, hyper-parameters and
+    the model it continues from. Paths, times and run ids are deliberately not part of it."""
+    payload = json.dumps(
+        {"files": list(fold_hashes), "base": base_model, "epoch": epoch, "hyper": hyper, "parent": parent},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def val_stalled(records: list[EpochRecord], patience: int | None) -> bool:
+    """True when the last ``patience`` completed epochs brought no validation loss below the best before them.
+
+    Epochs without a validation loss count as not improving; ``None`` disables the rule.
+    """
+    if not patience:
+        return False
+    done = sorted((r for r in records if r.status == "completed"), key=lambda r: r.epoch)
+    if len(done) <= patience:
+        return False
+    before = [r.val_loss for r in done[:-patience] if r.val_loss is not None]
+    if not before:
+        return False
+    best = min(before)
+    return all(r.val_loss is None or r.val_loss >= best for r in done[-patience:])

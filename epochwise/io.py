@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import tempfile
@@ -93,3 +94,19 @@ def iter_lines(
             yield number, LineTooLong(size)
             continue
         yield number, raw.rstrip(b"\r\n")
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while building many small objects that are never cyclic garbage.
+
+    With 100k records alive, each generation-2 collection rescans them all; pausing it made mapping
+    about 2x faster on the 100k-record benchmark (bench/prepare.py).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from epochwise.config.data import RecordMapping
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, iter_lines
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, gc_paused, iter_lines
 from epochwise.problems import Problem, display_path
 
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -63,6 +63,12 @@ def read_records(source: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTE
             Problem(display_path(source), None, "directory holds no *.jsonl or *.json record files")
         )
         return result
+    with gc_paused():
+        _read_files(files, max_line_bytes, result)
+    return result
+
+
+def _read_files(files: list[Path], max_line_bytes: int, result: ReadResult) -> None:
     for path in files:
         shown = display_path(path)
         try:
@@ -71,7 +77,6 @@ def read_records(source: Path | str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTE
                 result.records.append(record)
         except OSError as exc:
             result.problems.append(Problem(shown, None, f"cannot read file: {exc.strerror or exc}"))
-    return result
 
 
 def _read_jsonl(path: Path, shown: str, max_line_bytes: int, problems: list[Problem]) -> Iterator[SourceRecord]:

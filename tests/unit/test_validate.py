@@ -82,7 +82,7 @@ def test_validator_table(tmp_path: Path, lines: list[str], expected: list[tuple[
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     problems = validate_file(path)
     assert [p.line for p in problems] == [line for line, _ in expected], [str(p) for p in problems]
-    for problem, (_, reason) in zip(problems, expected):
+    for problem, (_, reason) in zip(problems, expected, strict=True):
         assert reason in problem.reason
         assert problem.path.endswith("train.jsonl")
 
