@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class TogetherConfig(BaseModel):
-    """Together API behaviour: polling, deadlines, retries."""
+    """Together API behaviour: polling, deadlines, retries, where credentials come from.
+
+    Polling starts at ``poll_initial_s`` and grows by ``poll_factor`` up to ``poll_max_s``: a job that
+    finishes in a minute is noticed quickly, a 10-hour job costs ~600 status calls instead of 3600.
+    """
+
+    credentials_block: str | None = Field(
+        None, description="Name of a saved TogetherCredentials block; unset = TOGETHER_API_KEY from the environment."
+    )
+    wandb_block: str | None = Field(
+        None, description="Name of a saved WandbCredentials block; unset = WANDB_API_KEY from the environment."
+    )
+    poll_initial_s: float = Field(10.0, gt=0, description="First wait between job status calls (seconds).")
+    poll_max_s: float = Field(60.0, gt=0, description="Longest wait between job status calls (seconds).")
+    poll_factor: float = Field(1.5, ge=1.0, description="Growth of the wait after each status call.")
+    job_deadline_s: float = Field(
+        48 * 3600.0, gt=0, description="Give up waiting for one job after this long (seconds); the job keeps running."
+    )
+    file_poll_s: float = Field(2.0, gt=0, description="Wait between file processing_status calls (seconds).")
+    file_deadline_s: float = Field(1800.0, gt=0, description="Give up on server-side file validation (seconds).")
+    max_retries: int = Field(
+        5, ge=0, description="SDK retries of 408/409/429/5xx per call (honours Retry-After); job creation is never blindly retried."
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="HTTP read timeout per request (seconds).")
+    create_attempts: int = Field(
+        4, ge=1, description="Tries to create a job; after each failure Together's job list is checked first."
+    )
+    fold_lock_wait_s: float = Field(
+        600.0, ge=0, description="How long a run waits for another run of the same fold to finish submitting (seconds)."
+    )
+    upload_lock_hold_s: float = Field(
+        3600.0, gt=0, description="An upload lock left by a killed process expires after this long (seconds)."
+    )

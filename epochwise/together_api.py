@@ -1,0 +1,349 @@
+"""The Together adapter: the only module that calls the ``together`` SDK for files and fine-tuning jobs.
+
+Typed functions over a ``together.Together`` client; no Prefect here, so each is testable against the
+fake server alone. Money rules live here too: a job is only created after Together's own job list
+showed no live job with the epoch's deterministic suffix, and a failed create call is never blindly
+retried (the job may exist although the reply was lost), the list is checked again first.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from together import APIConnectionError, APIStatusError, NotFoundError, Together
+
+from blocks.credentials import TogetherAccess, WandbCredentials
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import HyperParams
+
+# Terminal job states (together-api.md section 4.3); jobs in the last three never count as "existing".
+TERMINAL = ("completed", "cancelled", "error", "user_error")
+FAILED = ("cancelled", "error", "user_error")
+# Share of the job done, per status, for the progress artifact (Together gives no step counts on list).
+PROGRESS = {"pending": 0.0, "queued": 0.05, "running": 0.4, "compressing": 0.85, "uploading": 0.95, "completed": 1.0}
+VAL_LOSS_KEYS = ("eval/loss", "validation/loss", "val/loss", "eval_loss", "valid/loss")
+SUFFIX_MAX = 40  # Together's limit on a job suffix
+
+
+class TogetherFailure(RuntimeError):
+    """Together rejected a file or a job, or a job ended badly; the message is Together's own."""
+
+
+class BudgetExceeded(RuntimeError):
+    """The next epoch's estimated price would take the fold over its budget; nothing was submitted."""
+
+
+def make_client(access: TogetherAccess, cfg: TogetherConfig) -> Together:
+    """A client for ``access`` with the configured SDK retries and read timeout."""
+    return Together(
+        api_key=access.api_key.get_secret_value(),
+        base_url=access.base_url,
+        project_id=access.project_id,
+        max_retries=cfg.max_retries,
+        timeout=cfg.request_timeout_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """An uploaded, server-validated file."""
+
+    id: str
+    sha256: str
+    purpose: str
+    filename: str
+    bytes: int
+
+
+def upload_file(client: Together, path: Path | str, sha256: str, cfg: TogetherConfig, purpose: str = "fine-tune",
+                log: Callable[[str], None] = print) -> RemoteFile:
+    """Upload ``path`` (3-step presigned upload) and wait until Together validated it.
+
+    Raises `TogetherFailure` with Together's validation report on INVALID_FORMAT / FAILED.
+    """
+    path = Path(path)
+    uploaded = client.files.upload(path, purpose=purpose, check=True)
+    log(f"uploaded {path.name} ({path.stat().st_size} bytes) as {uploaded.id}; waiting for validation")
+    wait_for_file(client, uploaded.id, cfg, label=str(path))
+    return RemoteFile(uploaded.id, sha256, purpose, path.name, path.stat().st_size)
+
+
+def wait_for_file(client: Together, file_id: str, cfg: TogetherConfig, label: str = "",
+                  sleep: Callable[[float], None] = time.sleep) -> None:
+    """Poll ``processing_status`` until COMPLETED; fail on INVALID_FORMAT / FAILED or the deadline."""
+    deadline = time.monotonic() + cfg.file_deadline_s
+    while True:
+        info = client.files.retrieve(file_id)
+        status = (info.processing_status or "COMPLETED").upper()
+        if status == "COMPLETED":
+            return
+        if status in ("INVALID_FORMAT", "FAILED"):
+            report = info.validation_report
+            reason = (report.error if report is not None else None) or "no report"
+            raise TogetherFailure(f"{label or file_id}: Together rejected file {file_id} ({status}): {reason}")
+        if time.monotonic() > deadline:
+            raise TogetherFailure(f"{label or file_id}: file {file_id} still {status} after {cfg.file_deadline_s:.0f} s")
+        sleep(cfg.file_poll_s)
+
+
+def file_exists(client: Together, file_id: str) -> bool:
+    """Whether Together still has ``file_id`` (files can be deleted or expire)."""
+    try:
+        info = client.files.retrieve(file_id)
+    except NotFoundError:
+        return False
+    return (info.processing_status or "COMPLETED").upper() == "COMPLETED"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------------
+
+def fold_slug(fold: str) -> str:
+    """Fold name as it appears in suffixes: lowercase letters, digits and dashes, at most 20 characters."""
+    slug = re.sub(r"[^a-z0-9]+", "-", fold.lower()).strip("-")
+    return slug[:20].strip("-") or "fold"
+
+
+def epoch_suffix(fold: str, epoch: int, key: str) -> str:
+    """``ew-<fold>-e<k>-<8 hex of the epoch key>``: the same epoch of the same inputs always gets the same
+    suffix, so a job created by a run that crashed is found again in Together's list."""
+    suffix = f"ew-{fold_slug(fold)}-e{epoch}-{key[:8]}"
+    assert len(suffix) <= SUFFIX_MAX, suffix
+    return suffix
+
+
+def parse_suffix(fold: str, suffix: str | None) -> int | None:
+    """The epoch number if ``suffix`` belongs to ``fold``, else None."""
+    match = re.fullmatch(rf"ew-{re.escape(fold_slug(fold))}-e(\d+)-[0-9a-f]{{8}}", suffix or "")
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What epochwise needs from a job listing or retrieve."""
+
+    id: str
+    status: str
+    suffix: str | None
+    model_output_name: str | None
+    created_at: str | None
+    from_checkpoint: str | None = None
+    model_object_id: str | None = None
+
+    @property
+    def progress(self) -> float:
+        return PROGRESS.get(self.status, 1.0 if self.status in TERMINAL else 0.0)
+
+
+def _info(job: Any) -> JobInfo:
+    data = job.model_dump(by_alias=True, warnings=False) if hasattr(job, "model_dump") else dict(job)
+    suffix = data.get("suffix")
+    return JobInfo(
+        id=data["id"], status=str(data.get("status") or ""), suffix=suffix,
+        model_output_name=data.get("model_output_name") or data.get("output_name"),
+        created_at=str(data.get("created_at") or ""), from_checkpoint=data.get("from_checkpoint"),
+        model_object_id=data.get("model_object_id"),
+    )
+
+
+def list_jobs(client: Together) -> list[JobInfo]:
+    """Every fine-tuning job of the account (the API has no pagination or filter)."""
+    return [_info(job) for job in client.fine_tuning.list().data or []]
+
+
+def find_job(client: Together, suffix: str) -> JobInfo | None:
+    """The newest job with ``suffix`` that is not failed or cancelled: the one to re-attach to."""
+    live = [j for j in list_jobs(client) if _has_suffix(j, suffix) and j.status not in FAILED]
+    return max(live, key=lambda j: (j.status == "completed", j.created_at or ""), default=None)
+
+
+def _has_suffix(job: JobInfo, suffix: str) -> bool:
+    # Output names look like "<user>/<base>-<suffix>-<hash>"; older listings may omit the suffix field.
+    return job.suffix == suffix or (job.suffix is None and f"-{suffix}-" in (job.model_output_name or ""))
+
+
+def fold_jobs(client: Together, fold: str) -> list[tuple[int, JobInfo]]:
+    """``(epoch, job)`` for every job of ``fold`` in Together's list, oldest first."""
+    found = [(parse_suffix(fold, j.suffix), j) for j in list_jobs(client)]
+    return sorted(((e, j) for e, j in found if e is not None), key=lambda p: (p[0], p[1].created_at or ""))
+
+
+@dataclass
+class EpochRequest:
+    """Everything one epoch job is created from; ``parent_job`` None means training the base model."""
+
+    training_file: str
+    validation_file: str | None
+    base_model: str
+    parent_job: str | None
+    suffix: str
+    hyper: HyperParams
+    wandb: WandbCredentials | None = None
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``client.fine_tuning.create``: one epoch, ``lora`` always explicit."""
+        h = self.hyper
+        kwargs: dict[str, Any] = {
+            "training_file": self.training_file,
+            "n_epochs": 1,
+            "learning_rate": h.learning_rate,
+            "lr_scheduler_type": h.lr_scheduler,
+            "min_lr_ratio": h.min_lr_ratio,
+            "warmup_ratio": h.warmup_ratio,
+            "batch_size": h.batch_size,
+            "max_grad_norm": h.max_grad_norm,
+            "weight_decay": h.weight_decay,
+            "n_checkpoints": h.n_checkpoints,
+            "train_on_inputs": h.train_on_inputs,
+            "random_seed": h.seed,
+            "suffix": self.suffix,
+            # The sync and async SDK default lora differently (None vs True): always say what we mean.
+            "lora": h.lora,
+        }
+        if h.lora:
+            kwargs.update(lora_r=h.lora_r, lora_alpha=h.lora_alpha or 2 * h.lora_r, lora_dropout=h.lora_dropout,
+                          lora_trainable_modules=h.lora_trainable_modules)
+        if h.max_seq_length is not None:
+            kwargs["max_seq_length"] = h.max_seq_length
+        if self.validation_file:
+            # Without at least one evaluation there is no validation loss to pick the best epoch by.
+            kwargs.update(validation_file=self.validation_file, n_evals=max(h.n_evals, 1))
+        else:
+            kwargs["n_evals"] = 0
+        if self.parent_job:
+            kwargs["from_checkpoint"] = self.parent_job
+        else:
+            kwargs["model"] = self.base_model
+        if self.wandb is not None and self.wandb_project:
+            kwargs.update(wandb_api_key=self.wandb.api_key.get_secret_value(), wandb_project_name=self.wandb_project,
+                          wandb_name=self.wandb_name)
+            if self.wandb.base_url:
+                kwargs["wandb_base_url"] = self.wandb.base_url
+            if self.wandb.entity:
+                kwargs["wandb_entity"] = self.wandb.entity
+        kwargs.update(self.extra)
+        return kwargs
+
+
+def estimate_price(client: Together, request: EpochRequest) -> float | None:
+    """Together's price estimate for the epoch in USD, or None when it cannot estimate."""
+    kw = request.create_kwargs()
+    args: dict[str, Any] = {"training_file": kw["training_file"], "n_epochs": 1, "n_evals": kw["n_evals"]}
+    if request.parent_job:
+        args["from_checkpoint"] = request.parent_job
+    else:
+        args["model"] = request.base_model
+    if request.validation_file:
+        args["validation_file"] = request.validation_file
+    answer = client.fine_tuning.estimate_price(**args)
+    if not getattr(answer, "estimation_available", False):
+        return None
+    return float(answer.estimated_total_price)
+
+
+def create_job(client: Together, request: EpochRequest, cfg: TogetherConfig, log: Callable[[str], None] = print,
+               sleep: Callable[[float], None] = time.sleep) -> tuple[JobInfo, bool]:
+    """Find the epoch's live job by suffix, else create it. Returns ``(job, created)``.
+
+    The create call itself runs without SDK retries: a 5xx or a dropped connection may come after
+    Together created the job, so each retry starts by looking for the job in the list again.
+    """
+    once = client.with_options(max_retries=0)
+    last: Exception | None = None
+    for attempt in range(cfg.create_attempts):
+        existing = find_job(client, request.suffix)
+        if existing is not None:
+            log(f"re-attaching to {existing.id} ({existing.status}), suffix {request.suffix}")
+            return existing, False
+        try:
+            job = once.fine_tuning.create(**request.create_kwargs())
+        except APIStatusError as exc:
+            if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                raise TogetherFailure(f"Together refused the job ({exc.status_code}): {_message(exc)}") from None
+            last = exc
+        except APIConnectionError as exc:
+            last = exc
+        else:
+            info = _info(job)
+            log(f"created {info.id} ({request.suffix}) from {request.parent_job or request.base_model}")
+            return info, True
+        log(f"create attempt {attempt + 1} failed ({type(last).__name__}); checking the job list before retrying")
+        sleep(min(cfg.poll_initial_s, 5.0) * (attempt + 1))
+    raise TogetherFailure(f"could not create job {request.suffix}: {last}")
+
+
+def _message(exc: APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(exc)
+
+
+def get_job(client: Together, job_id: str) -> JobInfo:
+    return _info(client.fine_tuning.retrieve(job_id))
+
+
+def job_events(client: Together, job_id: str) -> list[dict[str, Any]]:
+    return [e.model_dump(warnings=False) for e in client.fine_tuning.list_events(job_id).data or []]
+
+
+def failure_message(client: Together, job_id: str) -> str:
+    """Together's own explanation of a failed job: its last error-level event."""
+    errors = [e for e in job_events(client, job_id) if str(e.get("level") or "").endswith("error")]
+    return errors[-1]["message"] if errors else "no error event"
+
+
+def poll_job(client: Together, job_id: str, cfg: TogetherConfig, on_update: Callable[[JobInfo, list[str]], None],
+             sleep: Callable[[float], None] = time.sleep) -> JobInfo:
+    """Poll until a terminal state with backoff ``poll_initial_s`` -> ``poll_max_s``.
+
+    ``on_update(job, new_event_lines)`` is called after every status call; events are fetched only when
+    the status changed, so a quiet 10-hour job costs one request per poll.
+    """
+    deadline = time.monotonic() + cfg.job_deadline_s
+    wait, last_status, seen = cfg.poll_initial_s, None, 0
+    while True:
+        job = get_job(client, job_id)
+        lines: list[str] = []
+        if job.status != last_status:
+            events = job_events(client, job_id)
+            lines = [f"{e.get('type')}: {e.get('message')}" for e in events[seen:]]
+            seen, last_status = len(events), job.status
+        on_update(job, lines)
+        if job.status in TERMINAL:
+            return job
+        if time.monotonic() + wait > deadline:
+            raise TogetherFailure(
+                f"job {job_id} still {job.status} after {cfg.job_deadline_s:.0f} s; it keeps running at Together "
+                "(rerun to re-attach, or `epochwise abort` to cancel)"
+            )
+        sleep(wait)
+        wait = min(wait * cfg.poll_factor, cfg.poll_max_s)
+
+
+def job_losses(client: Together, job_id: str) -> tuple[float | None, float | None]:
+    """(last training loss, last validation loss) from ``list_metrics``."""
+    rows = client.fine_tuning.list_metrics(job_id).metrics or []
+    train = next((r["train/loss"] for r in reversed(rows) if "train/loss" in r), None)
+    val = next((r[k] for r in reversed(rows) for k in VAL_LOSS_KEYS if k in r), None)
+    return train, val
+
+
+def cancel_job(client: Together, job_id: str) -> str:
+    """Ask Together to cancel; completed steps are still billed. Returns the new status."""
+    return str(client.fine_tuning.cancel(job_id).status)

@@ -1,0 +1,102 @@
+"""``epoch-train``: train a fold one epoch at a time, each epoch its own deployable model.
+
+Steps:
+1. validate ``train.jsonl`` / ``val.jsonl`` (``path:line: reason``; nothing uploaded or paid before this);
+2. Together backend: Harmony parquet for gpt-oss base models, upload each file once per content
+   (sha256-cached, remote existence confirmed), then per epoch k = 1..epochs:
+   launch (estimate price, stop before the budget is exceeded; epoch 1 on the base model, epoch k
+   ``from_checkpoint`` = job of epoch k-1) -> wait (one polling task) -> losses;
+   local backend: ``train_local_epoch`` per epoch, continuing from the previous adapter;
+3. after each epoch: the ``<fold>-epochs`` table and the ``<fold>-progress`` artifacts; stop early when
+   the validation loss stopped improving (``stop_when_val_worsens``).
+
+Resume rule: an epoch is done when its launch committed with a completed job (Prefect cache record keyed
+on fold hashes, base model, epoch, hyper-parameters and parent). A rerun skips done epochs without any
+upload or job, re-attaches to a job that was still running (found by its suffix in Together's list),
+and resubmits only a failed epoch, from the previous epoch's model. More ``epochs`` trains only the new ones.
+
+    epochwise train folds/games --backend together --epochs 5
+    prefect deployment run epoch-train/games
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.transactions import transaction
+
+from epochwise.artifacts import artifact_key
+from epochwise.config.harmony import HarmonyConfig
+from epochwise.config.local import LocalConfig
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from epochwise.epochs import EpochRecord, epoch_table, val_stalled
+from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.together_api import BudgetExceeded
+from tasks.data import validate_files
+from tasks.harmony import convert_fold_to_harmony
+from tasks.together import (
+    EpochSpec, api_base, ensure_uploaded, fetch_epoch_metrics, launch_epoch_job, resolve_backend, wait_for_job,
+)
+
+
+@flow(name="epoch-train", log_prints=True, validate_parameters=True)
+def epoch_train(
+    fold: str,
+    train: TrainConfig = TrainConfig(),
+    together: TogetherConfig = TogetherConfig(),
+    local: LocalConfig = LocalConfig(),
+    harmony: HarmonyConfig = HarmonyConfig(),
+) -> list[EpochRecord]:
+    """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
+    name = Path(fold).name
+    jsonl = [str(Path(fold) / TRAIN_FILE), str(Path(fold) / VAL_FILE)]
+    validate_files(jsonl)
+    backend = resolve_backend(train.backend, together)
+    progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
+    records: list[EpochRecord] = []
+
+    if backend == "together":
+        if "gpt-oss" in train.base_model:
+            jsonl = [(parquet := convert_fold_to_harmony(fold, harmony))["train"], parquet["val"]]
+        train_file, val_file = (ensure_uploaded(path, together) for path in jsonl)
+    else:
+        from tasks.local_train import train_local_epoch
+
+    for epoch in range(1, train.epochs + 1):
+        parent = (records[-1].job_id or records[-1].model) if records else None
+        if backend == "together":
+            spec = EpochSpec(name, epoch, train.base_model, parent, (train_file.sha256, val_file.sha256),
+                             train.hyper.model_dump(mode="json"), api_base(together))
+            record = _together_epoch(spec, train_file.id, val_file.id, train, together, records)
+            if record is None:
+                break
+        else:
+            record = train_local_epoch(fold, epoch, train, local, parent)
+        records.append(record)
+        create_table_artifact(epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name} epochs")
+        update_progress_artifact(progress, 100 * epoch / train.epochs)
+        print(f"{name} epoch {epoch}: {record.model} train loss {record.train_loss} val loss {record.val_loss}")
+        if val_stalled(records, train.stop_when_val_worsens):
+            print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
+            break
+    return records
+
+
+def _together_epoch(spec: EpochSpec, train_file: str, val_file: str, train: TrainConfig, together: TogetherConfig,
+                    done: list[EpochRecord]) -> EpochRecord | None:
+    """Launch -> wait -> losses for one epoch; None when the budget stops the chain before submitting.
+
+    The transaction makes the launch's cache record commit only together with a completed job.
+    """
+    spent = sum(r.price_usd or 0.0 for r in done)
+    try:
+        with transaction():
+            job = launch_epoch_job(spec, train_file, val_file, train, together, spent)
+            info = wait_for_job(job, together)
+            return fetch_epoch_metrics(job, info, together)
+    except BudgetExceeded as stop:
+        print(f"stopping before epoch {spec.epoch}: {stop}")
+        return None

@@ -1,0 +1,253 @@
+"""Prefect tasks for the Together backend: upload, launch, wait, metrics.
+
+Thin wrappers over `epochwise.together_api`. What makes resume safe:
+
+* ``upload_if_missing`` is cached on ``sha256(bytes) + purpose + API base`` (never the path, never the
+  run id), SERIALIZABLE with a file lock so two runs never upload the same bytes twice.
+* ``launch_epoch_job`` is cached on the epoch key (fold hashes, base model, epoch, hyper-parameters,
+  parent). The flow opens it in a transaction with ``wait_for_job``, so its cache record is written only
+  once the job completed; after a crash or a failed job the next run looks the job up in Together's
+  list by its deterministic suffix and re-attaches, or resubmits when the job failed.
+* Find-then-create runs under a per-fold OS file lock: two runs of one fold never both submit, and a
+  killed process releases the lock with its file descriptor.
+
+Credentials are resolved inside each task (blocks or environment) and never become parameters or results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.settings import PREFECT_HOME
+from prefect.transactions import IsolationLevel
+
+from blocks.credentials import resolve_together, resolve_wandb, together_configured
+from epochwise import together_api as api
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from epochwise.epochs import EpochRecord, epoch_key
+from epochwise.io import sha256_file
+
+
+def _client(cfg: TogetherConfig):
+    return api.make_client(resolve_together(cfg.credentials_block), cfg)
+
+
+def _locks_dir() -> Path:
+    path = Path(PREFECT_HOME.value()) / "locks"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def api_base(cfg: TogetherConfig) -> str:
+    """The Together API base in use (part of the upload and epoch keys)."""
+    return resolve_together(cfg.credentials_block).base_url
+
+
+def resolve_backend(backend: str, cfg: TogetherConfig) -> str:
+    """``auto`` means Together when a key is configured, else the local trainer."""
+    if backend != "auto":
+        return backend
+    return "together" if together_configured(cfg.credentials_block) else "local"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------------------------------
+
+class ExpiringFileLockManager(FileSystemLockManager):
+    """Prefect's file lock with a hold timeout, so a lock left by a killed upload cannot block forever."""
+
+    def __init__(self, lock_files_directory: Path, hold_timeout_s: float) -> None:
+        super().__init__(lock_files_directory)
+        self.hold_timeout_s = hold_timeout_s
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):  # type: ignore[override]
+        return super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.hold_timeout_s)
+
+
+def upload_key(ctx: TaskRunContext, params: dict) -> str:
+    """``sha256(file bytes) + purpose + API base``: the same bytes for the same account upload once."""
+    material = f"{sha256_file(params['path'])}|{params['purpose']}|{api_base(params['together'])}"
+    return "together-upload-" + hashlib.sha256(material.encode()).hexdigest()
+
+
+def _upload_policy() -> CachePolicy:
+    return CachePolicy.from_cache_key_fn(upload_key).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=ExpiringFileLockManager(_locks_dir(), TogetherConfig().upload_lock_hold_s),
+    )
+
+
+@task(cache_policy=_upload_policy(), persist_result=True)
+def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.RemoteFile:
+    """Upload one fold file and wait for Together's validation; cached on its content."""
+    client = _client(together)
+    return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
+
+
+@task(cache_policy=NO_CACHE)
+def file_is_live(remote: api.RemoteFile, together: TogetherConfig) -> bool:
+    """Whether a cached upload still exists at Together (files can be deleted or expire)."""
+    return api.file_exists(_client(together), remote.id)
+
+
+def ensure_uploaded(path: str, together: TogetherConfig, purpose: str = "fine-tune") -> api.RemoteFile:
+    """The cached upload of ``path``, uploaded again if Together no longer has the cached file id."""
+    remote = upload_if_missing(path, purpose, together)
+    if file_is_live(remote, together):
+        return remote
+    get_run_logger().warning(f"{remote.id} is gone at Together; uploading {path} again")
+    return upload_if_missing.with_options(refresh_cache=True)(path, purpose, together)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Epoch jobs
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """What defines one epoch; ``key`` is the cache key and the source of the job suffix."""
+
+    fold: str
+    epoch: int
+    base_model: str
+    parent: str | None  # job id of the previous epoch; None for epoch 1
+    file_hashes: tuple[str, ...]
+    hyper: dict
+    api_base: str  # jobs of one Together account are not models of another
+
+    @property
+    def key(self) -> str:
+        return epoch_key([*self.file_hashes, self.api_base], self.base_model, self.epoch, self.hyper, self.parent)
+
+    @property
+    def suffix(self) -> str:
+        return api.epoch_suffix(self.fold, self.epoch, self.key)
+
+
+@dataclass(frozen=True)
+class EpochJob:
+    """A submitted (or re-attached) epoch job."""
+
+    fold: str
+    epoch: int
+    job_id: str
+    suffix: str
+    parent: str | None
+    price_usd: float | None
+    created_at: str | None
+
+
+def epoch_job_key(ctx: TaskRunContext, params: dict) -> str:
+    return "together-epoch-" + params["spec"].key
+
+
+@contextlib.contextmanager
+def fold_lock(fold: str, wait_s: float) -> Iterator[None]:
+    """An exclusive per-fold ``flock``; released by the OS even when the holder is SIGKILLed."""
+    path = _locks_dir() / f"fold-{api.fold_slug(fold)}.lock"
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise api.TogetherFailure(
+                        f"fold {fold} is being submitted by another run (lock {path}); waited {wait_s:.0f} s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@task(cache_key_fn=epoch_job_key, persist_result=True)
+def launch_epoch_job(spec: EpochSpec, train_file: str, val_file: str | None, train: TrainConfig,
+                     together: TogetherConfig, spent_usd: float = 0.0) -> EpochJob:
+    """Find this epoch's live job in Together's list, or estimate its price and create it.
+
+    Raises `BudgetExceeded` (nothing submitted) when ``spent_usd`` plus the estimate exceeds the budget.
+    """
+    log = get_run_logger()
+    client = _client(together)
+    wandb = resolve_wandb(together.wandb_block) if train.wandb_project else None
+    request = api.EpochRequest(
+        training_file=train_file, validation_file=val_file, base_model=spec.base_model, parent_job=spec.parent,
+        suffix=spec.suffix, hyper=train.hyper, wandb=wandb, wandb_project=train.wandb_project,
+        wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
+    )
+    with fold_lock(spec.fold, together.fold_lock_wait_s):
+        existing = api.find_job(client, spec.suffix)
+        if existing is not None:
+            log.info(f"epoch {spec.epoch}: re-attaching to {existing.id} ({existing.status})")
+            return EpochJob(spec.fold, spec.epoch, existing.id, spec.suffix, spec.parent, None, existing.created_at)
+        price = api.estimate_price(client, request)
+        log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
+        if train.budget_usd is not None and price is not None and spent_usd + price > train.budget_usd:
+            raise api.BudgetExceeded(
+                f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
+            )
+        job, _ = api.create_job(client, request, together, log=log.info)
+    return EpochJob(spec.fold, spec.epoch, job.id, spec.suffix, spec.parent, price, job.created_at)
+
+
+@task(cache_policy=NO_CACHE)
+def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
+    """Poll one job to a terminal state (one task per job, never cached: "running" is not a result).
+
+    Logs status changes and Together's event lines, keeps a progress artifact, and raises
+    `TogetherFailure` with Together's message when the job failed or was cancelled.
+    """
+    log = get_run_logger()
+    client = _client(together)
+    progress = create_progress_artifact(progress=0.0, description=f"{job.fold} epoch {job.epoch}: job {job.job_id}")
+
+    def on_update(info: api.JobInfo, lines: list[str]) -> None:
+        for line in lines:
+            log.info(f"{job.job_id} {line}")
+        update_progress_artifact(artifact_id=progress, progress=100 * info.progress,
+                                 description=f"{job.fold} epoch {job.epoch}: job {job.job_id} {info.status}")
+
+    info = api.poll_job(client, job.job_id, together, on_update)
+    if info.status != "completed":
+        message = api.failure_message(client, job.job_id)
+        raise api.TogetherFailure(f"epoch {job.epoch} job {job.job_id} {info.status}: {message}")
+    return info
+
+
+def metrics_key(ctx: TaskRunContext, params: dict) -> str:
+    return "together-metrics-" + params["job"].job_id
+
+
+@task(cache_key_fn=metrics_key, persist_result=True)
+def fetch_epoch_metrics(job: EpochJob, info: api.JobInfo, together: TogetherConfig) -> EpochRecord:
+    """The finished epoch as an `EpochRecord`: output model, train and validation loss, price."""
+    train_loss, val_loss = api.job_losses(_client(together), job.job_id)
+    return EpochRecord(
+        fold=job.fold, epoch=job.epoch, backend="together", status=info.status, job_id=job.job_id,
+        model=info.model_output_name, parent=job.parent, train_loss=train_loss, val_loss=val_loss,
+        price_usd=job.price_usd, started_at=_parse_time(job.created_at), finished_at=datetime.now(timezone.utc),
+    )
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,221 @@
+"""``epoch-train`` on the Together backend: the real flow, real Prefect (test harness), the real
+``together`` SDK against the fake server on 127.0.0.1. Jobs advance one state per status call and the
+flow polls every few milliseconds, so an epoch takes a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.artifacts import Artifact
+from prefect.settings import (
+    PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL,
+)
+
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from flows.epoch_train import epoch_train
+from tests.conftest import REPO
+from tests.fake_together.server import FakeTogether
+
+BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
+
+
+def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2) -> Path:
+    """A tiny valid fold; ``tag`` makes its content (and so every cache key) unique to one test."""
+    fold = root / name
+    fold.mkdir(parents=True)
+
+    def convo(i: int) -> str:
+        return json.dumps({"messages": [
+            {"role": "system", "content": f"fold {tag}"},
+            {"role": "user", "content": f"What is {i} + {i}?"},
+            {"role": "assistant", "content": str(2 * i)},
+        ]})
+
+    (fold / "train.jsonl").write_text("".join(convo(i) + "\n" for i in range(n_train)))
+    (fold / "val.jsonl").write_text("".join(convo(100 + i) + "\n" for i in range(n_val)))
+    return fold
+
+
+def train_cfg(epochs: int = 3, **kw) -> TrainConfig:
+    return TrainConfig(backend="together", base_model=BASE, epochs=epochs, **kw)
+
+
+def jobs_for(fake: FakeTogether, epoch: int) -> list:
+    return [j for j in fake.state.jobs.values() if f"-e{epoch}-" in (j.suffix or "")]
+
+
+def test_three_epochs_two_uploads_three_chained_jobs_then_a_noop_rerun(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "games", "chain")
+    records = epoch_train(str(fold), train_cfg(3), FAST)
+
+    assert [r.epoch for r in records] == [1, 2, 3]
+    assert all(r.status == "completed" and r.val_loss is not None and r.train_loss is not None for r in records)
+    assert fake_together.state.uploads == 2
+    jobs = fake_together.state.jobs_in_order()
+    assert len(jobs) == 3
+    assert jobs[0].request["model"] == BASE and "from_checkpoint" not in jobs[0].request
+    assert jobs[1].request["from_checkpoint"] == jobs[0].id
+    assert jobs[2].request["from_checkpoint"] == jobs[1].id
+    for job in jobs:
+        assert job.request["n_epochs"] == 1 and job.request["n_evals"] >= 1
+        assert job.request["validation_file"] and job.request["training_type"]["type"] == "Lora"
+    assert [r.job_id for r in records] == [j.id for j in jobs]
+    assert records[2].model == jobs[2].output_name
+    table = json.loads(Artifact.get("games-epochs").data)
+    assert [row["job"] for row in table] == [j.id for j in jobs]
+
+    creates, upload_posts = fake_together.counts["POST /v1/fine-tunes"], fake_together.counts["POST /v1/files"]
+    estimates = fake_together.counts["POST /v1/fine-tunes/estimate-price"]
+    again = epoch_train(str(fold), train_cfg(3), FAST)
+    assert [r.job_id for r in again] == [r.job_id for r in records]
+    assert fake_together.state.uploads == 2 and len(fake_together.state.jobs) == 3
+    assert fake_together.counts["POST /v1/fine-tunes"] == creates
+    assert fake_together.counts["POST /v1/files"] == upload_posts
+    assert fake_together.counts["POST /v1/fine-tunes/estimate-price"] == estimates
+
+
+def test_more_epochs_later_trains_only_the_new_ones(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "more", "more-epochs")
+    first = epoch_train(str(fold), train_cfg(3), FAST)
+    later = epoch_train(str(fold), train_cfg(5), FAST)
+
+    assert [r.job_id for r in later[:3]] == [r.job_id for r in first]
+    jobs = fake_together.state.jobs_in_order()
+    assert len(jobs) == 5 and fake_together.state.uploads == 2
+    assert jobs[3].request["from_checkpoint"] == first[2].job_id
+    assert jobs[4].request["from_checkpoint"] == jobs[3].id
+
+
+def test_rate_limits_server_errors_and_a_lost_create_reply_make_no_duplicates(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "bursty", "bursts")
+    fake_together.burst("POST /v1/files", [500, 429])
+    fake_together.burst("GET /v1/fine-tunes", [429, 503])
+    fake_together.burst("GET /v1/fine-tunes/{id}", [500, 429, 502])
+    fake_together.burst("POST /v1/fine-tunes/estimate-price", [429])
+    # Together creates the job but the reply is lost: the SDK must not blindly retry the create.
+    fake_together.script.create_then_500 = 1
+
+    records = epoch_train(str(fold), train_cfg(3), FAST)
+
+    assert [r.status for r in records] == ["completed"] * 3
+    assert fake_together.state.uploads == 2
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2, 3)] == [1, 1, 1]
+    assert fake_together.counts["POST /v1/fine-tunes"] == 3  # no retry of the create whose reply was lost
+
+
+def test_failed_epoch_fails_the_flow_and_the_rerun_resubmits_only_that_epoch(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "flaky", "fail-e2")
+    fake_together.fail_jobs("-e2-", "CUDA out of memory on node 7 (scripted)")
+
+    state = epoch_train(str(fold), train_cfg(3), FAST, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="CUDA out of memory on node 7"):
+        state.result()
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2, 3)] == [1, 1, 0]
+    (failed,) = jobs_for(fake_together, 2)
+    assert failed.status == "error"
+
+    records = epoch_train(str(fold), train_cfg(3), FAST)
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2, 3)] == [1, 2, 1]
+    epoch1, retried = jobs_for(fake_together, 1)[0], jobs_for(fake_together, 2)[1]
+    assert retried.request["from_checkpoint"] == epoch1.id
+    assert records[1].job_id == retried.id
+    assert fake_together.state.uploads == 2
+
+
+def test_budget_stops_before_submitting_the_epoch_that_would_exceed_it(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "cheap", "budget")
+    fake_together.script.price_per_epoch_usd = 1.5
+    records = epoch_train(str(fold), train_cfg(3, budget_usd=4.0), FAST)
+
+    assert [r.epoch for r in records] == [1, 2]
+    assert len(fake_together.state.jobs) == 2
+
+
+def test_stop_when_val_worsens(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "plateau", "val-worsens")
+    fake_together.script.losses = {1: (2.0, 1.5), 2: (1.8, 1.6), 3: (1.7, 1.7), 4: (1.6, 1.4)}
+    records = epoch_train(str(fold), train_cfg(4, stop_when_val_worsens=2), FAST)
+
+    assert [r.val_loss for r in records] == [1.5, 1.6, 1.7]
+    assert len(fake_together.state.jobs) == 3
+
+
+def test_invalid_fold_fails_before_any_upload(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "broken", "invalid")
+    with open(fold / "train.jsonl", "a") as handle:
+        handle.write('{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    state = epoch_train(str(fold), train_cfg(1), FAST, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"train.jsonl:7"):
+        state.result()
+    assert fake_together.state.uploads == 0 and sum(fake_together.counts.values()) == 0
+
+
+def test_no_api_key_under_prefect_home_or_result_storage(fake_together, tmp_path, monkeypatch):
+    wandb_key = "wandb-secret-" + "51d2e8aa90"
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    fold = make_fold(tmp_path, "secret", "no-secrets")
+    epoch_train(str(fold), train_cfg(2, wandb_project="epochwise-tests"), FAST)
+
+    assert all(job.request.get("wandb_key") == wandb_key for job in fake_together.state.jobs.values())
+    assert fake_together.state.jobs_in_order()[1].request["wandb_name"] == "secret-epoch-2"
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs reach the database in batches; make sure they are there
+    database = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[-1]  # the harness's SQLite file
+    roots = {Path(PREFECT_HOME.value()), Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()), Path(database).parent}
+    job_id, seen_job_id = fake_together.state.jobs_in_order()[0].id.encode(), False
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                seen_job_id |= job_id in data
+                assert fake_together.api_key.encode() not in data, path
+                assert wandb_key.encode() not in data, path
+    assert seen_job_id  # the scan did read the run's records
+
+
+def test_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "killed", "sigkill")
+    fake_together.script.hold_jobs = True  # epoch 1 stays "running" until released
+    params = {"fold": str(fold), "train": train_cfg(2).model_dump(mode="json"), "together": FAST.model_dump(mode="json")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        "PYTHONPATH": str(REPO),
+    }
+    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
+        while fake_together.counts["GET /v1/fine-tunes/{id}"] < 5:
+            assert child.poll() is None, "the flow process ended before it was polling"
+            assert time.monotonic() < deadline, "the flow process never started polling"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert len(fake_together.state.jobs) == 1 and fake_together.state.jobs_in_order()[0].status == "running"
+
+    fake_together.release_jobs()
+    records = epoch_train(str(fold), train_cfg(2), FAST)
+
+    first = fake_together.state.jobs_in_order()[0]
+    assert records[0].job_id == first.id
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
+    assert fake_together.state.uploads == 2
