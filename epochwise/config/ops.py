@@ -27,13 +27,14 @@ class OpsConfig(BaseModel):
         ),
     )
     reaper_cron: str = Field("0 * * * *", description="`endpoint-reaper` schedule (hourly by default).")
-    together_api_limit: str = Field(
-        "together-api", description="Global concurrency limit around Together API calls (all flows, all workers)."
+    together_api_tag: str = Field(
+        "together-api",
+        description=(
+            "Tag carried by the tasks that call Together; a tag concurrency limit (global concurrency limit "
+            "`tag:<tag>`) caps how many of them run at once, across all flows and workers."
+        ),
     )
-    together_api_slots: int = Field(4, ge=1, description="Together API calls in flight at once.")
-    fold_limit_prefix: str = Field(
-        "fold-", description="Per-fold limit name is this prefix + the fold name, with 1 slot: one run per fold."
-    )
+    together_api_slots: int = Field(4, ge=1, description="Together-calling tasks running at once.")
     nightly_limit: str = Field("nightly-folds", description="Global limit bounding the nightly fan-out.")
     max_parallel_folds: int = Field(2, ge=1, description="Folds the nightly fan-out trains at once.")
     heartbeat_timeout_s: int = Field(
@@ -72,7 +73,3 @@ class OpsConfig(BaseModel):
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise ValueError(f"invalid cron expression {value!r}") from exc
         return value
-
-    def fold_limit_name(self, fold_name: str) -> str:
-        """Name of the one-slot limit a fold's training holds, e.g. ``fold-games``."""
-        return f"{self.fold_limit_prefix}{fold_name}"

@@ -1,0 +1,200 @@
+"""What ``epochwise deployments apply`` registers: one Python definition per deployment.
+
+Why Python and not a ``prefect.yaml``: the per-fold deployments come from the folds that exist on disk
+and their parameters from the typed config (``epochwise.yaml``, environment), neither of which a static
+YAML file can express without a generator. The flows are referenced by module path
+(``flows.epoch_train.epoch_train``), not by a file on the applying machine: workers import them from the
+installed ``epochwise`` distribution (a virtual environment or the docker image), so no code storage or
+``pull`` step is needed and the same definitions work on a laptop and in compose.
+
+| deployment                   | parameters                      | schedule (``ops.schedule``)            |
+|------------------------------|---------------------------------|----------------------------------------|
+| ``epoch-train/<fold>``       | ``fold`` = that fold's path     | nightly cron, active for ``per-fold``  |
+| ``epoch-train/any-fold``     | pass ``--param fold=...``       | none                                   |
+| ``nightly-folds/nightly``    | ``folds_root``                  | nightly cron, active for ``nightly-folds`` |
+| ``prepare-fold/any``         | ``records``, ``fold``           | none                                   |
+| ``deploy-epoch/any-fold``    | pass ``--param fold=...``       | none                                   |
+| ``endpoint-reaper/hourly``   | the reaper's defaults           | hourly, active unless ``none``         |
+
+Config sections that a flow takes as parameters (``train``, ``data``, ``deploy``, ...) are baked in with
+only their non-default values, so a default still lives in one place (epochwise/config/) and the UI
+shows exactly what this deployment overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import Flow
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from deployments.folds import discover_folds
+from epochwise.config import Settings
+
+TAG = "epochwise"
+SCHEDULE_SLUG = "nightly"
+ANY_FOLD = "any-fold"
+NIGHTLY = "nightly"
+
+# Flow name -> modules that may define it. A flow whose module is not there yet (e.g. deploy-epoch before
+# its issue lands) is skipped with a note instead of failing the whole apply.
+FLOW_MODULES: dict[str, tuple[str, ...]] = {
+    "epoch-train": ("flows.epoch_train",),
+    "nightly-folds": ("flows.nightly_folds",),
+    "prepare-fold": ("flows.prepare_fold",),
+    "deploy-epoch": ("flows.deploy_epoch",),
+    "endpoint-reaper": ("flows.endpoint_reaper", "flows.deploy_epoch"),
+}
+
+
+@dataclass
+class Plan:
+    """The deployments to apply and what was skipped (and why)."""
+
+    deployments: list[RunnerDeployment] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_flow(name: str) -> Flow | None:
+    """The flow object named ``name`` from the first of its modules that exists, else None.
+
+    A module that exists but fails to import is an error (a broken flow must not be skipped silently).
+    """
+    for module_name in FLOW_MODULES[name]:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            if isinstance(value, Flow) and value.name == name:
+                return value
+    return None
+
+
+def config_parameters(flow: Flow, settings: Settings) -> dict[str, Any]:
+    """The non-default values of every config section that ``flow`` takes as a parameter."""
+    accepted = set(flow.parameters.properties)
+    parameters: dict[str, Any] = {}
+    for section in Settings.model_fields:
+        if section in accepted:
+            values = getattr(settings, section).model_dump(mode="json", exclude_defaults=True)
+            if values:
+                parameters[section] = values
+    return parameters
+
+
+def plan_deployments(folds_root: Path | str, settings: Settings, result_storage: str) -> Plan:
+    """Build (without registering) every epochwise deployment for the folds under ``folds_root``."""
+    ops = settings.ops
+    root = Path(folds_root).expanduser().resolve()
+    folds = discover_folds(root)
+    plan = Plan()
+    # Worker-started runs write cache records where the CLI does, so a fold trained from the CLI is not
+    # trained again by the nightly schedule (and the other way round).
+    job_variables = {"env": {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": result_storage}}
+
+    def nightly(cron: str, active: bool) -> list[Any]:
+        return [Cron(cron, timezone=ops.timezone, active=active, slug=SCHEDULE_SLUG)]
+
+    def deployment(flow: Flow, name: str, description: str, **kwargs: Any) -> RunnerDeployment:
+        kwargs["parameters"] = {**config_parameters(flow, settings), **kwargs.get("parameters", {})}
+        kwargs.setdefault("schedules", [])  # explicit empty list: re-applying removes stale schedules
+        return flow.to_deployment(
+            name=name,
+            description=description,
+            work_pool_name=ops.work_pool,
+            job_variables=job_variables,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            **kwargs,
+        )
+
+    def one_at_a_time() -> ConcurrencyLimitConfig:
+        # A second run of the same deployment waits (AwaitingConcurrencySlot) instead of overlapping.
+        return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+    epoch_train = find_flow("epoch-train")
+    if epoch_train is None:
+        plan.skipped.append(("epoch-train", "flows/epoch_train.py is not there"))
+    else:
+        for fold in folds:
+            plan.deployments.append(
+                deployment(
+                    epoch_train,
+                    fold.name,
+                    f"Train the fold {fold} epoch by epoch (nightly: {ops.cron} {ops.timezone}).",
+                    parameters={"fold": str(fold)},
+                    schedules=nightly(ops.cron, ops.schedule == "per-fold"),
+                    tags=[TAG, f"fold:{fold.name}"],
+                    concurrency_limit=one_at_a_time(),
+                )
+            )
+        plan.deployments.append(
+            deployment(
+                epoch_train,
+                ANY_FOLD,
+                "Train any fold: prefect deployment run epoch-train/any-fold --param fold=/path/to/fold",
+                tags=[TAG],
+            )
+        )
+
+    nightly_folds = find_flow("nightly-folds")
+    if nightly_folds is None:
+        plan.skipped.append(("nightly-folds", "flows/nightly_folds.py is not there"))
+    else:
+        plan.deployments.append(
+            deployment(
+                nightly_folds,
+                NIGHTLY,
+                f"Train every fold under {root}, {ops.max_parallel_folds} at a time ({ops.cron} {ops.timezone}).",
+                parameters={"folds_root": str(root), "limit": ops.nightly_limit},
+                schedules=nightly(ops.cron, ops.schedule == "nightly-folds"),
+                tags=[TAG],
+                concurrency_limit=one_at_a_time(),
+            )
+        )
+
+    prepare_fold = find_flow("prepare-fold")
+    if prepare_fold is not None:
+        plan.deployments.append(
+            deployment(
+                prepare_fold,
+                "any",
+                "Records -> fold: --param records=examples/records/games --param fold=folds/games",
+                tags=[TAG],
+            )
+        )
+
+    deploy_epoch = find_flow("deploy-epoch")
+    if deploy_epoch is None:
+        plan.skipped.append(("deploy-epoch", "flows/deploy_epoch.py is not there"))
+    else:
+        plan.deployments.append(
+            deployment(
+                deploy_epoch,
+                ANY_FOLD,
+                "Deploy an epoch of a fold: --param fold=/path/to/fold",
+                tags=[TAG],
+            )
+        )
+
+    reaper = find_flow("endpoint-reaper")
+    if reaper is None:
+        plan.skipped.append(("endpoint-reaper", "no flow named endpoint-reaper in flows/ yet"))
+    else:
+        plan.deployments.append(
+            deployment(
+                reaper,
+                "hourly",
+                "Stop epochwise endpoints past their time, so nothing keeps billing.",
+                schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, active=ops.schedule != "none",
+                                slug="hourly")],
+                tags=[TAG],
+                concurrency_limit=one_at_a_time(),
+            )
+        )
+    return plan
