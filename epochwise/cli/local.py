@@ -1,9 +1,58 @@
-"""CLI commands registered by this module (see epochwise/cli/__init__.py)."""
+"""``epochwise export`` and ``epochwise sample``: use a local epoch's model (torch loads only when run)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from epochwise.cli.common import console, fail_lines, friendly_errors
+
+EpochOption = typer.Option("best", "--epoch", "-e", help="Epoch number, or 'best' (lowest validation loss).")
+RunOption = typer.Option(None, "--run", help="Run key under <fold>/local/ (default: the latest trained run).")
+
+
+def export(
+    fold: Path = typer.Argument(..., help="Fold directory trained with --backend local."),
+    epoch: str = EpochOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to."),
+    merged: bool = typer.Option(True, "--merged/--adapter", help="Merged full model, or the LoRA adapter only."),
+    run: str | None = RunOption,
+) -> None:
+    """Write a local epoch's model (merged into the base, or the adapter) and its tokenizer to --out."""
+    from epochwise.local.export import export_epoch, pick_epoch
+
+    with friendly_errors():
+        try:
+            metrics = pick_epoch(fold, epoch, run)
+        except ValueError as exc:
+            fail_lines([str(exc)])
+        path = export_epoch(metrics, out, merged)
+    kind = "merged model" if merged else "adapter"
+    console.print(f"epoch {metrics['epoch']} ({kind}, val loss {metrics['val_loss']}) -> {path}")
+
+
+def sample(
+    fold: Path = typer.Argument(..., help="Fold directory trained with --backend local."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="User message to answer."),
+    epoch: str = EpochOption,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
+    run: str | None = RunOption,
+) -> None:
+    """Generate a reply from a local epoch's model (greedy), to check what it learned."""
+    from epochwise.local.export import pick_epoch, sample_epoch
+
+    with friendly_errors():
+        try:
+            metrics = pick_epoch(fold, epoch, run)
+        except ValueError as exc:
+            fail_lines([str(exc)])
+        reply = sample_epoch(metrics, prompt, max_new_tokens)
+    console.print(f"[bold]epoch {metrics['epoch']}[/bold]", highlight=False)
+    console.print(reply, markup=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command()(export)
+    app.command()(sample)

@@ -1,0 +1,90 @@
+"""Content keys and directory layout of local runs (no torch here: the flows import this module).
+
+A *run key* names ``<fold>/local/<run key>/``: it hashes the fold's files, the model, the shared
+hyper-parameters and the training-relevant local settings, so runs with different data or settings
+never share a directory. Epochs of one chain live side by side in it:
+
+    <fold>/local/<run key>/epoch-<k>/      adapter (peft save_pretrained) + optimizer state + metrics.json
+    <fold>/local/<run key>/checkpoint-epoch-<k>.pt   mid-epoch checkpoint, deleted once epoch k is done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from epochwise.config.local import LocalConfig
+from epochwise.config.train import HyperParams
+from epochwise.io import sha256_file
+
+# Bump when the trainer changes what it produces for the same inputs (tokenisation, loss, packing).
+TRAINER_VERSION = "1"
+METRICS_FILE = "metrics.json"
+# Files per LocalConfig.data: ChatML written by `epochwise prepare`, or the Harmony parquet written by
+# `epochwise convert --format harmony` (already tokenised and labelled; gpt-oss vocabulary).
+DATA_FILES = {
+    "chatml": {"train": "train.jsonl", "val": "val.jsonl"},
+    "harmony": {"train": "harmony/train_harmony.parquet", "val": "harmony/val_harmony.parquet"},
+}
+
+
+def fold_files(fold: Path | str, data: str = "chatml") -> dict[str, Path]:
+    """The training files of a fold (``train`` and, when present, ``val``)."""
+    fold = Path(fold)
+    found = {split: fold / name for split, name in DATA_FILES[data].items() if (fold / name).is_file()}
+    if "train" not in found:
+        hint = "epochwise prepare" if data == "chatml" else "epochwise convert --format harmony"
+        raise FileNotFoundError(f"{fold / DATA_FILES[data]['train']}: not found (run `{hint}` first)")
+    return found
+
+
+def fold_hashes(fold: Path | str, data: str = "chatml") -> dict[str, str]:
+    """``{"train.jsonl": sha256, ...}`` of the files the trainer reads."""
+    return {split: sha256_file(path) for split, path in fold_files(fold, data).items()}
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_key(fold: Path | str, model: str, hyper: HyperParams, local: LocalConfig) -> str:
+    """16 hex digits naming the run directory; equal only for equal data, model and recipe."""
+    payload = {
+        "trainer": TRAINER_VERSION,
+        "data": fold_hashes(fold, local.data),
+        "model": model,
+        "hyper": hyper.model_dump(mode="json"),
+        "local": local.training_fields(),
+    }
+    return _digest(payload)[:16]
+
+
+def run_dir(fold: Path | str, key: str) -> Path:
+    return Path(fold).resolve() / "local" / key
+
+
+def epoch_dir(fold: Path | str, key: str, epoch: int) -> Path:
+    return run_dir(fold, key) / f"epoch-{epoch}"
+
+
+def checkpoint_path(fold: Path | str, key: str, epoch: int) -> Path:
+    return run_dir(fold, key) / f"checkpoint-epoch-{epoch}.pt"
+
+
+def epoch_cache_key(
+    fold: Path | str, epoch: int, model: str, hyper: HyperParams, local: LocalConfig, parent: str | None
+) -> str:
+    """Prefect cache key of one local epoch: run key + epoch + parent (and the parent's adapter bytes)."""
+    parent_hash = None
+    if parent:
+        weights = Path(parent) / "adapter_model.safetensors"
+        parent_hash = sha256_file(weights) if weights.is_file() else parent
+    payload = {
+        "run": run_key(fold, model, hyper, local),
+        "epoch": epoch,
+        "parent": parent,
+        "parent_weights": parent_hash,
+    }
+    return f"local-epoch-{_digest(payload)[:32]}"

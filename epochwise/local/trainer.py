@@ -1,0 +1,354 @@
+"""One epoch of LoRA training on CPU (or one GPU) with exact mid-epoch resume.
+
+Supports: ChatML folds (assistant-only labels) and pre-tokenised parquet folds; packing with
+position-id resets; AdamW over the LoRA parameters only; per-epoch linear or cosine schedule with
+warmup (`HyperParams`); gradient clipping and accumulation (loss averaged over all labelled tokens
+of an optimizer step); a seeded, reproducible data order; validation loss; a sample generation.
+
+Resume: every ``checkpoint_every`` optimizer steps the LoRA weights, optimizer, scheduler, step
+counter, running loss sums and RNG states go to ``checkpoint-epoch-<k>.pt`` (atomic write). A rerun
+finds it, checks it belongs to the same run, epoch and parent, and continues at the next step with
+the same data order, so the loss curve of a killed-and-resumed run equals an uninterrupted one.
+A finished epoch is a directory ``epoch-<k>/`` (renamed into place when complete) holding the
+adapter, the optimizer state for epoch k+1 and ``metrics.json``; a rerun returns it untouched.
+
+Logits are computed only at labelled positions ("sparse head"): on small models most time and
+memory go to the LM head over the whole vocabulary, and only those positions count in the loss.
+Not supported: full fine-tuning (``lora=False``), several GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import torch
+import torch.nn.functional as F
+
+from epochwise.config.local import LocalConfig
+from epochwise.config.train import HyperParams
+from epochwise.io import atomic_write, atomic_write_bytes
+from epochwise.local import keys
+from epochwise.local.data import Batch, IGNORE, micro_batches, pack, read_rows, shuffled, truncate
+from epochwise.local.models import base_model_path, load_base, resolve_device
+
+OPTIMIZER_FILE = "optimizer.pt"
+# on_step(step, total_steps, step_loss): called after every optimizer step.
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class EpochResult:
+    """What one local epoch produced; also stored as ``epoch-<k>/metrics.json``."""
+
+    fold: str
+    epoch: int
+    run_key: str
+    adapter_dir: str
+    base_model: str
+    parent: str | None
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    sample: str | None
+    steps: int
+    resumed_from_step: int  # 0 for a fresh start
+    step_losses: list[float] = field(default_factory=list)
+    started_at: str = ""
+    finished_at: str = ""
+
+
+def set_threads(local: LocalConfig) -> int:
+    """Use every core this process may run on (2 here: one thread would halve throughput)."""
+    threads = local.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only allowed before the first parallel op
+        torch.set_num_interop_threads(1)
+    return threads
+
+
+def lr_lambda(hyper: HyperParams, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup, then linear or cosine decay to ``min_lr_ratio``."""
+    warmup = round(hyper.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if hyper.lr_scheduler == "cosine":
+            shape = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            shape = 1 - progress
+        return hyper.min_lr_ratio + (1 - hyper.min_lr_ratio) * shape
+
+    return factor
+
+
+def grad_accumulation(hyper: HyperParams, local: LocalConfig) -> int:
+    """An integer ``hyper.batch_size`` (sequences per step) sets accumulation; 'max' keeps the local one."""
+    if isinstance(hyper.batch_size, int):
+        return max(1, hyper.batch_size // local.micro_batch_size)
+    return local.grad_accumulation
+
+
+def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the labelled tokens of ``batch`` and their count (sparse head)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,  # packed rows need it: with a cache the block-diagonal mask is skipped
+    ).last_hidden_state
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(model, blocks, local: LocalConfig, pad_id: int, device: torch.device) -> float | None:
+    """Token-weighted mean loss over ``blocks`` (None when there is nothing to score)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in micro_batches(blocks, local.eval_batch_size, pad_id, local.packing):
+        loss, n = batch_loss(model, batch.to(device))
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, device: torch.device) -> str:
+    """Greedy reply to ``messages`` (the conversation without its final assistant turn)."""
+    was_training = model.training
+    model.eval()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+    output = model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def sample_messages(files: dict[str, Path], local: LocalConfig) -> list[dict[str, str]] | None:
+    """The sample prompt: ``local.sample_prompt`` as a user turn, else the first validation conversation."""
+    if local.sample_prompt:
+        return [{"role": "user", "content": local.sample_prompt}]
+    path = files.get("val") or files["train"]
+    if path.suffix != ".jsonl":
+        return None
+    with open(path, "rb") as handle:
+        messages = orjson.loads(handle.readline())["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def load_finished(directory: Path) -> EpochResult | None:
+    metrics = directory / keys.METRICS_FILE
+    if not metrics.is_file():
+        return None
+    return EpochResult(**orjson.loads(metrics.read_bytes()))
+
+
+def train_epoch(
+    fold: Path | str,
+    epoch: int,
+    model_name: str,
+    hyper: HyperParams,
+    local: LocalConfig,
+    parent: str | None = None,
+    on_step: StepCallback | None = None,
+) -> EpochResult:
+    """Train epoch ``epoch`` of ``fold`` from ``parent`` (an adapter dir; None = fresh LoRA on the base).
+
+    Returns the finished epoch from disk when it exists; resumes from a matching mid-epoch checkpoint.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+
+    if not hyper.lora:
+        raise ValueError("the local backend trains LoRA adapters only (set train.hyper.lora=true)")
+    fold = Path(fold).resolve()
+    key = keys.run_key(fold, model_name, hyper, local)
+    out_dir = keys.epoch_dir(fold, key, epoch)
+    finished = load_finished(out_dir)
+    if finished is not None and finished.parent == parent:
+        return finished
+    started_at = datetime.now(UTC).isoformat()
+    set_threads(local)
+    device = resolve_device(local)
+    files = keys.fold_files(fold, local.data)
+    base_path = base_model_path(model_name, fold, local)
+    model, tokenizer = load_base(base_path, device)
+    model.config.use_cache = False
+
+    train_on_inputs = hyper.train_on_inputs is True
+    max_len = min(local.seq_length, hyper.max_seq_length or local.seq_length)
+    train_rows = truncate(read_rows(files["train"], tokenizer, train_on_inputs), max_len)
+    val_rows = truncate(read_rows(files["val"], tokenizer, train_on_inputs), max_len) if "val" in files else []
+    if not train_rows:
+        raise ValueError(f"{files['train']}: no row has a labelled token to train on")
+
+    set_seed(hyper.seed)  # LoRA init of a fresh adapter
+    if parent:
+        model = PeftModel.from_pretrained(model, parent, is_trainable=True)
+    else:
+        targets = hyper.lora_trainable_modules
+        model = get_peft_model(model, LoraConfig(
+            r=hyper.lora_r,
+            lora_alpha=hyper.lora_alpha or 2 * hyper.lora_r,
+            lora_dropout=hyper.lora_dropout,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            task_type="CAUSAL_LM",
+        ))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    if parent and (Path(parent) / OPTIMIZER_FILE).is_file():
+        optimizer.load_state_dict(torch.load(Path(parent) / OPTIMIZER_FILE, weights_only=True))
+        for group in optimizer.param_groups:  # the saved LR belongs to the parent's schedule
+            group["lr"] = group["initial_lr"] = hyper.learning_rate
+
+    # Data order depends only on the seed and the epoch, so a resumed run sees the same batches.
+    pad_id = tokenizer.pad_token_id
+    blocks = pack(shuffled(train_rows, hyper.seed * 100_003 + epoch), local.seq_length, local.packing)
+    accumulation = grad_accumulation(hyper, local)
+    batches = list(micro_batches(blocks, local.micro_batch_size, pad_id, local.packing))
+    total_steps = math.ceil(len(batches) / accumulation)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hyper, total_steps))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    identity = {"run": key, "epoch": epoch, "parent": parent, "steps": total_steps}
+    state = {"step": 0, "loss_sum": 0.0, "label_tokens": 0, "step_losses": []}
+    checkpoint = keys.checkpoint_path(fold, key, epoch)
+    resumed_from = 0
+    torch.manual_seed(hyper.seed + epoch)  # dropout stream of this epoch
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)  # our own file, written below
+        if saved["identity"] == identity:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in saved["trainable"].items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = saved["state"]
+            _set_rng(saved["rng"])
+            resumed_from = state["step"]
+
+    tokens_seen, train_seconds = 0, 0.0
+    for step in range(state["step"], total_steps):
+        t0 = time.perf_counter()
+        group = [b.to(device) for b in batches[step * accumulation : (step + 1) * accumulation]]
+        label_tokens = sum(b.label_tokens for b in group)
+        step_loss = 0.0
+        for batch in group:
+            loss, _ = batch_loss(model, batch)
+            (loss / max(1, label_tokens)).backward()
+            step_loss += loss.item()
+        if hyper.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, hyper.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - t0
+        tokens_seen += sum(b.tokens for b in group)
+        state["step"] = step + 1
+        state["loss_sum"] += step_loss
+        state["label_tokens"] += label_tokens
+        state["step_losses"].append(step_loss / max(1, label_tokens))
+        if on_step is not None:
+            on_step(step + 1, total_steps, state["step_losses"][-1])
+        if state["step"] % local.checkpoint_every == 0 and state["step"] < total_steps:
+            _save_checkpoint(checkpoint, identity, names, model, optimizer, scheduler, state)
+
+    val_blocks = pack(val_rows, local.seq_length, local.packing)
+    val_loss = evaluate(model, val_blocks, local, pad_id, device) if val_blocks else None
+    messages = sample_messages(files, local) if local.sample_max_new_tokens else None
+    sample = generate(model, tokenizer, messages, local.sample_max_new_tokens, device) if messages else None
+
+    result = EpochResult(
+        fold=fold.name,
+        epoch=epoch,
+        run_key=key,
+        adapter_dir=str(out_dir),
+        base_model=base_path,
+        parent=parent,
+        train_loss=state["loss_sum"] / max(1, state["label_tokens"]),
+        val_loss=val_loss,
+        tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0,
+        sample=sample,
+        steps=total_steps,
+        resumed_from_step=resumed_from,
+        step_losses=state["step_losses"],
+        started_at=started_at,
+        finished_at=datetime.now(UTC).isoformat(),
+    )
+    _save_epoch(out_dir, model, optimizer, result)
+    checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, identity: dict, names: list[str], model, optimizer, scheduler, state: dict) -> None:
+    """Everything needed to continue at the next step, written atomically (a kill leaves the old one)."""
+    params = dict(model.named_parameters())
+    payload = {
+        "identity": identity,
+        "trainable": {n: params[n].detach().cpu().clone() for n in names},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "rng": _rng_state(),
+    }
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
+
+
+def _save_epoch(out_dir: Path, model, optimizer, result: EpochResult) -> None:
+    """Adapter + optimizer state + metrics into a temporary sibling, renamed to ``epoch-<k>`` at the end."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        atomic_write_bytes(tmp / keys.METRICS_FILE, orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
+        if out_dir.exists():  # an older epoch from another parent: replaced by this one
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Prefect task for one local LoRA epoch (`epochwise.local.trainer.train_epoch`), cached by content.
+
+The cache key is the fold's file hashes + model + epoch + hyper-parameters + local settings + parent
+(see `epochwise.local.keys.epoch_cache_key`), so a new flow run skips finished epochs, and a changed
+fold or setting trains again into a different run directory. A run killed mid-epoch left a checkpoint;
+the rerun's task finds it and continues from it (no variable to set).
+
+torch is imported inside the task only: importing this module (and the flows) stays light.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+from epochwise.artifacts import artifact_key
+from epochwise.config.local import LocalConfig
+from epochwise.config.train import TrainConfig
+from epochwise.epochs import EpochRecord
+from epochwise.local.keys import epoch_cache_key, run_key
+
+
+def local_epoch_key(context: TaskRunContext, params: dict[str, Any]) -> str:
+    """Content key of one epoch (never paths alone, never the flow run id)."""
+    train: TrainConfig = params["train"]
+    return epoch_cache_key(params["fold"], params["epoch"], train.local_model, train.hyper, params["local"],
+                           params["parent"])
+
+
+class EpochProgress:
+    """Step callback: a rich bar on a terminal, a Prefect progress artifact, W&B metrics when configured."""
+
+    def __init__(self, fold: str, epoch: int, wandb_run: Any = None) -> None:
+        self.fold, self.epoch, self.wandb_run = fold, epoch, wandb_run
+        self.artifact = create_progress_artifact(
+            0.0, key=artifact_key(fold, f"local-epoch-{epoch}"), description=f"{fold}: local epoch {epoch} steps done (%)"
+        )
+        self.last_percent = 0.0
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"{fold} epoch {epoch}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+            self.bar.start()
+            self.bar_task = self.bar.add_task("train", total=None, loss=float("nan"))
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar_task, completed=step, total=total, loss=loss)
+        percent = 100.0 * step / total
+        if percent - self.last_percent >= 5 or step == total:  # ~20 API calls per epoch, not one per step
+            update_progress_artifact(self.artifact, percent)
+            self.last_percent = percent
+        if self.wandb_run is not None:
+            self.wandb_run.log_step(step, {"train/loss": loss})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@task(cache_key_fn=local_epoch_key, persist_result=True)
+def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalConfig, parent: str | None) -> EpochRecord:
+    """Train epoch ``epoch`` of ``fold`` locally from ``parent`` (previous adapter dir; None = base model)."""
+    from epochwise.local.trainer import train_epoch
+
+    logger = get_run_logger()
+    name = Path(fold).resolve().name
+    wandb_run = None
+    if train.wandb_project:
+        from epochwise.wandb_log import start_run
+
+        key = run_key(fold, train.local_model, train.hyper, local)
+        wandb_run = start_run(train.wandb_project, name, epoch, key,
+                              {"model": train.local_model, **train.hyper.model_dump(mode="json")},
+                              per=local.wandb_run_per, directory=Path(fold).resolve() / "local")
+    progress = EpochProgress(name, epoch, wandb_run)
+    try:
+        result = train_epoch(fold, epoch, train.local_model, train.hyper, local, parent, on_step=progress)
+    finally:
+        progress.close()
+    if wandb_run is not None:
+        wandb_run.finish({"train/epoch_loss": result.train_loss, "val/loss": result.val_loss,
+                          "tokens_per_s": result.tokens_per_s})
+    if result.resumed_from_step:
+        logger.info("%s epoch %d resumed from its checkpoint at step %d of %d",
+                    name, epoch, result.resumed_from_step, result.steps)
+    logger.info("%s epoch %d: train loss %.4f, val loss %s, %.0f tokens/s, adapter %s",
+                name, epoch, result.train_loss, "n/a" if result.val_loss is None else f"{result.val_loss:.4f}",
+                result.tokens_per_s, result.adapter_dir)
+    logger.info("%s epoch %d sample: %r", name, epoch, result.sample)
+    return EpochRecord(
+        fold=name,
+        epoch=epoch,
+        backend="local",
+        model=result.adapter_dir,
+        parent=parent or train.local_model,
+        train_loss=result.train_loss,
+        val_loss=result.val_loss,
+        tokens_per_s=result.tokens_per_s,
+        sample=result.sample,
+        started_at=datetime.fromisoformat(result.started_at),
+        finished_at=datetime.fromisoformat(result.finished_at),
+    )

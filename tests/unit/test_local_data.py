@@ -1,0 +1,154 @@
+"""Local trainer data path: assistant-only labels, parquet rows, packing that keeps rows independent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from epochwise.config import load_settings
+from epochwise.config.local import LocalConfig, TinyModel
+from epochwise.fold import prepare
+from epochwise.local.data import IGNORE, TokenRow, chatml_row, collate, pack, parquet_rows, read_rows, truncate
+from epochwise.local.models import build_tiny, load_base
+from epochwise.local.trainer import batch_loss
+from epochwise.records import read_records
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "records" / "games"
+
+# A very small tiny model so CPU tests stay fast; same code path as the default one.
+TEST_TINY = TinyModel(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+
+
+def example_fold(target: Path) -> Path:
+    """The README's example fold (games records -> train.jsonl + val.jsonl) under ``target``."""
+    prepare(read_records(EXAMPLES).records, target, load_settings(REPO / "epochwise.yaml").data)
+    return target
+
+
+def test_local_config(tmp_path: Path, **changes) -> LocalConfig:
+    """Settings used by the local tests (``test_`` prefix makes pytest ignore it as a fixture only when called)."""
+    base = dict(cache_dir=tmp_path / "models", tiny=TEST_TINY, seq_length=256, micro_batch_size=4,
+                threads=2, sample_max_new_tokens=8, checkpoint_every=2)
+    base.update(changes)
+    return LocalConfig(**base)
+
+
+test_local_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    fold = example_fold(tmp_path_factory.mktemp("fold") / "games")
+    local = test_local_config(tmp_path_factory.mktemp("cache"))
+    model, tokenizer = load_base(str(build_tiny(fold, local)), torch.device("cpu"))
+    return fold, model, tokenizer
+
+
+def labelled_spans(row: TokenRow) -> list[list[int]]:
+    """Runs of consecutive labelled token ids."""
+    spans, current = [], []
+    for token, label in zip(row.input_ids, row.labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+def test_labels_decode_to_exactly_the_assistant_replies(tiny):
+    fold, _, tokenizer = tiny
+    lines = (fold / "train.jsonl").read_text().splitlines()[:5]
+    for line in lines:
+        messages = json.loads(line)["messages"]
+        row = chatml_row(messages, tokenizer)
+        spans = labelled_spans(row)
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert [tokenizer.decode(s, skip_special_tokens=True) for s in spans] == replies
+        # each reply ends with its end-of-turn token (so the model learns to stop); nothing after it
+        assert all(s[-1] == tokenizer.eos_token_id for s in spans)
+        assert tokenizer.decode(row.input_ids).endswith("<|im_end|>\n")
+
+
+def test_multi_turn_labels_every_reply_and_nothing_else(tiny):
+    _, _, tokenizer = tiny
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who wins Nim with 8 stones?"},
+        {"role": "assistant", "content": "The second player."},
+        {"role": "user", "content": "And with 9?"},
+        {"role": "assistant", "content": "The first player, taking 1 stone."},
+    ]
+    row = chatml_row(messages, tokenizer)
+    decoded = [tokenizer.decode(s, skip_special_tokens=True) for s in labelled_spans(row)]
+    assert decoded == ["The second player.", "The first player, taking 1 stone."]
+    everything = chatml_row(messages, tokenizer, train_on_inputs=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_parquet_rows_are_taken_as_they_are(tmp_path: Path):
+    table = pa.table({
+        "input_ids": [[5, 6, 7, 8, 0], [9, 10, 11]],
+        "attention_mask": [[1, 1, 1, 1, 0], [1, 1, 1]],
+        "labels": [[-100, -100, 7, 8, -100], [-100, 10, 11]],
+    })
+    path = tmp_path / "train_harmony.parquet"
+    pq.write_table(table, path)
+    rows = parquet_rows(path, vocab_size=100)
+    assert rows == [TokenRow([5, 6, 7, 8], [-100, -100, 7, 8]), TokenRow([9, 10, 11], [-100, 10, 11])]
+    with pytest.raises(ValueError, match=r"train_harmony.parquet:1: token id 8 is outside"):
+        parquet_rows(path, vocab_size=8)
+
+
+def test_truncate_drops_rows_without_targets():
+    rows = [TokenRow([1, 2, 3, 4], [IGNORE, IGNORE, IGNORE, 4]), TokenRow([1, 2, 3], [IGNORE, 2, 3])]
+    assert truncate(rows, 3) == [TokenRow([1, 2, 3], [IGNORE, 2, 3])]
+
+
+def test_packing_keeps_rows_independent(tiny):
+    """The loss of a packed block equals the sum of its rows' losses computed one by one.
+
+    With a cache (or without position-id resets) later rows would attend to earlier ones and the
+    losses would differ.
+    """
+    fold, model, tokenizer = tiny
+    rows = read_rows(fold / "val.jsonl", tokenizer)[:3]
+    blocks = pack(rows, seq_length=4096, packing=True)
+    assert len(blocks) == 1 and len(blocks[0]) == 3
+    packed = collate(blocks, tokenizer.pad_token_id, packing=True)
+    starts = [0, len(rows[0].input_ids), len(rows[0].input_ids) + len(rows[1].input_ids)]
+    assert packed.position_ids[0, starts].tolist() == [0, 0, 0]
+    with torch.no_grad():
+        packed_loss, packed_n = batch_loss(model, packed)
+        singles = [batch_loss(model, collate([[r]], tokenizer.pad_token_id, packing=False)) for r in rows]
+    assert packed_n == sum(n for _, n in singles)
+    assert float(packed_loss) == pytest.approx(sum(float(loss) for loss, _ in singles), rel=1e-5)
+
+
+def test_padded_batch_matches_single_rows(tiny):
+    fold, model, tokenizer = tiny
+    rows = read_rows(fold / "val.jsonl", tokenizer)[:3]
+    batch = collate(pack(rows, 4096, packing=False), tokenizer.pad_token_id, packing=False)
+    assert batch.attention_mask is not None and batch.input_ids.shape[0] == 3
+    with torch.no_grad():
+        loss, n = batch_loss(model, batch)
+        singles = [batch_loss(model, collate([[r]], tokenizer.pad_token_id, packing=False)) for r in rows]
+    assert n == sum(k for _, k in singles)
+    assert float(loss) == pytest.approx(sum(float(s) for s, _ in singles), rel=1e-5)
+
+
+def test_tiny_base_is_cached_by_content(tmp_path: Path):
+    fold = example_fold(tmp_path / "games")
+    local = test_local_config(tmp_path)
+    first = build_tiny(fold, local)
+    assert build_tiny(fold, local) == first
+    other = local.model_copy(update={"tiny": TEST_TINY.model_copy(update={"hidden_size": 32})})
+    assert build_tiny(fold, other) != first
