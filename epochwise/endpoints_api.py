@@ -1,0 +1,411 @@
+"""The endpoint adapter: the only module that creates, routes, calls, stops and deletes Together endpoints.
+
+Together 3.x serves fine-tuned models through the v2 *project* API (shared/reference/together-api.md
+section 6.1): an **endpoint** is a stable name ``<project_slug>/<endpoint>`` used as ``model=`` for chat
+completions; it holds **deployments** (a model plus a config that pins the hardware), and its traffic
+split routes requests to them.
+
+Money rules, enforced here:
+
+* Names are deterministic: one endpoint per fold and epoch (``ew-<fold>-e<k>``) and one deployment per
+  model (``d-<model id>``). Together's own listing is checked before anything is created, and a name
+  conflict on create means "someone else just made it": it is looked up and reused, never duplicated.
+* Stopping means scaling the deployment to zero replicas (there is no ``state`` field in v2), so a
+  stopped endpoint costs nothing and keeps its name.
+
+Typed functions over a ``together.Together`` client; no Prefect here, so each is testable against the
+fake server alone.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from together import APIConnectionError, APIStatusError, ConflictError, NotFoundError, Together
+
+from epochwise.config.deploy import DeployConfig
+from epochwise.together_api import fold_slug
+
+PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper touches nothing else
+READY = "DEPLOYMENT_STATE_READY"
+FAILED = "DEPLOYMENT_STATE_FAILED"
+STOPPED = ("DEPLOYMENT_STATE_STOPPED", "DEPLOYMENT_STATE_STOPPING")
+_ENDPOINT_RE = re.compile(r"ew-(?P<fold>[a-z0-9-]+)-e(?P<epoch>\d+)")
+
+
+class EndpointFailure(RuntimeError):
+    """Together refused a deploy step, a deployment failed, or the smoke test failed; says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------------
+
+def endpoint_slug(fold: str, epoch: int) -> str:
+    """``ew-<fold>-e<k>``: the endpoint of one fold's epoch, the same on every run and machine."""
+    return f"{PREFIX}{fold_slug(fold)}-e{epoch}"
+
+
+def short_name(name: str) -> str:
+    """The endpoint part of ``<project_slug>/<endpoint>`` (deployments: the last path segment)."""
+    return name.rsplit("/", 1)[-1]
+
+
+def parse_endpoint(name: str) -> tuple[str, int] | None:
+    """``(fold slug, epoch)`` when ``name`` is an epochwise endpoint, else None."""
+    match = _ENDPOINT_RE.fullmatch(short_name(name))
+    return (match.group("fold"), int(match.group("epoch"))) if match else None
+
+
+def deployment_slug(model_id: str) -> str:
+    """``d-<model id>``: one deployment per model on an endpoint, so a rerun finds it by name."""
+    return "d-" + (re.sub(r"[^a-z0-9-]+", "-", model_id.lower()).strip("-") or "model")[:60]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Project and model
+# ---------------------------------------------------------------------------------------------------
+
+def with_project(client: Together) -> Together:
+    """The client bound to a project: ``project_id`` from the client (TOGETHER_PROJECT_ID or the
+    credentials block), else the one ``whoami`` reports for the key."""
+    if client.project_id:
+        return client
+    who = client.whoami()
+    project = getattr(who, "project", None)
+    project_id = getattr(project, "id", None)
+    if not project_id:
+        raise EndpointFailure(
+            f"this key ({getattr(who, 'type', 'unknown type')}) has no project: set TOGETHER_PROJECT_ID "
+            "or the credentials block's project_id"
+        )
+    return client.with_options(project_id=project_id)
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """The registry model a finished job produced, and what its deploy configs are listed against."""
+
+    job_id: str
+    model_id: str  # ml_...
+    model_name: str  # <project_slug>/<name>
+    model_path: str  # projects/<project>/models/<id>
+    reference_model_id: str  # base model id for configs.list (the model itself when it has no base)
+
+
+def model_from_job(client: Together, job_id: str) -> DeployTarget:
+    """The deployable model of a completed job: its ``model_object_id`` (merged or full model), else its
+    LoRA ``adapter_object_id`` (Together merges it into the base when deployed)."""
+    job = client.fine_tuning.retrieve(job_id)
+    data = job.model_dump(by_alias=True, warnings=False)
+    if data.get("status") != "completed":
+        raise EndpointFailure(f"job {job_id} is {data.get('status')}, not completed: nothing to deploy")
+    model_id = data.get("model_object_id") or data.get("adapter_object_id")
+    if not model_id:
+        raise EndpointFailure(f"job {job_id} has no model_object_id or adapter_object_id in Together's reply")
+    model = client.models.retrieve(model_id)
+    return DeployTarget(
+        job_id=job_id,
+        model_id=model.id,
+        model_name=model.name,
+        model_path=f"projects/{model.project_id}/models/{model.id}",
+        reference_model_id=model.base_model_id or short_name(model.base_model or "") or model.id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs (hardware)
+# ---------------------------------------------------------------------------------------------------
+
+def config_hardware(config: Any) -> str:
+    """Hardware of a deploy config: ``<count>x<accelerator>`` from its selectors (as Together's CLI
+    builds it), else a plain ``hardware`` field, else ``"unknown"``."""
+    selectors = {s.key: s.value for s in (getattr(config, "selectors", None) or [])}
+    if selectors.get("accelerator_type") and selectors.get("accelerator_count"):
+        return f"{selectors['accelerator_count']}x{selectors['accelerator_type']}"
+    extra = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return str(extra.get("hardware") or "unknown")
+
+
+def _hw_key(hardware: str) -> str:
+    # "1x_nvidia_h100_80gb_sxm" and "1xnvidia-h100-80gb" are the same GPU to a user.
+    return re.sub(r"[^a-z0-9]", "", hardware.lower().replace("nvidia", ""))
+
+
+def config_path(config: Any) -> str:
+    return f"projects/{config.project_id}/configs/{config.id}"
+
+
+def pick_config(configs: list[Any], hardware: str | None, model: str) -> Any:
+    """The one config to deploy with: the only one, or the one whose hardware matches ``hardware``.
+
+    Raises `EndpointFailure` listing the candidates (``id: hardware``) when none or several fit.
+    """
+    listing = "; ".join(f"{c.id}: {config_hardware(c)}" for c in configs)
+    if not configs:
+        raise EndpointFailure(f"Together has no deploy config for {model}")
+    if hardware is None:
+        if len(configs) == 1:
+            return configs[0]
+        raise EndpointFailure(
+            f"{model} has {len(configs)} deploy configs ({listing}); choose one with deploy.hardware / --hardware"
+        )
+    want = _hw_key(hardware)
+    exact = [c for c in configs if _hw_key(config_hardware(c)) == want]
+    close = exact or [c for c in configs if _hw_key(config_hardware(c)).startswith(want)]
+    if len(close) == 1:
+        return close[0]
+    if not close:
+        raise EndpointFailure(f"no deploy config of {model} runs on {hardware!r}; available: {listing}")
+    several = "; ".join(f"{c.id}: {config_hardware(c)}" for c in close)
+    raise EndpointFailure(f"{len(close)} deploy configs of {model} match {hardware!r} ({several}); be more specific")
+
+
+def choose_config(client: Together, target: DeployTarget, hardware: str | None) -> Any:
+    """List the model's deploy configs (``models.configs.list``) and pick one (see `pick_config`)."""
+    configs = list(client.models.configs.list(reference_model_id=target.reference_model_id))
+    return pick_config(configs, hardware, target.model_name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Endpoints and deployments
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """One deployment as the CLI, the artifact and the reaper show it."""
+
+    id: str
+    name: str
+    model: str
+    hardware: str
+    state: str
+    message: str
+    min_replicas: int
+    max_replicas: int
+
+    @property
+    def stopped(self) -> bool:
+        return self.max_replicas == 0 or self.state in STOPPED
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """An endpoint with its creation time and deployments."""
+
+    id: str
+    name: str  # <project_slug>/<endpoint>: what client.chat.completions.create(model=...) takes
+    created_at: datetime
+    etag: str
+    traffic: tuple[tuple[str, float], ...]  # (deployment id, weight)
+    deployments: tuple[DeploymentInfo, ...] = field(default_factory=tuple)
+
+    @property
+    def epochwise(self) -> bool:
+        return parse_endpoint(self.name) is not None
+
+    def age_s(self, now: datetime | None = None) -> float:
+        return ((now or datetime.now(timezone.utc)) - self.created_at).total_seconds()
+
+
+def _when(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _deployment_info(dep: Any) -> DeploymentInfo:
+    status = getattr(dep, "status", None)
+    scaling = getattr(dep, "autoscaling", None)
+    return DeploymentInfo(
+        id=dep.id, name=dep.name, model=getattr(dep, "model", "") or "", hardware=getattr(dep, "hardware", "") or "",
+        state=str(getattr(status, "state", "") or ""), message=str(getattr(status, "message", "") or ""),
+        min_replicas=int(getattr(scaling, "min_replicas", None) or 0),
+        max_replicas=int(getattr(scaling, "max_replicas", None) or 0),
+    )
+
+
+def list_deployments(client: Together, endpoint_id: str) -> list[DeploymentInfo]:
+    return [_deployment_info(d) for d in client.endpoints.deployments.list(endpoint_id)]
+
+
+def _endpoint_info(client: Together, ep: Any, with_deployments: bool) -> EndpointInfo:
+    traffic = tuple((s.deployment_id, float(s.weight)) for s in (getattr(ep, "traffic_split", None) or []))
+    deployments = tuple(list_deployments(client, ep.id)) if with_deployments else ()
+    return EndpointInfo(ep.id, ep.name, _when(ep.created_at), getattr(ep, "etag", "") or "", traffic, deployments)
+
+
+def list_endpoints(client: Together, with_deployments: bool = False) -> list[EndpointInfo]:
+    """Every endpoint of the project (the listing auto-pages)."""
+    return [_endpoint_info(client, ep, with_deployments) for ep in client.endpoints.list()]
+
+
+def epochwise_endpoints(client: Together, fold: str | None = None) -> list[EndpointInfo]:
+    """Endpoints epochwise created (all folds, or one fold's), with their deployments, oldest first."""
+    found = []
+    for ep in client.endpoints.list():
+        parsed = parse_endpoint(ep.name)
+        if parsed is None or (fold is not None and parsed[0] != fold_slug(fold)):
+            continue
+        found.append(_endpoint_info(client, ep, with_deployments=True))
+    return sorted(found, key=lambda e: e.created_at)
+
+
+def find_endpoint(client: Together, slug: str) -> EndpointInfo | None:
+    """The endpoint named ``slug`` in Together's listing (compared without the project prefix)."""
+    return next((e for e in list_endpoints(client) if short_name(e.name) == slug), None)
+
+
+def ensure_endpoint(client: Together, slug: str) -> tuple[EndpointInfo, bool]:
+    """The endpoint named ``slug``: found in the listing, else created. Returns ``(endpoint, created)``.
+
+    A 409 on create means another run made it in between: it is looked up, never created twice.
+    """
+    existing = find_endpoint(client, slug)
+    if existing is not None:
+        return existing, False
+    try:
+        ep = client.endpoints.create(name=slug)
+    except ConflictError:
+        existing = find_endpoint(client, slug)
+        if existing is None:
+            raise EndpointFailure(f"Together says endpoint {slug} exists but does not list it") from None
+        return existing, False
+    return _endpoint_info(client, ep, with_deployments=False), True
+
+
+def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTarget, config: Any,
+                      cfg: DeployConfig) -> tuple[DeploymentInfo, bool]:
+    """The endpoint's deployment of ``target``: reused (and scaled back up if it was stopped), else created.
+
+    A deployment of this model that FAILED earlier is deleted first, so the new one can take its name.
+    Returns ``(deployment, created)``.
+    """
+    slug = deployment_slug(target.model_id)
+    scaling = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas}
+    for dep in list_deployments(client, endpoint.id):
+        if dep.model != target.model_path and short_name(dep.name) != slug:
+            continue
+        if dep.state == FAILED:
+            delete_deployment(client, endpoint.id, dep.id)
+            break
+        if (dep.min_replicas, dep.max_replicas) != (cfg.min_replicas, cfg.max_replicas):
+            dep = _deployment_info(client.endpoints.deployments.update(
+                dep.id, endpoint_id=endpoint.id, autoscaling=scaling, update_mask="autoscaling"))
+        return dep, False
+    try:
+        created = client.endpoints.deployments.create(
+            endpoint.id, name=slug, model=target.model_path, config=config_path(config), autoscaling=scaling,
+            inactive_timeout=cfg.inactive_timeout_min,
+        )
+    except APIStatusError as exc:
+        raise EndpointFailure(f"Together refused the deployment of {target.model_name} ({exc.status_code}): "
+                              f"{api_message(exc)}") from None
+    return _deployment_info(created), True
+
+
+def route_traffic(client: Together, endpoint_id: str, deployment_id: str) -> EndpointInfo:
+    """Send all of the endpoint's traffic to ``deployment_id`` (an endpoint without a split is unrouted)."""
+    ep = client.endpoints.retrieve(endpoint_id)
+    current = [(s.deployment_id, float(s.weight)) for s in (ep.traffic_split or [])]
+    if current != [(deployment_id, 1.0)]:
+        ep = client.endpoints.update(endpoint_id, traffic_split=[{"deployment_id": deployment_id, "weight": 1}],
+                                     update_mask="trafficSplit", etag=ep.etag)
+    return _endpoint_info(client, ep, with_deployments=False)
+
+
+def restore_traffic(client: Together, endpoint_id: str, split: Iterable[tuple[str, float]]) -> None:
+    """Put back a previous traffic split, keeping only deployments that still exist."""
+    alive = {d.id for d in list_deployments(client, endpoint_id)}
+    entries = [{"deployment_id": d, "weight": w} for d, w in split if d in alive]
+    if entries:
+        ep = client.endpoints.retrieve(endpoint_id)
+        client.endpoints.update(endpoint_id, traffic_split=entries, update_mask="trafficSplit", etag=ep.etag)
+
+
+def wait_ready(client: Together, endpoint_id: str, deployment_id: str, cfg: DeployConfig,
+               on_update: Callable[[DeploymentInfo], None] = lambda d: None,
+               sleep: Callable[[float], None] = time.sleep) -> DeploymentInfo:
+    """Poll the deployment every ``cfg.poll_s`` until READY; `EndpointFailure` with Together's message on
+    FAILED, on being stopped, or after ``cfg.ready_deadline_s``."""
+    deadline = time.monotonic() + cfg.ready_deadline_s
+    while True:
+        dep = _deployment_info(client.endpoints.deployments.retrieve(deployment_id, endpoint_id=endpoint_id))
+        on_update(dep)
+        if dep.state == READY:
+            return dep
+        if dep.state == FAILED:
+            raise EndpointFailure(f"deployment {dep.name} failed: {dep.message or 'no message'}")
+        if dep.state in STOPPED:
+            raise EndpointFailure(f"deployment {dep.name} was stopped while starting ({dep.message})")
+        if time.monotonic() + cfg.poll_s > deadline:
+            raise EndpointFailure(f"deployment {dep.name} still {dep.state} after {cfg.ready_deadline_s:.0f} s")
+        sleep(cfg.poll_s)
+
+
+def smoke_chat(client: Together, model: str, cfg: DeployConfig) -> str:
+    """One chat completion against ``model`` (the endpoint name); returns the reply text.
+
+    Raises `EndpointFailure` with Together's status and message when the call fails or the reply is empty.
+    """
+    try:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": cfg.smoke_prompt}],
+            max_tokens=cfg.smoke_max_tokens, temperature=0,
+        )
+    except APIStatusError as exc:
+        raise EndpointFailure(f"smoke test of {model} failed ({exc.status_code}): {api_message(exc)}") from None
+    except APIConnectionError as exc:
+        raise EndpointFailure(f"smoke test of {model} failed: {exc}") from None
+    text = (reply.choices[0].message.content or "") if reply.choices else ""
+    if not text.strip():
+        raise EndpointFailure(f"smoke test of {model} returned an empty reply")
+    return text
+
+
+def scale_to_zero(client: Together, endpoint_id: str, deployment_id: str) -> DeploymentInfo:
+    """Stop a deployment: min and max replicas 0 (nothing runs, nothing bills; the name stays)."""
+    return _deployment_info(client.endpoints.deployments.update(
+        deployment_id, endpoint_id=endpoint_id, autoscaling={"min_replicas": 0, "max_replicas": 0},
+        update_mask="autoscaling",
+    ))
+
+
+def stop_endpoint(client: Together, endpoint: EndpointInfo) -> list[DeploymentInfo]:
+    """Scale every running deployment of ``endpoint`` to zero; returns those it stopped."""
+    return [scale_to_zero(client, endpoint.id, d.id) for d in endpoint.deployments if d.max_replicas > 0]
+
+
+def delete_deployment(client: Together, endpoint_id: str, deployment_id: str) -> bool:
+    """Delete a deployment; False when it was already gone."""
+    try:
+        client.endpoints.deployments.delete(deployment_id, endpoint_id=endpoint_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def delete_endpoint_if_empty(client: Together, endpoint_id: str) -> bool:
+    """Delete an endpoint that has no deployment left (an empty endpoint only clutters the listing)."""
+    try:
+        if list_deployments(client, endpoint_id):
+            return False
+        client.endpoints.delete(endpoint_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def api_message(exc: APIStatusError) -> str:
+    """Together's own error message from an SDK exception."""
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(exc)
