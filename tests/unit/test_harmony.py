@@ -342,3 +342,17 @@ def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["convert", str(tmp_path), "--format", "chatml"])
     assert result.exit_code != 0
     assert "only 'harmony'" in result.output
+
+
+# --- the process pool -----------------------------------------------------------------------------
+
+
+def test_process_pool_writes_the_same_bytes_as_one_process(tmp_path: Path) -> None:
+    """A fold at the pool threshold, converted with 1 and 2 workers: identical parquet, rows in order."""
+    from epochwise.harmony import POOL_MIN_ROWS
+
+    rows = [chat(f"question {i}: " + "word " * (i % 17), f"answer {i}") for i in range(POOL_MIN_ROWS)]
+    one = convert(write_fold(tmp_path / "one", rows, rows[:3]), HarmonyConfig(workers=1))
+    two = convert(write_fold(tmp_path / "two", rows, rows[:3]), HarmonyConfig(workers=2))
+    assert sha256_file(one.train.output) == sha256_file(two.train.output)
+    assert two.train.rows == POOL_MIN_ROWS
