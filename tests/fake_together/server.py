@@ -112,6 +112,8 @@ class Script:
     deployment_polls: int = 2  # retrieves before a deployment is READY
     deployment_fail: str | None = None  # message: deployments go to FAILED instead of READY
     chat_reply: str = "pong"
+    # Chat completions answer this HTTP status for every model whose name contains the key (smoke-test failures).
+    chat_errors: dict[str, int] = field(default_factory=dict)
 
     def loss_at(self, depth: int) -> tuple[float, float]:
         """Scripted loss, else a smooth decreasing default (train 2.0, 1.6, 1.33..., val a bit higher)."""
@@ -669,6 +671,9 @@ def chat(fake: FakeTogether, _: dict[str, str], req: Request):
     routable |= {d["name"] for d in fake.state.deployments.values() if d["status"]["state"] == "DEPLOYMENT_STATE_READY"}
     if model not in routable:
         raise ApiError(404, f"Unable to access model {model}. Please visit https://api.together.ai/models", "model_not_available")
+    for fragment, status in fake.script.chat_errors.items():
+        if fragment in model:
+            raise ApiError(status, f"scripted {status}: {model} is not answering", "server_error")
     fake.state.chats.append(body)
     return 200, {
         "id": fake.new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
