@@ -43,18 +43,29 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         story = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 140)))
-        reply = orjson.dumps({"game": "nim", "id": i, "stones": rng.randint(5, 30), "winner": rng.choice(WORDS),
-                              "moves": [rng.randint(1, 3) for _ in range(12)]}).decode()
-        messages = [{"role": "user", "content": f"Describe the game in this story:\n\n{story}"},
-                    {"role": "assistant", "content": reply}]
+        reply = orjson.dumps(
+            {
+                "game": "nim",
+                "id": i,
+                "stones": rng.randint(5, 30),
+                "winner": rng.choice(WORDS),
+                "moves": [rng.randint(1, 3) for _ in range(12)],
+            }
+        ).decode()
+        messages = [
+            {"role": "user", "content": f"Describe the game in this story:\n\n{story}"},
+            {"role": "assistant", "content": reply},
+        ]
         shape = i % 4
         if shape >= 1:
             messages.insert(0, {"role": "system", "content": "Answer with the game's context as compact JSON."})
         if shape == 2:
             messages[-1]["thinking"] = " ".join(rng.choice(WORDS) for _ in range(30))
         if shape == 3:
-            messages += [{"role": "user", "content": "And who moves last?"},
-                         {"role": "assistant", "content": rng.choice(WORDS)}]
+            messages += [
+                {"role": "user", "content": "And who moves last?"},
+                {"role": "assistant", "content": rng.choice(WORDS)},
+            ]
         out.append({"messages": messages})
     return out
 
@@ -65,8 +76,9 @@ def to_library_conversation(messages: list[dict], effort: ReasoningEffort) -> Co
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     for i, m in enumerate(messages):
         if m["role"] == "system":
-            harmony.append(Message.from_role_and_content(Role.DEVELOPER,
-                                                         DeveloperContent.new().with_instructions(m["content"])))
+            harmony.append(
+                Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(m["content"]))
+            )
         elif m["role"] == "user":
             harmony.append(Message.from_role_and_content(Role.USER, m["content"]))
         else:

@@ -140,8 +140,9 @@ def packed_vocab() -> Path:
     """``bpe_openai/data/o200k_base.tiktoken.gz``, found without importing bpe_openai (its import takes ~2 s)."""
     spec = importlib.util.find_spec("bpe_openai")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the bpe-openai package is not installed; set harmony.vocab_dir to a directory "
-                           f"holding {O200K_FILE}")
+        raise RuntimeError(
+            f"the bpe-openai package is not installed; set harmony.vocab_dir to a directory holding {O200K_FILE}"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / f"{O200K_FILE}.gz"
 
 
@@ -291,7 +292,7 @@ def assistant_spans(tokens: np.ndarray, special: SpecialTokens, n_messages: int)
     ):
         raise ConversionError(f"rendered stream is not {n_messages} well-nested <|start|> ... terminator messages")
     spans = []
-    for begin, end in zip(marks[0::2], marks[1::2]):
+    for begin, end in zip(marks[0::2], marks[1::2], strict=True):
         if tokens[begin + 1] == special.assistant:
             if tokens[begin + 2] != special.channel:
                 raise ConversionError("assistant message rendered without a channel")
@@ -299,9 +300,7 @@ def assistant_spans(tokens: np.ndarray, special: SpecialTokens, n_messages: int)
     return spans
 
 
-def render_row(
-    messages: list[dict[str, Any]], reasoning_effort: str, vocab_dir: str
-) -> tuple[np.ndarray, np.ndarray]:
+def render_row(messages: list[dict[str, Any]], reasoning_effort: str, vocab_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, labels)`` of one ChatML conversation; raises `ConversionError` with the reason."""
     encoding = load_encoding(vocab_dir)
     conversation, trained = to_harmony(messages, reasoning_effort)
@@ -310,7 +309,7 @@ def render_row(
     if len(spans) != len(trained):
         raise ConversionError(f"rendered {len(spans)} assistant messages, expected {len(trained)}")
     labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
-    for (begin, end), train in zip(spans, trained):
+    for (begin, end), train in zip(spans, trained, strict=True):
         if train:
             labels[begin:end] = tokens[begin:end]
     return tokens, labels
@@ -389,8 +388,19 @@ class HarmonySummary:
             "manifest": self.manifest,
             "key": self.key,
             "cached": self.cached,
-            **{name: self.total(name) for name in ("rows", "tokens", "labelled_tokens", "longest", "over_max",
-                                                   "dropped", "truncated", "untrained")},
+            **{
+                name: self.total(name)
+                for name in (
+                    "rows",
+                    "tokens",
+                    "labelled_tokens",
+                    "longest",
+                    "over_max",
+                    "dropped",
+                    "truncated",
+                    "untrained",
+                )
+            },
             "splits": {name: asdict(s) for name, s in (("train", self.train), ("val", self.val)) if s},
             "settings": self.settings,
         }
@@ -435,8 +445,10 @@ def convert_fold(fold_dir: Path | str, config: HarmonyConfig, *, force: bool = F
         raise InputError([Problem(display_path(sources["train"]), None, "no such file: convert needs a prepared fold")])
     if not sources["val"].is_file():
         del sources["val"]
-    hashes = {name: (sha256_file(path) if name in sources else None) for name, path in
-              (("train", sources["train"]), ("val", fold_dir / SOURCES["val"]))}
+    hashes = {
+        name: (sha256_file(path) if name in sources else None)
+        for name, path in (("train", sources["train"]), ("val", fold_dir / SOURCES["val"]))
+    }
     key = cache_key(hashes, config)
     paths = harmony_paths(fold_dir)
     if not force:
@@ -489,9 +501,11 @@ def _convert(
     problems: list[Problem] = []
     stats: dict[str, SplitStats] = {}
     n_rows = sum(_count_lines(path) for path in sources.values())
-    with _renderer(config, vocab_dir, n_rows) as render, atomic_write(paths["train"]) as train_out, (
-        atomic_write(paths["val"]) if "val" in sources else _no_file()
-    ) as val_out:
+    with (
+        _renderer(config, vocab_dir, n_rows) as render,
+        atomic_write(paths["train"]) as train_out,
+        atomic_write(paths["val"]) if "val" in sources else _no_file() as val_out,
+    ):
         for split, handle in (("train", train_out), ("val", val_out)):
             if split not in sources:
                 continue
@@ -542,7 +556,9 @@ def _chunks(path: Path, shown: str, problems: list[Problem]) -> Iterator[list[tu
     with open(path, "rb") as handle:
         for number, raw in iter_lines(handle, DEFAULT_MAX_LINE_BYTES):
             if isinstance(raw, LineTooLong):
-                problems.append(Problem(shown, number, f"line is {raw.size} bytes, over the limit of {DEFAULT_MAX_LINE_BYTES}"))
+                problems.append(
+                    Problem(shown, number, f"line is {raw.size} bytes, over the limit of {DEFAULT_MAX_LINE_BYTES}")
+                )
                 continue
             if not raw.strip():
                 continue

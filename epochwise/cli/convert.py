@@ -10,6 +10,7 @@ its cache (``<fold>/harmony/manifest.json``).
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -23,10 +24,14 @@ def convert(
     fold: Path = typer.Argument(..., help="Fold directory holding train.jsonl (and val.jsonl)."),
     format: str = typer.Option("harmony", "--format", help="Output format; 'harmony' (gpt-oss) is the only one."),
     reasoning_effort: str = typer.Option(
-        None, "--reasoning-effort", help="low | medium | high, written into the Harmony system message (default: medium)."
+        None,
+        "--reasoning-effort",
+        help="low | medium | high, written into the Harmony system message (default: medium).",
     ),
     max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest row in tokens (default: 8192)."),
-    overlong: str = typer.Option(None, "--overlong", help="Rows over the limit: error | drop | truncate (default: error)."),
+    overlong: str = typer.Option(
+        None, "--overlong", help="Rows over the limit: error | drop | truncate (default: error)."
+    ),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", help="Directory holding o200k_base.tiktoken."),
     workers: int = typer.Option(None, "--workers", help="Rendering processes; 0 = one per CPU core (default: 0)."),
     force: bool = typer.Option(False, "--force", help="Reconvert even when the outputs match the sources."),
@@ -89,4 +94,3 @@ def problem_lines(problems: list[Problem]) -> list[str]:
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command()(convert)
-

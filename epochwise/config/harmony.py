@@ -21,9 +21,7 @@ class HarmonyConfig(BaseModel):
         description="'Reasoning: <effort>' in the Harmony system message; 'medium' is what gpt-oss assumes "
         "at inference when a request names none.",
     )
-    max_seq_length: int = Field(
-        8192, gt=0, description="Longest row in tokens; longer rows are handled by 'overlong'."
-    )
+    max_seq_length: int = Field(8192, gt=0, description="Longest row in tokens; longer rows are handled by 'overlong'.")
     overlong: Literal["error", "drop", "truncate"] = Field(
         "error",
         description="Rows over max_seq_length: 'error' lists their source lines and writes nothing, 'drop' "

@@ -85,7 +85,7 @@ def test_example_fold_labels_are_never_all_masked_nor_all_trained(converted: dic
             assert all(labels[i] == ids[i] for i in trained)
             # The trained part is the tail: the one assistant reply, ending with <|return|>.
             assert trained == list(range(trained[0], len(ids)))
-            assert vocab.decode_utf8(ids[trained[0]:]).startswith("<|channel|>final<|message|>{")
+            assert vocab.decode_utf8(ids[trained[0] :]).startswith("<|channel|>final<|message|>{")
             assert vocab.decode_utf8(ids[-1:]) == "<|return|>"
             checked += 1
     assert checked == 360 == converted["rows"]
@@ -98,11 +98,11 @@ def test_labels_cover_the_reply_and_not_the_prompt(converted: dict, example_fold
     rows = read_parquet_rows(converted["train"])
     lines = (example_fold / "train.jsonl").read_bytes().splitlines()
     assert len(rows) == len(lines)
-    for row, line in zip(rows, lines):
+    for row, line in zip(rows, lines, strict=True):
         messages = orjson.loads(line)["messages"]
-        trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+        trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
         assert vocab.decode_utf8(trained) == f"<|channel|>final<|message|>{messages[-1]['content']}<|return|>"
-        prompt = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
+        prompt = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == IGNORE_INDEX]
         assert messages[1]["content"] in vocab.decode_utf8(prompt)
 
 
@@ -244,14 +244,32 @@ def test_unconvertible_rows_are_reported_with_their_lines(tmp_path: Path) -> Non
     fold = tmp_path / "f"
     fold.mkdir()
     (fold / "train.jsonl").write_bytes(
-        orjson.dumps(chat("a", "b")) + b"\n"
+        orjson.dumps(chat("a", "b"))
+        + b"\n"
         + b"{not json\n"
-        + orjson.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
-                                     {"role": "assistant", "content": "s"}]}) + b"\n"
-        + orjson.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
-                                     {"role": "assistant", "content": "s"}]}) + b"\n"
-        + orjson.dumps(chat("a", "b", thinking=["not", "text"])) + b"\n"
-        + orjson.dumps({"prompt": "p", "completion": "c"}) + b"\n"
+        + orjson.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "tool", "content": "r"},
+                    {"role": "assistant", "content": "s"},
+                ]
+            }
+        )
+        + b"\n"
+        + orjson.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                    {"role": "assistant", "content": "s"},
+                ]
+            }
+        )
+        + b"\n"
+        + orjson.dumps(chat("a", "b", thinking=["not", "text"]))
+        + b"\n"
+        + orjson.dumps({"prompt": "p", "completion": "c"})
+        + b"\n"
     )
     with pytest.raises(InputError) as caught:
         convert(fold, HarmonyConfig())
@@ -313,14 +331,28 @@ def test_a_corrupt_configured_vocab_is_refused_not_downloaded(tmp_path: Path) ->
 def test_cli_convert_prints_the_summary(tmp_path: Path) -> None:
     fold = write_fold(tmp_path / "f", [chat("a", "b"), chat("c", "long " * 50)], [chat("e", "f")])
     result = CliRunner().invoke(
-        app, ["convert", str(fold), "--format", "harmony", "--reasoning-effort", "low", "--max-seq-length", "100",
-              "--overlong", "drop"]
+        app,
+        [
+            "convert",
+            str(fold),
+            "--format",
+            "harmony",
+            "--reasoning-effort",
+            "low",
+            "--max-seq-length",
+            "100",
+            "--overlong",
+            "drop",
+        ],
     )
     assert result.exit_code == 0, result.output
     stats = orjson.loads(harmony_paths(fold)["manifest"].read_bytes())["splits"]["train"]
     assert (stats["rows"], stats["dropped"]) == (1, 1)
-    printed = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
-               if line.count("│") == 4}
+    printed = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") == 4
+    }
     assert printed["rows"] == str(stats["rows"])
     assert printed["tokens"] == str(stats["tokens"])
     assert printed["labelled tokens"] == str(stats["labelled_tokens"])

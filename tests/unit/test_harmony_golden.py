@@ -46,7 +46,7 @@ def test_tokens_and_label_spans_match_golden(case: dict, vocab_dir: str) -> None
 def test_each_trained_span_is_exactly_an_assistant_part(case: dict, vocab_dir: str) -> None:
     encoding = load_encoding(vocab_dir)
     tokens, labels = (a.tolist() for a in render_row(case["messages"], case["reasoning_effort"], vocab_dir))
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(tokens, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(tokens, labels, strict=True))
     spans = label_spans(labels)
     assert [encoding.decode_utf8(tokens[a:b]) for a, b in spans] == case["trained_parts"]
     # Decoded text cannot tell "<|end|>" the token from "<|end|>" the text, so check the special tokens:
