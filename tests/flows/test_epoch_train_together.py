@@ -219,3 +219,61 @@ def test_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_toge
     assert records[0].job_id == first.id
     assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
     assert fake_together.state.uploads == 2
+
+
+def test_cli_train_status_deploy_info_and_abort(fake_together, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+
+    for field, value in {"POLL_INITIAL_S": "0.005", "POLL_MAX_S": "0.02", "FILE_POLL_S": "0.005"}.items():
+        monkeypatch.setenv(f"EPOCHWISE_TOGETHER__{field}", value)
+    fold = make_fold(tmp_path, "clifold", "cli")
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(fold), "--backend", "together", "--epochs", "2", "--base-model", BASE,
+                                 "--lr", "2e-4", "--batch-size", "16", "--lora-r", "8", "--warmup-ratio", "0.1"])
+    assert result.exit_code == 0, result.output
+    jobs = fake_together.state.jobs_in_order()
+    assert len(jobs) == 2 and jobs[0].request["learning_rate"] == 2e-4 and jobs[0].request["batch_size"] == 16
+    assert jobs[0].request["training_type"]["lora_r"] == 8 and jobs[0].request["warmup_ratio"] == 0.1
+    assert jobs[1].output_name in result.output
+
+    before = sum(fake_together.counts.values())
+    result = runner.invoke(app, ["status", str(fold)])
+    assert result.exit_code == 0, result.output
+    assert jobs[1].id in result.output and sum(fake_together.counts.values()) == before  # no Together call
+
+    result = runner.invoke(app, ["status", str(fold), "--sync"])
+    assert result.exit_code == 0, result.output
+    assert fake_together.counts["GET /v1/fine-tunes"] >= 1 and "jobs at Together" in result.output
+
+    result = runner.invoke(app, ["deploy-info", str(fold), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["model"] == jobs[1].output_name and info["job"] == jobs[1].id  # val loss falls: epoch 2 is best
+
+    # A job still running for this fold (e.g. a killed run's) is cancelled by abort; other folds' are not.
+    fake_together.script.hold_jobs = True
+    from together import Together
+
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url)
+    files = [f.id for f in fake_together.state.files.values()]
+    live = client.fine_tuning.create(training_file=files[0], model=BASE, suffix="ew-clifold-e3-0123abcd", lora=True)
+    other = client.fine_tuning.create(training_file=files[0], model=BASE, suffix="ew-other-e1-0123abcd", lora=True)
+    result = runner.invoke(app, ["abort", str(fold)])
+    assert result.exit_code == 0, result.output
+    assert fake_together.state.jobs[live.id].status == "cancel_requested"
+    assert fake_together.state.jobs[other.id].status == "pending"
+
+
+def test_cli_train_reports_bad_data_before_anything_else(fake_together, tmp_path):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+
+    fold = make_fold(tmp_path, "clibad", "cli-bad")
+    (fold / "val.jsonl").write_text('{"messages": "not a list"}\n')
+    result = CliRunner().invoke(app, ["train", str(fold), "--backend", "together", "--base-model", BASE])
+    assert result.exit_code == 1
+    assert "val.jsonl:1" in result.output
+    assert sum(fake_together.counts.values()) == 0
