@@ -359,6 +359,7 @@ class SplitStats:
     dropped: int = 0  # overlong rows left out, plus truncated rows left with no trained token
     truncated: int = 0
     untrained: int = 0  # rows without any trained token (every assistant message has weight 0), left out
+    sha256: str = ""  # of the written parquet file
 
 
 @dataclass
@@ -456,13 +457,17 @@ def convert_fold(fold_dir: Path | str, config: HarmonyConfig, *, force: bool = F
         if reused is not None:
             return reused
     summary = _convert(fold_dir, sources, key, config, paths)
+    if "val" not in sources:
+        paths["val"].unlink(missing_ok=True)  # a val parquet from an earlier fold layout would be stale
     manifest = {
         "key": key,
         "converter": CONVERTER_VERSION,
         "openai_harmony": importlib.metadata.version("openai-harmony"),
         "settings": conversion_settings(config),
         "sources": hashes,
-        "outputs": {s: sha256_file(paths[s]) for s in ("train", "val") if s in sources},
+        "outputs": {
+            stats_name: stats.sha256 for stats_name, stats in (("train", summary.train), ("val", summary.val)) if stats
+        },
         "splits": {s: asdict(stats) for s, stats in (("train", summary.train), ("val", summary.val)) if stats},
     }
     atomic_write_bytes(paths["manifest"], orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
@@ -477,20 +482,23 @@ def _reuse(fold_dir: Path, key: str, paths: dict[str, Path]) -> HarmonySummary |
         return None
     if not isinstance(manifest, dict) or manifest.get("key") != key:
         return None
-    outputs = manifest.get("outputs") or {}
-    for split, digest in outputs.items():
-        if not paths[split].is_file() or sha256_file(paths[split]) != digest:
-            return None
-    splits = manifest["splits"]
-    return HarmonySummary(
-        fold=display_path(fold_dir),
-        key=key,
-        cached=True,
-        train=SplitStats(**splits["train"]),
-        val=SplitStats(**splits["val"]) if "val" in splits else None,
-        manifest=str(paths["manifest"].resolve()),
-        settings=manifest["settings"],
-    )
+    try:
+        outputs = manifest["outputs"]
+        for split, digest in outputs.items():
+            if not paths[split].is_file() or sha256_file(paths[split]) != digest:
+                return None
+        splits = manifest["splits"]
+        return HarmonySummary(
+            fold=display_path(fold_dir),
+            key=key,
+            cached=True,
+            train=SplitStats(**splits["train"]),
+            val=SplitStats(**splits["val"]) if "val" in splits else None,
+            manifest=str(paths["manifest"].resolve()),
+            settings=manifest["settings"],
+        )
+    except (KeyError, TypeError, AttributeError):  # a manifest from another version or hand-edited
+        return None
 
 
 def _convert(
@@ -522,6 +530,9 @@ def _convert(
                 problems.append(Problem(shown, None, "no rows left to write (see the dropped counts)"))
             if not problems:
                 problems.extend(together_check(Path(handle.name), display_path(paths[split])))
+                # Hashed before the rename, so the manifest describes what this run wrote even if a
+                # concurrent run replaces the file right after.
+                split_stats.sha256 = sha256_file(handle.name)
         if problems:
             raise InputError(sorted(problems))
     return HarmonySummary(

@@ -184,7 +184,7 @@ def test_manifest_records_key_sources_and_outputs(converted: dict, example_fold:
     manifest = orjson.loads(Path(converted["manifest"]).read_bytes())
     assert manifest["key"] == converted["key"]
     assert manifest["sources"]["train"] == sha256_file(example_fold / "train.jsonl")
-    assert manifest["outputs"]["val"] == sha256_file(converted["val"])
+    assert manifest["outputs"]["val"] == sha256_file(converted["val"]) == converted["splits"]["val"]["sha256"]
     assert manifest["settings"] == {"reasoning_effort": "low", "max_seq_length": 8192, "overlong": "error"}
 
 
@@ -289,10 +289,25 @@ def test_rows_with_only_untrained_turns_are_left_out_and_counted(tmp_path: Path)
     assert (summary.train.rows, summary.train.untrained) == (1, 1)
 
 
-def test_fold_without_val_converts_train_only(tmp_path: Path) -> None:
-    summary = convert(write_fold(tmp_path / "f", [chat("a", "b")]), HarmonyConfig())
+def test_fold_without_val_converts_train_only_and_removes_a_stale_val(tmp_path: Path) -> None:
+    fold = write_fold(tmp_path / "f", [chat("a", "b")], [chat("c", "d")])
+    assert convert(fold, HarmonyConfig()).val is not None
+    (fold / "val.jsonl").unlink()
+    summary = convert(fold, HarmonyConfig())
     assert summary.val is None and summary.as_dict()["val"] is None
-    assert not harmony_paths(tmp_path / "f")["val"].exists()
+    assert not harmony_paths(fold)["val"].exists()
+    assert summary.cached is False and summary.train.rows == 1
+
+
+def test_a_broken_manifest_means_reconvert(tmp_path: Path) -> None:
+    fold = write_fold(tmp_path / "f", [chat("a", "b")], [chat("c", "d")])
+    first = convert(fold, HarmonyConfig())
+    manifest = orjson.loads(Path(first.manifest).read_bytes())
+    del manifest["splits"]
+    Path(first.manifest).write_bytes(orjson.dumps(manifest))
+    again = convert(fold, HarmonyConfig())
+    assert again.cached is False and again.key == first.key
+    assert convert(fold, HarmonyConfig()).cached is True
 
 
 def test_missing_fold_is_a_clear_error(tmp_path: Path) -> None:
