@@ -29,6 +29,7 @@ from typing import Any
 from together import APIConnectionError, APIStatusError, ConflictError, NotFoundError, Together
 
 from epochwise.config.deploy import DeployConfig
+from epochwise.epochs import EpochRecord, best_epoch
 from epochwise.together_api import fold_slug
 
 PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper touches nothing else
@@ -409,3 +410,72 @@ def api_message(exc: APIStatusError) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
     return str(exc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which epoch, and what the artifact shows (pure)
+# ---------------------------------------------------------------------------------------------------
+
+def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecord]:
+    """Epoch records back from the ``<fold>-epochs`` table artifact that ``epoch-train`` publishes
+    (`epochwise.epochs.epoch_table`): a row with a job is a Together epoch, one without is local."""
+    records = []
+    for row in rows:
+        loss = str(row.get("val loss") or "").strip()
+        train = str(row.get("train loss") or "").strip()
+        records.append(EpochRecord(
+            fold=fold, epoch=int(row["epoch"]), backend="together" if row.get("job") else "local",
+            status=str(row.get("status") or "completed"), job_id=row.get("job") or None,
+            model=row.get("model") or None, val_loss=float(loss) if loss else None,
+            train_loss=float(train) if train else None,
+        ))
+    return records
+
+
+def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
+    """``best`` (lowest validation loss, `epochwise.epochs.best_epoch`) or epoch ``N``; must be completed."""
+    if str(which).lower() == "best":
+        chosen = best_epoch(records)
+        if chosen is None:
+            raise EndpointFailure("no completed epoch to deploy yet: run `epochwise train` first")
+        return chosen
+    if not str(which).isdigit():
+        raise EndpointFailure(f"epoch must be 'best' or a number, not {which!r}")
+    number = int(which)
+    chosen = next((r for r in records if r.epoch == number), None)
+    if chosen is None:
+        known = ", ".join(str(r.epoch) for r in sorted(records, key=lambda r: r.epoch)) or "none"
+        raise EndpointFailure(f"epoch {number} was not trained (epochs: {known})")
+    if chosen.status != "completed":
+        raise EndpointFailure(f"epoch {number} is {chosen.status}, not completed")
+    return chosen
+
+
+def endpoint_rows(endpoints: list[EndpointInfo], replies: dict[str, str] | None = None,
+                  notes: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Rows of the ``<fold>-endpoints`` table: one per deployment (an endpoint without one gets a row too)."""
+    replies, notes = replies or {}, notes or {}
+    rows = []
+    for ep in endpoints:
+        parsed = parse_endpoint(ep.name)
+        live = {d for d, w in ep.traffic if w > 0}
+        for dep in ep.deployments or (None,):
+            rows.append({
+                "endpoint": ep.name,
+                "epoch": str(parsed[1]) if parsed else "",
+                "state": "" if dep is None else dep.state.removeprefix("DEPLOYMENT_STATE_"),
+                "routed": "" if dep is None else ("yes" if dep.id in live else "no"),
+                "hardware": "" if dep is None else dep.hardware,
+                "replicas": "" if dep is None else f"{dep.min_replicas}-{dep.max_replicas}",
+                "model": "" if dep is None else dep.model,
+                "created": ep.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+                "smoke reply": replies.get(ep.name, ""),
+                "note": notes.get(ep.name, ""),
+            })
+    return rows
+
+
+def failure_row(endpoint: str, epoch: int, reason: str) -> dict[str, str]:
+    """The ``<fold>-endpoints`` row of a deploy that was rolled back: nothing runs, here is why."""
+    return {"endpoint": endpoint, "epoch": str(epoch), "state": "ROLLED BACK", "routed": "no", "hardware": "",
+            "replicas": "0-0", "model": "", "created": "", "smoke reply": "", "note": reason}

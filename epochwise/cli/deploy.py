@@ -1,9 +1,136 @@
-"""CLI commands registered by this module (see epochwise/cli/__init__.py)."""
+"""``epochwise deploy`` and ``epochwise endpoints``: serve an epoch, show, stop and reap endpoints.
+
+    epochwise deploy folds/games --epoch best        # or --epoch 3, or --job-id ft-...
+    epochwise endpoints folds/games                  # state of this fold's endpoints
+    epochwise endpoints folds/games --stop           # scale them to zero replicas
+    epochwise endpoints --reap --older-than 6h       # stop every epochwise endpoint older than 6 hours
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import typer
+from rich.table import Table
+from together import APIError
+
+from blocks.credentials import MissingCredentials
+from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, settings
+from epochwise.config import Settings
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(text: str) -> float:
+    """``6h``, ``90m``, ``2d``, ``45s`` (or a bare number of hours) in hours."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not an age like 6h, 90m or 2d")
+    return float(match.group(1)) * _UNITS_S[match.group(2) or "h"] / 3600
+
+
+@contextmanager
+def _deploy_errors() -> Iterator[None]:
+    """Expected failures (missing key, refused deploy, failed smoke test) as one line and exit code 1."""
+    from epochwise.endpoints_api import EndpointFailure
+
+    try:
+        yield
+    except (EndpointFailure, MissingCredentials) as exc:
+        fail_lines([f"error: {exc}"])
+    except APIError as exc:
+        fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])
+
+
+def deploy(
+    fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
+    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss) or an epoch number."),
+    job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
+    hardware: str = typer.Option(None, "--hardware", help="Config hardware when the model has several, e.g. 1x_nvidia_h100_80gb_sxm."),
+    min_replicas: int = typer.Option(None, "--min-replicas", help="Replicas kept running [1]."),
+    max_replicas: int = typer.Option(None, "--max-replicas", help="Replicas at most [1]."),
+    inactive_timeout: int = typer.Option(None, "--inactive-timeout", help="Idle minutes before Together stops it (0 = never) [60]."),
+    config: Path = ConfigOption,
+) -> None:
+    """Deploy an epoch to a Together dedicated endpoint, wait until READY, smoke-test it."""
+    cfg = settings(config, **{"deploy.hardware": hardware, "deploy.min_replicas": min_replicas,
+                              "deploy.max_replicas": max_replicas, "deploy.inactive_timeout_min": inactive_timeout})
+    prefect_defaults()
+    from flows.deploy_epoch import deploy_epoch
+
+    with _deploy_errors():
+        state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, return_state=True)
+        row = state.result()
+    console.print(f"[green]ready[/green] {row['endpoint']} ({row['hardware']}, {row['replicas']} replicas)")
+    console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
+    console.print("call it with:", markup=False)
+    console.print(f"  client.chat.completions.create(model={row['endpoint']!r}, "
+                  "messages=[{'role': 'user', 'content': '...'}])", markup=False, soft_wrap=True)
+
+
+def endpoints(
+    fold: Path = typer.Argument(None, help="Fold directory (or name); omit with --reap."),
+    stop: bool = typer.Option(False, "--stop", help="Scale this fold's endpoints to zero replicas."),
+    reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than."),
+    older_than: str = typer.Option(None, "--older-than", help="Age for --reap, e.g. 6h, 90m, 2d [deploy.reap_older_than_h]."),
+    config: Path = ConfigOption,
+) -> None:
+    """Show a fold's endpoints, stop them (--stop), or stop every old epochwise endpoint (--reap)."""
+    cfg = settings(config)
+    if reap:
+        if fold is not None or stop:
+            fail_lines(["error: --reap covers every fold; use it without FOLD and --stop"])
+        _reap(cfg, parse_age(older_than) if older_than else None)
+        return
+    if fold is None:
+        fail_lines(["error: give a FOLD, or --reap"])
+    if older_than:
+        fail_lines(["error: --older-than only applies to --reap"])
+    _fold_endpoints(cfg, Path(fold).name, stop)
+
+
+def _fold_endpoints(cfg: Settings, name: str, stop: bool) -> None:
+    from blocks.credentials import resolve_together
+    from epochwise import endpoints_api as ea
+    from epochwise.together_api import make_client
+
+    with _deploy_errors():
+        client = ea.with_project(make_client(resolve_together(cfg.together.credentials_block), cfg.together))
+        found = ea.epochwise_endpoints(client, name)
+        if stop:
+            for endpoint in found:
+                for dep in ea.stop_endpoint(client, endpoint):
+                    console.print(f"stopped {dep.name}", markup=False)
+            found = ea.epochwise_endpoints(client, name)
+    if not found:
+        console.print(f"{name} has no endpoints", markup=False)
+        return
+    rows = ea.endpoint_rows(found)
+    table = Table(title=f"{name} endpoints")
+    columns = ["endpoint", "state", "routed", "hardware", "replicas", "created"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    console.print(table)
+
+
+def _reap(cfg: Settings, hours: float | None) -> None:
+    prefect_defaults()
+    from flows.endpoint_reaper import endpoint_reaper
+
+    with _deploy_errors():
+        stopped = endpoint_reaper(hours, cfg.deploy, cfg.together, return_state=True).result()
+    for name in stopped:
+        console.print(f"stopped {name}", markup=False)
+    limit = cfg.deploy.reap_older_than_h if hours is None else hours
+    console.print(f"{len(stopped)} deployment(s) stopped (epochwise endpoints older than {limit:g} h)", markup=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command()(deploy)
+    app.command()(endpoints)

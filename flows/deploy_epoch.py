@@ -1,0 +1,68 @@
+"""``deploy-epoch``: serve one epoch of a fold on a Together dedicated endpoint, smoke-tested.
+
+Steps:
+1. pick the epoch: ``best`` (lowest validation loss in the fold's ``<fold>-epochs`` records, else in
+   Together's job list), epoch ``N``, or a given ``job_id``;
+2. in one transaction: deploy the job's model on the endpoint ``ew-<fold>-e<k>`` (endpoint and
+   deployment reused when Together lists them; hardware from the model's deploy configs; autoscaling
+   and idle timeout from ``DeployConfig``; all traffic routed to it) -> wait until READY -> one smoke
+   chat completion through the endpoint name. If waiting or the smoke test fails, the deployment is
+   deleted (rollback) and the flow fails with the reason;
+3. delete deployments of older models on the same endpoint; publish the ``<fold>-endpoints`` table
+   (endpoint, state, hardware, replicas, smoke reply) and print how to call the model.
+
+Running it again for the same epoch creates nothing: the same endpoint and deployment are found.
+
+    epochwise deploy folds/games --epoch best
+    prefect deployment run deploy-epoch/any-fold --param fold=/srv/folds/games --param epoch=3
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.transactions import transaction
+
+from epochwise import endpoints_api as ea
+from epochwise.artifacts import artifact_key
+from epochwise.config.deploy import DeployConfig
+from epochwise.config.together import TogetherConfig
+from tasks.endpoints import (
+    deploy_model, list_fold_endpoints, pick_epoch, retire_replaced, smoke_test, wait_until_ready,
+)
+
+
+@flow(name="deploy-epoch", log_prints=True, validate_parameters=True)
+def deploy_epoch(
+    fold: str,
+    epoch: str = "best",
+    job_id: str | None = None,
+    deploy: DeployConfig = DeployConfig(),
+    together: TogetherConfig = TogetherConfig(),
+) -> dict[str, str]:
+    """Deploy ``epoch`` (``best`` or a number) of ``fold`` (its directory or name); returns its table row."""
+    name = Path(fold).name
+    record = pick_epoch(name, epoch, job_id, together)
+    print(f"deploying {name} epoch {record.epoch} (job {record.job_id}, val loss {record.val_loss})")
+    try:
+        with transaction():
+            ref = deploy_model(record, deploy, together)
+            state = wait_until_ready(ref, deploy, together)
+            reply = smoke_test(ref, deploy, together)
+    except Exception as exc:
+        failed = ea.failure_row(ea.endpoint_slug(name, record.epoch), record.epoch, str(exc))
+        _publish(name, ea.endpoint_rows(list_fold_endpoints(name, together)) + [failed])
+        raise
+    retire_replaced(ref, together)
+    rows = ea.endpoint_rows(list_fold_endpoints(name, together), replies={ref.endpoint_name: reply})
+    _publish(name, rows)
+    print(f"{ref.endpoint_name} is {state} on {ref.hardware}; smoke reply: {reply!r}\n"
+          f"call it with: client.chat.completions.create(model={ref.endpoint_name!r}, messages=[...])\n"
+          f"stop it with: epochwise endpoints {fold} --stop")
+    return next(r for r in rows if r["endpoint"] == ref.endpoint_name and r["routed"] == "yes")
+
+
+def _publish(name: str, rows: list[dict[str, str]]) -> None:
+    create_table_artifact(rows, key=artifact_key(name, "endpoints"), description=f"{name} dedicated endpoints")

@@ -1,0 +1,259 @@
+"""Prefect tasks for dedicated endpoints: pick the epoch, deploy, wait, smoke-test, stop, reap.
+
+Thin wrappers over `epochwise.endpoints_api`. What keeps the bill under control:
+
+* ``deploy_model`` finds the fold/epoch endpoint and the model's deployment in Together's listing before
+  creating either, under a per-endpoint OS file lock, so two runs never create two of anything. It is
+  never cached: Together's listing is the state (a cached id could point at a deployment the reaper
+  deleted).
+* The flow runs it in a transaction with ``wait_until_ready`` and ``smoke_test``; when either fails,
+  ``deploy_model``'s ``on_rollback`` deletes the deployment (and an endpoint left empty) and puts the
+  previous traffic split back, so a broken model never keeps billing.
+* ``stop_fold_endpoints`` and ``reap_endpoints`` scale deployments to zero; the reaper only touches
+  endpoints named ``ew-<fold>-e<k>``.
+
+Credentials are resolved inside each task (blocks or environment), never passed as parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import Artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_HOME
+from prefect.transactions import Transaction, get_transaction
+from together import Together
+
+from blocks.credentials import resolve_together
+from epochwise import endpoints_api as ea
+from epochwise import together_api
+from epochwise.artifacts import artifact_key
+from epochwise.config.deploy import DeployConfig
+from epochwise.config.together import TogetherConfig
+from epochwise.epochs import EpochRecord
+
+
+def _client(together: TogetherConfig) -> Together:
+    """A project-bound client (TOGETHER_PROJECT_ID / block project_id, else whoami)."""
+    return ea.with_project(together_api.make_client(resolve_together(together.credentials_block), together))
+
+
+@contextlib.contextmanager
+def endpoint_lock(slug: str, wait_s: float = 600.0) -> Iterator[None]:
+    """An exclusive ``flock`` per endpoint name: find-then-create is never interleaved by two runs, and a
+    killed holder releases it with its file descriptor."""
+    directory = Path(PREFECT_HOME.value()) / "locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"endpoint-{slug}.lock", "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ea.EndpointFailure(f"endpoint {slug} is being deployed by another run") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which epoch
+# ---------------------------------------------------------------------------------------------------
+
+@task(cache_policy=NO_CACHE)
+def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]:
+    """The fold's epochs: the latest ``<fold>-epochs`` artifact of ``epoch-train``; without one (a new
+    Prefect database), Together's own job list for the fold, with losses from each job's metrics."""
+    artifact = Artifact.get(artifact_key(fold, "epochs"))
+    if artifact is not None and artifact.data:
+        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        return ea.records_from_table(fold, rows)
+    get_run_logger().info(f"no {artifact_key(fold, 'epochs')} artifact; reading {fold}'s jobs from Together")
+    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    records = []
+    for epoch, job in together_api.fold_jobs(client, fold):
+        train, val = together_api.job_losses(client, job.id) if job.status == "completed" else (None, None)
+        records.append(EpochRecord(fold=fold, epoch=epoch, backend="together", status=job.status, job_id=job.id,
+                                   model=job.model_output_name, train_loss=train, val_loss=val))
+    # A retried epoch has several jobs; the completed (else newest) one stands for it.
+    by_epoch: dict[int, EpochRecord] = {}
+    for record in records:
+        if record.epoch not in by_epoch or record.status == "completed":
+            by_epoch[record.epoch] = record
+    return list(by_epoch.values())
+
+
+@task(cache_policy=NO_CACHE)
+def pick_epoch(fold: str, epoch: str, job_id: str | None, together: TogetherConfig) -> EpochRecord:
+    """The epoch to deploy: ``best``/``N`` from the fold's records, or the given job (its epoch from its
+    ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
+    if job_id is None:
+        return ea.choose_epoch(read_epoch_records(fold, together), epoch)
+    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    job = together_api.get_job(client, job_id)
+    number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(fold, job.suffix)
+    if number is None:
+        raise ea.EndpointFailure(f"job {job_id} is not an epoch of {fold} (suffix {job.suffix!r}); pass --epoch N")
+    return EpochRecord(fold=fold, epoch=number, backend="together", status=job.status, job_id=job_id,
+                       model=job.model_output_name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deploy, wait, smoke test (one transaction in the flow)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeploymentRef:
+    """What ``deploy_model`` set up, and what its rollback needs to undo it."""
+
+    fold: str
+    epoch: int
+    job_id: str
+    model: str  # registry model name
+    endpoint_id: str
+    endpoint_name: str  # what client.chat.completions.create(model=...) takes
+    endpoint_created: bool
+    deployment_id: str
+    deployment_name: str
+    deployment_created: bool
+    hardware: str
+    previous_traffic: tuple[tuple[str, float], ...]
+
+
+@task(cache_policy=NO_CACHE)
+def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherConfig) -> DeploymentRef:
+    """Deploy one epoch's model on its ``ew-<fold>-e<k>`` endpoint and route all traffic to it.
+
+    Reuses the endpoint and the model's deployment when Together lists them (a stopped one is scaled
+    back up); otherwise creates them with the configured hardware, replicas and idle timeout.
+    """
+    log = get_run_logger()
+    if not record.job_id:
+        raise ea.EndpointFailure(f"{record.fold} epoch {record.epoch} has no Together job to deploy")
+    client = _client(together)
+    target = ea.model_from_job(client, record.job_id)
+    config = ea.choose_config(client, target, deploy.hardware)
+    slug = ea.endpoint_slug(record.fold, record.epoch)
+    with endpoint_lock(slug):
+        endpoint, ep_created = ea.ensure_endpoint(client, slug)
+        dep, dep_created = ea.ensure_deployment(client, endpoint, target, config, deploy)
+        ref = DeploymentRef(
+            fold=record.fold, epoch=record.epoch, job_id=record.job_id, model=target.model_name,
+            endpoint_id=endpoint.id, endpoint_name=endpoint.name, endpoint_created=ep_created,
+            deployment_id=dep.id, deployment_name=dep.name, deployment_created=dep_created,
+            hardware=dep.hardware or ea.config_hardware(config), previous_traffic=endpoint.traffic,
+        )
+        txn = get_transaction()
+        if txn is not None:  # what the rollback hook undoes
+            txn.set("deployment", ref)
+            txn.set("together", together)
+        try:
+            ea.route_traffic(client, endpoint.id, dep.id)
+        except Exception:
+            # The hook only runs for a task that finished; a deployment this call created must not stay.
+            if dep_created:
+                _undo(client, ref)
+            raise
+    log.info(f"{'created' if dep_created else 'reusing'} deployment {dep.name} of {target.model_name} on "
+             f"{'new' if ep_created else 'existing'} endpoint {endpoint.name} ({ref.hardware}, "
+             f"{deploy.min_replicas}-{deploy.max_replicas} replicas)")
+    return ref
+
+
+@deploy_model.on_rollback
+def delete_failed_deployment(txn: Transaction) -> None:
+    """Undo ``deploy_model``: delete the deployment, restore the previous traffic, drop an empty endpoint."""
+    ref: DeploymentRef | None = txn.get("deployment", None)
+    if ref is not None:
+        _undo(_client(txn.get("together", TogetherConfig())), ref)
+        get_run_logger().warning(f"rolled back: deleted deployment {ref.deployment_name} so it does not keep billing")
+
+
+def _undo(client: Together, ref: DeploymentRef) -> None:
+    ea.delete_deployment(client, ref.endpoint_id, ref.deployment_id)
+    ea.restore_traffic(client, ref.endpoint_id, [t for t in ref.previous_traffic if t[0] != ref.deployment_id])
+    ea.delete_endpoint_if_empty(client, ref.endpoint_id)
+
+
+@task(cache_policy=NO_CACHE)
+def wait_until_ready(ref: DeploymentRef, deploy: DeployConfig, together: TogetherConfig) -> str:
+    """Poll the deployment until DEPLOYMENT_STATE_READY; fails with Together's message on FAILED."""
+    log = get_run_logger()
+    seen: list[str] = []
+
+    def on_update(dep: ea.DeploymentInfo) -> None:
+        if not seen or seen[-1] != dep.state:
+            seen.append(dep.state)
+            log.info(f"{dep.name}: {dep.state} {dep.message}")
+
+    return ea.wait_ready(_client(together), ref.endpoint_id, ref.deployment_id, deploy, on_update).state
+
+
+@task(cache_policy=NO_CACHE)
+def smoke_test(ref: DeploymentRef, deploy: DeployConfig, together: TogetherConfig) -> str:
+    """One chat completion through the endpoint name, exactly as a user would call it; returns the reply."""
+    reply = ea.smoke_chat(_client(together), ref.endpoint_name, deploy)
+    get_run_logger().info(f"smoke test of {ref.endpoint_name}: {reply!r}")
+    return reply
+
+
+@task(cache_policy=NO_CACHE)
+def retire_replaced(ref: DeploymentRef, together: TogetherConfig) -> list[str]:
+    """Delete the endpoint's other deployments (older models of the same epoch) once the new one works."""
+    client = _client(together)
+    retired = []
+    for dep in ea.list_deployments(client, ref.endpoint_id):
+        if dep.id != ref.deployment_id and ea.delete_deployment(client, ref.endpoint_id, dep.id):
+            retired.append(dep.name)
+    if retired:
+        get_run_logger().info(f"deleted replaced deployment(s) {', '.join(retired)}")
+    return retired
+
+
+# ---------------------------------------------------------------------------------------------------
+# State, stop, reap
+# ---------------------------------------------------------------------------------------------------
+
+@task(cache_policy=NO_CACHE)
+def list_fold_endpoints(fold: str, together: TogetherConfig) -> list[ea.EndpointInfo]:
+    """The fold's epochwise endpoints with their deployments, oldest first."""
+    return ea.epochwise_endpoints(_client(together), fold)
+
+
+@task(cache_policy=NO_CACHE)
+def stop_fold_endpoints(fold: str, together: TogetherConfig) -> list[str]:
+    """Scale every deployment of the fold's endpoints to zero; returns the deployments stopped."""
+    client = _client(together)
+    stopped = [d.name for ep in ea.epochwise_endpoints(client, fold) for d in ea.stop_endpoint(client, ep)]
+    get_run_logger().info(f"stopped {len(stopped)} deployment(s) of {fold}" + (f": {', '.join(stopped)}" if stopped else ""))
+    return stopped
+
+
+@task(cache_policy=NO_CACHE)
+def reap_endpoints(older_than_s: float, together: TogetherConfig) -> list[str]:
+    """Scale to zero every epochwise endpoint created more than ``older_than_s`` seconds ago.
+
+    Only ``ew-<fold>-e<k>`` endpoints are touched; anything else in the project is left alone.
+    """
+    log = get_run_logger()
+    client = _client(together)
+    stopped = []
+    for ep in ea.epochwise_endpoints(client):
+        if ep.age_s() <= older_than_s:
+            continue
+        for dep in ea.stop_endpoint(client, ep):
+            stopped.append(dep.name)
+            log.info(f"stopped {dep.name}: endpoint {ep.name} is {ep.age_s() / 3600:.1f} h old")
+    return stopped

@@ -1,0 +1,172 @@
+"""``deploy-epoch`` and ``endpoint-reaper``: the real flows and CLI on the Prefect test harness, the real
+``together`` SDK against the fake server. Epochs come from a real ``epoch-train`` run (its
+``<fold>-epochs`` artifact) or from jobs created through the SDK; deployments become READY after two
+status calls and the flow polls every millisecond."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from prefect.artifacts import Artifact
+from together import Together
+from typer.testing import CliRunner
+
+from epochwise.cli import app
+from epochwise.config.deploy import DeployConfig
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from epochwise.together_api import epoch_suffix
+from flows.deploy_epoch import deploy_epoch
+from flows.epoch_train import epoch_train
+from tests.fake_together.server import FakeTogether
+from tests.flows.test_epoch_train_together import BASE, FAST, make_fold
+
+DEPLOY = DeployConfig(poll_s=0.001, ready_deadline_s=30)
+
+
+def train(fake: FakeTogether, root: Path, name: str, losses: dict[int, tuple[float, float]]) -> tuple[list, Path]:
+    """A real ``epoch-train`` run of ``len(losses)`` epochs with scripted (train, val) losses."""
+    fake.script.losses = losses
+    fold = make_fold(root, name, f"deploy-{name}")
+    return epoch_train(str(fold), TrainConfig(backend="together", base_model=BASE, epochs=len(losses)), FAST), fold
+
+
+def sdk(fake: FakeTogether) -> Together:
+    return Together(api_key=fake.api_key, base_url=fake.base_url, project_id="proj_1", max_retries=0)
+
+
+def sdk_job(fake: FakeTogether, tmp_path: Path, suffix: str) -> str:
+    """A completed job made through the SDK (upload, create, one retrieve), as epoch-train would."""
+    fake.script.file_polls, fake.script.job_polls_per_state = 0, 0
+    data = tmp_path / f"{suffix}.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    client = sdk(fake)
+    job = client.fine_tuning.create(training_file=client.files.upload(data).id, model=BASE, suffix=suffix,
+                                    lora=True, train_on_inputs=False)
+    assert client.fine_tuning.retrieve(job.id).status == "completed"
+    return job.id
+
+
+def endpoints_table(fold: str) -> list[dict[str, str]]:
+    return json.loads(Artifact.get(f"{fold}-endpoints").data)
+
+
+def test_best_epoch_goes_ready_with_smoke_reply_and_a_second_deploy_creates_nothing(fake_together, tmp_path):
+    records, fold = train(fake_together, tmp_path, "dgames", {1: (2.0, 1.5), 2: (1.8, 1.2), 3: (1.7, 1.4)})
+    best_job = records[1].job_id
+    fake_together.script.chat_reply = "ready when you are"
+
+    row = deploy_epoch(str(fold), "best", deploy=DEPLOY, together=FAST)
+
+    (endpoint,) = fake_together.state.endpoints.values()
+    (dep,) = fake_together.state.deployments.values()
+    assert endpoint["name"] == "me/ew-dgames-e2"
+    assert dep["model"] == f"projects/proj_1/models/ml_{best_job}"
+    assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
+    assert dep["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1} and dep["inactiveTimeout"] == 60
+    assert dep["config"] == "projects/proj_public/configs/cr_1"
+    assert endpoint["trafficSplit"] == [{"deploymentId": dep["id"], "weight": 1}]
+    assert [c["model"] for c in fake_together.state.chats] == ["me/ew-dgames-e2"]
+    assert row["endpoint"] == "me/ew-dgames-e2" and row["smoke reply"] == "ready when you are"
+    (recorded,) = endpoints_table("dgames")
+    assert recorded["state"] == "READY" and recorded["hardware"] == "1x_nvidia_h100_80gb_sxm"
+    assert recorded["smoke reply"] == "ready when you are" and recorded["epoch"] == "2"
+
+    creates = (fake_together.counts["POST /v2/projects/{project}/endpoints"],
+               fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"])
+    again = deploy_epoch(str(fold), "best", deploy=DEPLOY, together=FAST)
+    assert again["endpoint"] == "me/ew-dgames-e2"
+    assert len(fake_together.state.endpoints) == 1 and list(fake_together.state.deployments) == [dep["id"]]
+    assert creates == (1, 1)
+    assert (fake_together.counts["POST /v2/projects/{project}/endpoints"],
+            fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"]) == creates
+
+
+def test_smoke_test_failure_rolls_back_to_zero_deployments_and_fails_with_the_reason(fake_together, tmp_path):
+    _, fold = train(fake_together, tmp_path, "dsmoke", {1: (2.0, 1.5), 2: (1.9, 1.6)})
+    fake_together.script.chat_errors = {"ew-dsmoke-e1": 500}
+
+    state = deploy_epoch(str(fold), "best", deploy=DEPLOY, together=FAST, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"smoke test of me/ew-dsmoke-e1 failed \(500\).*not answering"):
+        state.result()
+    assert fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 1
+    assert fake_together.state.deployments == {}
+    assert fake_together.state.endpoints == {}  # the empty endpoint it created went too
+    (row,) = endpoints_table("dsmoke")
+    assert row["state"] == "ROLLED BACK" and "not answering" in row["note"]
+
+
+def test_failed_deployment_is_deleted_and_its_message_fails_the_flow(fake_together, tmp_path):
+    _, fold = train(fake_together, tmp_path, "dfail", {1: (2.0, 1.5)})
+    fake_together.script.deployment_fail = "no H100 capacity in us-east (scripted)"
+
+    state = deploy_epoch(str(fold), "1", deploy=DEPLOY, together=FAST, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match="no H100 capacity in us-east"):
+        state.result()
+    assert fake_together.state.deployments == {} and fake_together.state.chats == []
+
+
+def test_job_id_deploys_a_job_without_any_epoch_records(fake_together, tmp_path):
+    job_id = sdk_job(fake_together, tmp_path, epoch_suffix("solo", 4, "ab" * 32))
+
+    row = deploy_epoch("folds/solo", job_id=job_id, deploy=DEPLOY.model_copy(update={"max_replicas": 2}), together=FAST)
+
+    assert row["endpoint"] == "me/ew-solo-e4" and row["replicas"] == "1-2" and row["state"] == "READY"
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["model"] == f"projects/proj_1/models/ml_{job_id}"
+    assert dep["autoscaling"] == {"minReplicas": 1, "maxReplicas": 2}
+
+
+def test_cli_deploy_then_stop_leaves_zero_replicas(fake_together, tmp_path, monkeypatch):
+    _, fold = train(fake_together, tmp_path, "dstop", {1: (2.0, 1.5), 2: (1.9, 1.4)})
+    monkeypatch.setenv("EPOCHWISE_DEPLOY__POLL_S", "0.001")
+    runner = CliRunner()
+
+    deployed = runner.invoke(app, ["deploy", str(fold), "--epoch", "2"])
+    assert deployed.exit_code == 0, deployed.output
+    assert "me/ew-dstop-e2" in deployed.output and "pong" in deployed.output
+
+    stopped = runner.invoke(app, ["endpoints", str(fold), "--stop"])
+    assert stopped.exit_code == 0, stopped.output
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["autoscaling"] == {"minReplicas": 0, "maxReplicas": 0}
+    assert "stopped me/ew-dstop-e2/" in stopped.output
+
+    shown = runner.invoke(app, ["endpoints", str(fold)])
+    assert shown.exit_code == 0 and "0-0" in shown.output
+
+
+def test_cli_reap_stops_only_old_epochwise_endpoints(fake_together, tmp_path):
+    client = sdk(fake_together)
+    old_job = sdk_job(fake_together, tmp_path, epoch_suffix("reap", 1, "cd" * 32))
+    young_job = sdk_job(fake_together, tmp_path, epoch_suffix("reap", 2, "ef" * 32))
+    deploy_epoch("reap", job_id=old_job, deploy=DEPLOY, together=FAST)
+    deploy_epoch("reap", job_id=young_job, deploy=DEPLOY, together=FAST)
+    # Someone's own endpoint in the same project, just as old: never epochwise's to stop.
+    mine = client.endpoints.create(name="my-chatbot")
+    client.endpoints.deployments.create(mine.id, name="d1", model=f"projects/proj_1/models/ml_{old_job}",
+                                        config="projects/proj_public/configs/cr_1",
+                                        autoscaling={"min_replicas": 1, "max_replicas": 1})
+    ten_hours_ago = (datetime.now(timezone.utc) - timedelta(hours=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    by_name = {ep["name"]: ep for ep in fake_together.state.endpoints.values()}
+    for name in ("me/ew-reap-e1", "me/my-chatbot"):
+        by_name[name]["createdAt"] = ten_hours_ago
+
+    result = CliRunner().invoke(app, ["endpoints", "--reap", "--older-than", "6h"])
+
+    assert result.exit_code == 0, result.output
+    scaling = {ep["name"]: [fake_together.state.deployments[d]["autoscaling"] for d in ep["deployments"]]
+               for ep in fake_together.state.endpoints.values()}
+    assert scaling == {
+        "me/ew-reap-e1": [{"minReplicas": 0, "maxReplicas": 0}],
+        "me/ew-reap-e2": [{"minReplicas": 1, "maxReplicas": 1}],
+        "me/my-chatbot": [{"minReplicas": 1, "maxReplicas": 1}],
+    }
+    assert "1 deployment(s) stopped" in result.output
