@@ -362,6 +362,9 @@ class SplitStats:
     sha256: str = ""  # of the written parquet file
 
 
+TOTALS = ("rows", "tokens", "labelled_tokens", "longest", "over_max", "dropped", "truncated", "untrained")
+
+
 @dataclass
 class HarmonySummary:
     """The result of `convert_fold`; ``cached`` is True when existing outputs were reused."""
@@ -389,19 +392,7 @@ class HarmonySummary:
             "manifest": self.manifest,
             "key": self.key,
             "cached": self.cached,
-            **{
-                name: self.total(name)
-                for name in (
-                    "rows",
-                    "tokens",
-                    "labelled_tokens",
-                    "longest",
-                    "over_max",
-                    "dropped",
-                    "truncated",
-                    "untrained",
-                )
-            },
+            **{name: self.total(name) for name in TOTALS},
             "splits": {name: asdict(s) for name, s in (("train", self.train), ("val", self.val)) if s},
             "settings": self.settings,
         }
@@ -492,13 +483,19 @@ def _reuse(fold_dir: Path, key: str, paths: dict[str, Path]) -> HarmonySummary |
             fold=display_path(fold_dir),
             key=key,
             cached=True,
-            train=SplitStats(**splits["train"]),
-            val=SplitStats(**splits["val"]) if "val" in splits else None,
+            train=_here(SplitStats(**splits["train"]), paths["train"]),
+            val=_here(SplitStats(**splits["val"]), paths["val"]) if "val" in splits else None,
             manifest=str(paths["manifest"].resolve()),
             settings=manifest["settings"],
         )
     except (KeyError, TypeError, AttributeError):  # a manifest from another version or hand-edited
         return None
+
+
+def _here(stats: SplitStats, output: Path) -> SplitStats:
+    """Recorded stats with the output path as it is now (the fold may have been moved or copied)."""
+    stats.output = str(output.resolve())
+    return stats
 
 
 def _convert(

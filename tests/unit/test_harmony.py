@@ -403,3 +403,11 @@ def test_process_pool_writes_the_same_bytes_as_one_process(tmp_path: Path) -> No
     two = convert(write_fold(tmp_path / "two", rows, rows[:3]), HarmonyConfig(workers=2))
     assert sha256_file(one.train.output) == sha256_file(two.train.output)
     assert two.train.rows == POOL_MIN_ROWS
+
+
+def test_a_copied_fold_reuses_its_outputs_at_the_new_place(tmp_path: Path) -> None:
+    first = convert(write_fold(tmp_path / "a", [chat("q", "a")], [chat("v", "w")]), HarmonyConfig())
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copied = convert(tmp_path / "b", HarmonyConfig())
+    assert copied.cached is True and copied.key == first.key
+    assert copied.train.output == str((tmp_path / "b" / "harmony" / "train_harmony.parquet").resolve())
