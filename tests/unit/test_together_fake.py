@@ -1,0 +1,119 @@
+"""The fake Together server itself, driven through the real SDK: the rules other tests rely on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from together import AuthenticationError, BadRequestError, ConflictError, Together
+
+BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+CONVO = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.fixture
+def train_file(together_client, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(CONVO) + "\n")
+    remote = together_client.files.upload(path, purpose="fine-tune")
+    while together_client.files.retrieve(remote.id).processing_status == "PENDING":
+        pass
+    return remote.id
+
+
+def finish(client: Together, job_id: str) -> str:
+    while (status := client.fine_tuning.retrieve(job_id).status) not in ("completed", "error", "cancelled", "user_error"):
+        pass
+    return status
+
+
+def test_upload_is_three_requests_and_counts_one_upload(fake_together, train_file):
+    assert fake_together.counts["POST /v1/files"] == 1
+    assert fake_together.counts["PUT /_upload/{id}"] == 1
+    assert fake_together.counts["POST /v1/files/{id}/preprocess"] == 1
+    assert fake_together.state.uploads == 1
+
+
+def test_dedup_answers_409_and_the_sdk_returns_the_existing_file(fake_together, together_client, train_file, tmp_path):
+    fake_together.script.dedup_uploads = True
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(json.dumps(CONVO) + "\n")
+    again = together_client.files.upload(copy, purpose="fine-tune")
+    assert again.id == train_file and fake_together.state.uploads == 1
+
+
+def test_jobs_need_a_validated_file_and_a_completed_parent(fake_together, together_client, train_file):
+    fake_together.script.job_polls_per_state = 2
+    with pytest.raises(BadRequestError, match="not found"):
+        together_client.fine_tuning.create(training_file="file-nope", model=BASE, lora=True)
+    first = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True, suffix="a")
+    with pytest.raises(BadRequestError, match="not completed"):
+        together_client.fine_tuning.create(training_file=train_file, from_checkpoint=first.id, lora=True)
+    assert finish(together_client, first.id) == "completed"
+    second = together_client.fine_tuning.create(training_file=train_file, from_checkpoint=first.id, lora=True)
+    assert fake_together.state.jobs[second.id].depth == 2
+    assert fake_together.state.jobs[second.id].model == BASE
+    # The output model name works as from_checkpoint too (with or without :step).
+    by_name = together_client.fine_tuning.create(
+        training_file=train_file, from_checkpoint=first.output_name + ":10", lora=True
+    )
+    assert fake_together.state.jobs[by_name.id].depth == 2
+
+
+def test_job_progression_metrics_checkpoints_and_cancel(fake_together, together_client, train_file):
+    job = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True)
+    seen = []
+    while not seen or seen[-1] != "completed":
+        seen.append(together_client.fine_tuning.retrieve(job.id).status)
+    assert seen == ["queued", "running", "compressing", "uploading", "completed"]
+    done = together_client.fine_tuning.retrieve(job.id)
+    assert done.api_model_object_id == f"ml_{job.id}"
+    assert together_client.fine_tuning.list_metrics(job.id).metrics[-1]["train/loss"] == 2.0
+    assert len(together_client.fine_tuning.list_checkpoints(job.id).data) == 2
+
+    other = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True)
+    assert together_client.fine_tuning.cancel(other.id).status == "cancel_requested"
+    assert finish(together_client, other.id) == "cancelled"
+
+
+def test_bursts_are_retried_by_the_sdk_and_counted(fake_together, together_client):
+    fake_together.burst("GET /v1/fine-tunes", [429, 500, 503])
+    assert together_client.fine_tuning.list().data == []
+    assert fake_together.counts["GET /v1/fine-tunes"] == 4
+
+
+def test_wrong_key_is_refused(fake_together):
+    client = Together(api_key="wrong", base_url=fake_together.base_url, max_retries=0)
+    with pytest.raises(AuthenticationError):
+        client.fine_tuning.list()
+
+
+def test_v2_deploy_progression_and_chat(fake_together, together_client, train_file):
+    fake_together.script.job_polls_per_state = 0
+    job = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True)
+    client = together_client.with_options(project_id=together_client.whoami().project.id)
+    model = client.models.retrieve(f"ml_{job.id}")
+    config = client.models.configs.list(reference_model=model.base_model).data[0]
+    endpoint = client.endpoints.create(name="games")
+    with pytest.raises(ConflictError):
+        client.with_options(max_retries=0).endpoints.create(name="games")
+    dep = client.endpoints.deployments.create(
+        endpoint.id, name="d1", model=f"projects/{model.project_id}/models/{model.id}",
+        config=f"projects/{config.project_id}/configs/{config.id}",
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    )
+    client.endpoints.update(endpoint.id, traffic_split=[{"deployment_id": dep.id, "weight": 1}],
+                            update_mask="trafficSplit", etag=endpoint.etag)
+    states = []
+    while not states or states[-1] != "DEPLOYMENT_STATE_READY":
+        states.append(client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state)
+    assert states[0] == "DEPLOYMENT_STATE_PROVISIONING"
+    reply = client.chat.completions.create(model=endpoint.name, messages=[{"role": "user", "content": "ping"}])
+    assert reply.choices[0].message.content == "pong" and fake_together.state.chats
+
+    client.endpoints.deployments.update(dep.id, endpoint_id=endpoint.id,
+                                        autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling")
+    assert client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state == "DEPLOYMENT_STATE_STOPPED"
+    client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
+    client.endpoints.delete(endpoint.id)
+    assert not fake_together.state.endpoints and not fake_together.state.deployments
