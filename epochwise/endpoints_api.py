@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from together import APIConnectionError, APIStatusError, ConflictError, NotFoundError, Together
@@ -211,12 +211,12 @@ class EndpointInfo:
         return parse_endpoint(self.name) is not None
 
     def age_s(self, now: datetime | None = None) -> float:
-        return ((now or datetime.now(timezone.utc)) - self.created_at).total_seconds()
+        return ((now or datetime.now(UTC)) - self.created_at).total_seconds()
 
 
 def _when(value: Any) -> datetime:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 

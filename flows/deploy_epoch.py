@@ -30,7 +30,12 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
 from tasks.endpoints import (
-    deploy_model, list_fold_endpoints, pick_epoch, retire_replaced, smoke_test, wait_until_ready,
+    deploy_model,
+    list_fold_endpoints,
+    pick_epoch,
+    retire_replaced,
+    smoke_test,
+    wait_until_ready,
 )
 
 

@@ -6,7 +6,7 @@ status calls and the flow polls every millisecond."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from epochwise.cli import app
 from epochwise.config.deploy import DeployConfig
-from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.together_api import epoch_suffix
 from flows.deploy_epoch import deploy_epoch
@@ -154,7 +153,7 @@ def test_cli_reap_stops_only_old_epochwise_endpoints(fake_together, tmp_path):
     client.endpoints.deployments.create(mine.id, name="d1", model=f"projects/proj_1/models/ml_{old_job}",
                                         config="projects/proj_public/configs/cr_1",
                                         autoscaling={"min_replicas": 1, "max_replicas": 1})
-    ten_hours_ago = (datetime.now(timezone.utc) - timedelta(hours=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ten_hours_ago = (datetime.now(UTC) - timedelta(hours=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     by_name = {ep["name"]: ep for ep in fake_together.state.endpoints.values()}
     for name in ("me/ew-reap-e1", "me/my-chatbot"):
         by_name[name]["createdAt"] = ten_hours_ago
