@@ -34,6 +34,14 @@ class TogetherFailure(RuntimeError):
     """Together rejected a file or a job, or a job ended badly; the message is Together's own."""
 
 
+class JobFailed(TogetherFailure):
+    """An epoch's job ended in error, user_error or cancelled."""
+
+    def __init__(self, message: str, job_id: str, status: str) -> None:
+        super().__init__(message)
+        self.job_id, self.status = job_id, status
+
+
 class BudgetExceeded(RuntimeError):
     """The next epoch's estimated price would take the fold over its budget; nothing was submitted."""
 
@@ -320,10 +328,13 @@ def poll_job(client: Together, job_id: str, cfg: TogetherConfig, on_update: Call
     while True:
         job = get_job(client, job_id)
         lines: list[str] = []
-        if job.status != last_status:
+        # Events only when the status changed, and not for a job already done when first seen (a
+        # rerun re-checking finished epochs needs no history).
+        if job.status != last_status and not (last_status is None and job.status == "completed"):
             events = job_events(client, job_id)
             lines = [f"{e.get('type')}: {e.get('message')}" for e in events[seen:]]
-            seen, last_status = len(events), job.status
+            seen = len(events)
+        last_status = job.status
         on_update(job, lines)
         if job.status in TERMINAL:
             return job

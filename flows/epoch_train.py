@@ -34,7 +34,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_table, val_stalled
 from epochwise.fold import TRAIN_FILE, VAL_FILE
-from epochwise.together_api import BudgetExceeded
+from epochwise.together_api import BudgetExceeded, JobFailed
 from tasks.data import validate_files
 from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
@@ -76,7 +76,7 @@ def epoch_train(
         else:
             record = train_local_epoch(fold, epoch, train, local, parent)
         records.append(record)
-        create_table_artifact(epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name} epochs")
+        _publish_table(name, records)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {record.train_loss} val loss {record.val_loss}")
         if val_stalled(records, train.stop_when_val_worsens):
@@ -100,3 +100,11 @@ def _together_epoch(spec: EpochSpec, train_file: str, val_file: str, train: Trai
     except BudgetExceeded as stop:
         print(f"stopping before epoch {spec.epoch}: {stop}")
         return None
+    except JobFailed as failed:  # shown by `epochwise status`; the next run resubmits this epoch
+        _publish_table(spec.fold, [*done, EpochRecord(fold=spec.fold, epoch=spec.epoch, backend="together",
+                                                      status=failed.status, job_id=failed.job_id, parent=spec.parent)])
+        raise
+
+
+def _publish_table(name: str, records: list[EpochRecord]) -> None:
+    create_table_artifact(epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name}: one row per epoch")

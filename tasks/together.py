@@ -212,7 +212,7 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
     """Poll one job to a terminal state (one task per job, never cached: "running" is not a result).
 
     Logs status changes and Together's event lines, keeps a progress artifact, and raises
-    `TogetherFailure` with Together's message when the job failed or was cancelled.
+    `JobFailed` with Together's message when the job failed or was cancelled.
     """
     log = get_run_logger()
     client = _client(together)
@@ -227,7 +227,7 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
     info = api.poll_job(client, job.job_id, together, on_update)
     if info.status != "completed":
         message = api.failure_message(client, job.job_id)
-        raise api.TogetherFailure(f"epoch {job.epoch} job {job.job_id} {info.status}: {message}")
+        raise api.JobFailed(f"epoch {job.epoch} job {job.job_id} {info.status}: {message}", job.job_id, info.status)
     return info
 
 

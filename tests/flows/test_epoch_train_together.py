@@ -123,6 +123,8 @@ def test_failed_epoch_fails_the_flow_and_the_rerun_resubmits_only_that_epoch(fak
     assert [len(jobs_for(fake_together, e)) for e in (1, 2, 3)] == [1, 1, 0]
     (failed,) = jobs_for(fake_together, 2)
     assert failed.status == "error"
+    table = json.loads(Artifact.get("flaky-epochs").data)
+    assert [(row["epoch"], row["status"], row["job"]) for row in table][1] == (2, "error", failed.id)
 
     records = epoch_train(str(fold), train_cfg(3), FAST)
     assert [len(jobs_for(fake_together, e)) for e in (1, 2, 3)] == [1, 2, 1]
@@ -277,3 +279,36 @@ def test_cli_train_reports_bad_data_before_anything_else(fake_together, tmp_path
     assert result.exit_code == 1
     assert "val.jsonl:1" in result.output
     assert sum(fake_together.counts.values()) == 0
+
+
+def test_gpt_oss_base_models_upload_harmony_parquet(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "oss", "gpt-oss")
+    records = epoch_train(str(fold), train_cfg(1).model_copy(update={"base_model": "openai/gpt-oss-20b"}), FAST)
+
+    assert records[0].status == "completed"
+    uploaded = sorted(f.filename for f in fake_together.state.files.values())
+    assert uploaded == ["train_harmony.parquet", "val_harmony.parquet"]
+    assert all(f.processing_status == "COMPLETED" for f in fake_together.state.files.values())
+    assert fake_together.state.jobs_in_order()[0].request["model"] == "openai/gpt-oss-20b"
+
+
+def test_two_runs_of_one_fold_at_once_submit_each_epoch_once(fake_together, tmp_path):
+    import threading
+
+    fold = make_fold(tmp_path, "twins", "concurrent")
+    fake_together.script.job_polls_per_state = 3
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = epoch_train(str(fold), train_cfg(2), FAST, return_state=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(state.is_completed() for state in results.values())
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
+    assert fake_together.state.uploads == 2
+    assert results[0].result()[1].job_id == results[1].result()[1].job_id
