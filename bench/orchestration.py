@@ -93,7 +93,7 @@ def main() -> None:
             fold = make_fold(HOME, f"r{i}")
             for label in ("cold", "no-op rerun"):
                 before = sum(fake.counts.values())
-                rows[label].append(timed(lambda: epoch_train(str(fold), train, FAST)))
+                rows[label].append(timed(lambda f=fold: epoch_train(str(f), train, FAST)))
                 calls[label].append(sum(fake.counts.values()) - before)
         jobs, uploads = len(fake.state.jobs), fake.state.uploads
 

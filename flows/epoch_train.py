@@ -38,7 +38,13 @@ from epochwise.together_api import BudgetExceeded, JobFailed
 from tasks.data import validate_files
 from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
-    EpochSpec, api_base, ensure_uploaded, fetch_epoch_metrics, launch_epoch_job, resolve_backend, wait_for_job,
+    EpochSpec,
+    api_base,
+    ensure_uploaded,
+    fetch_epoch_metrics,
+    launch_epoch_job,
+    resolve_backend,
+    wait_for_job,
 )
 
 

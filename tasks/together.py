@@ -22,7 +22,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -242,7 +242,7 @@ def fetch_epoch_metrics(job: EpochJob, info: api.JobInfo, together: TogetherConf
     return EpochRecord(
         fold=job.fold, epoch=job.epoch, backend="together", status=info.status, job_id=job.job_id,
         model=info.model_output_name, parent=job.parent, train_loss=train_loss, val_loss=val_loss,
-        price_usd=job.price_usd, started_at=_parse_time(job.created_at), finished_at=datetime.now(timezone.utc),
+        price_usd=job.price_usd, started_at=_parse_time(job.created_at), finished_at=datetime.now(UTC),
     )
 
 

@@ -17,7 +17,13 @@ import typer
 from rich.table import Table
 
 from epochwise.cli.common import (
-    ConfigOption, console, fail_lines, friendly_errors, prefect_defaults, report_problems, settings,
+    ConfigOption,
+    console,
+    fail_lines,
+    friendly_errors,
+    prefect_defaults,
+    report_problems,
+    settings,
 )
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from prefect.artifacts import Artifact
 from prefect.settings import (
-    PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL,
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+    PREFECT_SERVER_DATABASE_CONNECTION_URL,
 )
 
 from epochwise.config.together import TogetherConfig
