@@ -1,0 +1,134 @@
+"""Real processes for end-to-end tests: ``prefect server start`` on a free port, a process worker, and
+a small REST client for checking what the server recorded.
+
+Everything lives in a temporary PREFECT_HOME (SQLite database, result storage), so a developer's own
+~/.prefect is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+SERVER_START_S = 180  # hang guard: ~12 s measured on a fresh SQLite DB, more on 2 loaded cores
+RUN_WAIT_S = 600  # hang guard for one flow run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it is still there after ``grace_s``."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_s)
+
+
+@dataclass
+class Prefect:
+    """A running server and the environment every client process (CLI, worker) gets."""
+
+    url: str
+    home: Path
+    env: dict[str, str]
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api"
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def run(self, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run a command (``prefect ...``, ``epochwise ...``) as a user would, against this server."""
+        done = subprocess.run(
+            list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def wait_for_run(self, flow_run_id: str, worker_log: Path | None = None) -> dict[str, Any]:
+        """Poll the flow run until it is in a terminal state; returns the run as the API shows it."""
+        deadline = time.monotonic() + RUN_WAIT_S
+        while time.monotonic() < deadline:
+            run = self.get(f"/flow_runs/{flow_run_id}")
+            if run["state"] and run["state"]["type"] in TERMINAL:
+                return run
+            time.sleep(1)
+        pytest.fail(f"flow run {flow_run_id} not finished after {RUN_WAIT_S} s; worker log:\n"
+                    + (tail(worker_log) if worker_log else ""))
+
+    def artifacts(self, key: str) -> list[dict[str, Any]]:
+        return self.post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC"})
+
+
+def client_env(home: Path, api_url: str | None) -> dict[str, str]:
+    """The test process's environment without any PREFECT_* setting from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(home / "storage"),
+        PREFECT_WORKER_QUERY_SECONDS="1",  # seconds between the worker's polls (default 10)
+        WANDB_MODE="offline",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    log: Path
+
+
+def start_worker(prefect: Prefect, pool: str, log: Path) -> Worker:
+    """``prefect worker start --pool <pool>`` and wait until the server lists it."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "4"],
+            env=prefect.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + SERVER_START_S
+    while not prefect.post(f"/work_pools/{pool}/workers/filter", {}):
+        if process.poll() is not None:
+            pytest.fail(f"worker exited with {process.returncode}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"worker not registered after {SERVER_START_S} s:\n{tail(log)}")
+        time.sleep(0.5)
+    return Worker(process, log)
