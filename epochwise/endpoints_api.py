@@ -479,3 +479,10 @@ def failure_row(endpoint: str, epoch: int, reason: str) -> dict[str, str]:
     """The ``<fold>-endpoints`` row of a deploy that was rolled back: nothing runs, here is why."""
     return {"endpoint": endpoint, "epoch": str(epoch), "state": "ROLLED BACK", "routed": "no", "hardware": "",
             "replicas": "0-0", "model": "", "created": "", "smoke reply": "", "note": reason}
+
+
+def local_row(path: str, epoch: int, adapter: str, reply: str) -> dict[str, str]:
+    """The ``<fold>-endpoints`` row of a local epoch: an exported merged model instead of an endpoint."""
+    return {"endpoint": path, "epoch": str(epoch), "state": "EXPORTED", "routed": "", "hardware": "local",
+            "replicas": "", "model": adapter, "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "smoke reply": reply, "note": "merged model: transformers AutoModelForCausalLM.from_pretrained(path)"}

@@ -1,8 +1,9 @@
 """``deploy-epoch``: serve one epoch of a fold on a Together dedicated endpoint, smoke-tested.
 
 Steps:
-1. pick the epoch: ``best`` (lowest validation loss in the fold's ``<fold>-epochs`` records, else in
-   Together's job list), epoch ``N``, or a given ``job_id``;
+1. pick the epoch: ``best`` (lowest validation loss in the fold's ``<fold>-epochs`` records; without
+   them, the local epochs on disk or Together's job list), epoch ``N``, or a given ``job_id``;
+   a local epoch is exported as a merged model and smoke-tested by generating locally instead;
 2. in one transaction: deploy the job's model on the endpoint ``ew-<fold>-e<k>`` (endpoint and
    deployment reused when Together lists them; hardware from the model's deploy configs; autoscaling
    and idle timeout from ``DeployConfig``; all traffic routed to it) -> wait until READY -> one smoke
@@ -30,6 +31,7 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
 from tasks.endpoints import (
+    deploy_local,
     deploy_model,
     list_fold_endpoints,
     pick_epoch,
@@ -49,8 +51,13 @@ def deploy_epoch(
 ) -> dict[str, str]:
     """Deploy ``epoch`` (``best`` or a number) of ``fold`` (its directory or name); returns its table row."""
     name = Path(fold).name
-    record = pick_epoch(name, epoch, job_id, together)
-    print(f"deploying {name} epoch {record.epoch} (job {record.job_id}, val loss {record.val_loss})")
+    record = pick_epoch(fold, epoch, job_id, together)
+    print(f"deploying {name} epoch {record.epoch} ({record.job_id or record.model}, val loss {record.val_loss})")
+    if record.backend == "local":
+        row = deploy_local(fold, record, deploy)
+        _publish(name, [row])
+        print(f"local model exported to {row['endpoint']}; smoke reply: {row['smoke reply']!r}")
+        return row
     try:
         with transaction():
             ref = deploy_model(record, deploy, together)
@@ -66,7 +73,7 @@ def deploy_epoch(
     print(f"{ref.endpoint_name} is {state} on {ref.hardware}; smoke reply: {reply!r}\n"
           f"call it with: client.chat.completions.create(model={ref.endpoint_name!r}, messages=[...])\n"
           f"stop it with: epochwise endpoints {fold} --stop")
-    return next(r for r in rows if r["endpoint"] == ref.endpoint_name and r["routed"] == "yes")
+    return next((r for r in rows if r["endpoint"] == ref.endpoint_name and r["routed"] == "yes"), rows[-1])
 
 
 def _publish(name: str, rows: list[dict[str, str]]) -> None:

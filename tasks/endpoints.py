@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,24 +75,31 @@ def endpoint_lock(slug: str, wait_s: float = 600.0) -> Iterator[None]:
 
 @task(cache_policy=NO_CACHE)
 def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]:
-    """The fold's epochs: the latest ``<fold>-epochs`` artifact of ``epoch-train``; without one (a new
-    Prefect database), Together's own job list for the fold, with losses from each job's metrics."""
-    artifact = Artifact.get(artifact_key(fold, "epochs"))
+    """The epochs of ``fold`` (its directory): the latest ``<fold>-epochs`` artifact of ``epoch-train``;
+    without one (a new Prefect database), the local epochs on disk, else Together's own job list for
+    the fold with losses from each job's metrics."""
+    name = Path(fold).name
+    artifact = Artifact.get(artifact_key(name, "epochs"))
     if artifact is not None and artifact.data:
         rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-        return ea.records_from_table(fold, rows)
-    get_run_logger().info(f"no {artifact_key(fold, 'epochs')} artifact; reading {fold}'s jobs from Together")
+        return ea.records_from_table(name, rows)
+    log = get_run_logger()
+    if (Path(fold) / "local").is_dir():
+        from epochwise.local.export import find_epochs
+
+        log.info(f"no {artifact_key(name, 'epochs')} artifact; using the local epochs under {fold}/local")
+        return [EpochRecord(fold=name, epoch=m["epoch"], backend="local", model=m["adapter_dir"],
+                            train_loss=m.get("train_loss"), val_loss=m.get("val_loss")) for m in find_epochs(fold)]
+    log.info(f"no {artifact_key(name, 'epochs')} artifact; reading {name}'s jobs from Together")
     client = together_api.make_client(resolve_together(together.credentials_block), together)
-    records = []
-    for epoch, job in together_api.fold_jobs(client, fold):
-        train, val = together_api.job_losses(client, job.id) if job.status == "completed" else (None, None)
-        records.append(EpochRecord(fold=fold, epoch=epoch, backend="together", status=job.status, job_id=job.id,
-                                   model=job.model_output_name, train_loss=train, val_loss=val))
-    # A retried epoch has several jobs; the completed (else newest) one stands for it.
     by_epoch: dict[int, EpochRecord] = {}
-    for record in records:
-        if record.epoch not in by_epoch or record.status == "completed":
-            by_epoch[record.epoch] = record
+    for epoch, job in together_api.fold_jobs(client, name):
+        # A retried epoch has several jobs (oldest first): the completed, else the newest, one stands for it.
+        if epoch in by_epoch and by_epoch[epoch].status == "completed" and job.status != "completed":
+            continue
+        train, val = together_api.job_losses(client, job.id) if job.status == "completed" else (None, None)
+        by_epoch[epoch] = EpochRecord(fold=name, epoch=epoch, backend="together", status=job.status, job_id=job.id,
+                                      model=job.model_output_name, train_loss=train, val_loss=val)
     return list(by_epoch.values())
 
 
@@ -101,13 +109,39 @@ def pick_epoch(fold: str, epoch: str, job_id: str | None, together: TogetherConf
     ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
     if job_id is None:
         return ea.choose_epoch(read_epoch_records(fold, together), epoch)
+    name = Path(fold).name
     client = together_api.make_client(resolve_together(together.credentials_block), together)
     job = together_api.get_job(client, job_id)
-    number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(fold, job.suffix)
+    number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(name, job.suffix)
     if number is None:
-        raise ea.EndpointFailure(f"job {job_id} is not an epoch of {fold} (suffix {job.suffix!r}); pass --epoch N")
-    return EpochRecord(fold=fold, epoch=number, backend="together", status=job.status, job_id=job_id,
+        raise ea.EndpointFailure(f"job {job_id} is not an epoch of {name} (suffix {job.suffix!r}); pass --epoch N")
+    return EpochRecord(fold=name, epoch=number, backend="together", status=job.status, job_id=job_id,
                        model=job.model_output_name)
+
+
+@task(cache_policy=NO_CACHE)
+def deploy_local(fold: str, record: EpochRecord, deploy: DeployConfig) -> dict[str, str]:
+    """Local backend: export the epoch as a merged model (base + LoRA, loadable without peft) and
+    smoke-test it by generating one reply locally. Returns its ``<fold>-endpoints`` row.
+
+    The export is written next to the fold (``exports/<run key>-epoch-<k>``), under a temporary name
+    first, so a killed export is never mistaken for a finished one; a finished one is reused.
+    """
+    from epochwise.local.export import export_epoch, sample_epoch
+    from epochwise.local.export import pick_epoch as pick_local_epoch
+
+    run = Path(record.model).parent.name if record.model else None
+    metrics = pick_local_epoch(fold, str(record.epoch), run)
+    out = Path(fold) / "exports" / f"{metrics['run_key']}-epoch-{metrics['epoch']}"
+    if not (out / "config.json").is_file():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        export_epoch(metrics, partial, merged=True)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
+    reply = sample_epoch(metrics, deploy.smoke_prompt, deploy.smoke_max_tokens)
+    get_run_logger().info(f"exported {record.fold} epoch {record.epoch} to {out}; smoke reply {reply!r}")
+    return ea.local_row(str(out), record.epoch, metrics["adapter_dir"], reply)
 
 
 # ---------------------------------------------------------------------------------------------------

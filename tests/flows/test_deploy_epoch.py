@@ -169,3 +169,27 @@ def test_cli_reap_stops_only_old_epochwise_endpoints(fake_together, tmp_path):
         "me/my-chatbot": [{"minReplicas": 1, "maxReplicas": 1}],
     }
     assert "1 deployment(s) stopped" in result.output
+
+
+def test_local_fold_exports_the_best_epoch_merged_and_records_a_local_smoke_reply(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from epochwise.config.train import HyperParams
+    from tests.unit.test_local_data import test_local_config
+
+    fold = make_fold(tmp_path, "dlocal", "local-export", n_train=8, n_val=2)
+    train = TrainConfig(backend="local", epochs=2, local_model="tiny",
+                        hyper=HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1))
+    records = epoch_train(str(fold), train=train, local=test_local_config(tmp_path))
+    best = min(records, key=lambda r: r.val_loss)
+
+    result = CliRunner().invoke(app, ["deploy", str(fold), "--epoch", "best"],
+                                env={"EPOCHWISE_DEPLOY__SMOKE_MAX_TOKENS": "4"})
+
+    assert result.exit_code == 0, result.output
+    (row,) = endpoints_table("dlocal")
+    assert row["state"] == "EXPORTED" and row["epoch"] == str(best.epoch) and row["model"] == best.model
+    assert isinstance(row["smoke reply"], str) and f"exported epoch {best.epoch}" in result.output
+    merged = AutoModelForCausalLM.from_pretrained(row["endpoint"])
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert not Path(row["endpoint"] + ".partial").exists()
