@@ -194,11 +194,11 @@ def launch_epoch_job(spec: EpochSpec, train_file: str, val_file: str | None, tra
     )
     with fold_lock(spec.fold, together.fold_lock_wait_s):
         existing = api.find_job(client, spec.suffix)
+        price = api.estimate_price(client, request)  # also for a re-attached job, so the fold's spend adds up
+        log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
         if existing is not None:
             log.info(f"epoch {spec.epoch}: re-attaching to {existing.id} ({existing.status})")
-            return EpochJob(spec.fold, spec.epoch, existing.id, spec.suffix, spec.parent, None, existing.created_at)
-        price = api.estimate_price(client, request)
-        log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
+            return EpochJob(spec.fold, spec.epoch, existing.id, spec.suffix, spec.parent, price, existing.created_at)
         if train.budget_usd is not None and price is not None and spent_usd + price > train.budget_usd:
             raise api.BudgetExceeded(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"

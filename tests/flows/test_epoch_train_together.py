@@ -315,3 +315,16 @@ def test_two_runs_of_one_fold_at_once_submit_each_epoch_once(fake_together, tmp_
     assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
     assert fake_together.state.uploads == 2
     assert results[0].result()[1].job_id == results[1].result()[1].job_id
+
+
+def test_a_cached_upload_deleted_at_together_is_uploaded_again(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "gone", "file-gone")
+    first = epoch_train(str(fold), train_cfg(1), FAST)
+    train_id = fake_together.state.jobs_in_order()[0].request["training_file"]
+    del fake_together.state.files[train_id]  # deleted (or expired) at Together
+
+    records = epoch_train(str(fold), train_cfg(2), FAST)
+    assert fake_together.state.uploads == 3
+    assert records[0].job_id == first[0].job_id  # epoch 1 is keyed on content, not on the file id
+    second = fake_together.state.jobs_in_order()[1]
+    assert second.request["training_file"] != train_id and second.request["training_file"] in fake_together.state.files
