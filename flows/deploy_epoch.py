@@ -44,7 +44,7 @@ from tasks.endpoints import (
 @flow(name="deploy-epoch", log_prints=True, validate_parameters=True)
 def deploy_epoch(
     fold: str,
-    epoch: str = "best",
+    epoch: str | int = "best",
     job_id: str | None = None,
     deploy: DeployConfig = DeployConfig(),
     together: TogetherConfig = TogetherConfig(),
@@ -64,8 +64,9 @@ def deploy_epoch(
             state = wait_until_ready(ref, deploy, together)
             reply = smoke_test(ref, deploy, together)
     except Exception as exc:
-        failed = ea.failure_row(ea.endpoint_slug(name, record.epoch), record.epoch, str(exc))
-        _publish(name, ea.endpoint_rows(list_fold_endpoints(name, together)) + [failed])
+        listed = list_fold_endpoints(name, together, return_state=True)  # must not hide the reason
+        rows = ea.endpoint_rows(listed.result()) if listed.is_completed() else []
+        _publish(name, rows + [ea.failure_row(ea.endpoint_slug(name, record.epoch), record.epoch, str(exc))])
         raise
     retire_replaced(ref, together)
     rows = ea.endpoint_rows(list_fold_endpoints(name, together), replies={ref.endpoint_name: reply})

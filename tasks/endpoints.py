@@ -104,7 +104,7 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
 
 
 @task(cache_policy=NO_CACHE)
-def pick_epoch(fold: str, epoch: str, job_id: str | None, together: TogetherConfig) -> EpochRecord:
+def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
     """The epoch to deploy: ``best``/``N`` from the fold's records, or the given job (its epoch from its
     ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
     if job_id is None:

@@ -104,7 +104,7 @@ def test_failed_deployment_is_deleted_and_its_message_fails_the_flow(fake_togeth
     _, fold = train(fake_together, tmp_path, "dfail", {1: (2.0, 1.5)})
     fake_together.script.deployment_fail = "no H100 capacity in us-east (scripted)"
 
-    state = deploy_epoch(str(fold), "1", deploy=DEPLOY, together=FAST, return_state=True)
+    state = deploy_epoch(str(fold), 1, deploy=DEPLOY, together=FAST, return_state=True)
 
     assert state.is_failed()
     with pytest.raises(Exception, match="no H100 capacity in us-east"):
