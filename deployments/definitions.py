@@ -61,12 +61,13 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_flow(name: str) -> Flow | None:
-    """The flow object named ``name`` from the first of its modules that exists, else None.
+def find_flow(name: str, modules: tuple[str, ...] | None = None) -> Flow | None:
+    """The flow object named ``name`` from the first of its modules (default: `FLOW_MODULES`) that exists.
 
-    A module that exists but fails to import is an error (a broken flow must not be skipped silently).
+    None when no module defines it yet. A module that exists but fails to import is an error: a broken
+    flow must not be skipped silently.
     """
-    for module_name in FLOW_MODULES[name]:
+    for module_name in FLOW_MODULES[name] if modules is None else modules:
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)

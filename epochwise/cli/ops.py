@@ -89,20 +89,22 @@ def ls() -> None:
         )
         flows = {f.id: f.name for f in client.read_flows()}
     table = Table(title="epochwise deployments")
-    for column in ("deployment", "schedule", "limit", "paused", "parameters"):
+    for column in ("deployment", "schedule", "one at a time", "paused", "fold / parameters"):
         table.add_column(column)
     for dep in sorted(found, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         schedules = ", ".join(
-            f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '') or 'UTC'}"
+            f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', None) or 'UTC'}"
             + ("" if s.active else " (inactive)")
             for s in dep.schedules
         )
+        limit = dep.global_concurrency_limit.limit if dep.global_concurrency_limit else None
+        fold = dep.parameters.get("fold") or dep.parameters.get("folds_root")
         table.add_row(
             f"{flows.get(dep.flow_id, '?')}/{dep.name}",
             schedules or "-",
-            str(dep.concurrency_limit or "-"),
+            "yes" if limit == 1 else "-",
             "yes" if dep.paused else "no",
-            ", ".join(f"{k}={v}" for k, v in dep.parameters.items()) or "-",
+            str(fold) if fold else ", ".join(sorted(dep.parameters)) or "-",
         )
     console.print(table)
 
