@@ -161,8 +161,10 @@ def apply_all(folds_root: Path | str, settings: Settings, result_storage: str | 
             except ObjectNotFound:
                 action = "created"
             deployment.apply()
-            active = [s for s in deployment.schedules or [] if s.active]
-            detail = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in active) or "no active schedule"
+            detail = ", ".join(
+                f"{s.schedule.cron} {s.schedule.timezone}" + ("" if s.active else " (inactive)")
+                for s in deployment.schedules or []
+            ) or "no schedule"
             report.append(Applied("deployment", deployment.full_name, action, detail))
     report.extend(Applied("deployment", name, "skipped", why) for name, why in plan.skipped)
     return report

@@ -9,12 +9,12 @@ installed ``epochwise`` distribution (a virtual environment or the docker image)
 
 | deployment                   | parameters                      | schedule (``ops.schedule``)            |
 |------------------------------|---------------------------------|----------------------------------------|
-| ``epoch-train/<fold>``       | ``fold`` = that fold's path     | nightly cron, active for ``per-fold``  |
+| ``epoch-train/<fold>``       | ``fold`` = that fold's path     | nightly cron, active for ``per-fold``; one run at a time |
 | ``epoch-train/any-fold``     | pass ``--param fold=...``       | none                                   |
 | ``nightly-folds/nightly``    | ``folds_root``                  | nightly cron, active for ``nightly-folds`` |
 | ``prepare-fold/any``         | ``records``, ``fold``           | none                                   |
 | ``deploy-epoch/any-fold``    | pass ``--param fold=...``       | none                                   |
-| ``endpoint-reaper/hourly``   | the reaper's defaults           | hourly, active unless ``none``         |
+| ``endpoint-reaper/hourly``   | the reaper's defaults           | hourly, active when Together credentials are configured (unless ``none``) |
 
 Config sections that a flow takes as parameters (``train``, ``data``, ``deploy``, ...) are baked in with
 only their non-default values, so a default still lives in one place (epochwise/config/) and the UI
@@ -34,6 +34,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from blocks.credentials import together_configured
 from deployments.folds import discover_folds
 from epochwise.config import Settings
 
@@ -184,6 +185,7 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
         )
 
     reaper = find_flow("endpoint-reaper")
+    together_block = settings.together.credentials_block
     if reaper is None:
         plan.skipped.append(("endpoint-reaper", "no flow named endpoint-reaper in flows/ yet"))
     else:
@@ -192,8 +194,9 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
                 reaper,
                 "hourly",
                 "Stop epochwise endpoints past their time, so nothing keeps billing.",
-                schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, active=ops.schedule != "none",
-                                slug="hourly")],
+                # Without Together credentials there is nothing to reap, and every hourly run would fail.
+                schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, slug="hourly",
+                                active=ops.schedule != "none" and together_configured(together_block))],
                 tags=[TAG],
                 concurrency_limit=one_at_a_time(),
             )

@@ -78,9 +78,20 @@ def test_schedule_mode_picks_the_active_nightly_schedule(folds_root: Path, mode:
         assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
         assert schedule.active is active, name
     assert plan["epoch-train/any-fold"].schedules == []
-    if "endpoint-reaper/hourly" in plan:
-        [reaper] = plan["endpoint-reaper/hourly"].schedules
-        assert reaper.schedule.cron == "0 * * * *" and reaper.active is (mode != "none")
+
+
+
+@pytest.mark.parametrize("mode", ["per-fold", "none"])
+def test_reaper_runs_hourly_only_when_together_is_configured(folds_root: Path, monkeypatch, mode: str):
+    if find_flow("endpoint-reaper") is None:
+        pytest.skip("flows/endpoint_reaper.py is not there")
+    settings = load_settings(overrides={"ops": {"schedule": mode}})
+    [offline] = by_name(plan_deployments(folds_root, settings, "/srv/results"))["endpoint-reaper/hourly"].schedules
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-used")
+    [online] = by_name(plan_deployments(folds_root, settings, "/srv/results"))["endpoint-reaper/hourly"].schedules
+    assert offline.schedule.cron == online.schedule.cron == "0 * * * *"
+    assert offline.active is False
+    assert online.active is (mode != "none")
 
 
 def test_missing_flow_module_is_skipped_not_an_error():
