@@ -65,17 +65,18 @@ def epoch_train(
     records: list[EpochRecord] = []
 
     if backend == "together":
-        if "gpt-oss" in train.base_model:
-            jsonl = [(parquet := convert_fold_to_harmony(fold, harmony))["train"], parquet["val"]]
+        if "gpt-oss" in train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
+            parquet = convert_fold_to_harmony(fold, harmony)
+            jsonl = [parquet["train"], parquet["val"]]
         train_file, val_file = (ensure_uploaded(path, together) for path in jsonl)
+        hashes, base = (train_file.sha256, val_file.sha256), api_base(together)
     else:
         from tasks.local_train import train_local_epoch
 
     for epoch in range(1, train.epochs + 1):
         parent = (records[-1].job_id or records[-1].model) if records else None
         if backend == "together":
-            spec = EpochSpec(name, epoch, train.base_model, parent, (train_file.sha256, val_file.sha256),
-                             train.hyper.model_dump(mode="json"), api_base(together))
+            spec = EpochSpec(name, epoch, train.base_model, parent, hashes, train.hyper.model_dump(mode="json"), base)
             record = _together_epoch(spec, train_file.id, val_file.id, train, together, records)
             if record is None:
                 break
