@@ -189,6 +189,7 @@ class DeploymentInfo:
     message: str
     min_replicas: int
     max_replicas: int
+    inactive_timeout_min: int | None = None
 
     @property
     def stopped(self) -> bool:
@@ -228,6 +229,7 @@ def _deployment_info(dep: Any) -> DeploymentInfo:
         state=str(getattr(status, "state", "") or ""), message=str(getattr(status, "message", "") or ""),
         min_replicas=int(getattr(scaling, "min_replicas", None) or 0),
         max_replicas=int(getattr(scaling, "max_replicas", None) or 0),
+        inactive_timeout_min=getattr(dep, "inactive_timeout", None),
     )
 
 
@@ -282,10 +284,10 @@ def ensure_endpoint(client: Together, slug: str) -> tuple[EndpointInfo, bool]:
 
 def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTarget, config: Any,
                       cfg: DeployConfig) -> tuple[DeploymentInfo, bool]:
-    """The endpoint's deployment of ``target``: reused (and scaled back up if it was stopped), else created.
+    """The endpoint's deployment of ``target``: reused, else created. Returns ``(deployment, created)``.
 
-    A deployment of this model that FAILED earlier is deleted first, so the new one can take its name.
-    Returns ``(deployment, created)``.
+    A reused deployment gets the configured replicas and idle timeout (so a stopped one starts again);
+    one of this model that FAILED earlier is deleted first, so the new one can take its name.
     """
     slug = deployment_slug(target.model_id)
     scaling = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas}
@@ -295,9 +297,15 @@ def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTa
         if dep.state == FAILED:
             delete_deployment(client, endpoint.id, dep.id)
             break
+        changes: dict[str, Any] = {}
         if (dep.min_replicas, dep.max_replicas) != (cfg.min_replicas, cfg.max_replicas):
+            changes["autoscaling"] = scaling
+        if (dep.inactive_timeout_min or 0) != cfg.inactive_timeout_min:
+            changes["inactive_timeout"] = cfg.inactive_timeout_min
+        if changes:
+            mask = ",".join("inactiveTimeout" if k == "inactive_timeout" else k for k in changes)
             dep = _deployment_info(client.endpoints.deployments.update(
-                dep.id, endpoint_id=endpoint.id, autoscaling=scaling, update_mask="autoscaling"))
+                dep.id, endpoint_id=endpoint.id, update_mask=mask, **changes))
         return dep, False
     try:
         created = client.endpoints.deployments.create(

@@ -123,6 +123,20 @@ def test_job_id_deploys_a_job_without_any_epoch_records(fake_together, tmp_path)
     assert dep["autoscaling"] == {"minReplicas": 1, "maxReplicas": 2}
 
 
+def test_a_retrained_epoch_replaces_the_old_deployment_on_the_same_endpoint(fake_together, tmp_path):
+    first = sdk_job(fake_together, tmp_path, epoch_suffix("swap", 1, "01" * 32))
+    second = sdk_job(fake_together, tmp_path, epoch_suffix("swap", 1, "02" * 32))
+    deploy_epoch("folds/swap", job_id=first, deploy=DEPLOY, together=FAST)
+    (old,) = fake_together.state.deployments
+
+    deploy_epoch("folds/swap", job_id=second, deploy=DEPLOY, together=FAST)
+
+    (endpoint,) = fake_together.state.endpoints.values()
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["id"] != old and dep["model"] == f"projects/proj_1/models/ml_{second}"
+    assert endpoint["name"] == "me/ew-swap-e1" and endpoint["trafficSplit"] == [{"deploymentId": dep["id"], "weight": 1}]
+
+
 def test_cli_deploy_then_stop_leaves_zero_replicas(fake_together, tmp_path, monkeypatch):
     _, fold = train(fake_together, tmp_path, "dstop", {1: (2.0, 1.5), 2: (1.9, 1.4)})
     monkeypatch.setenv("EPOCHWISE_DEPLOY__POLL_S", "0.001")
@@ -140,6 +154,13 @@ def test_cli_deploy_then_stop_leaves_zero_replicas(fake_together, tmp_path, monk
 
     shown = runner.invoke(app, ["endpoints", str(fold)])
     assert shown.exit_code == 0 and "0-0" in shown.output
+
+    # Deploying the stopped epoch again starts the same deployment instead of making a second one.
+    redeployed = runner.invoke(app, ["deploy", str(fold), "--epoch", "2"])
+    assert redeployed.exit_code == 0, redeployed.output
+    assert list(fake_together.state.deployments) == [dep["id"]]
+    assert dep["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+    assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
 
 
 def test_cli_reap_stops_only_old_epochwise_endpoints(fake_together, tmp_path):

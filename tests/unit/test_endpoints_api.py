@@ -78,6 +78,8 @@ def test_a_stopped_deployment_is_scaled_back_up_and_a_failed_one_replaced(fake_t
     ea.scale_to_zero(client, endpoint.id, dep.id)
     revived, created = ea.ensure_deployment(client, endpoint, target, config, FAST)
     assert revived.id == dep.id and not created and (revived.min_replicas, revived.max_replicas) == (1, 1)
+    longer, _ = ea.ensure_deployment(client, endpoint, target, config, FAST.model_copy(update={"inactive_timeout_min": 120}))
+    assert longer.id == dep.id and fake_together.state.deployments[dep.id]["inactiveTimeout"] == 120
 
     fake_together.state.deployments[dep.id]["status"]["state"] = "DEPLOYMENT_STATE_FAILED"
     replaced, created = ea.ensure_deployment(client, endpoint, target, config, FAST)
