@@ -216,13 +216,17 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
     """
     log = get_run_logger()
     client = _client(together)
-    progress = create_progress_artifact(progress=0.0, description=f"{job.fold} epoch {job.epoch}: job {job.job_id}")
+    progress = None  # created at the first poll that finds the job unfinished (a finished one needs none)
 
     def on_update(info: api.JobInfo, lines: list[str]) -> None:
+        nonlocal progress
         for line in lines:
             log.info(f"{job.job_id} {line}")
-        update_progress_artifact(artifact_id=progress, progress=100 * info.progress,
-                                 description=f"{job.fold} epoch {job.epoch}: job {job.job_id} {info.status}")
+        description = f"{job.fold} epoch {job.epoch}: job {job.job_id} {info.status}"
+        if progress is None and info.status not in api.TERMINAL:
+            progress = create_progress_artifact(progress=100 * info.progress, description=description)
+        elif progress is not None:
+            update_progress_artifact(artifact_id=progress, progress=100 * info.progress, description=description)
 
     info = api.poll_job(client, job.job_id, together, on_update)
     if info.status != "completed":

@@ -52,6 +52,14 @@ def train_cfg(epochs: int = 3, **kw) -> TrainConfig:
     return TrainConfig(backend="together", base_model=BASE, epochs=epochs, **kw)
 
 
+def progress_artifacts() -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+
+
 def jobs_for(fake: FakeTogether, epoch: int) -> list:
     return [j for j in fake.state.jobs.values() if f"-e{epoch}-" in (j.suffix or "")]
 
@@ -75,6 +83,8 @@ def test_three_epochs_two_uploads_three_chained_jobs_then_a_noop_rerun(fake_toge
     assert records[2].model == jobs[2].output_name
     table = json.loads(Artifact.get("games-epochs").data)
     assert [row["job"] for row in table] == [j.id for j in jobs]
+    progress = {a.description: a.data for a in progress_artifacts() if jobs[0].id in (a.description or "")}
+    assert progress == {f"games epoch 1: job {jobs[0].id} completed": 100.0}  # one per job, not one per poll
 
     creates, upload_posts = fake_together.counts["POST /v1/fine-tunes"], fake_together.counts["POST /v1/files"]
     estimates = fake_together.counts["POST /v1/fine-tunes/estimate-price"]
