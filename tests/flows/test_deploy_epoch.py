@@ -37,14 +37,17 @@ def sdk(fake: FakeTogether) -> Together:
     return Together(api_key=fake.api_key, base_url=fake.base_url, project_id="proj_1", max_retries=0)
 
 
-def sdk_job(fake: FakeTogether, tmp_path: Path, suffix: str) -> str:
-    """A completed job made through the SDK (upload, create, one retrieve), as epoch-train would."""
+def sdk_job(fake: FakeTogether, tmp_path: Path, suffix: str, parent: str | None = None) -> str:
+    """A completed job made through the SDK (upload, create, one retrieve), as epoch-train would:
+    with a validation file and one evaluation, from ``parent`` when given."""
     fake.script.file_polls, fake.script.job_polls_per_state = 0, 0
     data = tmp_path / f"{suffix}.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     client = sdk(fake)
-    job = client.fine_tuning.create(training_file=client.files.upload(data).id, model=BASE, suffix=suffix,
-                                    lora=True, train_on_inputs=False)
+    file_id = client.files.upload(data).id
+    start = {"from_checkpoint": parent} if parent else {"model": BASE}
+    job = client.fine_tuning.create(training_file=file_id, validation_file=file_id, n_evals=1, suffix=suffix,
+                                    lora=True, train_on_inputs=False, **start)
     assert client.fine_tuning.retrieve(job.id).status == "completed"
     return job.id
 
@@ -135,6 +138,19 @@ def test_a_retrained_epoch_replaces_the_old_deployment_on_the_same_endpoint(fake
     (dep,) = fake_together.state.deployments.values()
     assert dep["id"] != old and dep["model"] == f"projects/proj_1/models/ml_{second}"
     assert endpoint["name"] == "me/ew-swap-e1" and endpoint["trafficSplit"] == [{"deploymentId": dep["id"], "weight": 1}]
+
+
+def test_without_an_epochs_artifact_the_best_epoch_comes_from_togethers_job_list(fake_together, tmp_path):
+    fake_together.script.losses = {1: (2.0, 1.3), 2: (1.9, 1.6)}
+    epoch1 = sdk_job(fake_together, tmp_path, epoch_suffix("listed", 1, "aa" * 32))
+    sdk_job(fake_together, tmp_path, epoch_suffix("listed", 2, "bb" * 32), parent=epoch1)
+    assert Artifact.get("listed-epochs") is None
+
+    row = deploy_epoch("folds/listed", "best", deploy=DEPLOY, together=FAST)
+
+    assert row["endpoint"] == "me/ew-listed-e1"
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["model"] == f"projects/proj_1/models/ml_{epoch1}"
 
 
 def test_cli_deploy_then_stop_leaves_zero_replicas(fake_together, tmp_path, monkeypatch):
