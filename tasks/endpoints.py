@@ -48,7 +48,7 @@ def _client(together: TogetherConfig) -> Together:
 
 
 @contextlib.contextmanager
-def endpoint_lock(slug: str, wait_s: float = 600.0) -> Iterator[None]:
+def endpoint_lock(slug: str, wait_s: float) -> Iterator[None]:
     """An exclusive ``flock`` per endpoint name: find-then-create is never interleaved by two runs, and a
     killed holder releases it with its file descriptor."""
     directory = Path(PREFECT_HOME.value()) / "locks"
@@ -180,7 +180,7 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
     target = ea.model_from_job(client, record.job_id)
     config = ea.choose_config(client, target, deploy.hardware)
     slug = ea.endpoint_slug(record.fold, record.epoch)
-    with endpoint_lock(slug):
+    with endpoint_lock(slug, together.fold_lock_wait_s):
         endpoint, ep_created = ea.ensure_endpoint(client, slug)
         dep, dep_created = ea.ensure_deployment(client, endpoint, target, config, deploy)
         ref = DeploymentRef(
