@@ -193,8 +193,11 @@ def test_ui_shows_the_completed_run(prefect_server: Prefect, games_run, tmp_path
 
 
 def test_a_fold_never_runs_twice_at_once(prefect_server: Prefect, games_run, worker: Worker):
-    first = deployment_run(prefect_server, "epoch-train/games")
-    second = deployment_run(prefect_server, "epoch-train/games")
+    # Two runs created a few milliseconds apart (through the API: two CLI calls are seconds apart, and a
+    # cached no-op run may finish within that gap).
+    deployment = prefect_server.get("/deployments/name/epoch-train/games")
+    first, second = (prefect_server.post(f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
+                     for _ in range(2))
     runs = sorted((prefect_server.wait_for_run(i, worker.log) for i in (first, second)), key=lambda r: r["start_time"])
     assert [r["state"]["type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     assert runs[1]["start_time"] >= runs[0]["end_time"], runs
