@@ -33,7 +33,7 @@ def convert(
         None, "--overlong", help="Rows over the limit: error | drop | truncate (default: error)."
     ),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", help="Directory holding o200k_base.tiktoken."),
-    workers: int = typer.Option(None, "--workers", help="Rendering processes; 0 = one per CPU core (default: 0)."),
+    workers: int = typer.Option(None, "--workers", help="Rendering processes; 0 = one per CPU core (default: 1)."),
     force: bool = typer.Option(False, "--force", help="Reconvert even when the outputs match the sources."),
     config: Path = ConfigOption,
 ) -> None:

@@ -34,8 +34,9 @@ class HarmonyConfig(BaseModel):
         "package into the user cache (~/.cache/epochwise/tiktoken). Nothing is ever downloaded.",
     )
     workers: int = Field(
-        0,
+        1,
         ge=0,
-        description="Processes that render conversations; 0 = one per CPU core. Folds under 2,000 rows "
-        "always use one (starting a worker costs about a second).",
+        description="Processes that render conversations: 1 = this process, 0 = one per CPU core. A pool "
+        "costs about a second per worker to start and is used only for folds of 2,000 rows or more; on the "
+        "shared 2-core machine it was slower than one process (bench/convert.py), so it is opt-in.",
     )

@@ -140,7 +140,7 @@ def test_second_run_reuses_the_outputs_untouched(tmp_path: Path, example_fold: P
     first = convert(fold, HarmonyConfig())
     inode = os.stat(first.train.output).st_ino
     os.utime(fold / "train.jsonl", (1, 1))  # a new mtime alone is not a change
-    second = convert(fold, HarmonyConfig(workers=1, vocab_dir=ensure_vocab_dir()))  # neither changes bytes
+    second = convert(fold, HarmonyConfig(workers=2, vocab_dir=ensure_vocab_dir()))  # neither changes bytes
     assert (first.cached, second.cached) == (False, True)
     assert second.key == first.key
     assert os.stat(second.train.output).st_ino == inode
