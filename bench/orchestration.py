@@ -56,9 +56,15 @@ def make_fold(root: Path, tag: str, n_train: int = 200, n_val: int = 20) -> Path
     fold.mkdir(parents=True)
 
     def convo(i: int) -> str:
-        return json.dumps({"messages": [{"role": "system", "content": f"bench {tag}"},
-                                        {"role": "user", "content": f"What is {i} squared?"},
-                                        {"role": "assistant", "content": str(i * i)}]})
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"bench {tag}"},
+                    {"role": "user", "content": f"What is {i} squared?"},
+                    {"role": "assistant", "content": str(i * i)},
+                ]
+            }
+        )
 
     (fold / "train.jsonl").write_text("".join(convo(i) + "\n" for i in range(n_train)))
     (fold / "val.jsonl").write_text("".join(convo(10_000 + i) + "\n" for i in range(n_val)))
@@ -79,8 +85,9 @@ def main() -> None:
 
     from flows.epoch_train import epoch_train
 
-    train = TrainConfig(backend="together", base_model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference",
-                        epochs=args.epochs)
+    train = TrainConfig(
+        backend="together", base_model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", epochs=args.epochs
+    )
     with FakeTogether() as fake:
         fake.script.job_polls_per_state = 0  # instant jobs
         fake.script.file_polls = 0  # instant file validation
@@ -98,16 +105,20 @@ def main() -> None:
         jobs, uploads = len(fake.state.jobs), fake.state.uploads
 
     base = statistics.median(rows["empty flow"])
-    print(f"epoch-train orchestration, {args.epochs} epochs, fake Together with instant jobs, "
-          f"median of {args.repeat} (ephemeral API start-up {warm:.1f} s, excluded)")
+    print(
+        f"epoch-train orchestration, {args.epochs} epochs, fake Together with instant jobs, "
+        f"median of {args.repeat} (ephemeral API start-up {warm:.1f} s, excluded)"
+    )
     print(f"{'run':<14}{'seconds':>9}{'x empty':>9}{'s/epoch over empty':>20}{'API calls/epoch':>17}")
     for label, values in rows.items():
         sec = statistics.median(values)
         per_epoch = "" if label == "empty flow" else f"{(sec - base) / args.epochs:.3f}"
         api_calls = "" if label == "empty flow" else f"{statistics.median(calls[label]) / args.epochs:.1f}"
         print(f"{label:<14}{sec:>9.2f}{sec / base:>9.1f}{per_epoch:>20}{api_calls:>17}")
-    print(f"totals: {jobs} jobs and {uploads} uploads for {args.repeat} folds "
-          f"(expected {args.repeat * args.epochs} and {2 * args.repeat}: the reruns created nothing)")
+    print(
+        f"totals: {jobs} jobs and {uploads} uploads for {args.repeat} folds "
+        f"(expected {args.repeat * args.epochs} and {2 * args.repeat}: the reruns created nothing)"
+    )
 
 
 if __name__ == "__main__":

@@ -90,5 +90,6 @@ def resolve_wandb(block: str | None = None) -> WandbCredentials | None:
     key = os.environ.get("WANDB_API_KEY")
     if not key:
         return None
-    return WandbCredentials(api_key=SecretStr(key), base_url=os.environ.get("WANDB_BASE_URL"),
-                            entity=os.environ.get("WANDB_ENTITY"))
+    return WandbCredentials(
+        api_key=SecretStr(key), base_url=os.environ.get("WANDB_BASE_URL"), entity=os.environ.get("WANDB_ENTITY")
+    )

@@ -61,6 +61,7 @@ def make_client(access: TogetherAccess, cfg: TogetherConfig) -> Together:
 # Files
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RemoteFile:
     """An uploaded, server-validated file."""
@@ -72,8 +73,14 @@ class RemoteFile:
     bytes: int
 
 
-def upload_file(client: Together, path: Path | str, sha256: str, cfg: TogetherConfig, purpose: str = "fine-tune",
-                log: Callable[[str], None] = print) -> RemoteFile:
+def upload_file(
+    client: Together,
+    path: Path | str,
+    sha256: str,
+    cfg: TogetherConfig,
+    purpose: str = "fine-tune",
+    log: Callable[[str], None] = print,
+) -> RemoteFile:
     """Upload ``path`` (3-step presigned upload) and wait until Together validated it.
 
     Raises `TogetherFailure` with Together's validation report on INVALID_FORMAT / FAILED.
@@ -85,8 +92,9 @@ def upload_file(client: Together, path: Path | str, sha256: str, cfg: TogetherCo
     return RemoteFile(uploaded.id, sha256, purpose, path.name, path.stat().st_size)
 
 
-def wait_for_file(client: Together, file_id: str, cfg: TogetherConfig, label: str = "",
-                  sleep: Callable[[float], None] = time.sleep) -> None:
+def wait_for_file(
+    client: Together, file_id: str, cfg: TogetherConfig, label: str = "", sleep: Callable[[float], None] = time.sleep
+) -> None:
     """Poll ``processing_status`` until COMPLETED; fail on INVALID_FORMAT / FAILED or the deadline."""
     deadline = time.monotonic() + cfg.file_deadline_s
     while True:
@@ -99,7 +107,9 @@ def wait_for_file(client: Together, file_id: str, cfg: TogetherConfig, label: st
             reason = (report.error if report is not None else None) or "no report"
             raise TogetherFailure(f"{label or file_id}: Together rejected file {file_id} ({status}): {reason}")
         if time.monotonic() > deadline:
-            raise TogetherFailure(f"{label or file_id}: file {file_id} still {status} after {cfg.file_deadline_s:.0f} s")
+            raise TogetherFailure(
+                f"{label or file_id}: file {file_id} still {status} after {cfg.file_deadline_s:.0f} s"
+            )
         sleep(cfg.file_poll_s)
 
 
@@ -115,6 +125,7 @@ def file_exists(client: Together, file_id: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------------------
+
 
 def fold_slug(fold: str) -> str:
     """Fold name as it appears in suffixes: lowercase letters, digits and dashes, at most 20 characters."""
@@ -157,9 +168,12 @@ def _info(job: Any) -> JobInfo:
     data = job.model_dump(by_alias=True, warnings=False) if hasattr(job, "model_dump") else dict(job)
     suffix = data.get("suffix")
     return JobInfo(
-        id=data["id"], status=str(data.get("status") or ""), suffix=suffix,
+        id=data["id"],
+        status=str(data.get("status") or ""),
+        suffix=suffix,
         model_output_name=data.get("model_output_name") or data.get("output_name"),
-        created_at=str(data.get("created_at") or ""), from_checkpoint=data.get("from_checkpoint"),
+        created_at=str(data.get("created_at") or ""),
+        from_checkpoint=data.get("from_checkpoint"),
         model_object_id=data.get("model_object_id"),
     )
 
@@ -222,8 +236,12 @@ class EpochRequest:
             "lora": h.lora,
         }
         if h.lora:
-            kwargs.update(lora_r=h.lora_r, lora_alpha=h.lora_alpha or 2 * h.lora_r, lora_dropout=h.lora_dropout,
-                          lora_trainable_modules=h.lora_trainable_modules)
+            kwargs.update(
+                lora_r=h.lora_r,
+                lora_alpha=h.lora_alpha or 2 * h.lora_r,
+                lora_dropout=h.lora_dropout,
+                lora_trainable_modules=h.lora_trainable_modules,
+            )
         if h.max_seq_length is not None:
             kwargs["max_seq_length"] = h.max_seq_length
         if self.validation_file:
@@ -236,8 +254,11 @@ class EpochRequest:
         else:
             kwargs["model"] = self.base_model
         if self.wandb is not None and self.wandb_project:
-            kwargs.update(wandb_api_key=self.wandb.api_key.get_secret_value(), wandb_project_name=self.wandb_project,
-                          wandb_name=self.wandb_name)
+            kwargs.update(
+                wandb_api_key=self.wandb.api_key.get_secret_value(),
+                wandb_project_name=self.wandb_project,
+                wandb_name=self.wandb_name,
+            )
             if self.wandb.base_url:
                 kwargs["wandb_base_url"] = self.wandb.base_url
             if self.wandb.entity:
@@ -262,8 +283,13 @@ def estimate_price(client: Together, request: EpochRequest) -> float | None:
     return float(answer.estimated_total_price)
 
 
-def create_job(client: Together, request: EpochRequest, cfg: TogetherConfig, log: Callable[[str], None] = print,
-               sleep: Callable[[float], None] = time.sleep) -> tuple[JobInfo, bool]:
+def create_job(
+    client: Together,
+    request: EpochRequest,
+    cfg: TogetherConfig,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[JobInfo, bool]:
     """Find the epoch's live job by suffix, else create it. Returns ``(job, created)``.
 
     The create call itself runs without SDK retries: a 5xx or a dropped connection may come after
@@ -316,8 +342,13 @@ def failure_message(client: Together, job_id: str) -> str:
     return errors[-1]["message"] if errors else "no error event"
 
 
-def poll_job(client: Together, job_id: str, cfg: TogetherConfig, on_update: Callable[[JobInfo, list[str]], None],
-             sleep: Callable[[float], None] = time.sleep) -> JobInfo:
+def poll_job(
+    client: Together,
+    job_id: str,
+    cfg: TogetherConfig,
+    on_update: Callable[[JobInfo, list[str]], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobInfo:
     """Poll until a terminal state with backoff ``poll_initial_s`` -> ``poll_max_s``.
 
     ``on_update(job, new_event_lines)`` is called after every status call; events are fetched only when

@@ -92,8 +92,14 @@ def epoch_train(
     return records
 
 
-def _together_epoch(spec: EpochSpec, train_file: str, val_file: str, train: TrainConfig, together: TogetherConfig,
-                    done: list[EpochRecord]) -> EpochRecord | None:
+def _together_epoch(
+    spec: EpochSpec,
+    train_file: str,
+    val_file: str,
+    train: TrainConfig,
+    together: TogetherConfig,
+    done: list[EpochRecord],
+) -> EpochRecord | None:
     """Launch -> wait -> losses for one epoch; None when the budget stops the chain before submitting.
 
     The transaction makes the launch's cache record commit only together with a completed job.
@@ -108,10 +114,13 @@ def _together_epoch(spec: EpochSpec, train_file: str, val_file: str, train: Trai
         print(f"stopping before epoch {spec.epoch}: {stop}")
         return None
     except JobFailed as failed:  # shown by `epochwise status`; the next run resubmits this epoch
-        _publish_table(spec.fold, [*done, EpochRecord(fold=spec.fold, epoch=spec.epoch, backend="together",
-                                                      status=failed.status, job_id=failed.job_id, parent=spec.parent)])
+        row = EpochRecord(fold=spec.fold, epoch=spec.epoch, backend="together", status=failed.status,
+                          job_id=failed.job_id, parent=spec.parent)
+        _publish_table(spec.fold, [*done, row])
         raise
 
 
 def _publish_table(name: str, records: list[EpochRecord]) -> None:
-    create_table_artifact(epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name}: one row per epoch")
+    create_table_artifact(
+        epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name}: one row per epoch"
+    )

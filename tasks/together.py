@@ -67,6 +67,7 @@ def resolve_backend(backend: str, cfg: TogetherConfig) -> str:
 # Uploads
 # ---------------------------------------------------------------------------------------------------
 
+
 class ExpiringFileLockManager(FileSystemLockManager):
     """Prefect's file lock with a hold timeout, so a lock left by a killed upload cannot block forever."""
 
@@ -116,6 +117,7 @@ def ensure_uploaded(path: str, together: TogetherConfig, purpose: str = "fine-tu
 # ---------------------------------------------------------------------------------------------------
 # Epoch jobs
 # ---------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EpochSpec:
@@ -178,8 +180,14 @@ def fold_lock(fold: str, wait_s: float) -> Iterator[None]:
 
 
 @task(cache_key_fn=epoch_job_key, persist_result=True)
-def launch_epoch_job(spec: EpochSpec, train_file: str, val_file: str | None, train: TrainConfig,
-                     together: TogetherConfig, spent_usd: float = 0.0) -> EpochJob:
+def launch_epoch_job(
+    spec: EpochSpec,
+    train_file: str,
+    val_file: str | None,
+    train: TrainConfig,
+    together: TogetherConfig,
+    spent_usd: float = 0.0,
+) -> EpochJob:
     """Find this epoch's live job in Together's list, or estimate its price and create it.
 
     Raises `BudgetExceeded` (nothing submitted) when ``spent_usd`` plus the estimate exceeds the budget.
@@ -188,8 +196,14 @@ def launch_epoch_job(spec: EpochSpec, train_file: str, val_file: str | None, tra
     client = _client(together)
     wandb = resolve_wandb(together.wandb_block) if train.wandb_project else None
     request = api.EpochRequest(
-        training_file=train_file, validation_file=val_file, base_model=spec.base_model, parent_job=spec.parent,
-        suffix=spec.suffix, hyper=train.hyper, wandb=wandb, wandb_project=train.wandb_project,
+        training_file=train_file,
+        validation_file=val_file,
+        base_model=spec.base_model,
+        parent_job=spec.parent,
+        suffix=spec.suffix,
+        hyper=train.hyper,
+        wandb=wandb,
+        wandb_project=train.wandb_project,
         wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
     )
     with fold_lock(spec.fold, together.fold_lock_wait_s):
@@ -244,9 +258,18 @@ def fetch_epoch_metrics(job: EpochJob, info: api.JobInfo, together: TogetherConf
     """The finished epoch as an `EpochRecord`: output model, train and validation loss, price."""
     train_loss, val_loss = api.job_losses(_client(together), job.job_id)
     return EpochRecord(
-        fold=job.fold, epoch=job.epoch, backend="together", status=info.status, job_id=job.job_id,
-        model=info.model_output_name, parent=job.parent, train_loss=train_loss, val_loss=val_loss,
-        price_usd=job.price_usd, started_at=_parse_time(job.created_at), finished_at=datetime.now(UTC),
+        fold=job.fold,
+        epoch=job.epoch,
+        backend="together",
+        status=info.status,
+        job_id=job.job_id,
+        model=info.model_output_name,
+        parent=job.parent,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        price_usd=job.price_usd,
+        started_at=_parse_time(job.created_at),
+        finished_at=datetime.now(UTC),
     )
 
 

@@ -1,10 +1,10 @@
 """``epochwise train | status | abort | deploy-info``: the ``epoch-train`` flow and what it recorded.
 
-    epochwise train folds/games --backend together --epochs 5 --base-model openai/gpt-oss-20b
-    epochwise status folds/games            # from Prefect's <fold>-epochs artifact, no Together call
-    epochwise status folds/games --sync     # plus Together's own job list for this fold
-    epochwise abort folds/games             # cancel this fold's running Together jobs
-    epochwise deploy-info folds/games       # the model to deploy (best epoch by validation loss)
+epochwise train folds/games --backend together --epochs 5 --base-model openai/gpt-oss-20b
+epochwise status folds/games            # from Prefect's <fold>-epochs artifact, no Together call
+epochwise status folds/games --sync     # plus Together's own job list for this fold
+epochwise abort folds/games             # cancel this fold's running Together jobs
+epochwise deploy-info folds/games       # the model to deploy (best epoch by validation loss)
 """
 
 from __future__ import annotations
@@ -32,27 +32,35 @@ FoldArgument = typer.Argument(..., help="Fold directory holding train.jsonl and 
 
 def train(
     fold: Path = FoldArgument,
-    backend: str = typer.Option(None, "--backend", "-b", help="auto | together | local [auto]."),
-    epochs: int = typer.Option(None, "--epochs", "-n", help="Total epochs; finished ones are never redone [3]."),
-    base_model: str = typer.Option(None, "--base-model", help="Together base model [openai/gpt-oss-20b]."),
-    model: str = typer.Option(None, "--model", help="Local model: tiny | smollm2 | HF id | path [tiny]."),
-    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help="Peak learning rate [1e-4]."),
-    lr_scheduler: str = typer.Option(None, "--lr-scheduler", help="linear | cosine, restarted every epoch [linear]."),
-    min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help="Final LR / peak, per epoch [1.0 = constant]."),
-    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warm-up share of each epoch [0]."),
-    batch_size: str = typer.Option(None, "--batch-size", help="Integer or 'max' [max]."),
-    lora: bool = typer.Option(None, "--lora/--full", help="LoRA or full fine-tuning [lora]."),
-    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank [16]."),
-    lora_alpha: int = typer.Option(None, "--lora-alpha", help="LoRA alpha [2 x rank]."),
-    lora_dropout: float = typer.Option(None, "--lora-dropout", help="LoRA dropout [0]."),
-    lora_trainable_modules: str = typer.Option(None, "--lora-trainable-modules", help="[all-linear]."),
-    n_evals: int = typer.Option(None, "--n-evals", help="Evaluations per epoch (at least 1 with val.jsonl) [1]."),
-    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help="Checkpoints per epoch [1]."),
-    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping, 0 disables [1.0]."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="[0]."),
-    train_on_inputs: str = typer.Option(None, "--train-on-inputs", help="true | false | auto [false]."),
+    backend: str = typer.Option(None, "--backend", "-b", help="auto | together | local (default: auto)."),
+    epochs: int = typer.Option(
+        None, "--epochs", "-n", help="Total epochs; finished ones are never redone (default: 3)."
+    ),
+    base_model: str = typer.Option(None, "--base-model", help="Together base model (default: openai/gpt-oss-20b)."),
+    model: str = typer.Option(None, "--model", help="Local model: tiny | smollm2 | HF id | path (default: tiny)."),
+    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help="Peak learning rate (default: 1e-4)."),
+    lr_scheduler: str = typer.Option(
+        None, "--lr-scheduler", help="linear | cosine, restarted every epoch (default: linear)."
+    ),
+    min_lr_ratio: float = typer.Option(
+        None, "--min-lr-ratio", help="Final LR / peak, per epoch (default: 1.0 = constant)."
+    ),
+    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warm-up share of each epoch (default: 0)."),
+    batch_size: str = typer.Option(None, "--batch-size", help="Integer or 'max' (default: max)."),
+    lora: bool = typer.Option(None, "--lora/--full", help="LoRA or full fine-tuning (default: lora)."),
+    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank (default: 16)."),
+    lora_alpha: int = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
+    lora_dropout: float = typer.Option(None, "--lora-dropout", help="LoRA dropout (default: 0)."),
+    lora_trainable_modules: str = typer.Option(None, "--lora-trainable-modules", help="(default: all-linear)."),
+    n_evals: int = typer.Option(
+        None, "--n-evals", help="Evaluations per epoch (at least 1 with val.jsonl) (default: 1)."
+    ),
+    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help="Checkpoints per epoch (default: 1)."),
+    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping, 0 disables (default: 1.0)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="(default: 0)."),
+    train_on_inputs: str = typer.Option(None, "--train-on-inputs", help="true | false | auto (default: false)."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest sequence in tokens."),
-    seed: int = typer.Option(None, "--seed", help="Training seed [42]."),
+    seed: int = typer.Option(None, "--seed", help="Training seed (default: 42)."),
     budget_usd: float = typer.Option(None, "--budget", help="Stop before an epoch that would exceed this many USD."),
     stop_when_val_worsens: int = typer.Option(None, "--stop-when-val-worsens", help="Patience in epochs."),
     wandb_project: str = typer.Option(None, "--wandb-project", help="W&B project for Together's per-epoch runs."),
@@ -62,18 +70,30 @@ def train(
     cfg = settings(
         config,
         **{
-            "train.backend": backend, "train.epochs": epochs, "train.base_model": base_model,
-            "train.local_model": model, "train.budget_usd": budget_usd,
-            "train.stop_when_val_worsens": stop_when_val_worsens, "train.wandb_project": wandb_project,
-            "train.hyper.learning_rate": learning_rate, "train.hyper.lr_scheduler": lr_scheduler,
-            "train.hyper.min_lr_ratio": min_lr_ratio, "train.hyper.warmup_ratio": warmup_ratio,
-            "train.hyper.batch_size": _batch_size(batch_size), "train.hyper.lora": lora,
-            "train.hyper.lora_r": lora_r, "train.hyper.lora_alpha": lora_alpha,
-            "train.hyper.lora_dropout": lora_dropout, "train.hyper.lora_trainable_modules": lora_trainable_modules,
-            "train.hyper.n_evals": n_evals, "train.hyper.n_checkpoints": n_checkpoints,
-            "train.hyper.max_grad_norm": max_grad_norm, "train.hyper.weight_decay": weight_decay,
+            "train.backend": backend,
+            "train.epochs": epochs,
+            "train.base_model": base_model,
+            "train.local_model": model,
+            "train.budget_usd": budget_usd,
+            "train.stop_when_val_worsens": stop_when_val_worsens,
+            "train.wandb_project": wandb_project,
+            "train.hyper.learning_rate": learning_rate,
+            "train.hyper.lr_scheduler": lr_scheduler,
+            "train.hyper.min_lr_ratio": min_lr_ratio,
+            "train.hyper.warmup_ratio": warmup_ratio,
+            "train.hyper.batch_size": _batch_size(batch_size),
+            "train.hyper.lora": lora,
+            "train.hyper.lora_r": lora_r,
+            "train.hyper.lora_alpha": lora_alpha,
+            "train.hyper.lora_dropout": lora_dropout,
+            "train.hyper.lora_trainable_modules": lora_trainable_modules,
+            "train.hyper.n_evals": n_evals,
+            "train.hyper.n_checkpoints": n_checkpoints,
+            "train.hyper.max_grad_norm": max_grad_norm,
+            "train.hyper.weight_decay": weight_decay,
             "train.hyper.train_on_inputs": _train_on_inputs(train_on_inputs),
-            "train.hyper.max_seq_length": max_seq_length, "train.hyper.seed": seed,
+            "train.hyper.max_seq_length": max_seq_length,
+            "train.hyper.seed": seed,
         },
     )
     # Bad data is reported before Prefect starts (its ephemeral API takes seconds to boot).
@@ -154,8 +174,14 @@ def status(
     recorded = {row.get("job") for row in rows}
     jobs = api.fold_jobs(client, fold.name)
     table = [
-        {"epoch": epoch, "job": job.id, "status": job.status, "model": job.model_output_name or "",
-         "created": job.created_at or "", "recorded": "yes" if job.id in recorded else "no"}
+        {
+            "epoch": epoch,
+            "job": job.id,
+            "status": job.status,
+            "model": job.model_output_name or "",
+            "created": job.created_at or "",
+            "recorded": "yes" if job.id in recorded else "no",
+        }
         for epoch, job in jobs
     ]
     if table:
@@ -198,14 +224,21 @@ def deploy_info(
     else:
         chosen = next((r for r in rows if str(r.get("epoch")) == epoch), None)
         if chosen is None:
-            fail_lines([f"{fold.name}: epoch {epoch} is not among the completed epochs "
-                        f"{', '.join(str(r['epoch']) for r in rows)}"])
+            fail_lines(
+                [
+                    f"{fold.name}: epoch {epoch} is not among the completed epochs "
+                    f"{', '.join(str(r['epoch']) for r in rows)}"
+                ]
+            )
     if as_json:
         console.print_json(json.dumps({"fold": fold.name, **chosen}))
         return
     _print_table(f"{fold.name}: models per epoch", rows)
-    console.print(f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, "
-                  f"val loss {chosen.get('val loss') or '?'})", markup=False)
+    console.print(
+        f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, "
+        f"val loss {chosen.get('val loss') or '?'})",
+        markup=False,
+    )
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:

@@ -27,7 +27,9 @@ class TogetherConfig(BaseModel):
     file_poll_s: float = Field(2.0, gt=0, description="Wait between file processing_status calls (seconds).")
     file_deadline_s: float = Field(1800.0, gt=0, description="Give up on server-side file validation (seconds).")
     max_retries: int = Field(
-        5, ge=0, description="SDK retries of 408/409/429/5xx per call (honours Retry-After); job creation is never blindly retried."
+        5,
+        ge=0,
+        description="SDK retries of 408/409/429/5xx per call (honours Retry-After); job creation is never blindly retried.",
     )
     request_timeout_s: float = Field(60.0, gt=0, description="HTTP read timeout per request (seconds).")
     create_attempts: int = Field(

@@ -37,11 +37,15 @@ def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2)
     fold.mkdir(parents=True)
 
     def convo(i: int) -> str:
-        return json.dumps({"messages": [
-            {"role": "system", "content": f"fold {tag}"},
-            {"role": "user", "content": f"What is {i} + {i}?"},
-            {"role": "assistant", "content": str(2 * i)},
-        ]})
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"fold {tag}"},
+                    {"role": "user", "content": f"What is {i} + {i}?"},
+                    {"role": "assistant", "content": str(2 * i)},
+                ]
+            }
+        )
 
     (fold / "train.jsonl").write_text("".join(convo(i) + "\n" for i in range(n_train)))
     (fold / "val.jsonl").write_text("".join(convo(100 + i) + "\n" for i in range(n_val)))
@@ -204,7 +208,11 @@ def test_no_api_key_under_prefect_home_or_result_storage(fake_together, tmp_path
 def test_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_together, tmp_path):
     fold = make_fold(tmp_path, "killed", "sigkill")
     fake_together.script.hold_jobs = True  # epoch 1 stays "running" until released
-    params = {"fold": str(fold), "train": train_cfg(2).model_dump(mode="json"), "together": FAST.model_dump(mode="json")}
+    params = {
+        "fold": str(fold),
+        "train": train_cfg(2).model_dump(mode="json"),
+        "together": FAST.model_dump(mode="json"),
+    }
     env = {
         **os.environ,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
@@ -212,8 +220,13 @@ def test_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_toge
         "PYTHONPATH": str(REPO),
     }
     code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
-    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(params)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
         while fake_together.counts["GET /v1/fine-tunes/{id}"] < 5:
@@ -245,8 +258,27 @@ def test_cli_train_status_deploy_info_and_abort(fake_together, tmp_path, monkeyp
         monkeypatch.setenv(f"EPOCHWISE_TOGETHER__{field}", value)
     fold = make_fold(tmp_path, "clifold", "cli")
     runner = CliRunner()
-    result = runner.invoke(app, ["train", str(fold), "--backend", "together", "--epochs", "2", "--base-model", BASE,
-                                 "--lr", "2e-4", "--batch-size", "16", "--lora-r", "8", "--warmup-ratio", "0.1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(fold),
+            "--backend",
+            "together",
+            "--epochs",
+            "2",
+            "--base-model",
+            BASE,
+            "--lr",
+            "2e-4",
+            "--batch-size",
+            "16",
+            "--lora-r",
+            "8",
+            "--warmup-ratio",
+            "0.1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     jobs = fake_together.state.jobs_in_order()
     assert len(jobs) == 2 and jobs[0].request["learning_rate"] == 2e-4 and jobs[0].request["batch_size"] == 16

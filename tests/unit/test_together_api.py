@@ -36,8 +36,10 @@ CONVO = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
 def files(together_client, tmp_path):
     train = jsonl(tmp_path / "train.jsonl", [CONVO] * 3)
     val = jsonl(tmp_path / "val.jsonl", [CONVO])
-    return (api.upload_file(together_client, train, sha256_file(train), CFG, log=no_sleep()),
-            api.upload_file(together_client, val, sha256_file(val), CFG, log=no_sleep()))
+    return (
+        api.upload_file(together_client, train, sha256_file(train), CFG, log=no_sleep()),
+        api.upload_file(together_client, val, sha256_file(val), CFG, log=no_sleep()),
+    )
 
 
 def request(files, suffix: str, parent: str | None = None, **hyper) -> api.EpochRequest:
@@ -109,8 +111,9 @@ def test_find_job_ignores_failed_jobs_and_prefers_a_live_one(fake_together, toge
 
 def test_create_whose_reply_is_lost_is_found_in_the_list_not_created_twice(fake_together, together_client, files):
     fake_together.script.create_then_500 = 1
-    job, created = api.create_job(together_client, request(files, "ew-games-e1-33333333"), CFG,
-                                  log=no_sleep(), sleep=no_sleep())
+    job, created = api.create_job(
+        together_client, request(files, "ew-games-e1-33333333"), CFG, log=no_sleep(), sleep=no_sleep()
+    )
     assert not created  # found by suffix after the 500
     assert len(fake_together.state.jobs) == 1 and fake_together.counts["POST /v1/fine-tunes"] == 1
     assert job.id == next(iter(fake_together.state.jobs))
@@ -125,8 +128,9 @@ def test_create_refused_by_together_raises_its_message(fake_together, together_c
 
 def test_poll_backs_off_from_10_to_60_seconds_and_logs_events(fake_together, together_client, files):
     fake_together.script.job_polls_per_state = 3  # 15 status calls to completion
-    job, _ = api.create_job(together_client, request(files, "ew-games-e1-55555555"), CFG, log=no_sleep(),
-                            sleep=no_sleep())
+    job, _ = api.create_job(
+        together_client, request(files, "ew-games-e1-55555555"), CFG, log=no_sleep(), sleep=no_sleep()
+    )
     waits: list[float] = []
     lines: list[str] = []
     final = api.poll_job(together_client, job.id, CFG, lambda info, new: lines.extend(new), sleep=no_sleep(waits))
@@ -139,8 +143,9 @@ def test_poll_backs_off_from_10_to_60_seconds_and_logs_events(fake_together, tog
 
 def test_poll_deadline_leaves_the_job_running(fake_together, together_client, files):
     fake_together.script.hold_jobs = True
-    job, _ = api.create_job(together_client, request(files, "ew-games-e1-66666666"), CFG, log=no_sleep(),
-                            sleep=no_sleep())
+    job, _ = api.create_job(
+        together_client, request(files, "ew-games-e1-66666666"), CFG, log=no_sleep(), sleep=no_sleep()
+    )
     cfg = CFG.model_copy(update={"job_deadline_s": 0.001})
     with pytest.raises(api.TogetherFailure, match="keeps running at Together"):
         api.poll_job(together_client, job.id, cfg, lambda *_: None, sleep=no_sleep())
@@ -150,12 +155,14 @@ def test_poll_deadline_leaves_the_job_running(fake_together, together_client, fi
 def test_failure_message_and_losses(fake_together, together_client, files):
     fake_together.script.job_polls_per_state = 0
     fake_together.script.losses = {1: (1.25, 1.5)}
-    good, _ = api.create_job(together_client, request(files, "ew-games-e1-77777777"), CFG, log=no_sleep(),
-                             sleep=no_sleep())
+    good, _ = api.create_job(
+        together_client, request(files, "ew-games-e1-77777777"), CFG, log=no_sleep(), sleep=no_sleep()
+    )
     assert api.job_losses(together_client, good.id) == (1.25, 1.5)
     fake_together.fail_jobs("e2", "loss went NaN at step 3", status="user_error")
-    bad, _ = api.create_job(together_client, request(files, "ew-games-e2-77777777", parent=good.id), CFG,
-                            log=no_sleep(), sleep=no_sleep())
+    bad, _ = api.create_job(
+        together_client, request(files, "ew-games-e2-77777777", parent=good.id), CFG, log=no_sleep(), sleep=no_sleep()
+    )
     assert api.get_job(together_client, bad.id).status == "user_error"
     assert api.failure_message(together_client, bad.id) == "loss went NaN at step 3"
 
@@ -165,8 +172,7 @@ def test_estimate_price_and_fold_jobs(fake_together, together_client, files):
     assert api.estimate_price(together_client, request(files, "ew-games-e1-88888888")) == 2.25
     fake_together.script.job_polls_per_state = 0
     one, _ = api.create_job(together_client, request(files, "ew-games-e1-88888888"), CFG, log=no_sleep())
-    two, _ = api.create_job(together_client, request(files, "ew-games-e2-88888888", parent=one.id), CFG,
-                            log=no_sleep())
+    two, _ = api.create_job(together_client, request(files, "ew-games-e2-88888888", parent=one.id), CFG, log=no_sleep())
     api.create_job(together_client, request(files, "ew-other-e1-88888888"), CFG, log=no_sleep())
     assert [(e, j.id) for e, j in api.fold_jobs(together_client, "games")] == [(1, one.id), (2, two.id)]
     assert api.cancel_job(together_client, two.id) == "completed"  # a finished job stays finished

@@ -22,7 +22,12 @@ def train_file(together_client, tmp_path):
 
 
 def finish(client: Together, job_id: str) -> str:
-    while (status := client.fine_tuning.retrieve(job_id).status) not in ("completed", "error", "cancelled", "user_error"):
+    while (status := client.fine_tuning.retrieve(job_id).status) not in (
+        "completed",
+        "error",
+        "cancelled",
+        "user_error",
+    ):
         pass
     return status
 
@@ -98,12 +103,18 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
     with pytest.raises(ConflictError):
         client.with_options(max_retries=0).endpoints.create(name="games")
     dep = client.endpoints.deployments.create(
-        endpoint.id, name="d1", model=f"projects/{model.project_id}/models/{model.id}",
+        endpoint.id,
+        name="d1",
+        model=f"projects/{model.project_id}/models/{model.id}",
         config=f"projects/{config.project_id}/configs/{config.id}",
         autoscaling={"min_replicas": 1, "max_replicas": 1},
     )
-    client.endpoints.update(endpoint.id, traffic_split=[{"deployment_id": dep.id, "weight": 1}],
-                            update_mask="trafficSplit", etag=endpoint.etag)
+    client.endpoints.update(
+        endpoint.id,
+        traffic_split=[{"deployment_id": dep.id, "weight": 1}],
+        update_mask="trafficSplit",
+        etag=endpoint.etag,
+    )
     states = []
     while not states or states[-1] != "DEPLOYMENT_STATE_READY":
         states.append(client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state)
@@ -111,9 +122,13 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
     reply = client.chat.completions.create(model=endpoint.name, messages=[{"role": "user", "content": "ping"}])
     assert reply.choices[0].message.content == "pong" and fake_together.state.chats
 
-    client.endpoints.deployments.update(dep.id, endpoint_id=endpoint.id,
-                                        autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling")
-    assert client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state == "DEPLOYMENT_STATE_STOPPED"
+    client.endpoints.deployments.update(
+        dep.id, endpoint_id=endpoint.id, autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling"
+    )
+    assert (
+        client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state
+        == "DEPLOYMENT_STATE_STOPPED"
+    )
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
     client.endpoints.delete(endpoint.id)
     assert not fake_together.state.endpoints and not fake_together.state.deployments
