@@ -128,3 +128,34 @@ def test_stop_scales_to_zero_and_the_listing_keeps_only_epochwise_endpoints(fake
     assert ea.delete_deployment(client, endpoint.id, dep.id) and not ea.delete_deployment(client, endpoint.id, dep.id)
     assert ea.delete_endpoint_if_empty(client, endpoint.id)
     assert [e.name for e in ea.list_endpoints(client)] == ["me/my-chatbot", "me/ew-other-e1"]
+
+
+def test_the_endpoint_lock_lets_one_deploy_at_a_time_find_and_create(tmp_path):
+    """Two threads (two runs) deploying one endpoint never interleave their find-then-create."""
+    import contextvars
+    import threading
+    import time
+
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from tasks.endpoints import endpoint_lock
+
+    inside, overlaps = [], []
+    start = threading.Barrier(3)
+
+    def deploy_once() -> None:
+        start.wait()
+        with endpoint_lock("ew-g-e1", wait_s=30):
+            inside.append(1)
+            overlaps.append(len(inside))
+            time.sleep(0.05)  # a listing and a create call
+            inside.pop()
+
+    with temporary_settings({PREFECT_HOME: tmp_path}):  # settings live in a context variable: copy it
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(deploy_once,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert overlaps == [1, 1, 1]
+    assert (tmp_path / "locks" / "endpoint-ew-g-e1.lock").is_file()
