@@ -35,10 +35,16 @@ from prefect.transactions import IsolationLevel
 
 from blocks.credentials import resolve_together, resolve_wandb, together_configured
 from epochwise import together_api as api
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
+
+# Short Together calls carry the ops tag, so `epochwise deployments apply`'s tag limit caps them across
+# flows and workers. wait_for_job does not: it holds its slot for the whole job (hours) and would starve
+# every other fold's uploads and submits.
+API_TAG = OpsConfig().together_api_tag
 
 
 def _client(cfg: TogetherConfig):
@@ -92,14 +98,14 @@ def _upload_policy() -> CachePolicy:
     )
 
 
-@task(cache_policy=_upload_policy(), persist_result=True)
+@task(cache_policy=_upload_policy(), persist_result=True, tags=[API_TAG])
 def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.RemoteFile:
     """Upload one fold file and wait for Together's validation; cached on its content."""
     client = _client(together)
     return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, tags=[API_TAG])
 def file_is_live(remote: api.RemoteFile, together: TogetherConfig) -> bool:
     """Whether a cached upload still exists at Together (files can be deleted or expire)."""
     return api.file_exists(_client(together), remote.id)
@@ -179,7 +185,7 @@ def fold_lock(fold: str, wait_s: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@task(cache_key_fn=epoch_job_key, persist_result=True)
+@task(cache_key_fn=epoch_job_key, persist_result=True, tags=[API_TAG])
 def launch_epoch_job(
     spec: EpochSpec,
     train_file: str,
@@ -253,7 +259,7 @@ def metrics_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-metrics-" + params["job"].job_id
 
 
-@task(cache_key_fn=metrics_key, persist_result=True)
+@task(cache_key_fn=metrics_key, persist_result=True, tags=[API_TAG])
 def fetch_epoch_metrics(job: EpochJob, info: api.JobInfo, together: TogetherConfig) -> EpochRecord:
     """The finished epoch as an `EpochRecord`: output model, train and validation loss, price."""
     train_loss, val_loss = api.job_losses(_client(together), job.job_id)

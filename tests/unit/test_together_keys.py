@@ -70,3 +70,14 @@ def test_wandb_key_is_optional_and_secret(monkeypatch):
     creds = resolve_wandb()
     assert isinstance(creds, WandbCredentials) and isinstance(creds.api_key, SecretStr)
     assert creds.api_key.get_secret_value() == "wk-456" and "wk-456" not in repr(creds)
+
+
+def test_short_together_tasks_carry_the_ops_limit_tag_and_the_poller_does_not():
+    from epochwise.config.ops import OpsConfig
+    from tasks import together
+
+    tag = OpsConfig().together_api_tag
+    for short in (together.upload_if_missing, together.file_is_live, together.launch_epoch_job,
+                  together.fetch_epoch_metrics):
+        assert tag in short.tags, short.name
+    assert tag not in together.wait_for_job.tags  # it holds a slot for the whole job
