@@ -55,6 +55,9 @@ def base_model_path(name: str, fold: Path | str, local: LocalConfig) -> str:
 
 def load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a base model in fp32 on CPU (bf16 is ~23x slower there) or bf16 on an accelerator."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-load tqdm bar only clutters task logs and CLI output
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)

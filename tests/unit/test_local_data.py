@@ -35,7 +35,7 @@ def example_fold(target: Path) -> Path:
 def test_local_config(tmp_path: Path, **changes) -> LocalConfig:
     """Settings used by the local tests (``test_`` prefix makes pytest ignore it as a fixture only when called)."""
     base = dict(cache_dir=tmp_path / "models", tiny=TEST_TINY, seq_length=256, micro_batch_size=4,
-                threads=2, sample_max_new_tokens=8, checkpoint_every=2)
+                threads=1, sample_max_new_tokens=8, checkpoint_every=2)
     base.update(changes)
     return LocalConfig(**base)
 

@@ -1,0 +1,158 @@
+"""Local trainer vs HF ``Trainer`` + peft: training tokens/s and peak RSS, side by side, in one run.
+
+Both variants train one epoch of the same base model (default ``tiny``) with the same LoRA settings,
+the same packed blocks (same seed, same order), sequence length, micro batch, accumulation and torch
+threads. Each runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own. Tokens/s counts
+real (non-padding) tokens over the training loop's wall time only (no model build, no evaluation).
+Targets: >= 1.0x tokens/s and <= 1.0x peak RSS for the local trainer.
+
+    .venv/bin/python bench/local_train.py                   # example fold, tiny model, defaults
+    .venv/bin/python bench/local_train.py --model smollm2 --seq-length 256 --micro-batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_fold(target: Path) -> Path:
+    """The README's example fold, prepared with the project's epochwise.yaml mapping."""
+    from epochwise.config import load_settings
+    from epochwise.fold import prepare
+    from epochwise.records import read_records
+
+    prepare(read_records(REPO / "examples" / "records" / "games").records, target,
+            load_settings(REPO / "epochwise.yaml").data)
+    return target
+
+
+def configs(args: argparse.Namespace):
+    from epochwise.config.local import LocalConfig
+    from epochwise.config.train import HyperParams
+
+    local = LocalConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch, threads=args.threads,
+                        cache_dir=Path(args.work) / "models", sample_max_new_tokens=0)
+    return HyperParams(), local
+
+
+def run_loop(args: argparse.Namespace) -> dict:
+    """epochwise's own loop: one fresh epoch through `train_epoch`."""
+    from epochwise.local.trainer import train_epoch
+
+    hyper, local = configs(args)
+    shutil.rmtree(Path(args.fold) / "local", ignore_errors=True)
+    result = train_epoch(args.fold, 1, args.model, hyper, local, None)
+    return {"tokens_per_s": result.tokens_per_s, "steps": result.steps, "train_loss": result.train_loss}
+
+
+def run_trainer(args: argparse.Namespace) -> dict:
+    """HF Trainer + peft on the same blocks, LoRA config, batch and threads."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from epochwise.local.data import collate, pack, read_rows, shuffled, truncate
+    from epochwise.local.keys import fold_files
+    from epochwise.local.models import base_model_path, load_base
+    from epochwise.local.trainer import set_threads
+
+    hyper, local = configs(args)
+    set_threads(local)
+    model, tokenizer = load_base(base_model_path(args.model, args.fold, local), torch.device("cpu"))
+    model.config.use_cache = False
+    rows = truncate(read_rows(fold_files(args.fold)["train"], tokenizer), local.seq_length)
+    blocks = pack(shuffled(rows, hyper.seed * 100_003 + 1), local.seq_length, local.packing)
+    set_seed(hyper.seed)
+    model = get_peft_model(model, LoraConfig(r=hyper.lora_r, lora_alpha=2 * hyper.lora_r, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    tokens = sum(len(r.input_ids) for block in blocks for r in block)
+
+    def collator(batch_blocks):
+        batch = collate(batch_blocks, tokenizer.pad_token_id, local.packing)
+        out = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": batch.position_ids}
+        if batch.attention_mask is not None:
+            out["attention_mask"] = batch.attention_mask
+        return out
+
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.work) / "hf-trainer"), per_device_train_batch_size=local.micro_batch_size,
+        gradient_accumulation_steps=local.grad_accumulation, learning_rate=hyper.learning_rate,
+        lr_scheduler_type="constant", max_grad_norm=hyper.max_grad_norm, num_train_epochs=1, logging_steps=10_000,
+        save_strategy="no", report_to=[], dataloader_num_workers=0, seed=hyper.seed, use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=blocks, data_collator=collator)
+    # HF shuffles with its own sampler; the blocks are the same set, so the work per epoch is identical.
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": tokens / seconds, "steps": output.global_step, "train_loss": output.training_loss}
+
+
+def child(args: argparse.Namespace) -> None:
+    result = run_loop(args) if args.variant == "loop" else run_trainer(args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=["loop", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--fold", help="Fold directory (default: the example fold, prepared in a temp dir).")
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.variant:
+        child(args)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-local-"))
+    try:
+        fold = Path(args.fold) if args.fold else make_fold(work / "games")
+        if args.fold:  # never touch the user's fold/local: train on a copy
+            fold = Path(shutil.copytree(fold, work / fold.name, ignore=shutil.ignore_patterns("local")))
+        # Build the base once so neither variant pays for it.
+        from epochwise.local.models import base_model_path
+
+        hyper, local = configs(argparse.Namespace(**{**vars(args), "work": str(work)}))
+        base_model_path(args.model, fold, local)
+        results = {}
+        for variant in ("loop", "trainer"):
+            command = [sys.executable, __file__, "--variant", variant, "--fold", str(fold), "--work", str(work),
+                       "--model", args.model, "--seq-length", str(args.seq_length),
+                       "--micro-batch", str(args.micro_batch)]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{variant} failed:\n{done.stdout}\n{done.stderr}")
+            results[variant] = json.loads(line[len("RESULT "):])
+        loop, hf = results["loop"], results["trainer"]
+        print(f"model {args.model}, seq {args.seq_length}, micro batch {args.micro_batch}, "
+              f"threads {local.threads or 'all cores'}, packing on, one epoch of {fold.name}")
+        print(f"{'':>18} {'tokens/s':>10} {'peak RSS MB':>12} {'steps':>6} {'train loss':>11}")
+        for name, r in (("epochwise loop", loop), ("HF Trainer+peft", hf)):
+            print(f"{name:>18} {r['tokens_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f} {r['steps']:>6} "
+                  f"{r['train_loss']:>11.4f}")
+        print(f"ratio loop/Trainer: tokens/s {loop['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.0), "
+              f"peak RSS {loop['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x (target <= 1.0)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

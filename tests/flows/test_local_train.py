@@ -1,0 +1,160 @@
+"""The local backend end to end on the Prefect test harness: 2 epochs through ``epoch-train``, the
+cache across flow runs, a SIGKILLed run resuming from its checkpoint, export and sample commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from prefect import flow
+from typer.testing import CliRunner
+
+from epochwise.cli import app
+from epochwise.config.train import HyperParams, TrainConfig
+from epochwise.local import keys
+from flows.epoch_train import epoch_train
+from tasks.local_train import train_local_epoch
+from tests.unit.test_local_data import REPO, example_fold, test_local_config
+
+# A higher LR than the default so the random-init test model learns visibly in 2 short epochs.
+HYPER = HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The example fold after a 2-epoch local ``epoch-train`` run with W&B in offline mode."""
+    root = tmp_path_factory.mktemp("local")
+    fold = example_fold(root / "games")
+    local = test_local_config(root)
+    train = TrainConfig(backend="local", epochs=2, local_model="tiny", hyper=HYPER, wandb_project="epochwise-test")
+    assert os.environ["WANDB_MODE"] == "offline"
+    records = epoch_train(str(fold), train=train, local=local)
+    return fold, train, local, records
+
+
+def test_two_local_epochs_train_and_save_loadable_adapters(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fold, train, local, records = trained
+    assert [(r.epoch, r.backend, r.status) for r in records] == [(1, "local", "completed"), (2, "local", "completed")]
+    first, second = records
+    assert first.parent == "tiny" and second.parent == first.model
+    key = keys.run_key(fold, "tiny", train.hyper, local)
+    assert [r.model for r in records] == [str(keys.epoch_dir(fold, key, k)) for k in (1, 2)]
+    assert second.val_loss < first.val_loss and second.train_loss < first.train_loss
+    assert all(r.tokens_per_s > 0 and isinstance(r.sample, str) for r in records)
+    for record in records:
+        adapter = Path(record.model)
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+        assert not keys.checkpoint_path(fold, key, record.epoch).exists()  # removed once the epoch is done
+        metrics = orjson.loads((adapter / keys.METRICS_FILE).read_bytes())
+        base = AutoModelForCausalLM.from_pretrained(metrics["base_model"])
+        model = PeftModel.from_pretrained(base, adapter)
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+    # the loss of epoch 1's steps goes down within the epoch as well
+    steps = orjson.loads((Path(first.model) / keys.METRICS_FILE).read_bytes())["step_losses"]
+    assert sum(steps[-5:]) < sum(steps[:5])
+    # one offline W&B run per epoch, grouped by fold
+    runs = sorted((fold / "local" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+
+
+def test_rerun_is_a_prefect_cache_hit(trained):
+    fold, train, local, records = trained
+
+    @flow
+    def rerun_epoch_two():
+        return train_local_epoch(str(fold), 2, train, local, records[0].model, return_state=True)
+
+    state = rerun_epoch_two()
+    assert state.name == "Cached"
+    assert state.result() == records[1]
+
+
+def test_export_merged_and_adapter_and_sample(trained, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    fold, _, _, records = trained
+    runner = CliRunner()
+    merged = runner.invoke(app, ["export", str(fold), "--epoch", "best", "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert "epoch 2" in merged.output  # epoch 2 has the lower validation loss
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    adapter = runner.invoke(app, ["export", str(fold), "--epoch", "1", "--adapter", "--out", str(tmp_path / "a")])
+    assert adapter.exit_code == 0, adapter.output
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
+        Path(records[0].model) / "adapter_model.safetensors").read_bytes()
+    sample = runner.invoke(app, ["sample", str(fold), "--epoch", "2", "--prompt", "Who wins?", "--max-new-tokens", "4"])
+    assert sample.exit_code == 0, sample.output
+    assert sample.output.splitlines()[0] == "epoch 2"
+    missing = runner.invoke(app, ["sample", str(fold), "--epoch", "7", "--prompt", "x"])
+    assert missing.exit_code == 1 and "epoch 7 is not finished (finished: 1, 2)" in missing.output
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from epochwise.local.trainer import train_epoch
+from tests.flows.test_local_train import HYPER, resume_config
+
+def on_step(step, total, loss):
+    print(step, total, loss, flush=True)
+
+train_epoch(sys.argv[1], 1, "tiny", HYPER, resume_config(Path(sys.argv[2])), None, on_step)
+"""
+
+
+def resume_config(root: Path):
+    """One row per step, so the epoch has enough steps to be killed in the middle."""
+    return test_local_config(root, micro_batch_size=1, packing=False, checkpoint_every=3)
+
+
+def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path):
+    fold = example_fold(tmp_path / "killed" / "games")
+    reference_fold = tmp_path / "reference" / "games"
+    shutil.copytree(fold, reference_fold)
+    local = resume_config(tmp_path)
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(fold), str(tmp_path)], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    key = keys.run_key(fold, "tiny", HYPER, local)
+    checkpoint = keys.checkpoint_path(fold, key, 1)
+    seen = []
+    for line in child.stdout:
+        step, total, _ = line.split()
+        seen.append(int(step))
+        if int(step) >= 7:  # checkpoints were written after steps 3 and 6
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert int(total) > 20 and seen[-1] < int(total)  # killed mid-epoch
+    assert checkpoint.is_file() and not keys.epoch_dir(fold, key, 1).exists()
+
+    @flow
+    def rerun():
+        return train_local_epoch(str(fold), 1, TrainConfig(local_model="tiny", hyper=HYPER), local, None)
+
+    record = rerun()
+    metrics = orjson.loads((Path(record.model) / keys.METRICS_FILE).read_bytes())
+    # the last checkpoint before the kill (every 3 steps, at least the one after step 6), not step 0
+    assert metrics["resumed_from_step"] >= 6 and metrics["resumed_from_step"] % 3 == 0
+    assert metrics["steps"] == int(total) and len(metrics["step_losses"]) == int(total)
+    assert not checkpoint.exists()
+
+    # An uninterrupted run on identical data: same seed + data -> the same losses, step by step,
+    # so the resumed run continued the loss curve instead of restarting it.
+    from epochwise.local.trainer import train_epoch
+
+    reference = train_epoch(reference_fold, 1, "tiny", HYPER, local, None)
+    assert reference.resumed_from_step == 0
+    assert metrics["step_losses"] == pytest.approx(reference.step_losses, rel=1e-6, abs=1e-7)
+    assert metrics["val_loss"] == pytest.approx(reference.val_loss, rel=1e-6)
