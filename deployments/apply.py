@@ -140,8 +140,28 @@ def ensure_automation(client, automation: Automation) -> Applied:
     return Applied("automation", automation.name, "updated")
 
 
-def apply_all(folds_root: Path | str, settings: Settings, result_storage: str | None = None) -> list[Applied]:
-    """Register work pool, limits, automation and deployments; returns what was done, in order."""
+def stale_fold_deployments(client, folds_root: Path, current: set[str]) -> list:
+    """Per-fold deployments (tag ``fold:<name>``) of folds under ``folds_root`` that are gone from disk."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    tagged = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[TAG])))
+    return [
+        dep
+        for dep in tagged
+        if any(tag.startswith("fold:") for tag in dep.tags)
+        and Path(str(dep.parameters.get("fold", ""))).parent == folds_root
+        and dep.name not in current
+    ]
+
+
+def apply_all(
+    folds_root: Path | str, settings: Settings, result_storage: str | None = None, prune: bool = False
+) -> list[Applied]:
+    """Register work pool, limits, automation and deployments; returns what was done, in order.
+
+    A fold deleted from disk leaves its ``epoch-train/<fold>`` deployment behind (its nightly runs would
+    fail); it is reported as stale, and deleted with ``prune=True``. Its past runs stay in the database.
+    """
     ops = settings.ops
     storage = result_storage or ops.result_storage or default_result_storage()
     plan = plan_deployments(folds_root, settings, storage)
@@ -166,5 +186,15 @@ def apply_all(folds_root: Path | str, settings: Settings, result_storage: str | 
                 for s in deployment.schedules or []
             ) or "no schedule"
             report.append(Applied("deployment", deployment.full_name, action, detail))
+        per_fold = [d for d in plan.deployments if d.flow_name == "epoch-train" and "fold" in d.parameters]
+        current = {Path(d.parameters["fold"]).name for d in per_fold}
+        # Without the epoch-train flow there is no plan to compare with: nothing is called stale.
+        stale = stale_fold_deployments(client, Path(folds_root).expanduser().resolve(), current) if any(
+            d.flow_name == "epoch-train" for d in plan.deployments) else []
+        for dep in stale:
+            if prune:
+                client.delete_deployment(dep.id)
+            report.append(Applied("deployment", f"epoch-train/{dep.name}", "deleted" if prune else "stale",
+                                  f"fold {dep.parameters['fold']} is gone" + ("" if prune else "; --prune deletes")))
     report.extend(Applied("deployment", name, "skipped", why) for name, why in plan.skipped)
     return report

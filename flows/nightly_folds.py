@@ -19,53 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_client, task, unmapped
+from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
-from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
 
-from deployments.folds import discover_folds
 from epochwise.artifacts import artifact_key
 from epochwise.config.ops import OpsConfig
-
-
-@task(cache_policy=NO_CACHE)
-def list_folds(folds_root: str) -> list[str]:
-    """Every fold directory under ``folds_root`` (absolute paths, sorted)."""
-    return [str(fold) for fold in discover_folds(folds_root)]
-
-
-def fold_deployment(flow_name: str, fold: str) -> str:
-    """``<flow>/<fold>`` when that deployment exists (it carries the per-fold limit), else ``<flow>/any-fold``."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_deployment_by_name(f"{flow_name}/{Path(fold).name}")
-            return f"{flow_name}/{Path(fold).name}"
-        except ObjectNotFound:
-            return f"{flow_name}/any-fold"
-
-
-@task(cache_policy=NO_CACHE)
-def train_fold(fold: str, flow_name: str, limit: str, parent_key: str) -> dict[str, str]:
-    """Run ``fold``'s deployment once a slot of ``limit`` is free; returns the child's final state.
-
-    ``strict=True``: a missing limit is an error, not an unbounded fan-out. The idempotency key makes a
-    crashed-and-restarted attempt of this run re-attach to the child it already started.
-    """
-    deployment = fold_deployment(flow_name, fold)
-    with concurrency(limit, occupy=1, strict=True):
-        child = run_deployment(
-            deployment,
-            parameters={"fold": fold},
-            idempotency_key=f"{parent_key}:{fold}",
-            poll_interval=5,  # seconds between state checks of the child run
-        )
-    return {"fold": Path(fold).name, "deployment": deployment,
-            "state": child.state.name if child.state else "unknown", "flow run": child.name,
-            "flow run id": str(child.id)}
+from tasks.fan_out import list_folds, run_fold_deployment
 
 
 @flow(name="nightly-folds", log_prints=True)
@@ -79,7 +39,7 @@ def nightly_folds(
     print(f"{len(folds)} fold(s) under {folds_root}: {', '.join(Path(f).name for f in folds) or 'none'}")
     run = get_run_context().flow_run
     parent_key = f"nightly-folds:{run.id}:{run.run_count}"
-    results = train_fold.map(folds, unmapped(flow_name), unmapped(limit), unmapped(parent_key)).result()
+    results = run_fold_deployment.map(folds, unmapped(flow_name), unmapped(limit), unmapped(parent_key)).result()
     create_table_artifact(
         key=artifact_key(Path(folds_root).name, "nightly"),
         table=results or [{"fold": "none", "state": "no folds found"}],

@@ -32,6 +32,7 @@ def apply(
         None, "--result-storage",
         help="Result storage for worker runs (default: this shell's PREFECT_RESULTS_LOCAL_STORAGE_PATH).",
     ),
+    prune: bool = typer.Option(False, "--prune", help="Delete epoch-train deployments of folds gone from disk."),
     config: Path = ConfigOption,
 ) -> None:
     """Create or update the work pool, limits, crash automation and one epoch-train deployment per fold.
@@ -60,7 +61,7 @@ def apply(
     from deployments.apply import apply_all
 
     try:
-        report = apply_all(folds_root, cfg)
+        report = apply_all(folds_root, cfg, prune=prune)
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([f"error: {exc}"])
     table = Table(title=f"epochwise on Prefect ({cfg.ops.work_pool} pool)")
@@ -90,7 +91,7 @@ def ls() -> None:
         flows = {f.id: f.name for f in client.read_flows()}
     table = Table(title="epochwise deployments")
     for column in ("deployment", "schedule", "one at a time", "paused", "fold / parameters"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "deployment")
     for dep in sorted(found, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         schedules = ", ".join(
             f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', None) or 'UTC'}"

@@ -104,6 +104,7 @@ def client_env(home: Path, api_url: str | None) -> dict[str, str]:
         PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(home / "storage"),
         PREFECT_WORKER_QUERY_SECONDS="1",  # seconds between the worker's polls (default 10)
         WANDB_MODE="offline",
+        COLUMNS="200",  # rich tables in CLI output: wide enough that names are never cut
     )
     if api_url:
         env["PREFECT_API_URL"] = api_url

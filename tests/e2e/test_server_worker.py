@@ -80,12 +80,19 @@ def site(prefect_server: Prefect, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def applied(prefect_server: Prefect, site: dict[str, Path]) -> dict[str, Any]:
-    """Apply twice, the second time with another cron and time zone; snapshot after each."""
+    """Apply twice, the second time with another cron and time zone and with the fold ``old`` deleted from
+    disk in between (``--prune``); snapshot after each."""
+    old = site["folds"] / "old"
+    shutil.copytree(site["folds"] / "games", old)
     apply = ["epochwise", "deployments", "apply", "--folds-root", str(site["folds"]), "--config", str(site["config"])]
     prefect_server.run(*apply, cwd=site["root"])
     first = tagged_deployments(prefect_server)
-    out = prefect_server.run(*apply, "--cron", "15 3 * * *", "--timezone", "Europe/Berlin", cwd=site["root"])
-    return {"first": first, "second": tagged_deployments(prefect_server), "output": out.stdout}
+    shutil.rmtree(old)
+    out = prefect_server.run(
+        *apply, "--cron", "15 3 * * *", "--timezone", "Europe/Berlin", "--prune", cwd=site["root"]
+    )
+    listed = prefect_server.run("epochwise", "deployments", "ls", cwd=site["root"])
+    return {"first": first, "second": tagged_deployments(prefect_server), "output": out.stdout, "ls": listed.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +118,12 @@ def test_apply_registers_each_deployment_once_and_updates_in_place(prefect_serve
     first, second = applied["first"], applied["second"]
     expected = {"epoch-train/games", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any"}
     assert expected <= set(second)
-    assert set(first) == set(second)
+    assert "epoch-train/old" in first and "epoch-train/old" not in second  # pruned: its fold is gone
+    del first["epoch-train/old"]
     assert {name: d["id"] for name, d in first.items()} == {name: d["id"] for name, d in second.items()}
     assert len(prefect_server.post("/deployments/filter", {})) == len(second)
+    for name in expected:
+        assert name in applied["ls"]
 
     games = second["epoch-train/games"]
     assert games["parameters"]["fold"] == str(Path(games["parameters"]["fold"]).resolve())
