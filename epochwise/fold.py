@@ -18,7 +18,7 @@ import orjson
 from epochwise.config.data import DataConfig
 from epochwise.io import atomic_write, gc_paused
 from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import MappingError, SourceRecord, to_conversation
+from epochwise.records import MappingError, SourceRecord, conversation_line
 from epochwise.validate import message_problems
 
 TRAIN_FILE = "train.jsonl"
@@ -63,18 +63,17 @@ def map_records(records: list[SourceRecord], config: DataConfig) -> tuple[list[R
     with gc_paused():
         for record in records:
             try:
-                conversation = to_conversation(record.data, config.mapping)
+                line = conversation_line(record.data, config.mapping)
             except MappingError as exc:
                 skipped.append(Problem(record.path, record.line, str(exc)))
                 continue
             # Conversations built from a template or prompt/completion are valid by construction; only
             # records that bring their own `messages` can break Together's rules.
             if "messages" in record.data:
-                reasons = message_problems(conversation["messages"])
+                reasons = message_problems(orjson.loads(line)["messages"])
                 if reasons:
                     skipped.append(Problem(record.path, record.line, "; ".join(reasons)))
                     continue
-            line = orjson.dumps(conversation)
             rows.append(Row(hashlib.sha256(seed + line).digest(), line))
     return rows, skipped
 

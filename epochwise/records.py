@@ -206,6 +206,16 @@ def as_text(value: Any) -> str:
 
 def to_conversation(record: dict[str, Any], mapping: RecordMapping) -> Conversation:
     """Map one record to ``{"messages": [...]}``; raises `MappingError` with the reason when impossible."""
+    return orjson.loads(conversation_line(record, mapping))
+
+
+def conversation_line(record: dict[str, Any], mapping: RecordMapping) -> bytes:
+    """Map one record straight to its compact ChatML JSON line (no newline).
+
+    Template and prompt/completion rows are assembled from pre-serialised pieces: only the two message
+    texts are encoded per record, about 4x faster than building the nested dicts and dumping them
+    (bench/prepare.py). The bytes equal ``orjson.dumps`` of the equivalent conversation dict.
+    """
     fmt = mapping.format
     if fmt == "auto":
         if "messages" in record:
@@ -214,24 +224,41 @@ def to_conversation(record: dict[str, Any], mapping: RecordMapping) -> Conversat
             fmt = "prompt_completion"
         else:
             fmt = "template"
-    system = [{"role": "system", "content": mapping.system_prompt}] if mapping.system_prompt else []
     if fmt == "messages":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise MappingError("'messages' must be a non-empty list")
         has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
-        return {"messages": (system if not has_system else []) + messages}
+        if has_system or not mapping.system_prompt:
+            return orjson.dumps({"messages": messages})
+        return _line_prefix(mapping.system_prompt) + orjson.dumps(messages)[1:] + b"}"
     if fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if key not in record:
                 raise MappingError(f"missing field '{key}'")
-        return {
-            "messages": system
-            + [
-                {"role": "user", "content": as_text(record["prompt"])},
-                {"role": "assistant", "content": as_text(record["completion"])},
-            ]
-        }
+        user, reply = as_text(record["prompt"]), as_text(record["completion"])
+    else:
+        user, reply = _from_template(record, mapping)
+    return (
+        _line_prefix(mapping.system_prompt)
+        + b'{"role":"user","content":'
+        + orjson.dumps(user)
+        + b'},{"role":"assistant","content":'
+        + orjson.dumps(reply)
+        + b"}]}"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _line_prefix(system_prompt: str | None) -> bytes:
+    """``{"messages":[`` plus the serialised system message and a comma, when there is one."""
+    if not system_prompt:
+        return b'{"messages":['
+    return b'{"messages":[{"role":"system","content":' + orjson.dumps(system_prompt) + b"},"
+
+
+def _from_template(record: dict[str, Any], mapping: RecordMapping) -> tuple[str, str]:
+    """The user text (template filled from the record) and the reply text."""
     if not mapping.user_template or not mapping.assistant_field:
         raise MappingError(
             "record has no 'messages' or 'prompt'/'completion'; configure data.mapping.user_template "
@@ -247,6 +274,4 @@ def to_conversation(record: dict[str, Any], mapping: RecordMapping) -> Conversat
     if reply is None or reply == "":
         raise MappingError(f"assistant field '{mapping.assistant_field}' is empty")
     user = mapping.user_template.format_map({name: as_text(record[name]) for name in fields})
-    return {
-        "messages": system + [{"role": "user", "content": user}, {"role": "assistant", "content": as_text(reply)}]
-    }
+    return user, as_text(reply)
