@@ -30,7 +30,7 @@ from together import APIConnectionError, APIStatusError, ConflictError, NotFound
 
 from epochwise.config.deploy import DeployConfig
 from epochwise.epochs import EpochRecord, best_epoch
-from epochwise.together_api import fold_slug
+from epochwise.together_api import api_message, fold_slug
 
 PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper touches nothing else
 READY = "DEPLOYMENT_STATE_READY"
@@ -408,16 +408,6 @@ def delete_endpoint_if_empty(client: Together, endpoint_id: str) -> bool:
     except NotFoundError:
         return False
     return True
-
-
-def api_message(exc: APIStatusError) -> str:
-    """Together's own error message from an SDK exception."""
-    body = exc.body
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    return str(exc)
 
 
 # ---------------------------------------------------------------------------------------------------

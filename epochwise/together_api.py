@@ -306,7 +306,7 @@ def create_job(
             job = once.fine_tuning.create(**request.create_kwargs())
         except APIStatusError as exc:
             if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
-                raise TogetherFailure(f"Together refused the job ({exc.status_code}): {_message(exc)}") from None
+                raise TogetherFailure(f"Together refused the job ({exc.status_code}): {api_message(exc)}") from None
             last = exc
         except APIConnectionError as exc:
             last = exc
@@ -319,7 +319,8 @@ def create_job(
     raise TogetherFailure(f"could not create job {request.suffix}: {last}")
 
 
-def _message(exc: APIStatusError) -> str:
+def api_message(exc: APIStatusError) -> str:
+    """Together's own error message from an SDK exception."""
     body = exc.body
     if isinstance(body, dict):
         err = body.get("error", body)

@@ -18,18 +18,14 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import shutil
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_HOME
 from prefect.transactions import Transaction, get_transaction
 from together import Together
 
@@ -40,6 +36,7 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord
+from tasks.locks import exclusive_lock
 
 
 def _client(together: TogetherConfig) -> Together:
@@ -47,26 +44,9 @@ def _client(together: TogetherConfig) -> Together:
     return ea.with_project(together_api.make_client(resolve_together(together.credentials_block), together))
 
 
-@contextlib.contextmanager
-def endpoint_lock(slug: str, wait_s: float) -> Iterator[None]:
-    """An exclusive ``flock`` per endpoint name: find-then-create is never interleaved by two runs, and a
-    killed holder releases it with its file descriptor."""
-    directory = Path(PREFECT_HOME.value()) / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"endpoint-{slug}.lock", "a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ea.EndpointFailure(f"endpoint {slug} is being deployed by another run") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def endpoint_lock(slug: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
+    """An exclusive lock per endpoint name: find-then-create is never interleaved by two runs."""
+    return exclusive_lock(f"endpoint-{slug}", wait_s, ea.EndpointFailure(f"endpoint {slug} is being deployed by another run"))
 
 
 # ---------------------------------------------------------------------------------------------------

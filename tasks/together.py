@@ -17,10 +17,7 @@ Credentials are resolved inside each task (blocks or environment) and never beco
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +27,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
-from prefect.settings import PREFECT_HOME
 from prefect.transactions import IsolationLevel
 
 from blocks.credentials import resolve_together, resolve_wandb, together_configured
@@ -40,6 +36,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
+from tasks.locks import exclusive_lock, locks_dir
 
 # Short Together calls carry the ops tag, so `epochwise deployments apply`'s tag limit caps them across
 # flows and workers. wait_for_job does not: it holds its slot for the whole job (hours) and would starve
@@ -49,12 +46,6 @@ API_TAG = OpsConfig().together_api_tag
 
 def _client(cfg: TogetherConfig):
     return api.make_client(resolve_together(cfg.credentials_block), cfg)
-
-
-def _locks_dir() -> Path:
-    path = Path(PREFECT_HOME.value()) / "locks"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def api_base(cfg: TogetherConfig) -> str:
@@ -94,7 +85,7 @@ def upload_key(ctx: TaskRunContext, params: dict) -> str:
 def _upload_policy() -> CachePolicy:
     return CachePolicy.from_cache_key_fn(upload_key).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=ExpiringFileLockManager(_locks_dir(), TogetherConfig().upload_lock_hold_s),
+        lock_manager=ExpiringFileLockManager(locks_dir(), TogetherConfig().upload_lock_hold_s),
     )
 
 
@@ -163,26 +154,10 @@ def epoch_job_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-epoch-" + params["spec"].key
 
 
-@contextlib.contextmanager
-def fold_lock(fold: str, wait_s: float) -> Iterator[None]:
-    """An exclusive per-fold ``flock``; released by the OS even when the holder is SIGKILLed."""
-    path = _locks_dir() / f"fold-{api.fold_slug(fold)}.lock"
-    with open(path, "a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise api.TogetherFailure(
-                        f"fold {fold} is being submitted by another run (lock {path}); waited {wait_s:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def fold_lock(fold: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
+    """An exclusive per-fold lock around find-then-create of the fold's epoch jobs."""
+    busy = api.TogetherFailure(f"fold {fold} is being submitted by another run; waited {wait_s:.0f} s")
+    return exclusive_lock(f"fold-{api.fold_slug(fold)}", wait_s, busy)
 
 
 @task(cache_key_fn=epoch_job_key, persist_result=True, tags=[API_TAG])
