@@ -1,9 +1,10 @@
 """Local trainer vs HF ``Trainer`` + peft: training tokens/s and peak RSS, side by side, in one run.
 
 Both variants train one epoch of the same base model (default ``tiny``) with the same LoRA settings,
-the same packed blocks (same seed, same order), sequence length, micro batch, accumulation and torch
-threads. Each runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own. Tokens/s counts
-real (non-padding) tokens over the training loop's wall time only (no model build, no evaluation).
+the same packed blocks, sequence length, micro batch, accumulation and torch threads, then compute
+the validation loss once (what one epoch of epoch-train does). Each runs in its own subprocess so its
+peak RSS (``ru_maxrss``) is its own. Tokens/s counts real (non-padding) tokens over the training
+loop's wall time only (no model build, no evaluation).
 Targets: >= 1.0x tokens/s and <= 1.0x peak RSS for the local trainer.
 
     .venv/bin/python bench/local_train.py                   # example fold, tiny model, defaults
@@ -31,8 +32,11 @@ def make_fold(target: Path) -> Path:
     from epochwise.fold import prepare
     from epochwise.records import read_records
 
-    prepare(read_records(REPO / "examples" / "records" / "games").records, target,
-            load_settings(REPO / "epochwise.yaml").data)
+    prepare(
+        read_records(REPO / "examples" / "records" / "games").records,
+        target,
+        load_settings(REPO / "epochwise.yaml").data,
+    )
     return target
 
 
@@ -40,8 +44,13 @@ def configs(args: argparse.Namespace):
     from epochwise.config.local import LocalConfig
     from epochwise.config.train import HyperParams
 
-    local = LocalConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch, threads=args.threads,
-                        cache_dir=Path(args.work) / "models", sample_max_new_tokens=0)
+    local = LocalConfig(
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch,
+        threads=args.threads,
+        cache_dir=Path(args.work) / "models",
+        sample_max_new_tokens=0,
+    )
     return HyperParams(), local
 
 
@@ -70,11 +79,21 @@ def run_trainer(args: argparse.Namespace) -> dict:
     set_threads(local)
     model, tokenizer = load_base(base_model_path(args.model, args.fold, local), torch.device("cpu"))
     model.config.use_cache = False
-    rows = truncate(read_rows(fold_files(args.fold)["train"], tokenizer), local.seq_length)
+    files = fold_files(args.fold)
+    rows = truncate(read_rows(files["train"], tokenizer), local.seq_length)
     blocks = pack(shuffled(rows, hyper.seed * 100_003 + 1), local.seq_length, local.packing)
+    val_blocks = pack(truncate(read_rows(files["val"], tokenizer), local.seq_length), local.seq_length, local.packing)
     set_seed(hyper.seed)
-    model = get_peft_model(model, LoraConfig(r=hyper.lora_r, lora_alpha=2 * hyper.lora_r, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=hyper.lora_r,
+            lora_alpha=2 * hyper.lora_r,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     tokens = sum(len(r.input_ids) for block in blocks for r in block)
 
     def collator(batch_blocks):
@@ -85,17 +104,31 @@ def run_trainer(args: argparse.Namespace) -> dict:
         return out
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.work) / "hf-trainer"), per_device_train_batch_size=local.micro_batch_size,
-        gradient_accumulation_steps=local.grad_accumulation, learning_rate=hyper.learning_rate,
-        lr_scheduler_type="constant", max_grad_norm=hyper.max_grad_norm, num_train_epochs=1, logging_steps=10_000,
-        save_strategy="no", report_to=[], dataloader_num_workers=0, seed=hyper.seed, use_cpu=True,
-        remove_unused_columns=False, disable_tqdm=True,
+        output_dir=str(Path(args.work) / "hf-trainer"),
+        per_device_train_batch_size=local.micro_batch_size,
+        per_device_eval_batch_size=local.eval_batch_size,
+        gradient_accumulation_steps=local.grad_accumulation,
+        learning_rate=hyper.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=hyper.max_grad_norm,
+        num_train_epochs=1,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=hyper.seed,
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=blocks, data_collator=collator)
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=blocks, eval_dataset=val_blocks, data_collator=collator
+    )
     # HF shuffles with its own sampler; the blocks are the same set, so the work per epoch is identical.
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
+    trainer.evaluate()
     return {"tokens_per_s": tokens / seconds, "steps": output.global_step, "train_loss": output.training_loss}
 
 
@@ -113,7 +146,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores now).")
     args = parser.parse_args()
     if args.variant:
         child(args)
@@ -124,32 +157,52 @@ def main() -> None:
         fold = Path(args.fold) if args.fold else make_fold(work / "games")
         if args.fold:  # never touch the user's fold/local: train on a copy
             fold = Path(shutil.copytree(fold, work / fold.name, ignore=shutil.ignore_patterns("local")))
-        # Build the base once so neither variant pays for it.
+        # Build the base once so neither variant pays for it; fix the thread count for both.
         from epochwise.local.models import base_model_path
+        from epochwise.local.trainer import default_threads
 
+        args.threads = args.threads or default_threads()
         hyper, local = configs(argparse.Namespace(**{**vars(args), "work": str(work)}))
         base_model_path(args.model, fold, local)
         results = {}
         for variant in ("loop", "trainer"):
-            command = [sys.executable, __file__, "--variant", variant, "--fold", str(fold), "--work", str(work),
-                       "--model", args.model, "--seq-length", str(args.seq_length),
-                       "--micro-batch", str(args.micro_batch)]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--fold",
+                str(fold),
+                "--work",
+                str(work),
+                "--model",
+                args.model,
+                "--seq-length",
+                str(args.seq_length),
+                "--micro-batch",
+                str(args.micro_batch),
+            ]
+            command += ["--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{variant} failed:\n{done.stdout}\n{done.stderr}")
-            results[variant] = json.loads(line[len("RESULT "):])
+            results[variant] = json.loads(line[len("RESULT ") :])
         loop, hf = results["loop"], results["trainer"]
-        print(f"model {args.model}, seq {args.seq_length}, micro batch {args.micro_batch}, "
-              f"threads {local.threads or 'all cores'}, packing on, one epoch of {fold.name}")
+        print(
+            f"model {args.model}, seq {args.seq_length}, micro batch {args.micro_batch}, "
+            f"threads {args.threads}, packing on, one epoch of {fold.name}"
+        )
         print(f"{'':>18} {'tokens/s':>10} {'peak RSS MB':>12} {'steps':>6} {'train loss':>11}")
         for name, r in (("epochwise loop", loop), ("HF Trainer+peft", hf)):
-            print(f"{name:>18} {r['tokens_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f} {r['steps']:>6} "
-                  f"{r['train_loss']:>11.4f}")
-        print(f"ratio loop/Trainer: tokens/s {loop['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.0), "
-              f"peak RSS {loop['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x (target <= 1.0)")
+            print(
+                f"{name:>18} {r['tokens_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f} {r['steps']:>6} "
+                f"{r['train_loss']:>11.4f}"
+            )
+        print(
+            f"ratio loop/Trainer: tokens/s {loop['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.0), "
+            f"peak RSS {loop['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x (target <= 1.0)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

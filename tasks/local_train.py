@@ -29,8 +29,9 @@ from epochwise.local.keys import epoch_cache_key, run_key
 def local_epoch_key(context: TaskRunContext, params: dict[str, Any]) -> str:
     """Content key of one epoch (never paths alone, never the flow run id)."""
     train: TrainConfig = params["train"]
-    return epoch_cache_key(params["fold"], params["epoch"], train.local_model, train.hyper, params["local"],
-                           params["parent"])
+    return epoch_cache_key(
+        params["fold"], params["epoch"], train.local_model, train.hyper, params["local"], params["parent"]
+    )
 
 
 class EpochProgress:
@@ -39,15 +40,22 @@ class EpochProgress:
     def __init__(self, fold: str, epoch: int, wandb_run: Any = None) -> None:
         self.fold, self.epoch, self.wandb_run = fold, epoch, wandb_run
         self.artifact = create_progress_artifact(
-            0.0, key=artifact_key(fold, f"local-epoch-{epoch}"), description=f"{fold}: local epoch {epoch} steps done (%)"
+            0.0,
+            key=artifact_key(fold, f"local-epoch-{epoch}"),
+            description=f"{fold}: local epoch {epoch} steps done (%)",
         )
         self.last_percent = 0.0
         self.bar = None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(f"{fold} epoch {epoch}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+            self.bar = Progress(
+                TextColumn(f"{fold} epoch {epoch}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeRemainingColumn(),
+            )
             self.bar.start()
             self.bar_task = self.bar.add_task("train", total=None, loss=float("nan"))
 
@@ -78,23 +86,41 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
         from epochwise.wandb_log import start_run
 
         key = run_key(fold, train.local_model, train.hyper, local)
-        wandb_run = start_run(train.wandb_project, name, epoch, key,
-                              {"model": train.local_model, **train.hyper.model_dump(mode="json")},
-                              per=local.wandb_run_per, directory=Path(fold).resolve() / "local")
+        wandb_run = start_run(
+            train.wandb_project,
+            name,
+            epoch,
+            key,
+            {"model": train.local_model, **train.hyper.model_dump(mode="json")},
+            per=local.wandb_run_per,
+            directory=Path(fold).resolve() / "local",
+        )
     progress = EpochProgress(name, epoch, wandb_run)
     try:
         result = train_epoch(fold, epoch, train.local_model, train.hyper, local, parent, on_step=progress)
     finally:
         progress.close()
     if wandb_run is not None:
-        wandb_run.finish({"train/epoch_loss": result.train_loss, "val/loss": result.val_loss,
-                          "tokens_per_s": result.tokens_per_s})
+        wandb_run.finish(
+            {"train/epoch_loss": result.train_loss, "val/loss": result.val_loss, "tokens_per_s": result.tokens_per_s}
+        )
     if result.resumed_from_step:
-        logger.info("%s epoch %d resumed from its checkpoint at step %d of %d",
-                    name, epoch, result.resumed_from_step, result.steps)
-    logger.info("%s epoch %d: train loss %.4f, val loss %s, %.0f tokens/s, adapter %s",
-                name, epoch, result.train_loss, "n/a" if result.val_loss is None else f"{result.val_loss:.4f}",
-                result.tokens_per_s, result.adapter_dir)
+        logger.info(
+            "%s epoch %d resumed from its checkpoint at step %d of %d",
+            name,
+            epoch,
+            result.resumed_from_step,
+            result.steps,
+        )
+    logger.info(
+        "%s epoch %d: train loss %.4f, val loss %s, %.0f tokens/s, adapter %s",
+        name,
+        epoch,
+        result.train_loss,
+        "n/a" if result.val_loss is None else f"{result.val_loss:.4f}",
+        result.tokens_per_s,
+        result.adapter_dir,
+    )
     logger.info("%s epoch %d sample: %r", name, epoch, result.sample)
     return EpochRecord(
         fold=name,

@@ -42,8 +42,10 @@ class LocalConfig(BaseModel):
     """
 
     seq_length: int = Field(
-        512, gt=8, description="Tokens per packed block (or longest padded row); rows are cut to "
-        "min(seq_length, train.hyper.max_seq_length)."
+        512,
+        gt=8,
+        description="Tokens per packed block (or longest padded row); rows are cut to "
+        "min(seq_length, train.hyper.max_seq_length).",
     )
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
     grad_accumulation: int = Field(1, gt=0, description="Micro batches per optimizer step.")
@@ -55,8 +57,10 @@ class LocalConfig(BaseModel):
     )
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass during evaluation.")
     threads: int | None = Field(
-        None, gt=0, description="torch CPU threads (default: the cores this process may use that are not busy "
-        "with other work). Set it for bitwise-identical reruns: the thread count changes summation order."
+        None,
+        gt=0,
+        description="torch CPU threads (default: the cores this process may use that are not busy "
+        "with other work). Set it for bitwise-identical reruns: the thread count changes summation order.",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="'auto' = cuda when available, else cpu.")
     checkpoint_every: int = Field(
@@ -79,6 +83,14 @@ class LocalConfig(BaseModel):
 
         ``threads`` is left out on purpose: it changes floating-point summation order, not the recipe.
         """
-        skip = {"threads", "device", "checkpoint_every", "cache_dir", "sample_prompt",
-                "sample_max_new_tokens", "wandb_run_per", "eval_batch_size"}
+        skip = {
+            "threads",
+            "device",
+            "checkpoint_every",
+            "cache_dir",
+            "sample_prompt",
+            "sample_max_new_tokens",
+            "wandb_run_per",
+            "eval_batch_size",
+        }
         return self.model_dump(mode="json", exclude=skip)

@@ -39,8 +39,10 @@ def chatml_row(messages: list[dict[str, str]], tokenizer, train_on_inputs: bool 
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(through) and through.startswith(before)):
-            raise ValueError("the chat template does not render earlier turns identically; "
-                             "cannot find the assistant reply by prefix difference")
+            raise ValueError(
+                "the chat template does not render earlier turns identically; "
+                "cannot find the assistant reply by prefix difference"
+            )
         # The reply and its end-of-turn marker; the newline the template adds after it is not labelled.
         spans.append((len(before), len(through.rstrip())))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -82,8 +84,10 @@ def parquet_rows(path: Path | str, vocab_size: int) -> list[TokenRow]:
         keep = [i for i, m in enumerate(mask) if m]
         row_ids = [ids[i] for i in keep]
         if row_ids and max(row_ids) >= vocab_size:
-            raise ValueError(f"{path}:{number}: token id {max(row_ids)} is outside the model's vocabulary "
-                             f"({vocab_size}); this parquet was tokenised for another model")
+            raise ValueError(
+                f"{path}:{number}: token id {max(row_ids)} is outside the model's vocabulary "
+                f"({vocab_size}); this parquet was tokenised for another model"
+            )
         rows.append(TokenRow(row_ids, [labels[i] for i in keep]))
     return rows
 
@@ -133,9 +137,15 @@ class Batch:
     label_tokens: int  # tokens that count in the loss (targets after the shift)
 
     def to(self, device: torch.device) -> Batch:
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                     move(self.attention_mask), self.tokens, self.label_tokens)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            move(self.input_ids),
+            move(self.labels),
+            move(self.position_ids),
+            move(self.attention_mask),
+            self.tokens,
+            self.label_tokens,
+        )
 
 
 def collate(blocks: list[list[TokenRow]], pad_id: int, packing: bool) -> Batch:

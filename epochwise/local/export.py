@@ -29,8 +29,9 @@ def pick_epoch(fold: Path | str, epoch: str, run: str | None = None) -> dict:
     """``epoch`` is a number or ``best`` (lowest validation loss; see `epochwise.epochs.best_epoch`)."""
     epochs = find_epochs(fold, run)
     if epoch == "best":
-        records = [EpochRecord(fold=m["fold"], epoch=m["epoch"], backend="local", val_loss=m["val_loss"])
-                   for m in epochs]
+        records = [
+            EpochRecord(fold=m["fold"], epoch=m["epoch"], backend="local", val_loss=m["val_loss"]) for m in epochs
+        ]
         chosen = best_epoch(records)
         return next(m for m in epochs if m["epoch"] == chosen.epoch)
     if not epoch.isdigit():

@@ -85,8 +85,10 @@ def fold_texts(fold: Path | str) -> Iterator[str]:
 def build_tiny(fold: Path | str, local: LocalConfig) -> Path:
     """Build (once) the tiny base for this fold and return its cache directory."""
     if local.data != "chatml":
-        raise ValueError("the 'tiny' model trains its tokenizer on the fold's ChatML JSONL; "
-                         "Harmony parquet needs a gpt-oss model (--model)")
+        raise ValueError(
+            "the 'tiny' model trains its tokenizer on the fold's ChatML JSONL; "
+            "Harmony parquet needs a gpt-oss model (--model)"
+        )
     spec = local.tiny
     hashes = {p.name: sha256_file(p) for p in fold_files(fold).values()}
     key = hashlib.sha256(
@@ -168,7 +170,9 @@ def build_smollm2(local: LocalConfig) -> Path:
 
     def write(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.config.quantization_config = None
+        # The weights are plain fp32 now; drop the GGUF quantizer so they save as ordinary safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

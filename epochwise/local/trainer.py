@@ -39,7 +39,7 @@ from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
 from epochwise.io import atomic_write, atomic_write_bytes
 from epochwise.local import keys
-from epochwise.local.data import Batch, IGNORE, micro_batches, pack, read_rows, shuffled, truncate
+from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
 from epochwise.local.models import base_model_path, load_base, resolve_device
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -150,11 +150,14 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
     output = model.generate(
-        **encoded, max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model.train(was_training)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def sample_messages(files: dict[str, Path], local: LocalConfig) -> list[dict[str, str]] | None:
@@ -221,13 +224,16 @@ def train_epoch(
         model = PeftModel.from_pretrained(model, parent, is_trainable=True)
     else:
         targets = hyper.lora_trainable_modules
-        model = get_peft_model(model, LoraConfig(
-            r=hyper.lora_r,
-            lora_alpha=hyper.lora_alpha or 2 * hyper.lora_r,
-            lora_dropout=hyper.lora_dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-            task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=hyper.lora_r,
+                lora_alpha=hyper.lora_alpha or 2 * hyper.lora_r,
+                lora_dropout=hyper.lora_dropout,
+                target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)

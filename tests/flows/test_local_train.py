@@ -91,7 +91,8 @@ def test_export_merged_and_adapter_and_sample(trained, tmp_path: Path):
     adapter = runner.invoke(app, ["export", str(fold), "--epoch", "1", "--adapter", "--out", str(tmp_path / "a")])
     assert adapter.exit_code == 0, adapter.output
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
-        Path(records[0].model) / "adapter_model.safetensors").read_bytes()
+        Path(records[0].model) / "adapter_model.safetensors"
+    ).read_bytes()
     sample = runner.invoke(app, ["sample", str(fold), "--epoch", "2", "--prompt", "Who wins?", "--max-new-tokens", "4"])
     assert sample.exit_code == 0, sample.output
     assert sample.output.splitlines()[0] == "epoch 2"
@@ -123,8 +124,9 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path):
     shutil.copytree(fold, reference_fold)
     local = resume_config(tmp_path)
 
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(fold), str(tmp_path)], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(fold), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     key = keys.run_key(fold, "tiny", HYPER, local)
     checkpoint = keys.checkpoint_path(fold, key, 1)
     seen = []

@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "records" / "games"
 
 # A very small tiny model so CPU tests stay fast; same code path as the default one.
-TEST_TINY = TinyModel(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+TEST_TINY = TinyModel(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def example_fold(target: Path) -> Path:
@@ -34,8 +40,15 @@ def example_fold(target: Path) -> Path:
 
 def test_local_config(tmp_path: Path, **changes) -> LocalConfig:
     """Settings used by the local tests (``test_`` prefix makes pytest ignore it as a fixture only when called)."""
-    base = dict(cache_dir=tmp_path / "models", tiny=TEST_TINY, seq_length=256, micro_batch_size=4,
-                threads=1, sample_max_new_tokens=8, checkpoint_every=2)
+    base = dict(
+        cache_dir=tmp_path / "models",
+        tiny=TEST_TINY,
+        seq_length=256,
+        micro_batch_size=4,
+        threads=1,
+        sample_max_new_tokens=8,
+        checkpoint_every=2,
+    )
     base.update(changes)
     return LocalConfig(**base)
 
@@ -95,11 +108,13 @@ def test_multi_turn_labels_every_reply_and_nothing_else(tiny):
 
 
 def test_parquet_rows_are_taken_as_they_are(tmp_path: Path):
-    table = pa.table({
-        "input_ids": [[5, 6, 7, 8, 0], [9, 10, 11]],
-        "attention_mask": [[1, 1, 1, 1, 0], [1, 1, 1]],
-        "labels": [[-100, -100, 7, 8, -100], [-100, 10, 11]],
-    })
+    table = pa.table(
+        {
+            "input_ids": [[5, 6, 7, 8, 0], [9, 10, 11]],
+            "attention_mask": [[1, 1, 1, 1, 0], [1, 1, 1]],
+            "labels": [[-100, -100, 7, 8, -100], [-100, 10, 11]],
+        }
+    )
     path = tmp_path / "train_harmony.parquet"
     pq.write_table(table, path)
     rows = parquet_rows(path, vocab_size=100)

@@ -65,7 +65,7 @@ def test_schedule_warmup_then_cosine_to_min_ratio():
     factor = lr_lambda(HyperParams(lr_scheduler="cosine", warmup_ratio=0.2, min_lr_ratio=0.1), total_steps=10)
     values = [factor(s) for s in range(10)]
     assert values[0] < values[1] < values[2] == 1.0  # 2 warmup steps, then the peak
-    assert all(a > b for a, b in zip(values[2:], values[3:]))
+    assert all(a > b for a, b in zip(values[2:], values[3:], strict=False))
     assert factor(10) == pytest.approx(0.1)
     constant = lr_lambda(HyperParams(), total_steps=10)  # shared default: linear with min ratio 1.0
     assert {constant(s) for s in range(11)} == {1.0}
@@ -81,8 +81,10 @@ def test_integer_batch_size_sets_accumulation():
 
 
 def test_importing_flows_and_tasks_does_not_import_torch():
-    code = ("import sys, flows.epoch_train, tasks.local_train, epochwise.local.keys, epochwise.cli; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, flows.epoch_train, tasks.local_train, epochwise.local.keys, epochwise.cli; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.split() == ["False", "False"]
 
