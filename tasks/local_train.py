@@ -1,9 +1,10 @@
 """Prefect task for one local LoRA epoch (`epochwise.local.trainer.train_epoch`), cached by content.
 
 The cache key is the fold's file hashes + model + epoch + hyper-parameters + local settings + parent
-(see `epochwise.local.keys.epoch_cache_key`), so a new flow run skips finished epochs, and a changed
-fold or setting trains again into a different run directory. A run killed mid-epoch left a checkpoint;
-the rerun's task finds it and continues from it (no variable to set).
++ the finished epoch's metrics (see `epochwise.local.keys.epoch_cache_key`), so a new flow run skips
+finished epochs, a changed fold or setting trains again into a different run directory, and a cached
+result never points at a deleted adapter. A run killed mid-epoch left a checkpoint; the rerun's task
+finds it and continues from it (no variable to set).
 
 torch is imported inside the task only: importing this module (and the flows) stays light.
 """
@@ -11,6 +12,7 @@ torch is imported inside the task only: importing this module (and the flows) st
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,11 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
-from epochwise.local.keys import epoch_cache_key, run_key
+from epochwise.local.keys import epoch_cache_key, finished_metrics, run_key
 
 
-def local_epoch_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    """Content key of one epoch (never paths alone, never the flow run id)."""
+def local_epoch_key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
+    """Content key of one finished epoch (never paths alone, never the flow run id); None = not cached."""
     train: TrainConfig = params["train"]
     return epoch_cache_key(
         params["fold"], params["epoch"], train.local_model, train.hyper, params["local"], params["parent"]
@@ -77,15 +79,19 @@ class EpochProgress:
 @task(cache_key_fn=local_epoch_key, persist_result=True)
 def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalConfig, parent: str | None) -> EpochRecord:
     """Train epoch ``epoch`` of ``fold`` locally from ``parent`` (previous adapter dir; None = base model)."""
-    from epochwise.local.trainer import train_epoch
-
     logger = get_run_logger()
     name = Path(fold).resolve().name
+    key = run_key(fold, train.local_model, train.hyper, local)
+    finished = finished_metrics(fold, key, epoch, parent)
+    if finished is not None:  # trained by an earlier run whose cache record is gone: no torch needed
+        logger.info("%s epoch %d already finished in %s", name, epoch, finished["adapter_dir"])
+        return to_record(finished, parent, train.local_model)
+    from epochwise.local.trainer import train_epoch
+
     wandb_run = None
     if train.wandb_project:
         from epochwise.wandb_log import start_run
 
-        key = run_key(fold, train.local_model, train.hyper, local)
         wandb_run = start_run(
             train.wandb_project,
             name,
@@ -122,16 +128,21 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
         result.adapter_dir,
     )
     logger.info("%s epoch %d sample: %r", name, epoch, result.sample)
+    return to_record(asdict(result), parent, train.local_model)
+
+
+def to_record(metrics: dict[str, Any], parent: str | None, base: str) -> EpochRecord:
+    """The flow's `EpochRecord` from a local epoch's metrics (``metrics.json`` / `EpochResult`)."""
     return EpochRecord(
-        fold=name,
-        epoch=epoch,
+        fold=metrics["fold"],
+        epoch=metrics["epoch"],
         backend="local",
-        model=result.adapter_dir,
-        parent=parent or train.local_model,
-        train_loss=result.train_loss,
-        val_loss=result.val_loss,
-        tokens_per_s=result.tokens_per_s,
-        sample=result.sample,
-        started_at=datetime.fromisoformat(result.started_at),
-        finished_at=datetime.fromisoformat(result.finished_at),
+        model=metrics["adapter_dir"],
+        parent=parent or base,
+        train_loss=metrics["train_loss"],
+        val_loss=metrics["val_loss"],
+        tokens_per_s=metrics["tokens_per_s"],
+        sample=metrics["sample"],
+        started_at=datetime.fromisoformat(metrics["started_at"]),
+        finished_at=datetime.fromisoformat(metrics["finished_at"]),
     )

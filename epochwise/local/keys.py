@@ -73,18 +73,28 @@ def checkpoint_path(fold: Path | str, key: str, epoch: int) -> Path:
     return run_dir(fold, key) / f"checkpoint-epoch-{epoch}.pt"
 
 
+def finished_metrics(fold: Path | str, key: str, epoch: int, parent: str | None) -> dict[str, Any] | None:
+    """``metrics.json`` of epoch ``epoch`` when it finished on disk from the same ``parent``, else None."""
+    path = epoch_dir(fold, key, epoch) / METRICS_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_bytes())
+    return metrics if metrics.get("parent") == parent else None
+
+
 def epoch_cache_key(
     fold: Path | str, epoch: int, model: str, hyper: HyperParams, local: LocalConfig, parent: str | None
-) -> str:
-    """Prefect cache key of one local epoch: run key + epoch + parent (and the parent's adapter bytes)."""
-    parent_hash = None
-    if parent:
-        weights = Path(parent) / "adapter_model.safetensors"
-        parent_hash = sha256_file(weights) if weights.is_file() else parent
-    payload = {
-        "run": run_key(fold, model, hyper, local),
-        "epoch": epoch,
-        "parent": parent,
-        "parent_weights": parent_hash,
-    }
+) -> str | None:
+    """Prefect cache key of one local epoch, or None (no caching) while the epoch is not finished on disk.
+
+    The key hashes the run key (fold content, model, recipe), the epoch, the parent and the finished
+    epoch's ``metrics.json``. Keying on the finished files means a cached result never points at an
+    adapter that was deleted or retrained since: then the key changes and the task looks at the disk
+    again (an epoch found finished there is returned without training).
+    """
+    key = run_key(fold, model, hyper, local)
+    metrics = epoch_dir(fold, key, epoch) / METRICS_FILE
+    if finished_metrics(fold, key, epoch, parent) is None:
+        return None
+    payload = {"run": key, "epoch": epoch, "parent": parent, "finished": sha256_file(metrics)}
     return f"local-epoch-{_digest(payload)[:32]}"

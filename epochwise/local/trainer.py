@@ -173,13 +173,6 @@ def sample_messages(files: dict[str, Path], local: LocalConfig) -> list[dict[str
     return messages[:last]
 
 
-def load_finished(directory: Path) -> EpochResult | None:
-    metrics = directory / keys.METRICS_FILE
-    if not metrics.is_file():
-        return None
-    return EpochResult(**orjson.loads(metrics.read_bytes()))
-
-
 def train_epoch(
     fold: Path | str,
     epoch: int,
@@ -201,9 +194,9 @@ def train_epoch(
     fold = Path(fold).resolve()
     key = keys.run_key(fold, model_name, hyper, local)
     out_dir = keys.epoch_dir(fold, key, epoch)
-    finished = load_finished(out_dir)
-    if finished is not None and finished.parent == parent:
-        return finished
+    finished = keys.finished_metrics(fold, key, epoch, parent)
+    if finished is not None:
+        return EpochResult(**finished)
     started_at = datetime.now(UTC).isoformat()
     set_threads(local)
     device = resolve_device(local)

@@ -66,16 +66,25 @@ def test_two_local_epochs_train_and_save_loadable_adapters(trained):
     assert len(runs) == 2
 
 
-def test_rerun_is_a_prefect_cache_hit(trained):
+def test_rerun_skips_finished_epochs_and_never_returns_a_deleted_adapter(trained):
     fold, train, local, records = trained
+    metrics = Path(records[1].model) / keys.METRICS_FILE
 
     @flow
     def rerun_epoch_two():
         return train_local_epoch(str(fold), 2, train, local, records[0].model, return_state=True)
 
-    state = rerun_epoch_two()
-    assert state.name == "Cached"
-    assert state.result() == records[1]
+    first = rerun_epoch_two()  # found finished on disk: returned without training
+    assert first.is_completed() and first.result() == records[1]
+    assert orjson.loads(metrics.read_bytes())["finished_at"] == records[1].finished_at.isoformat()
+    second = rerun_epoch_two()  # now keyed on the finished files: a Prefect cache hit
+    assert second.name == "Cached" and second.result() == records[1]
+
+    shutil.rmtree(records[1].model)  # a cached result must not stand in for a deleted adapter
+    again = rerun_epoch_two()
+    assert again.name == "Completed" and (Path(records[1].model) / "adapter_model.safetensors").is_file()
+    assert again.result().finished_at > records[1].finished_at
+    assert again.result().val_loss == pytest.approx(records[1].val_loss, rel=1e-6)  # same seed + data
 
 
 def test_export_merged_and_adapter_and_sample(trained, tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,18 +39,26 @@ def test_run_key_follows_content_not_paths_or_speed_knobs(tmp_path: Path):
     assert len({key, *changed}) == 6
 
 
-def test_epoch_cache_key_includes_epoch_and_parent(tmp_path: Path):
+def finish(fold: Path, epoch: int, parent: str | None, stamp: str = "t1") -> None:
+    """Write the metrics.json a finished epoch leaves behind."""
+    directory = keys.epoch_dir(fold, keys.run_key(fold, "tiny", HyperParams(), LocalConfig()), epoch)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / keys.METRICS_FILE).write_text(json.dumps({"parent": parent, "finished_at": stamp}))
+
+
+def test_epoch_cache_key_exists_only_for_finished_epochs_and_follows_them(tmp_path: Path):
     fold = write_fold(tmp_path / "f")
     hyper, local = HyperParams(), LocalConfig()
+    assert keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None) is None  # nothing to skip yet
+    finish(fold, 1, None)
     first = keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None)
-    assert first.startswith("local-epoch-")
-    assert first == keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None)
-    parent = tmp_path / "adapter"
-    parent.mkdir()
-    (parent / "adapter_model.safetensors").write_bytes(b"one")
-    second = keys.epoch_cache_key(fold, 2, "tiny", hyper, local, str(parent))
-    (parent / "adapter_model.safetensors").write_bytes(b"two")  # same path, other weights
-    assert len({first, second, keys.epoch_cache_key(fold, 2, "tiny", hyper, local, str(parent))}) == 3
+    assert first.startswith("local-epoch-") and first == keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None)
+    assert keys.epoch_cache_key(fold, 1, "tiny", hyper, local, "/elsewhere/epoch-3") is None  # other parent
+    finish(fold, 2, "p")
+    second = keys.epoch_cache_key(fold, 2, "tiny", hyper, local, "p")
+    finish(fold, 1, None, stamp="t2")  # epoch 1 trained again: its old cache record must not be used
+    retrained = keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None)
+    assert len({first, second, retrained}) == 3
 
 
 def test_missing_fold_file_is_a_clear_error(tmp_path: Path):
