@@ -32,7 +32,8 @@ from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
-from deployments.definitions import TAG, plan_deployments
+from deployments.definitions import plan_deployments
+from deployments.names import TAG
 from epochwise.config import OpsConfig, Settings
 
 CRASH_AUTOMATION = "epochwise: crash flow runs without heartbeat"
@@ -45,7 +46,7 @@ class Applied:
 
     kind: str  # work pool, limit, automation, deployment
     name: str
-    action: str  # created, updated, unchanged, skipped
+    action: str  # created, updated, unchanged, stale, deleted
     detail: str = ""
 
 
@@ -188,13 +189,10 @@ def apply_all(
             report.append(Applied("deployment", deployment.full_name, action, detail))
         per_fold = [d for d in plan.deployments if d.flow_name == "epoch-train" and "fold" in d.parameters]
         current = {Path(d.parameters["fold"]).name for d in per_fold}
-        # Without the epoch-train flow there is no plan to compare with: nothing is called stale.
-        stale = stale_fold_deployments(client, Path(folds_root).expanduser().resolve(), current) if any(
-            d.flow_name == "epoch-train" for d in plan.deployments) else []
+        stale = stale_fold_deployments(client, Path(folds_root).expanduser().resolve(), current)
         for dep in stale:
             if prune:
                 client.delete_deployment(dep.id)
             report.append(Applied("deployment", f"epoch-train/{dep.name}", "deleted" if prune else "stale",
                                   f"fold {dep.parameters['fold']} is gone" + ("" if prune else "; --prune deletes")))
-    report.extend(Applied("deployment", name, "skipped", why) for name, why in plan.skipped)
     return report

@@ -23,8 +23,6 @@ shows exactly what this deployment overrides.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,46 +34,20 @@ from prefect.schedules import Cron
 
 from blocks.credentials import together_configured
 from deployments.folds import discover_folds
+from deployments.names import ANY_FOLD, NIGHTLY, SCHEDULE_SLUG, TAG
 from epochwise.config import Settings
-
-TAG = "epochwise"
-SCHEDULE_SLUG = "nightly"
-ANY_FOLD = "any-fold"
-NIGHTLY = "nightly"
-
-# Flow name -> modules that may define it. A flow whose module is not there yet (e.g. deploy-epoch before
-# its issue lands) is skipped with a note instead of failing the whole apply.
-FLOW_MODULES: dict[str, tuple[str, ...]] = {
-    "epoch-train": ("flows.epoch_train",),
-    "nightly-folds": ("flows.nightly_folds",),
-    "prepare-fold": ("flows.prepare_fold",),
-    "deploy-epoch": ("flows.deploy_epoch",),
-    "endpoint-reaper": ("flows.endpoint_reaper", "flows.deploy_epoch"),
-}
+from flows.deploy_epoch import deploy_epoch
+from flows.endpoint_reaper import endpoint_reaper
+from flows.epoch_train import epoch_train
+from flows.nightly_folds import nightly_folds
+from flows.prepare_fold import prepare_fold
 
 
 @dataclass
 class Plan:
-    """The deployments to apply and what was skipped (and why)."""
+    """The deployments to apply."""
 
     deployments: list[RunnerDeployment] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def find_flow(name: str, modules: tuple[str, ...] | None = None) -> Flow | None:
-    """The flow object named ``name`` from the first of its modules (default: `FLOW_MODULES`) that exists.
-
-    None when no module defines it yet. A module that exists but fails to import is an error: a broken
-    flow must not be skipped silently.
-    """
-    for module_name in FLOW_MODULES[name] if modules is None else modules:
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        for value in vars(module).values():
-            if isinstance(value, Flow) and value.name == name:
-                return value
-    return None
 
 
 def config_parameters(flow: Flow, settings: Settings) -> dict[str, Any]:
@@ -119,86 +91,68 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
         # A second run of the same deployment waits (AwaitingConcurrencySlot) instead of overlapping.
         return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
-    epoch_train = find_flow("epoch-train")
-    if epoch_train is None:
-        plan.skipped.append(("epoch-train", "flows/epoch_train.py is not there"))
-    else:
-        for fold in folds:
-            plan.deployments.append(
-                deployment(
-                    epoch_train,
-                    fold.name,
-                    f"Train the fold {fold} epoch by epoch (nightly: {ops.cron} {ops.timezone}).",
-                    parameters={"fold": str(fold)},
-                    schedules=nightly(ops.cron, ops.schedule == "per-fold"),
-                    tags=[TAG, f"fold:{fold.name}"],
-                    concurrency_limit=one_at_a_time(),
-                )
-            )
+    for fold in folds:
         plan.deployments.append(
             deployment(
                 epoch_train,
-                ANY_FOLD,
-                "Train any fold: prefect deployment run epoch-train/any-fold --param fold=/path/to/fold",
-                tags=[TAG],
-            )
-        )
-
-    nightly_folds = find_flow("nightly-folds")
-    if nightly_folds is None:
-        plan.skipped.append(("nightly-folds", "flows/nightly_folds.py is not there"))
-    else:
-        plan.deployments.append(
-            deployment(
-                nightly_folds,
-                NIGHTLY,
-                f"Train every fold under {root}, {ops.max_parallel_folds} at a time ({ops.cron} {ops.timezone}).",
-                parameters={"folds_root": str(root), "limit": ops.nightly_limit},
-                schedules=nightly(ops.cron, ops.schedule == "nightly-folds"),
-                tags=[TAG],
+                fold.name,
+                f"Train the fold {fold} epoch by epoch (nightly: {ops.cron} {ops.timezone}).",
+                parameters={"fold": str(fold)},
+                schedules=nightly(ops.cron, ops.schedule == "per-fold"),
+                tags=[TAG, f"fold:{fold.name}"],
                 concurrency_limit=one_at_a_time(),
             )
         )
-
-    prepare_fold = find_flow("prepare-fold")
-    if prepare_fold is not None:
-        plan.deployments.append(
-            deployment(
-                prepare_fold,
-                "any",
-                "Records -> fold: --param records=examples/records/games --param fold=folds/games",
-                tags=[TAG],
-            )
+    plan.deployments.append(
+        deployment(
+            epoch_train,
+            ANY_FOLD,
+            "Train any fold: prefect deployment run epoch-train/any-fold --param fold=/path/to/fold",
+            tags=[TAG],
         )
+    )
 
-    deploy_epoch = find_flow("deploy-epoch")
-    if deploy_epoch is None:
-        plan.skipped.append(("deploy-epoch", "flows/deploy_epoch.py is not there"))
-    else:
-        plan.deployments.append(
-            deployment(
-                deploy_epoch,
-                ANY_FOLD,
-                "Deploy an epoch of a fold: --param fold=/path/to/fold",
-                tags=[TAG],
-            )
+    plan.deployments.append(
+        deployment(
+            nightly_folds,
+            NIGHTLY,
+            f"Train every fold under {root}, {ops.max_parallel_folds} at a time ({ops.cron} {ops.timezone}).",
+            parameters={"folds_root": str(root), "limit": ops.nightly_limit},
+            schedules=nightly(ops.cron, ops.schedule == "nightly-folds"),
+            tags=[TAG],
+            concurrency_limit=one_at_a_time(),
         )
+    )
 
-    reaper = find_flow("endpoint-reaper")
+    plan.deployments.append(
+        deployment(
+            prepare_fold,
+            "any",
+            "Records -> fold: --param records=examples/records/games --param fold=folds/games",
+            tags=[TAG],
+        )
+    )
+
+    plan.deployments.append(
+        deployment(
+            deploy_epoch,
+            ANY_FOLD,
+            "Deploy an epoch of a fold: --param fold=/path/to/fold",
+            tags=[TAG],
+        )
+    )
+
     together_block = settings.together.credentials_block
-    if reaper is None:
-        plan.skipped.append(("endpoint-reaper", "no flow named endpoint-reaper in flows/ yet"))
-    else:
-        plan.deployments.append(
-            deployment(
-                reaper,
-                "hourly",
-                "Stop epochwise endpoints past their time, so nothing keeps billing.",
-                # Without Together credentials there is nothing to reap, and every hourly run would fail.
-                schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, slug="hourly",
-                                active=ops.schedule != "none" and together_configured(together_block))],
-                tags=[TAG],
-                concurrency_limit=one_at_a_time(),
-            )
+    plan.deployments.append(
+        deployment(
+            endpoint_reaper,
+            "hourly",
+            "Stop epochwise endpoints past their time, so nothing keeps billing.",
+            # Without Together credentials there is nothing to reap, and every hourly run would fail.
+            schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, slug="hourly",
+                            active=ops.schedule != "none" and together_configured(together_block))],
+            tags=[TAG],
+            concurrency_limit=one_at_a_time(),
         )
+    )
     return plan

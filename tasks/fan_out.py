@@ -14,8 +14,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from deployments.definitions import ANY_FOLD
 from deployments.folds import discover_folds
+from deployments.names import ANY_FOLD
 
 
 @task(cache_policy=NO_CACHE)

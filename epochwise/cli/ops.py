@@ -70,7 +70,7 @@ def apply(
     for row in report:
         table.add_row(row.kind, row.name, row.action, row.detail)
     console.print(table)
-    folds = [r.name.split("/", 1)[1] for r in report if r.name.startswith("epoch-train/") and r.action != "skipped"]
+    folds = [r.name.split("/", 1)[1] for r in report if r.name.startswith("epoch-train/") and r.action not in ("stale", "deleted")]
     example = next((f for f in folds if f != "any-fold"), None)
     console.print(f"next: prefect worker start --pool {cfg.ops.work_pool}")
     if example:

@@ -9,12 +9,13 @@ import pytest
 from prefect.utilities.importtools import import_object
 from typer.testing import CliRunner
 
-from deployments.definitions import find_flow, plan_deployments
+from deployments.definitions import plan_deployments
 from deployments.folds import discover_folds
 from epochwise.cli import app
 from epochwise.config import load_settings
 
-CORE = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any"}
+ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
+       "deploy-epoch/any-fold", "endpoint-reaper/hourly"}
 
 
 @pytest.fixture
@@ -41,10 +42,7 @@ def test_discover_folds_lists_directories_with_train_jsonl(folds_root: Path):
 
 def test_plan_has_one_deployment_per_fold_plus_generic_ones(folds_root: Path):
     plan = by_name(plan_deployments(folds_root, load_settings(), "/srv/results"))
-    assert CORE <= set(plan)
-    optional = {"deploy-epoch": "deploy-epoch/any-fold", "endpoint-reaper": "endpoint-reaper/hourly"}
-    for flow_name, deployment in optional.items():
-        assert (deployment in plan) is (find_flow(flow_name) is not None)
+    assert set(plan) == ALL
 
     games = plan["epoch-train/games"]
     assert games.parameters == {"fold": str(folds_root.resolve() / "games")}  # config defaults are not baked
@@ -83,8 +81,6 @@ def test_schedule_mode_picks_the_active_nightly_schedule(folds_root: Path, mode:
 
 @pytest.mark.parametrize("mode", ["per-fold", "none"])
 def test_reaper_runs_hourly_only_when_together_is_configured(folds_root: Path, monkeypatch, mode: str):
-    if find_flow("endpoint-reaper") is None:
-        pytest.skip("flows/endpoint_reaper.py is not there")
     settings = load_settings(overrides={"ops": {"schedule": mode}})
     [offline] = by_name(plan_deployments(folds_root, settings, "/srv/results"))["endpoint-reaper/hourly"].schedules
     monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-used")
@@ -92,11 +88,6 @@ def test_reaper_runs_hourly_only_when_together_is_configured(folds_root: Path, m
     assert offline.schedule.cron == online.schedule.cron == "0 * * * *"
     assert offline.active is False
     assert online.active is (mode != "none")
-
-
-def test_missing_flow_module_is_skipped_not_an_error():
-    assert find_flow("deploy-epoch", ("flows.not_written_yet",)) is None
-    assert find_flow("epoch-train", ("flows.not_written_yet", "flows.epoch_train")).name == "epoch-train"
 
 
 @pytest.mark.parametrize("flag, value, message", [("--timezone", "Mars/Base", "unknown time zone"),
