@@ -83,7 +83,13 @@ class Prefect:
         """Poll the flow run until it is in a terminal state; returns the run as the API shows it."""
         deadline = time.monotonic() + RUN_WAIT_S
         while time.monotonic() < deadline:
-            run = self.get(f"/flow_runs/{flow_run_id}")
+            try:
+                run = self.get(f"/flow_runs/{flow_run_id}")
+            except httpx.TransportError:
+                # A SQLite-backed server on 2 busy cores can stall for a minute on "database is locked"
+                # (PrefectHQ/prefect#18934); that is load, not an answer: keep polling until the deadline.
+                time.sleep(2)
+                continue
             if run["state"] and run["state"]["type"] in TERMINAL:
                 return run
             time.sleep(1)
