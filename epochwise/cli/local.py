@@ -20,13 +20,10 @@ def export(
     run: str | None = RunOption,
 ) -> None:
     """Write a local epoch's model (merged into the base, or the adapter) and its tokenizer to --out."""
-    from epochwise.local.export import export_epoch, pick_epoch
+    from epochwise.local.export import export_epoch
 
     with friendly_errors():
-        try:
-            metrics = pick_epoch(fold, epoch, run)
-        except ValueError as exc:
-            fail_lines([str(exc)])
+        metrics = _pick(fold, epoch, run)
         path = export_epoch(metrics, out, merged)
     kind = "merged model" if merged else "adapter"
     console.print(f"epoch {metrics['epoch']} ({kind}, val loss {metrics['val_loss']}) -> {path}")
@@ -40,16 +37,23 @@ def sample(
     run: str | None = RunOption,
 ) -> None:
     """Generate a reply from a local epoch's model (greedy), to check what it learned."""
-    from epochwise.local.export import pick_epoch, sample_epoch
+    from epochwise.local.export import sample_epoch
 
     with friendly_errors():
-        try:
-            metrics = pick_epoch(fold, epoch, run)
-        except ValueError as exc:
-            fail_lines([str(exc)])
+        metrics = _pick(fold, epoch, run)
         reply = sample_epoch(metrics, prompt, max_new_tokens)
     console.print(f"[bold]epoch {metrics['epoch']}[/bold]", highlight=False)
     console.print(reply, markup=False)
+
+
+def _pick(fold: Path, epoch: str, run: str | None) -> dict:
+    """The finished local epoch's metrics (``best`` or a number); a clear error when there is none."""
+    from epochwise.local.export import pick_epoch
+
+    try:
+        return pick_epoch(fold, epoch, run)
+    except ValueError as exc:
+        fail_lines([str(exc)])
 
 
 def register(app: typer.Typer) -> None:
