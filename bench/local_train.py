@@ -116,6 +116,9 @@ def run_trainer(args: argparse.Namespace) -> dict:
         save_strategy="no",
         report_to=[],
         dataloader_num_workers=0,
+        # The blocks are already in the loop's seeded order: keep it, so both variants run the same
+        # micro batches (same widths, same padding) and their peak memory is that of the same work.
+        train_sampling_strategy="sequential",
         seed=hyper.seed,
         use_cpu=True,
         remove_unused_columns=False,
@@ -124,7 +127,6 @@ def run_trainer(args: argparse.Namespace) -> dict:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=blocks, eval_dataset=val_blocks, data_collator=collator
     )
-    # HF shuffles with its own sampler; the blocks are the same set, so the work per epoch is identical.
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
