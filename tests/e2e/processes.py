@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SERVER_START_S = 180  # hang guard: ~12 s measured on a fresh SQLite DB, more on 2 loaded cores
 RUN_WAIT_S = 600  # hang guard for one flow run
+API_RETRY_S = 120  # how long one API call may keep meeting a locked database
 
 
 def free_port() -> int:
@@ -62,14 +63,28 @@ class Prefect:
         return f"{self.url}/api"
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return self._request("GET", path)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return self._request("POST", path, body)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API call, retried like Prefect's own client retries: a SQLite-backed server on 2 busy cores
+        stalls or answers 503 while its database is locked (PrefectHQ/prefect#18934); that is load, not an
+        answer. Other errors fail at once."""
+        deadline = time.monotonic() + API_RETRY_S
+        while True:
+            try:
+                response = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+                if response.status_code != 503:
+                    response.raise_for_status()
+                    return response.json()
+                problem: Exception = httpx.HTTPStatusError("503", request=response.request, response=response)
+            except httpx.TransportError as exc:
+                problem = exc
+            if time.monotonic() > deadline:
+                raise problem
+            time.sleep(2)
 
     def run(self, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run a command (``prefect ...``, ``epochwise ...``) as a user would, against this server."""
@@ -83,13 +98,7 @@ class Prefect:
         """Poll the flow run until it is in a terminal state; returns the run as the API shows it."""
         deadline = time.monotonic() + RUN_WAIT_S
         while time.monotonic() < deadline:
-            try:
-                run = self.get(f"/flow_runs/{flow_run_id}")
-            except httpx.TransportError:
-                # A SQLite-backed server on 2 busy cores can stall for a minute on "database is locked"
-                # (PrefectHQ/prefect#18934); that is load, not an answer: keep polling until the deadline.
-                time.sleep(2)
-                continue
+            run = self.get(f"/flow_runs/{flow_run_id}")
             if run["state"] and run["state"]["type"] in TERMINAL:
                 return run
             time.sleep(1)
