@@ -7,7 +7,7 @@ peak RSS (``ru_maxrss``) is its own. Tokens/s counts real (non-padding) tokens o
 loop's wall time only (no model build, no evaluation).
 Targets: >= 1.0x tokens/s and <= 1.0x peak RSS for the local trainer.
 
-    .venv/bin/python bench/local_train.py                   # example fold, tiny model, defaults
+    .venv/bin/python bench/local_train.py                   # example fold, tiny model, 3 runs each
     .venv/bin/python bench/local_train.py --model smollm2 --seq-length 256 --micro-batch 2
 """
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,18 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def run_child(variant: str, fold: Path, work: Path, args: argparse.Namespace) -> dict:
+    """One variant in a fresh subprocess (so ``ru_maxrss`` is its own); returns its RESULT line."""
+    command = [sys.executable, __file__, "--variant", variant, "--fold", str(fold), "--work", str(work)]
+    command += ["--model", args.model, "--seq-length", str(args.seq_length)]
+    command += ["--micro-batch", str(args.micro_batch), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{variant} failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=["loop", "trainer"], help=argparse.SUPPRESS)
@@ -149,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores now).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each variant; ratios are medians.")
     args = parser.parse_args()
     if args.variant:
         child(args)
@@ -166,44 +180,30 @@ def main() -> None:
         args.threads = args.threads or default_threads()
         hyper, local = configs(argparse.Namespace(**{**vars(args), "work": str(work)}))
         base_model_path(args.model, fold, local)
-        results = {}
-        for variant in ("loop", "trainer"):
-            command = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--fold",
-                str(fold),
-                "--work",
-                str(work),
-                "--model",
-                args.model,
-                "--seq-length",
-                str(args.seq_length),
-                "--micro-batch",
-                str(args.micro_batch),
-            ]
-            command += ["--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{variant} failed:\n{done.stdout}\n{done.stderr}")
-            results[variant] = json.loads(line[len("RESULT ") :])
-        loop, hf = results["loop"], results["trainer"]
+        runs: dict[str, list[dict]] = {"loop": [], "trainer": []}
+        for repeat in range(args.repeats):
+            # Alternate which variant goes first, so drift in machine load hits both alike.
+            order = ("loop", "trainer") if repeat % 2 == 0 else ("trainer", "loop")
+            for variant in order:
+                runs[variant].append(run_child(variant, fold, work, args))
         print(
             f"model {args.model}, seq {args.seq_length}, micro batch {args.micro_batch}, "
-            f"threads {args.threads}, packing on, one epoch of {fold.name}"
+            f"threads {args.threads}, packing on, one epoch of {fold.name}, {args.repeats} run(s) each"
         )
         print(f"{'':>18} {'tokens/s':>10} {'peak RSS MB':>12} {'steps':>6} {'train loss':>11}")
-        for name, r in (("epochwise loop", loop), ("HF Trainer+peft", hf)):
-            print(
-                f"{name:>18} {r['tokens_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f} {r['steps']:>6} "
-                f"{r['train_loss']:>11.4f}"
-            )
+        for repeat in range(args.repeats):
+            for name, variant in (("epochwise loop", "loop"), ("HF Trainer+peft", "trainer")):
+                r = runs[variant][repeat]
+                print(
+                    f"{name:>18} {r['tokens_per_s']:>10.0f} {r['peak_rss_mb']:>12.0f} {r['steps']:>6} "
+                    f"{r['train_loss']:>11.4f}"
+                )
+        pairs = list(zip(runs["loop"], runs["trainer"], strict=True))
+        speed = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+        rss = statistics.median(a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs)
         print(
-            f"ratio loop/Trainer: tokens/s {loop['tokens_per_s'] / hf['tokens_per_s']:.2f}x (target >= 1.0), "
-            f"peak RSS {loop['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x (target <= 1.0)"
+            f"ratio loop/Trainer (median over runs): tokens/s {speed:.2f}x (target >= 1.0), "
+            f"peak RSS {rss:.3f}x (target <= 1.0)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

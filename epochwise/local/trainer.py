@@ -14,6 +14,8 @@ adapter, the optimizer state for epoch k+1 and ``metrics.json``; a rerun returns
 
 Logits are computed only at labelled positions ("sparse head"): on small models most time and
 memory go to the LM head over the whole vocabulary, and only those positions count in the loss.
+The attention mask is built once per batch as a float mask that every layer shares
+(`attention_bias`), instead of a boolean one that SDPA converts and keeps once per layer.
 Not supported: full fine-tuning (``lora=False``), several GPUs.
 """
 
@@ -112,14 +114,38 @@ def grad_accumulation(hyper: HyperParams, local: LocalConfig) -> int:
     return local.grad_accumulation
 
 
+def attention_bias(position_ids: torch.Tensor, padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive (0 / -inf) causal attention mask of a batch, ``(batch, 1, T, T)``; None if plain causal.
+
+    The same mask transformers builds: with ``padding`` (1 = token, 0 = pad), padding keys are never
+    seen; without it, a packed row starts wherever the position ids do not step by one and tokens
+    only see their own row. Given a boolean mask, SDPA converts it to this float form in every layer
+    and keeps each copy for the backward pass; one float mask shared by all layers saves
+    ``layers - 1`` copies of ``batch x T x T`` floats at the memory peak.
+    """
+    width = position_ids.shape[1]
+    allowed = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    if padding is not None:
+        allowed = allowed & padding[:, None, :].bool()
+    else:
+        starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+        if not starts.any():
+            return None  # one sequence per row, no padding: SDPA's is_causal path needs no mask
+        row = torch.nn.functional.pad(starts.cumsum(1), (1, 0))
+        allowed = allowed & (row[:, :, None] == row[:, None, :])
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return bias.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+
+
 def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the labelled tokens of ``batch`` and their count (sparse head)."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = causal.get_input_embeddings().weight
     hidden = causal.get_decoder()(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,  # packed rows need it: with a cache the block-diagonal mask is skipped
+        attention_mask=attention_bias(batch.position_ids, batch.attention_mask, embeddings.dtype),
+        use_cache=False,
     ).last_hidden_state
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE

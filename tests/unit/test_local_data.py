@@ -15,7 +15,7 @@ from epochwise.config.local import LocalConfig, TinyModel
 from epochwise.fold import prepare
 from epochwise.local.data import IGNORE, TokenRow, chatml_row, collate, pack, parquet_rows, read_rows, truncate
 from epochwise.local.models import build_tiny, load_base
-from epochwise.local.trainer import batch_loss
+from epochwise.local.trainer import attention_bias, batch_loss
 from epochwise.records import read_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,6 +158,44 @@ def test_padded_batch_matches_single_rows(tiny):
         singles = [batch_loss(model, collate([[r]], tokenizer.pad_token_id, packing=False)) for r in rows]
     assert n == sum(k for _, k in singles)
     assert float(loss) == pytest.approx(sum(float(s) for s, _ in singles), rel=1e-5)
+
+
+def test_attention_bias_pattern():
+    """Packed rows see only their own earlier tokens; padding keys are never seen; plain causal needs no mask."""
+    packed = attention_bias(torch.tensor([[0, 1, 2, 0, 1, 0]]), None, torch.float32)
+    seen = (packed[0, 0] == 0).int().tolist()
+    assert seen == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert set(packed.unique().tolist()) == {0.0, float("-inf")}
+    padded = attention_bias(torch.tensor([[0, 1, 2, 0]]), torch.tensor([[1, 1, 1, 0]]), torch.float32)
+    assert (padded[0, 0] == 0).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    assert attention_bias(torch.tensor([[0, 1, 2], [0, 1, 2]]), None, torch.float32) is None
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_loss_matches_the_models_own_loss(tiny, packing):
+    """The sparse head with epochwise's shared float mask gives transformers' own loss (its mask, full logits)."""
+    fold, model, tokenizer = tiny
+    rows = read_rows(fold / "val.jsonl", tokenizer)[:6]
+    batch = collate(pack(rows, 300, packing=packing)[:3], tokenizer.pad_token_id, packing=packing)
+    assert batch.input_ids.shape[0] == 3
+    with torch.no_grad():
+        loss, n = batch_loss(model, batch)
+        reference = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            use_cache=False,
+        ).loss
+    assert n == batch.label_tokens
+    assert float(loss) / n == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_tiny_base_is_cached_by_content(tmp_path: Path):
