@@ -67,6 +67,7 @@ class EpochResult:
     resumed_from_step: int  # 0 for a fresh start
     step_losses: list[float] = field(default_factory=list)
     started_at: str = ""
+    threads: int = 0  # torch CPU threads the epoch ran with (a resumed epoch keeps its checkpoint's)
     finished_at: str = ""
 
 
@@ -224,7 +225,7 @@ def train_epoch(
     if finished is not None:
         return EpochResult(**finished)
     started_at = datetime.now(UTC).isoformat()
-    set_threads(local)
+    threads = set_threads(local)
     device = resolve_device(local)
     files = keys.fold_files(fold, local.data)
     base_path = base_model_path(model_name, fold, local)
@@ -287,6 +288,11 @@ def train_epoch(
             state = saved["state"]
             _set_rng(saved["rng"])
             resumed_from = state["step"]
+            if local.threads is None and saved.get("threads", threads) != threads:
+                # The thread count changes float reduction order: keep the killed run's, so the
+                # resumed loss curve matches an uninterrupted one exactly.
+                threads = saved["threads"]
+                torch.set_num_threads(threads)
 
     tokens_seen, train_seconds = 0, 0.0
     for step in range(state["step"], total_steps):
@@ -312,7 +318,7 @@ def train_epoch(
         if on_step is not None:
             on_step(step + 1, total_steps, state["step_losses"][-1])
         if state["step"] % local.checkpoint_every == 0 and state["step"] < total_steps:
-            _save_checkpoint(checkpoint, identity, names, model, optimizer, scheduler, state)
+            _save_checkpoint(checkpoint, identity, names, model, optimizer, scheduler, state, threads)
 
     val_blocks = pack(val_rows, local.seq_length, local.packing)
     val_loss = evaluate(model, val_blocks, local, pad_id, device) if val_blocks else None
@@ -335,6 +341,7 @@ def train_epoch(
         step_losses=state["step_losses"],
         started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(),
+        threads=threads,
     )
     _save_epoch(out_dir, model, optimizer, result)
     checkpoint.unlink(missing_ok=True)
@@ -360,11 +367,14 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, identity: dict, names: list[str], model, optimizer, scheduler, state: dict) -> None:
+def _save_checkpoint(
+    path: Path, identity: dict, names: list[str], model, optimizer, scheduler, state: dict, threads: int
+) -> None:
     """Everything needed to continue at the next step, written atomically (a kill leaves the old one)."""
     params = dict(model.named_parameters())
     payload = {
         "identity": identity,
+        "threads": threads,
         "trainable": {n: params[n].detach().cpu().clone() for n in names},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -169,3 +169,34 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path):
     assert reference.resumed_from_step == 0
     assert metrics["step_losses"] == pytest.approx(reference.step_losses, rel=1e-6, abs=1e-7)
     assert metrics["val_loss"] == pytest.approx(reference.val_loss, rel=1e-6)
+
+
+def test_resume_keeps_the_thread_count_of_the_killed_run(tmp_path: Path):
+    """With ``local.threads`` unset, a resumed epoch runs with its checkpoint's thread count (not
+    today's idle cores), so its losses match an uninterrupted run with that count bit for bit."""
+    from epochwise.local.trainer import train_epoch
+
+    full = example_fold(tmp_path / "full" / "games")
+    fold = tmp_path / "killed" / "games"
+    fold.mkdir(parents=True)
+    for name in ("train.jsonl", "val.jsonl"):  # 12 one-row steps are enough here
+        (fold / name).write_text("".join((full / name).read_text().splitlines(keepends=True)[:12]))
+    reference_fold = tmp_path / "reference" / "games"
+    shutil.copytree(fold, reference_fold)
+    pinned = resume_config(tmp_path).model_copy(update={"threads": 3})  # more than this machine's cores
+
+    class Killed(Exception):
+        pass
+
+    def stop_after_step_4(step: int, total: int, loss: float) -> None:
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_epoch(fold, 1, "tiny", HYPER, pinned, None, on_step=stop_after_step_4)
+    unpinned = pinned.model_copy(update={"threads": None})
+    resumed = train_epoch(fold, 1, "tiny", HYPER, unpinned, None)
+    assert resumed.resumed_from_step == 3 and resumed.threads == 3
+    reference = train_epoch(reference_fold, 1, "tiny", HYPER, pinned, None)
+    assert reference.threads == 3 and reference.resumed_from_step == 0
+    assert resumed.step_losses == reference.step_losses
