@@ -15,7 +15,8 @@ adapter, the optimizer state for epoch k+1 and ``metrics.json``; a rerun returns
 Logits are computed only at labelled positions ("sparse head"): on small models most time and
 memory go to the LM head over the whole vocabulary, and only those positions count in the loss.
 The attention mask is built once per batch as a float mask that every layer shares
-(`attention_bias`), instead of a boolean one that SDPA converts and keeps once per layer.
+(`attention_bias`), instead of a boolean one that SDPA converts and keeps once per layer, and each
+LoRA linear adds its low-rank update to the base output in one GEMM (`fuse_lora_updates`).
 Not supported: full fine-tuning (``lora=False``), several GPUs.
 """
 
@@ -42,6 +43,7 @@ from epochwise.config.train import HyperParams
 from epochwise.io import atomic_write, atomic_write_bytes
 from epochwise.local import keys
 from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
+from epochwise.local.lora import fuse_lora_updates
 from epochwise.local.models import base_model_path, load_base, resolve_device
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -254,6 +256,7 @@ def train_epoch(
                 task_type="CAUSAL_LM",
             ),
         )
+    fuse_lora_updates(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)

@@ -1,0 +1,90 @@
+"""The fused LoRA forward gives peft's outputs and gradients, and leaves peft's own path where it cannot."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from epochwise.local.lora import fuse_lora_updates
+
+
+def lora_model(seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return model
+
+
+def loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def test_fused_forward_matches_peft_outputs_and_gradients():
+    reference = lora_model()
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_updates(fused) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))
+    logits, grads = loss_and_grads(reference, ids)
+    fused_logits, fused_grads = loss_and_grads(fused, ids)
+    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == fused_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_disabled_adapters_run_the_base_model_only():
+    model = lora_model()
+    fuse_lora_updates(model)
+    no_update = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in no_update.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with_lora = model(input_ids=ids).logits
+        with model.disable_adapter():  # falls back to peft's own forward
+            disabled = model(input_ids=ids).logits
+        base = no_update(input_ids=ids).logits
+    assert not torch.allclose(with_lora, disabled)
+    assert torch.allclose(disabled, base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_forward_applies_lora_dropout_like_peft(dropout):
+    reference = lora_model()
+    for module in reference.modules():  # same dropout probability in every LoRA layer
+        if hasattr(module, "lora_dropout") and dropout:
+            module.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    fused = copy.deepcopy(reference)
+    fuse_lora_updates(fused)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    logits, _ = loss_and_grads(reference, ids)
+    torch.manual_seed(5)
+    fused_logits, _ = loss_and_grads(fused, ids)
+    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
