@@ -102,6 +102,11 @@ def train(
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
     if problems:
         report_problems(problems)
+    if cfg.train.backend != "together":  # so is a missing --model directory
+        from epochwise.local.keys import local_model_dir
+
+        with friendly_errors():
+            local_model_dir(cfg.train.local_model)
     prefect_defaults()
     from flows.epoch_train import epoch_train
 

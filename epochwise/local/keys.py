@@ -2,7 +2,9 @@
 
 A *run key* names ``<fold>/local/<run key>/``: it hashes the fold's files, the model, the shared
 hyper-parameters and the training-relevant local settings, so runs with different data or settings
-never share a directory. Epochs of one chain live side by side in it:
+never share a directory. A model directory counts by its resolved path and its files' names, sizes
+and modification times (hashing gigabytes of weights on every run would cost more than it saves), so
+replacing the weights in place trains anew instead of reusing adapters made for the old ones. Epochs of one chain live side by side in it:
 
     <fold>/local/<run key>/epoch-<k>/      adapter (peft save_pretrained) + optimizer state + metrics.json
     <fold>/local/<run key>/checkpoint-epoch-<k>.pt   mid-epoch checkpoint, deleted once epoch k is done
@@ -49,12 +51,42 @@ def _digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Model names the trainer builds itself (epochwise.local.models); anything else is a path or an HF id.
+BUILT_MODELS = ("tiny", "smollm2")
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The resolved directory of a local ``--model`` path; None for a built model or an HF hub id.
+
+    A name that can only be a path (``/...``, ``./...``, ``../...``, ``~...``) must exist: otherwise
+    transformers would take it for a hub id and fail only after a minute of retries.
+    """
+    if model in BUILT_MODELS:
+        return None
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    if model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{model}: no such model directory (a hub id looks like 'org/name')")
+    return None
+
+
+def model_identity(model: str) -> str | dict[str, Any]:
+    """What identifies ``model`` in a run key: its name, or for a directory its path and files' stats."""
+    directory = local_model_dir(model)
+    if directory is None:
+        return model
+    files = [directory] if directory.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if not p.name.startswith(".")]
+    return {"path": str(directory), "files": stats}
+
+
 def run_key(fold: Path | str, model: str, hyper: HyperParams, local: LocalConfig) -> str:
     """16 hex digits naming the run directory; equal only for equal data, model and recipe."""
     payload = {
         "trainer": TRAINER_VERSION,
         "data": fold_hashes(fold, local.data),
-        "model": model,
+        "model": model_identity(model),
         "hyper": hyper.model_dump(mode="json"),
         "local": local.training_fields(),
     }

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from epochwise.config.local import LocalConfig
 from epochwise.io import sha256_file
-from epochwise.local.keys import fold_files
+from epochwise.local.keys import fold_files, local_model_dir
 
 # ChatML, as SmolLM2 and Qwen2.5 render it. No default system prompt: rows carry their own.
 CHATML_TEMPLATE = (
@@ -49,8 +49,8 @@ def base_model_path(name: str, fold: Path | str, local: LocalConfig) -> str:
         return str(build_tiny(fold, local))
     if name == "smollm2":
         return str(build_smollm2(local))
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
+    directory = local_model_dir(name)
+    return name if directory is None else str(directory)
 
 
 def load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

@@ -109,6 +109,34 @@ def test_export_merged_and_adapter_and_sample(trained, tmp_path: Path):
     assert missing.exit_code == 1 and "epoch 7 is not finished (finished: 1, 2)" in missing.output
 
 
+def test_a_model_directory_trains_offline_and_new_weights_train_anew(trained, tmp_path: Path):
+    """``--model <directory>``: a saved HF model trains like a hub id, with no hub; its adapter records
+    the directory, a rerun skips the epoch, and weights replaced in place train again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, local, records = trained
+    model_dir = tmp_path / "my-model"
+    shutil.copytree(orjson.loads((Path(records[0].model) / keys.METRICS_FILE).read_bytes())["base_model"], model_dir)
+    fold = example_fold(tmp_path / "games")  # its own fold: the fixture's run stays as it is
+    train = TrainConfig(backend="local", epochs=1, local_model=str(model_dir), hyper=HYPER)
+
+    [first] = epoch_train(str(fold), train=train, local=local)
+    adapter_config = orjson.loads((Path(first.model) / "adapter_config.json").read_bytes())
+    assert adapter_config["base_model_name_or_path"] == str(model_dir.resolve())
+    assert first.parent == str(model_dir) and first.val_loss is not None
+    [again] = epoch_train(str(fold), train=train, local=local)
+    assert (again.model, again.finished_at) == (first.model, first.finished_at)  # skipped, not retrained
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)
+    model.save_pretrained(model_dir)
+    [retrained] = epoch_train(str(fold), train=train, local=local)
+    assert retrained.model != first.model and retrained.val_loss != first.val_loss
+    assert Path(first.model, "adapter_model.safetensors").is_file()  # the old base's adapter is kept
+
+
 CHILD = """
 import sys
 from pathlib import Path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,53 @@ def test_run_key_follows_content_not_paths_or_speed_knobs(tmp_path: Path):
         keys.run_key(a, "tiny", hyper, LocalConfig(packing=False)),
     ]
     assert len({key, *changed}) == 6
+
+
+def test_a_model_directory_is_keyed_by_its_files_however_it_is_named(tmp_path: Path, monkeypatch):
+    fold = write_fold(tmp_path / "f")
+    hyper, local = HyperParams(), LocalConfig()
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"a" * 8)
+    key = keys.run_key(fold, str(model), hyper, local)
+    monkeypatch.chdir(tmp_path)
+    assert keys.run_key(fold, "./my-model", hyper, local) == key
+    assert keys.run_key(fold, "my-model", hyper, local) == key  # an existing directory wins over a hub id
+    assert keys.run_key(fold, "org/my-model", hyper, local) != key
+    assert keys.model_identity("org/my-model") == "org/my-model"  # hub ids and built models: their names
+    assert keys.model_identity("tiny") == "tiny" and keys.local_model_dir("smollm2") is None
+
+    weights.write_bytes(b"b" * 9)  # new weights in place: a new run directory, not the old adapters
+    resized = keys.run_key(fold, "./my-model", hyper, local)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, rewritten later
+    touched = keys.run_key(fold, "./my-model", hyper, local)
+    (model / "tokenizer.json").write_text("{}")
+    added = keys.run_key(fold, "./my-model", hyper, local)
+    assert len({key, resized, touched, added}) == 4
+
+
+@pytest.mark.parametrize("name", ["./missing", "../missing", "/no/such/model", "~/no-such-model-dir"])
+def test_a_missing_model_path_is_a_clear_error_not_a_hub_lookup(tmp_path: Path, name: str):
+    fold = write_fold(tmp_path / "f")
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(name)}: no such model directory"):
+        keys.run_key(fold, name, HyperParams(), LocalConfig())
+
+
+def test_cli_train_reports_a_missing_model_directory_before_prefect_starts(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+
+    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    fold = write_fold(tmp_path / "games", train=row)
+    (fold / "val.jsonl").write_text(row)
+    result = CliRunner().invoke(app, ["train", str(fold), "--backend", "local", "--model", "./missing-model"])
+    assert result.exit_code == 1
+    assert "error: ./missing-model: no such model directory" in result.output
+    assert not (fold / "local").exists()
 
 
 def finish(fold: Path, epoch: int, parent: str | None, stamp: str = "t1") -> None:
