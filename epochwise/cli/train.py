@@ -102,7 +102,7 @@ def train(
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
     if problems:
         report_problems(problems)
-    if cfg.train.backend != "together":  # so is a missing --model directory
+    if cfg.train.backend != "together":  # and so is a --model path that does not exist
         from epochwise.local.keys import local_model_dir
 
         with friendly_errors():

@@ -4,7 +4,8 @@ A *run key* names ``<fold>/local/<run key>/``: it hashes the fold's files, the m
 hyper-parameters and the training-relevant local settings, so runs with different data or settings
 never share a directory. A model directory counts by its resolved path and its files' names, sizes
 and modification times (hashing gigabytes of weights on every run would cost more than it saves), so
-replacing the weights in place trains anew instead of reusing adapters made for the old ones. Epochs of one chain live side by side in it:
+replacing the weights in place trains anew instead of reusing adapters made for the old ones.
+Epochs of one chain live side by side in it:
 
     <fold>/local/<run key>/epoch-<k>/      adapter (peft save_pretrained) + optimizer state + metrics.json
     <fold>/local/<run key>/checkpoint-epoch-<k>.pt   mid-epoch checkpoint, deleted once epoch k is done
@@ -76,9 +77,9 @@ def model_identity(model: str) -> str | dict[str, Any]:
     directory = local_model_dir(model)
     if directory is None:
         return model
-    files = [directory] if directory.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if not p.name.startswith(".")]
-    return {"path": str(directory), "files": stats}
+    files = [directory] if directory.is_file() else sorted(directory.iterdir())
+    stats = [(p.name, p.stat()) for p in files if p.is_file() and not p.name.startswith(".")]
+    return {"path": str(directory), "files": [(name, st.st_size, st.st_mtime_ns) for name, st in stats]}
 
 
 def run_key(fold: Path | str, model: str, hyper: HyperParams, local: LocalConfig) -> str:
