@@ -7,8 +7,13 @@ to arrange or check is on the `FakeTogether` object:
 * ``fake.state``: files, jobs, models, endpoints and deployments as plain dataclasses and dicts;
 * ``fake.counts["POST /v1/fine-tunes"]``: requests per route template (``{id}`` for path parameters);
 * ``fake.script``: behaviour knobs (polls per job state, held jobs, scripted job failures, losses,
-  prices, deployment start-up polls) and ``fake.burst(route, [429, 500])`` for error bursts, which carry
-  ``Retry-After-Ms: 1`` so the SDK's own retries take milliseconds.
+  prices, deployment start-up polls, refused deployment deletes) and ``fake.burst(route, [429, 500])``
+  for error bursts, which carry ``Retry-After-Ms: 1`` so the SDK's own retries take milliseconds
+  (``fake.clear_bursts()`` ends them).
+
+The v2 endpoint rules Together enforces are enforced here too: a deployment still in its endpoint's
+traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
+``etag`` that is sent must be the object's current one (409; body field on PATCH, query on DELETE).
 
 Job and file progression is driven by polls (each ``GET`` of the object advances it), not by time, so a
 test decides exactly how long things take and never sleeps.
@@ -114,6 +119,9 @@ class Script:
     chat_reply: str = "pong"
     # Chat completions answer this HTTP status for every model whose name contains the key (smoke-test failures).
     chat_errors: dict[str, int] = field(default_factory=dict)
+    # Deployment deletes answer 400 with this message while the deployment still has replicas
+    # (Together refusing a delete for a reason other than live traffic); scaled to zero, it deletes.
+    delete_refusal: str | None = None
 
     def loss_at(self, depth: int) -> tuple[float, float]:
         """Scripted loss, else a smooth decreasing default (train 2.0, 1.6, 1.33..., val a bit higher)."""
@@ -288,6 +296,11 @@ class FakeTogether:
         ``"*"`` for any route) with these error statuses before serving normally."""
         with self.lock:
             self._bursts.setdefault(route, []).extend(statuses)
+
+    def clear_bursts(self) -> None:
+        """Drop every scripted error not yet served (the outage is over)."""
+        with self.lock:
+            self._bursts.clear()
 
     def fail_jobs(self, match: str, message: str, *, status: str = "error", times: int = 1) -> None:
         """The next ``times`` jobs whose suffix contains ``match`` fail with ``message`` when they start."""
@@ -752,11 +765,16 @@ def endpoints_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
     return 200, _endpoint(fake, p)
 
 
+def _check_etag(obj: dict[str, Any], etag: str | None, what: str) -> None:
+    """Optimistic concurrency: an ``etag`` that is sent must be the object's current one, else 409."""
+    if etag and etag != obj["etag"]:
+        raise ApiError(409, f"{what} {obj['id']} changed since it was read (etag {etag} is not {obj['etag']})", "conflict")
+
+
 def endpoints_update(fake: FakeTogether, p: dict[str, str], req: Request):
     ep = _endpoint(fake, p)
     body = req.json()
-    if body.get("etag") and body["etag"] != ep["etag"]:
-        raise ApiError(409, "etag mismatch", "conflict")
+    _check_etag(ep, body.get("etag"), "endpoint")
     mask = req.query.get("updateMask", "")
     fields = [f.strip() for f in mask.split(",") if f.strip()] or [k for k in body if k != "etag"]
     for key in fields:
@@ -771,10 +789,11 @@ def endpoints_update(fake: FakeTogether, p: dict[str, str], req: Request):
     return 200, ep
 
 
-def endpoints_delete(fake: FakeTogether, p: dict[str, str], _: Request):
+def endpoints_delete(fake: FakeTogether, p: dict[str, str], req: Request):
     ep = _endpoint(fake, p)
+    _check_etag(ep, req.query.get("etag"), "endpoint")  # the SDK sends a delete's etag as a query parameter
     if ep["deployments"]:
-        raise ApiError(400, "delete the endpoint's deployments first")
+        raise ApiError(400, f"endpoint {ep['name']} still has deployments: delete the endpoint's deployments first")
     del fake.state.endpoints[ep["id"]]
     return 200, {}
 
@@ -832,6 +851,7 @@ def deployments_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
 def deployments_update(fake: FakeTogether, p: dict[str, str], req: Request):
     dep = _deployment(fake, p)
     body = req.json()
+    _check_etag(dep, body.get("etag"), "deployment")
     if "autoscaling" in body:
         dep["autoscaling"] = body["autoscaling"]
         if int(body["autoscaling"].get("maxReplicas", 1)) == 0:
@@ -847,11 +867,18 @@ def deployments_update(fake: FakeTogether, p: dict[str, str], req: Request):
     return 200, dep
 
 
-def deployments_delete(fake: FakeTogether, p: dict[str, str], _: Request):
+def deployments_delete(fake: FakeTogether, p: dict[str, str], req: Request):
+    """Together deletes only a deployment outside the endpoint's traffic split ("Remove the deployment
+    from live traffic first", the SDK's docstring of ``deployments.delete``)."""
     dep = _deployment(fake, p)
+    _check_etag(dep, req.query.get("etag"), "deployment")
     ep = fake.state.endpoints[dep["endpointId"]]
+    if any(s.get("deploymentId") == dep["id"] for s in ep.get("trafficSplit", [])):
+        raise ApiError(400, f"deployment {dep['name']} is in the traffic split of {ep['name']}: "
+                            "remove the deployment from live traffic first")
+    if fake.script.delete_refusal and int(dep["autoscaling"].get("maxReplicas", 1)) > 0:
+        raise ApiError(400, fake.script.delete_refusal)
     ep["deployments"].remove(dep["id"])
-    ep["trafficSplit"] = [s for s in ep.get("trafficSplit", []) if s.get("deploymentId") != dep["id"]]
     del fake.state.deployments[dep["id"]]
     return 200, {}
 

@@ -129,6 +129,70 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
         client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state
         == "DEPLOYMENT_STATE_STOPPED"
     )
+    routed = client.endpoints.retrieve(endpoint.id)
+    client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag=routed.etag)
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
     client.endpoints.delete(endpoint.id)
     assert not fake_together.state.endpoints and not fake_together.state.deployments
+
+
+def _live_deployment(fake_together, together_client, train_file):
+    fake_together.script.job_polls_per_state = 0
+    job = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True)
+    client = together_client.with_options(project_id="proj_1", max_retries=0)
+    endpoint = client.endpoints.create(name="rules")
+    dep = client.endpoints.deployments.create(
+        endpoint.id,
+        name="d1",
+        model=f"projects/proj_1/models/ml_{job.id}",
+        config="projects/proj_public/configs/cr_1",
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    )
+    client.endpoints.update(
+        endpoint.id, traffic_split=[{"deployment_id": dep.id, "weight": 1}], update_mask="trafficSplit", etag="e1"
+    )
+    return client, endpoint, dep
+
+
+def test_v2_delete_rules_live_traffic_deployments_first_and_etags(fake_together, together_client, train_file):
+    client, endpoint, dep = _live_deployment(fake_together, together_client, train_file)
+
+    # A deployment in the traffic split is not deleted, and neither is an endpoint that holds one.
+    with pytest.raises(BadRequestError, match="remove the deployment from live traffic first"):
+        client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
+    with pytest.raises(BadRequestError, match="delete the endpoint's deployments first"):
+        client.endpoints.delete(endpoint.id)
+    assert list(fake_together.state.deployments) == [dep.id] and list(fake_together.state.endpoints) == [endpoint.id]
+
+    # The etag read at create (e1) went stale when the split was set: 409 until the current one is sent.
+    with pytest.raises(ConflictError, match="changed since it was read"):
+        client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag=endpoint.etag)
+    assert fake_together.state.endpoints[endpoint.id]["trafficSplit"] == [{"deploymentId": dep.id, "weight": 1}]
+    current = client.endpoints.retrieve(endpoint.id).etag
+    client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag=current)
+
+    # DELETE carries its etag as a query parameter; a stale one is refused the same way.
+    with pytest.raises(ConflictError):
+        client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id, etag="d0")
+    with pytest.raises(ConflictError):
+        client.endpoints.deployments.update(dep.id, endpoint_id=endpoint.id, etag="d0", inactive_timeout=30,
+                                            update_mask="inactiveTimeout")
+    client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id, etag=dep.etag)
+    with pytest.raises(ConflictError):
+        client.endpoints.delete(endpoint.id, etag="e1")
+    client.endpoints.delete(endpoint.id, etag=client.endpoints.retrieve(endpoint.id).etag)
+    assert not fake_together.state.endpoints and not fake_together.state.deployments
+
+
+def test_scripted_delete_refusal_lasts_until_the_deployment_is_scaled_to_zero(fake_together, together_client, train_file):
+    client, endpoint, dep = _live_deployment(fake_together, together_client, train_file)
+    client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag="e2")
+    fake_together.script.delete_refusal = "deployment is scaling; try again later"
+
+    with pytest.raises(BadRequestError, match="deployment is scaling"):
+        client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
+    client.endpoints.deployments.update(
+        dep.id, endpoint_id=endpoint.id, autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling"
+    )
+    client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
+    assert fake_together.state.deployments == {}
