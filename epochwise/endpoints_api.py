@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from together import APIConnectionError, APIStatusError, ConflictError, NotFoundError, Together
+from together import APIConnectionError, APIError, APIStatusError, ConflictError, NotFoundError, Together
 
 from epochwise.config.deploy import DeployConfig
 from epochwise.epochs import EpochRecord, best_epoch
@@ -328,13 +328,99 @@ def route_traffic(client: Together, endpoint_id: str, deployment_id: str) -> End
     return _endpoint_info(client, ep, with_deployments=False)
 
 
-def restore_traffic(client: Together, endpoint_id: str, split: Iterable[tuple[str, float]]) -> None:
-    """Put back a previous traffic split, keeping only deployments that still exist."""
-    alive = {d.id for d in list_deployments(client, endpoint_id)}
-    entries = [{"deployment_id": d, "weight": w} for d, w in split if d in alive]
-    if entries:
+def set_traffic(client: Together, endpoint_id: str, split: Iterable[tuple[str, float]], attempts: int = 3) -> None:
+    """Make the endpoint's traffic split exactly ``split`` (empty: unrouted), sent with the endpoint's
+    current ``etag``; when Together answers 409 (it changed since it was read) it is read again and the
+    update retried, at most ``attempts`` times."""
+    wanted = [(d, float(w)) for d, w in split]
+    for attempt in range(1, attempts + 1):
         ep = client.endpoints.retrieve(endpoint_id)
-        client.endpoints.update(endpoint_id, traffic_split=entries, update_mask="trafficSplit", etag=ep.etag)
+        if [(s.deployment_id, float(s.weight)) for s in (ep.traffic_split or [])] == wanted:
+            return
+        try:
+            client.endpoints.update(endpoint_id, traffic_split=[{"deployment_id": d, "weight": w} for d, w in wanted],
+                                    update_mask="trafficSplit", etag=ep.etag)
+            return
+        except ConflictError:
+            if attempt == attempts:
+                raise
+
+
+class RollbackFailure(EndpointFailure):
+    """A rollback step failed, so a deployment may still be live: names it, its endpoint and the command
+    that stops it."""
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, APIStatusError):
+        return f"Together answered {exc.status_code}: {api_message(exc)}"
+    return str(exc) or type(exc).__name__
+
+
+def rollback_deployment(client: Together, endpoint_id: str, deployment_id: str,
+                        previous_traffic: Iterable[tuple[str, float]], endpoint_created: bool,
+                        describe: str, stop_command: str) -> list[str]:
+    """Undo a deploy in the order Together accepts, and return what was done:
+
+    1. put the endpoint's traffic split back as it was before (without this deployment, and only
+       deployments that still exist; empty when there were none), with the current etag;
+    2. delete the deployment (Together refuses to delete one that still receives traffic); when it
+       refuses for another reason, scale it to zero replicas and delete again;
+    3. delete the endpoint when this deploy created it and no deployment is left on it.
+
+    When a step still fails, the deployment is scaled to zero if at all possible, and `RollbackFailure`
+    says which step failed, whether ``describe`` (the deployment and endpoint, by name) is still live,
+    and ``stop_command``.
+    """
+    done: list[str] = []
+    step = "restore the traffic split"
+    try:
+        try:
+            alive = {d.id for d in list_deployments(client, endpoint_id)}
+        except NotFoundError:
+            return ["endpoint already gone"]
+        if deployment_id not in alive:
+            done.append("deployment already gone")
+        split = [(d, w) for d, w in previous_traffic if d != deployment_id and d in alive]
+        set_traffic(client, endpoint_id, split)
+        done.append(f"traffic split restored ({len(split)} deployment(s))")
+        if deployment_id in alive:
+            step = "delete the deployment"
+            try:
+                delete_deployment(client, endpoint_id, deployment_id)
+            except APIStatusError:
+                step = "scale the deployment to zero before deleting it"
+                scale_to_zero(client, endpoint_id, deployment_id)
+                done.append("scaled to zero")
+                step = "delete the deployment after scaling it to zero"
+                delete_deployment(client, endpoint_id, deployment_id)
+            done.append("deployment deleted")
+        if endpoint_created:
+            step = "delete the endpoint this deploy created"
+            if delete_endpoint_if_empty(client, endpoint_id):
+                done.append("endpoint deleted")
+    except (APIError, EndpointFailure) as exc:
+        stopped = "scaled to zero" in done or _try_scale_to_zero(client, endpoint_id, deployment_id)
+        if step.startswith("delete the endpoint"):
+            left = "the deployment is deleted; the empty endpoint costs nothing but is left in the listing"
+        elif stopped:
+            left = f"{describe} is stopped (0 replicas, not billing) but not deleted"
+        else:
+            left = f"{describe} is still live and may keep billing"
+        raise RollbackFailure(f"rollback failed to {step} ({_reason(exc)}); {left}. "
+                              f"Stop it with: {stop_command} (`epochwise endpoints --reap` stops it too)") from None
+    return done
+
+
+def _try_scale_to_zero(client: Together, endpoint_id: str, deployment_id: str) -> bool:
+    """Best effort while a rollback is failing: True when the deployment is now at zero replicas or gone."""
+    try:
+        scale_to_zero(client, endpoint_id, deployment_id)
+    except NotFoundError:
+        return True
+    except APIError:
+        return False
+    return True
 
 
 def wait_ready(client: Together, endpoint_id: str, deployment_id: str, cfg: DeployConfig,
@@ -473,10 +559,12 @@ def endpoint_rows(endpoints: list[EndpointInfo], replies: dict[str, str] | None 
     return rows
 
 
-def failure_row(endpoint: str, epoch: int, reason: str) -> dict[str, str]:
-    """The ``<fold>-endpoints`` row of a deploy that was rolled back: nothing runs, here is why."""
-    return {"endpoint": endpoint, "epoch": str(epoch), "state": "ROLLED BACK", "routed": "no", "hardware": "",
-            "replicas": "0-0", "model": "", "created": "", "smoke reply": "", "note": reason}
+def failure_row(endpoint: str, epoch: int, reason: str, rolled_back: bool = True) -> dict[str, str]:
+    """The ``<fold>-endpoints`` row of a failed deploy: rolled back (nothing runs), or ROLLBACK FAILED
+    (what is left is in the endpoint's own rows); ``reason`` says why."""
+    return {"endpoint": endpoint, "epoch": str(epoch), "state": "ROLLED BACK" if rolled_back else "ROLLBACK FAILED",
+            "routed": "no" if rolled_back else "", "hardware": "", "replicas": "0-0" if rolled_back else "",
+            "model": "", "created": "", "smoke reply": "", "note": reason}
 
 
 def local_row(path: str, epoch: int, adapter: str, reply: str) -> dict[str, str]:

@@ -7,8 +7,10 @@ Steps:
 2. in one transaction: deploy the job's model on the endpoint ``ew-<fold>-e<k>`` (endpoint and
    deployment reused when Together lists them; hardware from the model's deploy configs; autoscaling
    and idle timeout from ``DeployConfig``; all traffic routed to it) -> wait until READY -> one smoke
-   chat completion through the endpoint name. If waiting or the smoke test fails, the deployment is
-   deleted (rollback) and the flow fails with the reason;
+   chat completion through the endpoint name. If waiting or the smoke test fails, the rollback puts
+   the previous traffic split back and deletes the deployment (and an endpoint this run created), and
+   the flow fails with the reason; if a rollback step fails too, the flow says what is still live and
+   the exact command that stops it;
 3. delete deployments of older models on the same endpoint; publish the ``<fold>-endpoints`` table
    (endpoint, state, hardware, replicas, smoke reply) and print how to call the model.
 
@@ -58,15 +60,23 @@ def deploy_epoch(
         _publish(name, [row])
         print(f"local model exported to {row['endpoint']}; smoke reply: {row['smoke reply']!r}")
         return row
+    txn = None
     try:
-        with transaction():
+        with transaction() as txn:
             ref = deploy_model(record, deploy, together)
             state = wait_until_ready(ref, deploy, together)
             reply = smoke_test(ref, deploy, together)
     except Exception as exc:
+        # A failed rollback (stored by the hook, or raised by deploy_model itself) fails the flow with
+        # what is still live and the command that stops it, after the deploy's own reason.
+        undone = txn.get("rollback_failure", None) if txn is not None else None
+        reason = f"{exc}; {undone}" if undone else str(exc)
         listed = list_fold_endpoints(name, together, return_state=True)  # must not hide the reason
         rows = ea.endpoint_rows(listed.result()) if listed.is_completed() else []
-        _publish(name, rows + [ea.failure_row(ea.endpoint_slug(name, record.epoch), record.epoch, str(exc))])
+        rolled_back = not (undone or isinstance(exc, ea.RollbackFailure))
+        _publish(name, rows + [ea.failure_row(ea.endpoint_slug(name, record.epoch), record.epoch, reason, rolled_back)])
+        if undone:
+            raise ea.RollbackFailure(reason) from None
         raise
     retire_replaced(ref, together)
     rows = ea.endpoint_rows(list_fold_endpoints(name, together), replies={ref.endpoint_name: reply})

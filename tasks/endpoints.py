@@ -7,10 +7,12 @@ Thin wrappers over `epochwise.endpoints_api`. What keeps the bill under control:
   never cached: Together's listing is the state (a cached id could point at a deployment the reaper
   deleted).
 * The flow runs it in a transaction with ``wait_until_ready`` and ``smoke_test``; when either fails,
-  ``deploy_model``'s ``on_rollback`` deletes the deployment (and an endpoint left empty) and puts the
-  previous traffic split back, so a broken model never keeps billing.
+  ``deploy_model``'s ``on_rollback`` puts the previous traffic split back, deletes the deployment
+  (Together refuses to delete one that still receives traffic) and an endpoint this run created, so a
+  broken model never keeps billing. When a rollback step fails anyway, the flow fails naming the live
+  deployment and the command that stops it, and the deployment is recorded for the reaper.
 * ``stop_fold_endpoints`` and ``reap_endpoints`` scale deployments to zero; the reaper only touches
-  endpoints named ``ew-<fold>-e<k>``.
+  endpoints named ``ew-<fold>-e<k>``, and deployments left by a failed rollback whatever their age.
 
 Credentials are resolved inside each task (blocks or environment), never passed as parameters.
 """
@@ -19,15 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.transactions import Transaction, get_transaction
-from together import Together
+from prefect.variables import Variable
+from together import APIError, NotFoundError, Together
 
 from blocks.credentials import resolve_together
 from epochwise import endpoints_api as ea
@@ -188,17 +194,66 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
 
 @deploy_model.on_rollback
 def delete_failed_deployment(txn: Transaction) -> None:
-    """Undo ``deploy_model``: delete the deployment, restore the previous traffic, drop an empty endpoint."""
+    """Undo ``deploy_model`` (see `ea.rollback_deployment`). Prefect only logs a hook's exception, so a
+    failed rollback is stored in the transaction (``rollback_failure``) for the flow to fail with."""
     ref: DeploymentRef | None = txn.get("deployment", None)
-    if ref is not None:
-        _undo(_client(txn.get("together", TogetherConfig())), ref)
-        get_run_logger().warning(f"rolled back: deleted deployment {ref.deployment_name} so it does not keep billing")
+    if ref is None:
+        return
+    try:
+        done = _undo(_client(txn.get("together", TogetherConfig())), ref)
+    except ea.RollbackFailure as exc:
+        txn.set("rollback_failure", str(exc))
+        get_run_logger().error(str(exc))
+        return
+    get_run_logger().warning(f"rolled back {ref.deployment_name} on {ref.endpoint_name} so it does not keep "
+                             f"billing: {', '.join(done)}")
 
 
-def _undo(client: Together, ref: DeploymentRef) -> None:
-    ea.delete_deployment(client, ref.endpoint_id, ref.deployment_id)
-    ea.restore_traffic(client, ref.endpoint_id, [t for t in ref.previous_traffic if t[0] != ref.deployment_id])
-    ea.delete_endpoint_if_empty(client, ref.endpoint_id)
+def stop_command(ref: DeploymentRef) -> str:
+    """The command that stops exactly this deployment."""
+    return f"epochwise endpoints {ref.fold} --stop --deployment {ref.deployment_name}"
+
+
+def _undo(client: Together, ref: DeploymentRef) -> list[str]:
+    """Roll back; on failure the deployment is recorded for the reaper and `ea.RollbackFailure` raised."""
+    try:
+        return ea.rollback_deployment(
+            client, ref.endpoint_id, ref.deployment_id,
+            [t for t in ref.previous_traffic if t[0] != ref.deployment_id], ref.endpoint_created,
+            describe=f"deployment {ref.deployment_name} on endpoint {ref.endpoint_name}", stop_command=stop_command(ref),
+        )
+    except ea.RollbackFailure:
+        _remember_leftover(ref)
+        raise
+
+
+# A deployment whose rollback failed is recorded as a Prefect variable (``ew-leftover-<deployment id>``),
+# so the reaper stops it whatever its endpoint's age; a later successful deploy of it forgets it.
+_LEFTOVER = "ew-leftover-"
+
+
+def _leftover_name(deployment_id: str) -> str:
+    return _LEFTOVER + re.sub(r"[^a-z0-9_-]", "-", deployment_id.lower())
+
+
+def _remember_leftover(ref: DeploymentRef) -> None:
+    try:
+        Variable.set(_leftover_name(ref.deployment_id), {
+            "endpoint_id": ref.endpoint_id, "endpoint_name": ref.endpoint_name, "deployment_id": ref.deployment_id,
+            "deployment_name": ref.deployment_name, "fold": ref.fold, "epoch": ref.epoch,
+        }, overwrite=True)
+    except Exception as exc:  # the failure message still names the command; never hide the rollback's reason
+        get_run_logger().warning(f"could not record {ref.deployment_name} for the reaper: {exc}")
+
+
+def _forget_leftover(deployment_id: str) -> None:
+    with contextlib.suppress(Exception):
+        Variable.unset(_leftover_name(deployment_id))
+
+
+def _leftovers() -> list[dict[str, Any]]:
+    with get_client(sync_client=True) as client:
+        return [v.value for v in client.read_variables() if v.name.startswith(_LEFTOVER) and isinstance(v.value, dict)]
 
 
 @task(cache_policy=NO_CACHE)
@@ -225,7 +280,9 @@ def smoke_test(ref: DeploymentRef, deploy: DeployConfig, together: TogetherConfi
 
 @task(cache_policy=NO_CACHE)
 def retire_replaced(ref: DeploymentRef, together: TogetherConfig) -> list[str]:
-    """Delete the endpoint's other deployments (older models of the same epoch) once the new one works."""
+    """Delete the endpoint's other deployments (older models of the same epoch) once the new one works
+    (and forget it as a failed rollback's leftover, should an earlier run have recorded it)."""
+    _forget_leftover(ref.deployment_id)
     client = _client(together)
     retired = []
     for dep in ea.list_deployments(client, ref.endpoint_id):
@@ -264,6 +321,18 @@ def reap_endpoints(older_than_s: float, together: TogetherConfig) -> list[str]:
     log = get_run_logger()
     client = _client(together)
     stopped = []
+    for left in _leftovers():  # failed rollbacks first, whatever their age
+        try:
+            dep = ea.scale_to_zero(client, left["endpoint_id"], left["deployment_id"])
+        except NotFoundError:
+            log.info(f"{left['deployment_name']} (left by a failed rollback) is gone")
+        except APIError as exc:
+            log.warning(f"could not stop {left['deployment_name']} yet ({exc}); the next reap tries again")
+            continue
+        else:
+            stopped.append(dep.name)
+            log.info(f"stopped {dep.name}: left live on {left['endpoint_name']} by a failed rollback")
+        _forget_leftover(left["deployment_id"])
     for ep in ea.epochwise_endpoints(client):
         if ep.age_s() <= older_than_s:
             continue

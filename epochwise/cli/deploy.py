@@ -3,6 +3,7 @@
     epochwise deploy folds/games --epoch best        # or --epoch 3, or --job-id ft-...
     epochwise endpoints folds/games                  # state of this fold's endpoints
     epochwise endpoints folds/games --stop           # scale them to zero replicas
+    epochwise endpoints folds/games --stop --deployment me/ew-games-e2/d-ml-...   # only that one
     epochwise endpoints --reap --older-than 6h       # stop every epochwise endpoint older than 6 hours
 """
 
@@ -79,6 +80,7 @@ def deploy(
 def endpoints(
     fold: Path = typer.Argument(None, help="Fold directory (or name); omit with --reap."),
     stop: bool = typer.Option(False, "--stop", help="Scale this fold's endpoints to zero replicas."),
+    deployment: str = typer.Option(None, "--deployment", help="With --stop: only this deployment (name or id)."),
     reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than."),
     older_than: str = typer.Option(None, "--older-than", help="Age for --reap, e.g. 6h, 90m, 2d [deploy.reap_older_than_h]."),
     config: Path = ConfigOption,
@@ -94,10 +96,12 @@ def endpoints(
         fail_lines(["error: give a FOLD, or --reap"])
     if older_than:
         fail_lines(["error: --older-than only applies to --reap"])
-    _fold_endpoints(cfg, Path(fold).name, stop)
+    if deployment and not stop:
+        fail_lines(["error: --deployment only applies to --stop"])
+    _fold_endpoints(cfg, Path(fold).name, stop, deployment)
 
 
-def _fold_endpoints(cfg: Settings, name: str, stop: bool) -> None:
+def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None) -> None:
     from blocks.credentials import resolve_together
     from epochwise import endpoints_api as ea
     from epochwise.together_api import make_client
@@ -106,9 +110,12 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool) -> None:
         client = ea.with_project(make_client(resolve_together(cfg.together.credentials_block), cfg.together))
         found = ea.epochwise_endpoints(client, name)
         if stop:
+            if only and not any(only in (d.id, d.name) for ep in found for d in ep.deployments):
+                fail_lines([f"error: {name}'s endpoints have no deployment {only}"])
             for endpoint in found:
-                for dep in ea.stop_endpoint(client, endpoint):
-                    console.print(f"stopped {dep.name}", markup=False)
+                for dep in endpoint.deployments:
+                    if dep.max_replicas > 0 and only in (None, dep.id, dep.name):
+                        console.print(f"stopped {ea.scale_to_zero(client, endpoint.id, dep.id).name}", markup=False)
             found = ea.epochwise_endpoints(client, name)
     if not found:
         console.print(f"{name} has no endpoints", markup=False)
