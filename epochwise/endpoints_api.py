@@ -233,6 +233,10 @@ def _deployment_info(dep: Any) -> DeploymentInfo:
     )
 
 
+def get_deployment(client: Together, endpoint_id: str, deployment_id: str) -> DeploymentInfo:
+    return _deployment_info(client.endpoints.deployments.retrieve(deployment_id, endpoint_id=endpoint_id))
+
+
 def list_deployments(client: Together, endpoint_id: str) -> list[DeploymentInfo]:
     return [_deployment_info(d) for d in client.endpoints.deployments.list(endpoint_id)]
 

@@ -31,7 +31,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.transactions import Transaction, get_transaction
+from prefect.transactions import BaseTransaction, Transaction, get_transaction
 from prefect.variables import Variable
 from together import APIError, NotFoundError, Together
 
@@ -202,7 +202,13 @@ def delete_failed_deployment(txn: Transaction) -> None:
     try:
         done = _undo(_client(txn.get("together", TogetherConfig())), ref)
     except ea.RollbackFailure as exc:
-        txn.set("rollback_failure", str(exc))
+        owner: BaseTransaction = txn  # the task's own transaction; the flow reads the one it opened
+        for _ in range(8):
+            owner.set("rollback_failure", str(exc))
+            parent = owner.get_parent()
+            if parent is None or parent is owner:
+                break
+            owner = parent
         get_run_logger().error(str(exc))
         return
     get_run_logger().warning(f"rolled back {ref.deployment_name} on {ref.endpoint_name} so it does not keep "
@@ -323,15 +329,15 @@ def reap_endpoints(older_than_s: float, together: TogetherConfig) -> list[str]:
     stopped = []
     for left in _leftovers():  # failed rollbacks first, whatever their age
         try:
-            dep = ea.scale_to_zero(client, left["endpoint_id"], left["deployment_id"])
+            dep = ea.get_deployment(client, left["endpoint_id"], left["deployment_id"])
+            if dep.max_replicas > 0:
+                stopped.append(ea.scale_to_zero(client, left["endpoint_id"], dep.id).name)
+                log.info(f"stopped {dep.name}: left live on {left['endpoint_name']} by a failed rollback")
         except NotFoundError:
             log.info(f"{left['deployment_name']} (left by a failed rollback) is gone")
         except APIError as exc:
             log.warning(f"could not stop {left['deployment_name']} yet ({exc}); the next reap tries again")
             continue
-        else:
-            stopped.append(dep.name)
-            log.info(f"stopped {dep.name}: left live on {left['endpoint_name']} by a failed rollback")
         _forget_leftover(left["deployment_id"])
     for ep in ea.epochwise_endpoints(client):
         if ep.age_s() <= older_than_s:

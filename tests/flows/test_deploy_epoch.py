@@ -97,10 +97,98 @@ def test_smoke_test_failure_rolls_back_to_zero_deployments_and_fails_with_the_re
     with pytest.raises(Exception, match=r"smoke test of me/ew-dsmoke-e1 failed \(500\).*not answering"):
         state.result()
     assert fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 1
-    assert fake_together.state.deployments == {}
+    assert fake_together.state.deployments == {}  # nothing left billing
     assert fake_together.state.endpoints == {}  # the empty endpoint it created went too
+    # Together's order (traffic off, then the deployment, then the endpoint): no step was refused.
+    assert [e for e in fake_together.log if e[2] >= 400 and "/chat/" not in e[1]] == []
     (row,) = endpoints_table("dsmoke")
     assert row["state"] == "ROLLED BACK" and "not answering" in row["note"]
+
+
+def test_smoke_failure_on_a_redeploy_routes_back_to_the_previous_deployment_and_keeps_the_endpoint(
+        fake_together, tmp_path):
+    first = sdk_job(fake_together, tmp_path, epoch_suffix("back", 1, "01" * 32))
+    second = sdk_job(fake_together, tmp_path, epoch_suffix("back", 1, "02" * 32))
+    deploy_epoch("folds/back", job_id=first, deploy=DEPLOY, together=FAST)
+    (old,) = fake_together.state.deployments
+    fake_together.script.chat_errors = {"ew-back-e1": 500}
+
+    state = deploy_epoch("folds/back", job_id=second, deploy=DEPLOY, together=FAST, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"smoke test of me/ew-back-e1 failed \(500\)"):
+        state.result()
+    assert fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 2
+    (endpoint,) = fake_together.state.endpoints.values()
+    assert endpoint["name"] == "me/ew-back-e1" and endpoint["deployments"] == [old]
+    assert endpoint["trafficSplit"] == [{"deploymentId": old, "weight": 1}]
+    assert fake_together.state.deployments[old]["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+    assert [e for e in fake_together.log if e[2] >= 400 and "/chat/" not in e[1]] == []
+
+
+DEP_DELETE = "DELETE /v2/projects/{project}/endpoints/{eid}/deployments/{did}"
+DEP_PATCH = "PATCH /v2/projects/{project}/endpoints/{eid}/deployments/{did}"
+
+
+def failing_rollback(fake: FakeTogether, fold: str, job_id: str) -> tuple[str, dict]:
+    """Deploy ``job_id`` with a failing smoke test while Together answers 500 to every deployment delete
+    and update (the SDK's retries included): the rollback cannot delete nor stop it. Returns the flow's
+    failure message and the deployment left live."""
+    fake.script.chat_errors = {f"ew-{fold}-e1": 500}
+    fake.burst(DEP_DELETE, [500] * 60)
+    fake.burst(DEP_PATCH, [500] * 60)
+    state = deploy_epoch(fold, job_id=job_id, deploy=DEPLOY, together=FAST, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as failed:
+        state.result()
+    fake.clear_bursts()  # the outage is over
+    (left,) = [d for d in fake.state.deployments.values() if d["model"].endswith(job_id)]
+    return str(failed.value), left
+
+
+def test_a_rollback_that_keeps_failing_fails_the_flow_with_the_stop_command_and_reap_stops_it(
+        fake_together, tmp_path):
+    other = sdk_job(fake_together, tmp_path, epoch_suffix("dleft", 2, "ee" * 32))
+    deploy_epoch("dleft", job_id=other, deploy=DEPLOY, together=FAST)  # a young, healthy epochwise endpoint
+    job = sdk_job(fake_together, tmp_path, epoch_suffix("dleft", 1, "dd" * 32))
+
+    message, left = failing_rollback(fake_together, "dleft", job)
+
+    assert message.startswith("smoke test of me/ew-dleft-e1 failed (500)")
+    assert (f"deployment {left['name']} on endpoint me/ew-dleft-e1 is still live and may keep billing. "
+            f"Stop it with: epochwise endpoints dleft --stop --deployment {left['name']}") in message
+    assert left["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+    assert fake_together.state.endpoints[left["endpointId"]]["trafficSplit"] == []  # that step did work
+    assert endpoints_table("dleft")[-1]["state"] == "ROLLBACK FAILED"
+
+    reaped = CliRunner().invoke(app, ["endpoints", "--reap"])  # the default age (6 h): it is minutes old
+
+    assert reaped.exit_code == 0, reaped.output
+    assert left["autoscaling"] == {"minReplicas": 0, "maxReplicas": 0}
+    (healthy,) = [d for d in fake_together.state.deployments.values() if d["model"].endswith(other)]
+    assert healthy["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+    assert f"stopped {left['name']}" in reaped.output and "1 deployment(s) stopped" in reaped.output
+    again = CliRunner().invoke(app, ["endpoints", "--reap"])
+    assert again.exit_code == 0 and "0 deployment(s) stopped" in again.output
+
+
+def test_the_stop_command_of_a_failed_rollback_stops_exactly_the_leftover(fake_together, tmp_path):
+    first = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "03" * 32))
+    second = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "04" * 32))
+    deploy_epoch("exact", job_id=first, deploy=DEPLOY, together=FAST)
+    (old,) = fake_together.state.deployments
+
+    message, left = failing_rollback(fake_together, "exact", second)
+    command = message.split("Stop it with: ")[1].split(" (")[0]
+    assert command == f"epochwise endpoints exact --stop --deployment {left['name']}"
+
+    stopped = CliRunner().invoke(app, command.split()[1:])
+
+    assert stopped.exit_code == 0, stopped.output
+    assert left["autoscaling"] == {"minReplicas": 0, "maxReplicas": 0}
+    assert fake_together.state.deployments[old]["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+    (endpoint,) = fake_together.state.endpoints.values()
+    assert endpoint["trafficSplit"] == [{"deploymentId": old, "weight": 1}]  # the previous one serves again
 
 
 def test_failed_deployment_is_deleted_and_its_message_fails_the_flow(fake_together, tmp_path):

@@ -159,3 +159,77 @@ def test_the_endpoint_lock_lets_one_deploy_at_a_time_find_and_create(tmp_path):
             thread.join()
     assert overlaps == [1, 1, 1]
     assert (tmp_path / "locks" / "endpoint-ew-g-e1.lock").is_file()
+
+
+def _second_model_on(fake: FakeTogether, client: Together, tmp_path: Path, endpoint: ea.EndpointInfo):
+    """A second model's deployment on ``endpoint`` (a retrained epoch), not yet routed."""
+    target = ea.model_from_job(client, completed_job(fake, client, tmp_path, "ew-g-e1-4567cdef"))
+    dep, created = ea.ensure_deployment(client, endpoint, target, ea.choose_config(client, target, None), FAST)
+    assert created
+    return dep
+
+
+ROLLBACK = {"describe": "deployment D on endpoint E", "stop_command": "epochwise endpoints g --stop --deployment D"}
+
+
+def test_rollback_restores_the_previous_split_then_deletes_the_new_deployment_and_keeps_the_endpoint(
+        fake_together, client, tmp_path):
+    _, _, endpoint, old = deployed(fake_together, client, tmp_path)
+    before = ea.route_traffic(client, endpoint.id, old.id).traffic
+    new = _second_model_on(fake_together, client, tmp_path, endpoint)
+    ea.route_traffic(client, endpoint.id, new.id)
+
+    done = ea.rollback_deployment(client, endpoint.id, new.id, before, endpoint_created=False, **ROLLBACK)
+
+    assert done == ["traffic split restored (1 deployment(s))", "deployment deleted"]
+    assert fake_together.state.endpoints[endpoint.id]["trafficSplit"] == [{"deploymentId": old.id, "weight": 1.0}]
+    assert list(fake_together.state.deployments) == [old.id]
+    assert [s for _, _, s in fake_together.log if s >= 400] == []  # in Together's order: nothing refused
+
+
+def test_rollback_of_a_new_endpoint_leaves_nothing_and_rereads_a_stale_etag(fake_together, client, tmp_path):
+    _, _, endpoint, dep = deployed(fake_together, client, tmp_path)
+    ea.route_traffic(client, endpoint.id, dep.id)
+    fake_together.burst("PATCH /v2/projects/{project}/endpoints/{eid}", [409])  # someone changed it meanwhile
+    retrieves = fake_together.counts["GET /v2/projects/{project}/endpoints/{eid}"]
+
+    ea.rollback_deployment(client, endpoint.id, dep.id, (), endpoint_created=True, **ROLLBACK)
+
+    assert fake_together.state.endpoints == {} and fake_together.state.deployments == {}
+    assert fake_together.counts["GET /v2/projects/{project}/endpoints/{eid}"] == retrieves + 2  # read again on 409
+
+
+def test_a_delete_refused_for_another_reason_is_retried_after_scaling_to_zero(fake_together, client, tmp_path):
+    _, _, endpoint, dep = deployed(fake_together, client, tmp_path)
+    ea.route_traffic(client, endpoint.id, dep.id)
+    fake_together.script.delete_refusal = "deployment is still scaling up (scripted)"
+
+    done = ea.rollback_deployment(client, endpoint.id, dep.id, (), endpoint_created=True, **ROLLBACK)
+
+    assert done == ["traffic split restored (0 deployment(s))", "scaled to zero", "deployment deleted", "endpoint deleted"]
+    assert fake_together.state.endpoints == {} and fake_together.state.deployments == {}
+
+
+def test_a_rollback_step_that_keeps_failing_names_what_is_live_and_the_stop_command(fake_together, client, tmp_path):
+    _, _, endpoint, dep = deployed(fake_together, client, tmp_path)
+    ea.route_traffic(client, endpoint.id, dep.id)
+    fake_together.burst("PATCH /v2/projects/{project}/endpoints/{eid}", [500] * 3)
+    fake_together.burst("PATCH /v2/projects/{project}/endpoints/{eid}/deployments/{did}", [503])
+
+    with pytest.raises(ea.RollbackFailure) as failed:
+        ea.rollback_deployment(client, endpoint.id, dep.id, (), endpoint_created=True, **ROLLBACK)
+
+    assert str(failed.value) == (
+        "rollback failed to restore the traffic split (Together answered 500: scripted 500 for PATCH "
+        "/v2/projects/{project}/endpoints/{eid}); deployment D on endpoint E is still live and may keep billing. "
+        "Stop it with: epochwise endpoints g --stop --deployment D (`epochwise endpoints --reap` stops it too)")
+    assert fake_together.state.deployments[dep.id]["autoscaling"] == {"minReplicas": 1, "maxReplicas": 1}
+
+    # Traffic can be restored but the delete keeps failing: it is scaled to zero, so it no longer bills.
+    fake_together.clear_bursts()
+    fake_together.burst("DELETE /v2/projects/{project}/endpoints/{eid}/deployments/{did}", [500] * 2)
+    with pytest.raises(ea.RollbackFailure, match=r"failed to delete the deployment after scaling it to zero .*"
+                                                 r"deployment D on endpoint E is stopped \(0 replicas, not billing\)"):
+        ea.rollback_deployment(client, endpoint.id, dep.id, (), endpoint_created=True, **ROLLBACK)
+    assert fake_together.state.deployments[dep.id]["autoscaling"] == {"minReplicas": 0, "maxReplicas": 0}
+    assert fake_together.state.endpoints[endpoint.id]["trafficSplit"] == []
