@@ -291,14 +291,17 @@ def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTa
     """The endpoint's deployment of ``target``: reused, else created. Returns ``(deployment, created)``.
 
     A reused deployment gets the configured replicas and idle timeout (so a stopped one starts again);
-    one of this model that FAILED earlier is deleted first, so the new one can take its name.
+    one of this model that FAILED earlier is taken out of the traffic split and deleted first, so the
+    new one can take its name.
     """
     slug = deployment_slug(target.model_id)
     scaling = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas}
     for dep in list_deployments(client, endpoint.id):
         if dep.model != target.model_path and short_name(dep.name) != slug:
             continue
-        if dep.state == FAILED:
+        if dep.state == FAILED:  # out of the traffic split first: Together deletes nothing still routed
+            if any(d == dep.id for d, _ in endpoint.traffic):
+                set_traffic(client, endpoint.id, [t for t in endpoint.traffic if t[0] != dep.id])
             delete_deployment(client, endpoint.id, dep.id)
             break
         changes: dict[str, Any] = {}

@@ -82,8 +82,10 @@ def test_a_stopped_deployment_is_scaled_back_up_and_a_failed_one_replaced(fake_t
     assert longer.id == dep.id and fake_together.state.deployments[dep.id]["inactiveTimeout"] == 120
 
     fake_together.state.deployments[dep.id]["status"]["state"] = "DEPLOYMENT_STATE_FAILED"
-    replaced, created = ea.ensure_deployment(client, endpoint, target, config, FAST)
+    routed = ea.route_traffic(client, endpoint.id, dep.id)  # a routed FAILED one is taken out of traffic first
+    replaced, created = ea.ensure_deployment(client, routed, target, config, FAST)
     assert created and replaced.id != dep.id and list(fake_together.state.deployments) == [replaced.id]
+    assert fake_together.state.endpoints[endpoint.id]["trafficSplit"] == []
 
 
 def test_wait_ready_fails_with_togethers_message_or_at_the_deadline(fake_together, client, tmp_path):
