@@ -172,14 +172,24 @@ def test_a_rollback_that_keeps_failing_fails_the_flow_with_the_stop_command_and_
     assert again.exit_code == 0 and "0 deployment(s) stopped" in again.output
 
 
-def test_the_stop_command_of_a_failed_rollback_stops_exactly_the_leftover(fake_together, tmp_path):
+def test_the_stop_command_of_a_failed_rollback_stops_exactly_the_leftover(fake_together, tmp_path, monkeypatch):
     first = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "03" * 32))
     second = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "04" * 32))
     deploy_epoch("exact", job_id=first, deploy=DEPLOY, together=FAST)
     (old,) = fake_together.state.deployments
+    fake_together.script.chat_errors = {"ew-exact-e1": 500}
+    fake_together.burst(DEP_DELETE, [500] * 60)
+    fake_together.burst(DEP_PATCH, [500] * 60)
+    monkeypatch.setenv("EPOCHWISE_DEPLOY__POLL_S", "0.001")
 
-    message, left = failing_rollback(fake_together, "exact", second)
-    command = message.split("Stop it with: ")[1].split(" (")[0]
+    deployed = CliRunner().invoke(app, ["deploy", "exact", "--job-id", second])  # what the user sees
+
+    fake_together.clear_bursts()
+    assert deployed.exit_code == 1 and "Traceback" not in deployed.output
+    (left,) = [d for d in fake_together.state.deployments.values() if d["model"].endswith(second)]
+    (line,) = [x for x in deployed.output.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: smoke test of me/ew-exact-e1 failed (500)") and "is still live" in line
+    command = line.split("Stop it with: ")[1].split(" (")[0]
     assert command == f"epochwise endpoints exact --stop --deployment {left['name']}"
 
     stopped = CliRunner().invoke(app, command.split()[1:])

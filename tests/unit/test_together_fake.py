@@ -175,8 +175,9 @@ def test_v2_delete_rules_live_traffic_deployments_first_and_etags(fake_together,
     with pytest.raises(ConflictError):
         client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id, etag="d0")
     with pytest.raises(ConflictError):
-        client.endpoints.deployments.update(dep.id, endpoint_id=endpoint.id, etag="d0", inactive_timeout=30,
-                                            update_mask="inactiveTimeout")
+        client.endpoints.deployments.update(
+            dep.id, endpoint_id=endpoint.id, etag="d0", inactive_timeout=30, update_mask="inactiveTimeout"
+        )
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id, etag=dep.etag)
     with pytest.raises(ConflictError):
         client.endpoints.delete(endpoint.id, etag="e1")
@@ -184,7 +185,9 @@ def test_v2_delete_rules_live_traffic_deployments_first_and_etags(fake_together,
     assert not fake_together.state.endpoints and not fake_together.state.deployments
 
 
-def test_scripted_delete_refusal_lasts_until_the_deployment_is_scaled_to_zero(fake_together, together_client, train_file):
+def test_scripted_delete_refusal_lasts_until_the_deployment_is_scaled_to_zero(
+    fake_together, together_client, train_file
+):
     client, endpoint, dep = _live_deployment(fake_together, together_client, train_file)
     client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag="e2")
     fake_together.script.delete_refusal = "deployment is scaling; try again later"
