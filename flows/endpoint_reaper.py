@@ -3,11 +3,13 @@
 A dedicated endpoint bills for every minute a replica runs, used or not, and Together's idle shutdown
 (``inactive_timeout``) is not something to rely on. This flow runs hourly (deployment
 ``endpoint-reaper/hourly``) and scales to zero every deployment of every ``ew-<fold>-e<k>`` endpoint
-created more than ``older_than_h`` hours ago (default ``deploy.reap_older_than_h``). Endpoints epochwise
-did not create are never touched; stopped endpoints keep their names and can be redeployed.
+created more than ``older_than_h`` hours ago (default ``deploy.reap_older_than_h``), and, whatever their
+age, the deployments a failed deploy rollback left live (``deploy-epoch`` records each one in Prefect).
+Endpoints epochwise did not create are never touched; stopped endpoints keep their names and can be
+redeployed.
 
-Steps: list the project's endpoints -> keep epochwise ones older than the limit -> scale each running
-deployment to min/max replicas 0.
+Steps: stop the recorded rollback leftovers -> list the project's endpoints -> keep epochwise ones older
+than the limit -> scale each running deployment to min/max replicas 0.
 
     epochwise endpoints --reap --older-than 6h
     prefect deployment run endpoint-reaper/hourly

@@ -181,10 +181,13 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
             txn.set("together", together)
         try:
             ea.route_traffic(client, endpoint.id, dep.id)
-        except Exception:
+        except Exception as exc:
             # The hook only runs for a task that finished; a deployment this call created must not stay.
             if dep_created:
-                _undo(client, ref)
+                try:
+                    _undo(client, ref)
+                except ea.RollbackFailure as failed:
+                    raise ea.RollbackFailure(f"routing traffic to {dep.name} failed ({exc}); {failed}") from None
             raise
     log.info(f"{'created' if dep_created else 'reusing'} deployment {dep.name} of {target.model_name} on "
              f"{'new' if ep_created else 'existing'} endpoint {endpoint.name} ({ref.hardware}, "
@@ -320,7 +323,8 @@ def stop_fold_endpoints(fold: str, together: TogetherConfig) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def reap_endpoints(older_than_s: float, together: TogetherConfig) -> list[str]:
-    """Scale to zero every epochwise endpoint created more than ``older_than_s`` seconds ago.
+    """Scale to zero every epochwise endpoint created more than ``older_than_s`` seconds ago, and first
+    every deployment a failed rollback left live (recorded by ``deploy-epoch``), whatever its age.
 
     Only ``ew-<fold>-e<k>`` endpoints are touched; anything else in the project is left alone.
     """

@@ -81,7 +81,7 @@ def endpoints(
     fold: Path = typer.Argument(None, help="Fold directory (or name); omit with --reap."),
     stop: bool = typer.Option(False, "--stop", help="Scale this fold's endpoints to zero replicas."),
     deployment: str = typer.Option(None, "--deployment", help="With --stop: only this deployment (name or id)."),
-    reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than."),
+    reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than, and any deployment a failed rollback left live."),
     older_than: str = typer.Option(None, "--older-than", help="Age for --reap, e.g. 6h, 90m, 2d [deploy.reap_older_than_h]."),
     config: Path = ConfigOption,
 ) -> None:
