@@ -123,11 +123,13 @@ def test_the_ready_wait_rides_out_a_together_outage_and_nothing_is_rolled_back(f
     fake_together.outage_after("GET /v2/projects/{project}/endpoints/{eid}/deployments/{did}", 1, OUTAGE_S)
     together = FAST.model_copy(update={"max_retries": 1, "outage_tolerance_s": 600})
 
-    state = deploy_epoch(str(fold), 1, deploy=DEPLOY, together=together, return_state=True)
+    patient = DEPLOY.model_copy(update={"ready_deadline_s": 600})  # the outage counts towards the deadline
+    state = deploy_epoch(str(fold), 1, deploy=patient, together=together, return_state=True)
 
     assert state.is_completed(), state.message
     (outage,) = fake_together.outages
     assert outage.seconds is not None and outage.seconds >= OUTAGE_S
+    print(f"survived a {outage.seconds:.1f} s outage (connection refused)")  # shown with pytest -s
     (dep,) = fake_together.state.deployments.values()
     assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
     assert fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 1

@@ -402,6 +402,7 @@ def test_an_outage_while_a_job_is_polled_is_ridden_out_and_the_job_is_not_duplic
     records = state.result()
     (outage,) = fake_together.outages
     assert outage.seconds is not None and outage.seconds >= OUTAGE_S
+    print(f"survived a {outage.seconds:.1f} s outage (connection refused)")  # shown with pytest -s
     assert [r.status for r in records] == ["completed"] * 2
     assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
     assert fake_together.counts["POST /v1/fine-tunes"] == 2 and fake_together.state.uploads == 2
