@@ -229,8 +229,7 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
 
     info = api.poll_job(client, job.job_id, together, on_update, log=log.info)
     if info.status != "completed":
-        guard = api.job_outage_guard(client, job.job_id, together, log.info)
-        message = guard.call(lambda: api.failure_message(client, job.job_id))
+        message = api.failure_message(client, job.job_id)
         raise api.JobFailed(f"epoch {job.epoch} job {job.job_id} {info.status}: {message}", job.job_id, info.status)
     return info
 
