@@ -29,8 +29,9 @@ from typing import Any
 from together import APIConnectionError, APIError, APIStatusError, ConflictError, NotFoundError, Together
 
 from epochwise.config.deploy import DeployConfig
+from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord, best_epoch
-from epochwise.together_api import api_message, fold_slug
+from epochwise.together_api import OutageGuard, TogetherUnreachable, api_base_url, api_message, fold_slug
 
 PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper touches nothing else
 READY = "DEPLOYMENT_STATE_READY"
@@ -432,12 +433,27 @@ def _try_scale_to_zero(client: Together, endpoint_id: str, deployment_id: str) -
 
 def wait_ready(client: Together, endpoint_id: str, deployment_id: str, cfg: DeployConfig,
                on_update: Callable[[DeploymentInfo], None] = lambda d: None,
-               sleep: Callable[[float], None] = time.sleep) -> DeploymentInfo:
+               sleep: Callable[[float], None] = time.sleep,
+               outage: TogetherConfig | None = None, log: Callable[[str], None] = print) -> DeploymentInfo:
     """Poll the deployment every ``cfg.poll_s`` until READY; `EndpointFailure` with Together's message on
-    FAILED, on being stopped, or after ``cfg.ready_deadline_s``."""
+    FAILED, on being stopped, or after ``cfg.ready_deadline_s``.
+
+    The status calls are read-only, so a Together outage is ridden out (`OutageGuard`) for
+    ``outage.outage_tolerance_s``, backing off like the job polls; without ``outage``, the first
+    transient failure ends the wait."""
+    guard = OutageGuard(
+        f"deployment {deployment_id} keeps starting", api_base_url(client),
+        outage.outage_tolerance_s if outage is not None else 0.0,
+        outage.poll_initial_s if outage is not None else cfg.poll_s,
+        outage.poll_max_s if outage is not None else cfg.poll_s, log=log, sleep=sleep,
+    )
     deadline = time.monotonic() + cfg.ready_deadline_s
     while True:
-        dep = _deployment_info(client.endpoints.deployments.retrieve(deployment_id, endpoint_id=endpoint_id))
+        try:
+            raw = guard.call(lambda: client.endpoints.deployments.retrieve(deployment_id, endpoint_id=endpoint_id))
+        except TogetherUnreachable as exc:
+            raise EndpointFailure(str(exc)) from None
+        dep = _deployment_info(raw)
         on_update(dep)
         if dep.state == READY:
             return dep

@@ -8,12 +8,16 @@ retried (the job may exist although the reply was lost), the list is checked aga
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from together import APIConnectionError, APIStatusError, NotFoundError, Together
 
@@ -44,6 +48,77 @@ class JobFailed(TogetherFailure):
 
 class BudgetExceeded(RuntimeError):
     """The next epoch's estimated price would take the fold over its budget; nothing was submitted."""
+
+
+class TogetherUnreachable(TogetherFailure):
+    """Together stayed unreachable (connection errors, timeouts, 429, 5xx) for longer than the tolerance."""
+
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed call says nothing about the job: connection refused or reset, a timeout
+    (``APITimeoutError`` is an ``APIConnectionError``), 429, or a 5xx, after the SDK's own retries."""
+    if isinstance(exc, APIConnectionError):
+        return True
+    return isinstance(exc, APIStatusError) and (exc.status_code == 429 or exc.status_code >= 500)
+
+
+@dataclass
+class OutageGuard:
+    """Rides out a Together outage in a read-only wait: each call is retried on a transient failure
+    (`is_transient`) with backoff ``backoff_s`` -> ``backoff_max_s`` until ``tolerance_s`` have passed
+    since the first failing call started, then `TogetherUnreachable` names what keeps running, the API
+    base and that a rerun re-attaches. Any other error is raised at once; a success resets the clock.
+
+    ``subject`` says what keeps going meanwhile, e.g. ``"job ft-1 keeps running"``.
+    """
+
+    subject: str
+    base_url: str
+    tolerance_s: float
+    backoff_s: float
+    backoff_max_s: float
+    log: Callable[[str], None] = print
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    since: float | None = None  # clock() when the first failing call of the current outage started
+    since_hhmm: str = ""
+
+    def call(self, fn: Callable[[], T]) -> T:
+        wait = self.backoff_s
+        while True:
+            started, started_hhmm = self.clock(), datetime.now().astimezone().strftime("%H:%M")
+            try:
+                result = fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if self.since is None:
+                    self.since, self.since_hhmm = started, started_hhmm
+                    self.log(f"Together unreachable since {self.since_hhmm}; {self.subject} ({_reason(exc)})")
+                down = self.clock() - self.since
+                if down >= self.tolerance_s:
+                    raise TogetherUnreachable(
+                        f"Together at {self.base_url} unreachable for {down:.0f} s (since {self.since_hhmm}, "
+                        f"{_reason(exc)}), longer than together.outage_tolerance_s={self.tolerance_s:g}; "
+                        f"{self.subject} at Together: a rerun re-attaches to it"
+                    ) from None
+                self.sleep(min(wait, self.tolerance_s - down))
+                wait = min(wait * 2, self.backoff_max_s)
+                continue
+            if self.since is not None:
+                self.log(f"Together reachable again after {self.clock() - self.since:.0f} s; {self.subject}")
+                self.since = None
+            return result
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, APIStatusError):
+        return f"HTTP {exc.status_code}"
+    cause = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {cause or exc}"
 
 
 def make_client(access: TogetherAccess, cfg: TogetherConfig) -> Together:
@@ -81,15 +156,65 @@ def upload_file(
     purpose: str = "fine-tune",
     log: Callable[[str], None] = print,
 ) -> RemoteFile:
-    """Upload ``path`` (3-step presigned upload) and wait until Together validated it.
+    """The validated Together file holding ``path``'s bytes: one found in ``files.list()`` (`find_uploaded`),
+    else a 3-step presigned upload under `remote_filename`, then a wait for Together's validation.
 
     Raises `TogetherFailure` with Together's validation report on INVALID_FORMAT / FAILED.
     """
     path = Path(path)
-    uploaded = client.files.upload(path, purpose=purpose, check=True)
-    log(f"uploaded {path.name} ({path.stat().st_size} bytes) as {uploaded.id}; waiting for validation")
+    size = path.stat().st_size
+    found = find_uploaded(client, sha256, size, purpose)
+    if found is not None:
+        log(f"{path.name}: reusing {found.id} ({found.filename}, {size} bytes), already uploaded and validated")
+        return found
+    name = remote_filename(path, sha256)
+    with _staging_dir(path) as tmp:
+        # The SDK sends the path's own name as the file name: a link under the content-addressed name.
+        named = Path(tmp) / name
+        try:
+            os.link(path, named)
+        except OSError:
+            shutil.copyfile(path, named)
+        uploaded = client.files.upload(named, purpose=purpose, check=True)  # type: ignore[arg-type]
+    log(f"uploaded {path.name} ({size} bytes) as {uploaded.id} ({name}); waiting for validation")
     wait_for_file(client, uploaded.id, cfg, label=str(path))
-    return RemoteFile(uploaded.id, sha256, purpose, path.name, path.stat().st_size)
+    return RemoteFile(uploaded.id, sha256, purpose, name, size)
+
+
+def _staging_dir(path: Path) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory beside ``path`` (so a hard link works), else in the system's temp dir."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=".ew-upload-", dir=path.parent)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="ew-upload-")
+
+
+HASH_CHARS = 16  # sha256 hex digits in an uploaded file's name: 64 bits, with the byte count to match
+
+
+def remote_filename(path: Path | str, sha256: str) -> str:
+    """``<stem>-<first 16 hex of sha256><ext>``: Together keeps the name it was sent, so a later run on
+    any machine finds the upload again by content in ``files.list()`` (Together lists no checksum)."""
+    path = Path(path)
+    return f"{path.stem}-{sha256[:HASH_CHARS]}{path.suffix}"
+
+
+def find_uploaded(client: Together, sha256: str, size: int, purpose: str) -> RemoteFile | None:
+    """The newest listed file with ``sha256``'s prefix in its name, exactly ``size`` bytes, ``purpose``
+    and ``processing_status`` COMPLETED; None when there is none (then the caller uploads)."""
+    tag = f"-{sha256[:HASH_CHARS]}."
+    matches = [
+        f
+        for f in client.files.list().data or []
+        if tag in (f.filename or "")
+        and f.bytes == size
+        and f.purpose == purpose
+        and str(f.processing_status or "").upper() == "COMPLETED"
+    ]
+    if not matches:
+        return None
+    best = max(matches, key=lambda f: f.created_at or 0)
+    return RemoteFile(best.id, sha256, purpose, best.filename or "", size)
 
 
 def wait_for_file(
@@ -349,21 +474,24 @@ def poll_job(
     cfg: TogetherConfig,
     on_update: Callable[[JobInfo, list[str]], None],
     sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = print,
 ) -> JobInfo:
     """Poll until a terminal state with backoff ``poll_initial_s`` -> ``poll_max_s``.
 
     ``on_update(job, new_event_lines)`` is called after every status call; events are fetched only when
-    the status changed, so a quiet 10-hour job costs one request per poll.
+    the status changed, so a quiet 10-hour job costs one request per poll. Polling is read-only, so an
+    outage is ridden out for ``outage_tolerance_s`` (`OutageGuard`) while the job keeps running.
     """
+    guard = job_outage_guard(client, job_id, cfg, log, sleep)
     deadline = time.monotonic() + cfg.job_deadline_s
     wait, last_status, seen = cfg.poll_initial_s, None, 0
     while True:
-        job = get_job(client, job_id)
+        job = guard.call(lambda: get_job(client, job_id))
         lines: list[str] = []
         # Events only when the status changed, and not for a job already done when first seen (a
         # rerun re-checking finished epochs needs no history).
         if job.status != last_status and not (last_status is None and job.status == "completed"):
-            events = job_events(client, job_id)
+            events = guard.call(lambda: job_events(client, job_id))
             lines = [f"{e.get('type')}: {e.get('message')}" for e in events[seen:]]
             seen = len(events)
         last_status = job.status
@@ -377,6 +505,30 @@ def poll_job(
             )
         sleep(wait)
         wait = min(wait * cfg.poll_factor, cfg.poll_max_s)
+
+
+def job_outage_guard(
+    client: Together,
+    job_id: str,
+    cfg: TogetherConfig,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> OutageGuard:
+    """The `OutageGuard` of a wait on ``job_id``: retries back off like the polls, for ``outage_tolerance_s``."""
+    return OutageGuard(
+        f"job {job_id} keeps running",
+        api_base_url(client),
+        cfg.outage_tolerance_s,
+        cfg.poll_initial_s,
+        cfg.poll_max_s,
+        log=log,
+        sleep=sleep,
+    )
+
+
+def api_base_url(client: Together) -> str:
+    """The API base ``client`` talks to, as the user configured it (no trailing slash)."""
+    return str(client.base_url).rstrip("/")
 
 
 def job_losses(client: Together, job_id: str) -> tuple[float | None, float | None]:

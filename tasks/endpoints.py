@@ -267,7 +267,8 @@ def _leftovers() -> list[dict[str, Any]]:
 
 @task(cache_policy=NO_CACHE)
 def wait_until_ready(ref: DeploymentRef, deploy: DeployConfig, together: TogetherConfig) -> str:
-    """Poll the deployment until DEPLOYMENT_STATE_READY; fails with Together's message on FAILED."""
+    """Poll the deployment until DEPLOYMENT_STATE_READY; fails with Together's message on FAILED.
+    A Together outage is ridden out for ``together.outage_tolerance_s`` (the status calls are read-only)."""
     log = get_run_logger()
     seen: list[str] = []
 
@@ -276,7 +277,8 @@ def wait_until_ready(ref: DeploymentRef, deploy: DeployConfig, together: Togethe
             seen.append(dep.state)
             log.info(f"{dep.name}: {dep.state} {dep.message}")
 
-    return ea.wait_ready(_client(together), ref.endpoint_id, ref.deployment_id, deploy, on_update).state
+    return ea.wait_ready(_client(together), ref.endpoint_id, ref.deployment_id, deploy, on_update,
+                         outage=together, log=log.info).state
 
 
 @task(cache_policy=NO_CACHE)

@@ -3,7 +3,9 @@
 Thin wrappers over `epochwise.together_api`. What makes resume safe:
 
 * ``upload_if_missing`` is cached on ``sha256(bytes) + purpose + API base`` (never the path, never the
-  run id), SERIALIZABLE with a file lock so two runs never upload the same bytes twice.
+  run id), SERIALIZABLE with a file lock so two runs never upload the same bytes twice. Without a
+  cache record it first looks in Together's ``files.list()`` for the same content (sha256 prefix in
+  the uploaded file's name, byte count, purpose, COMPLETED), so a new machine uploads nothing again.
 * ``launch_epoch_job`` is cached on the epoch key (fold hashes, base model, epoch, hyper-parameters,
   parent). The flow opens it in a transaction with ``wait_for_job``, so its cache record is written only
   once the job completed; after a crash or a failed job the next run looks the job up in Together's
@@ -91,7 +93,8 @@ def _upload_policy() -> CachePolicy:
 
 @task(cache_policy=_upload_policy(), persist_result=True, tags=[API_TAG])
 def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.RemoteFile:
-    """Upload one fold file and wait for Together's validation; cached on its content."""
+    """Upload one fold file and wait for Together's validation; cached on its content. Without a cache
+    record (new machine, wiped result storage) the file is first looked for in Together's own list."""
     client = _client(together)
     return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
 
@@ -207,7 +210,8 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
     """Poll one job to a terminal state (one task per job, never cached: "running" is not a result).
 
     Logs status changes and Together's event lines, keeps a progress artifact, and raises
-    `JobFailed` with Together's message when the job failed or was cancelled.
+    `JobFailed` with Together's message when the job failed or was cancelled. A Together outage is
+    ridden out for ``together.outage_tolerance_s``; past that it fails, and a rerun re-attaches.
     """
     log = get_run_logger()
     client = _client(together)
@@ -223,7 +227,7 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
         elif progress is not None:
             update_progress_artifact(artifact_id=progress, progress=100 * info.progress, description=description)
 
-    info = api.poll_job(client, job.job_id, together, on_update)
+    info = api.poll_job(client, job.job_id, together, on_update, log=log.info)
     if info.status != "completed":
         message = api.failure_message(client, job.job_id)
         raise api.JobFailed(f"epoch {job.epoch} job {job.job_id} {info.status}: {message}", job.job_id, info.status)

@@ -32,6 +32,12 @@ class TogetherConfig(BaseModel):
         description="SDK retries of 408/409/429/5xx per call (honours Retry-After); job creation is never blindly retried.",
     )
     request_timeout_s: float = Field(60.0, gt=0, description="HTTP read timeout per request (seconds).")
+    outage_tolerance_s: float = Field(
+        1800.0,
+        gt=0,
+        description="While waiting for a job or a deployment, keep retrying connection errors, timeouts, 429 "
+        "and 5xx for this long after the first failure (seconds); the job keeps running at Together meanwhile.",
+    )
     create_attempts: int = Field(
         4, ge=1, description="Tries to create a job; after each failure Together's job list is checked first."
     )

@@ -9,7 +9,11 @@ to arrange or check is on the `FakeTogether` object:
 * ``fake.script``: behaviour knobs (polls per job state, held jobs, scripted job failures, losses,
   prices, deployment start-up polls, refused deployment deletes) and ``fake.burst(route, [429, 500])``
   for error bursts, which carry ``Retry-After-Ms: 1`` so the SDK's own retries take milliseconds
-  (``fake.clear_bursts()`` ends them).
+  (``fake.clear_bursts()`` ends them);
+* outages: ``fake.go_down()`` / ``fake.come_back()``, ``fake.outage(seconds)`` and
+  ``fake.outage_after(route, calls, seconds)``. Down means what a dead API host means to a client: the
+  listening socket is closed (connecting is refused) and open keep-alive connections are dropped; coming
+  back re-binds the same port, and the state is kept.
 
 The v2 endpoint rules Together enforces are enforced here too: a deployment still in its endpoint's
 traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
@@ -21,10 +25,12 @@ test decides exactly how long things take and never sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -224,6 +230,52 @@ class FakeState:
         return list(self.jobs.values())
 
 
+class _Server(ThreadingHTTPServer):
+    """The HTTP server, keeping its open connections so that an outage can drop them."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection dropped by an outage is expected; anything else is still printed.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+    def drop_connections(self) -> None:
+        with self.connections_lock:
+            open_now = list(self.connections)
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class Outage:
+    """One outage: ``time.monotonic()`` when the fake went down and came back (None while down)."""
+
+    down_at: float
+    up_at: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.up_at is None else self.up_at - self.down_at
+
+
 Handler = Callable[["FakeTogether", dict[str, str], "Request"], tuple[int, Any] | tuple[int, Any, dict[str, str]]]
 
 
@@ -264,31 +316,107 @@ class FakeTogether:
         class _Handler(_RequestHandler):
             owner = fake
 
-        self._server = ThreadingHTTPServer((host, port), _Handler)
-        self._server.daemon_threads = True
+        self._handler = _Handler
+        self._server: _Server | None = _Server((host, port), _Handler)
+        self._address: tuple[str, int] = self._server.server_address[:2]  # the port stays across outages
         self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._timer: threading.Timer | None = None
+        self._outage_trigger: tuple[str, int, float] | None = None  # (route, calls, seconds)
+        self._outage_due: float | None = None  # seconds of outage to start once the current reply is sent
+        self.up = threading.Event()  # set while the fake accepts connections
+        self.outages: list[Outage] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
         """What the SDK's ``base_url`` / ``TOGETHER_BASE_URL`` takes: no ``/v1`` (together-api.md section 1)."""
-        host, port = self._server.server_address[:2]
+        host, port = self._address
         return f"http://{host}:{port}"
 
     def start(self) -> FakeTogether:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-together", daemon=True)
+        assert self._server is not None
+        # A short poll interval: going down (shutdown) waits for the serve loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-together", daemon=True
+        )
+        self.up.set()
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        with self.lock:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self) -> FakeTogether:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- outages -----------------------------------------------------------------------------------
+    def go_down(self) -> None:
+        """Stop accepting connections: close the listening socket (a connect is refused) and drop every
+        open connection, as a dead API host does. The state and the port are kept for `come_back`."""
+        with self.lock:
+            server, self._server = self._server, None
+            if server is None:
+                return
+            self.up.clear()
+            self.outages.append(Outage(time.monotonic()))
+        server.shutdown()
+        server.server_close()
+        server.drop_connections()
+
+    def come_back(self) -> None:
+        """Re-bind the same port and serve again (no-op when up or stopped)."""
+        with self.lock:
+            if self._server is not None or self._stopped:
+                return
+            for attempt in range(100):
+                try:
+                    self._server = _Server(self._address, self._handler)
+                    break
+                except OSError:  # the port is still being released; it is ours, nobody else binds it
+                    if attempt == 99:
+                        raise
+                    time.sleep(0.05)
+            if self.outages and self.outages[-1].up_at is None:
+                self.outages[-1].up_at = time.monotonic()
+        self.start()
+
+    def outage(self, seconds: float) -> None:
+        """Go down now and come back after ``seconds`` (a timer thread)."""
+        self.go_down()
+        with self.lock:
+            if self._stopped:
+                return
+            self._timer = threading.Timer(seconds, self.come_back)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def outage_after(self, route: str, calls: int, seconds: float) -> None:
+        """Once ``route`` (e.g. ``"GET /v1/fine-tunes/{id}"``) has been answered ``calls`` times in all, go
+        down for ``seconds``, starting right after that reply went out."""
+        with self.lock:
+            self._outage_trigger = (route, calls, seconds)
+
+    def wait_up(self, timeout: float = 300.0) -> None:
+        """Block until the fake accepts connections again (a generous bound, not a timing assertion)."""
+        if not self.up.wait(timeout):
+            raise TimeoutError(f"the fake Together stayed down for more than {timeout} s")
+
+    def _start_due_outage(self) -> None:
+        with self.lock:
+            seconds, self._outage_due = self._outage_due, None
+        if seconds is not None:
+            self.outage(seconds)
 
     # -- scripting ---------------------------------------------------------------------------------
     def burst(self, route: str, statuses: list[int]) -> None:
@@ -329,6 +457,9 @@ class FakeTogether:
                 continue
             with self.lock:
                 self.counts[name] += 1
+                trigger = self._outage_trigger
+                if trigger is not None and trigger[0] == name and self.counts[name] >= trigger[1]:
+                    self._outage_trigger, self._outage_due = None, trigger[2]
                 burst = self._bursts.get(name) or self._bursts.get("*")
                 status = burst.pop(0) if burst else None
             if status is not None:
@@ -371,6 +502,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return
 
     def _serve(self) -> None:
+        if not self.owner.up.is_set():
+            # Accepted in the moment between going down and the listening socket closing: dropped unanswered.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -384,6 +521,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+        self.wfile.flush()
+        # An outage due after this reply starts here, before this connection can read another request.
+        self.owner._start_due_outage()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

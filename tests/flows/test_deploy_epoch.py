@@ -6,6 +6,7 @@ status calls and the flow polls every millisecond."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from epochwise.together_api import epoch_suffix
 from flows.deploy_epoch import deploy_epoch
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.flows.test_epoch_train_together import BASE, FAST, make_fold
+from tests.flows.test_epoch_train_together import BASE, FAST, OUTAGE_S, make_fold, run_logs
 
 DEPLOY = DeployConfig(poll_s=0.001, ready_deadline_s=30)
 
@@ -211,6 +212,30 @@ def test_failed_deployment_is_deleted_and_its_message_fails_the_flow(fake_togeth
     with pytest.raises(Exception, match="no H100 capacity in us-east"):
         state.result()
     assert fake_together.state.deployments == {} and fake_together.state.chats == []
+
+
+def test_the_ready_wait_rides_out_a_together_outage_and_nothing_is_rolled_back(fake_together, tmp_path):
+    _, fold = train(fake_together, tmp_path, "doutage", {1: (2.0, 1.5)})
+    fake_together.script.deployment_polls = 3
+    # Down (connection refused) right after the first deployment status call, for OUTAGE_S seconds.
+    fake_together.outage_after("GET /v2/projects/{project}/endpoints/{eid}/deployments/{did}", 1, OUTAGE_S)
+    together = FAST.model_copy(update={"max_retries": 1, "outage_tolerance_s": 600})
+
+    patient = DEPLOY.model_copy(update={"ready_deadline_s": 600})  # the outage counts towards the deadline
+    state = deploy_epoch(str(fold), 1, deploy=patient, together=together, return_state=True)
+
+    assert state.is_completed(), state.message
+    (outage,) = fake_together.outages
+    assert outage.seconds is not None and outage.seconds >= OUTAGE_S
+    print(f"survived a {outage.seconds:.1f} s outage (connection refused)")  # shown with pytest -s
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
+    assert fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 1
+    assert fake_together.counts["DELETE /v2/projects/{project}/endpoints/{eid}/deployments/{did}"] == 0
+    assert [c["model"] for c in fake_together.state.chats] == ["me/ew-doutage-e1"]
+    logs = run_logs(state)
+    assert any(re.match(rf"Together unreachable since \d\d:\d\d; deployment {dep['id']} keeps starting", line)
+               for line in logs)
 
 
 def test_job_id_deploys_a_job_without_any_epoch_records(fake_together, tmp_path):

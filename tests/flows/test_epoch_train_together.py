@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from tests.fake_together.server import FakeTogether
 
 BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
+# A Together outage in the suite lasts this long (seconds); `EW_TEST_OUTAGE_S=40` runs the full-length one.
+OUTAGE_S = float(os.environ.get("EW_TEST_OUTAGE_S", "3"))
 
 
 def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2) -> Path:
@@ -332,7 +335,10 @@ def test_gpt_oss_base_models_upload_harmony_parquet(fake_together, tmp_path):
 
     assert records[0].status == "completed"
     uploaded = sorted(f.filename for f in fake_together.state.files.values())
-    assert uploaded == ["train_harmony.parquet", "val_harmony.parquet"]
+    assert [re.sub(r"-[0-9a-f]{16}\.", ".", name) for name in uploaded] == [
+        "train_harmony.parquet",
+        "val_harmony.parquet",
+    ]
     assert all(f.processing_status == "COMPLETED" for f in fake_together.state.files.values())
     assert fake_together.state.jobs_in_order()[0].request["model"] == "openai/gpt-oss-20b"
 
@@ -370,3 +376,77 @@ def test_a_cached_upload_deleted_at_together_is_uploaded_again(fake_together, tm
     assert records[0].job_id == first[0].job_id  # epoch 1 is keyed on content, not on the file id
     second = fake_together.state.jobs_in_order()[1]
     assert second.request["training_file"] != train_id and second.request["training_file"] in fake_together.state.files
+
+
+def run_logs(state) -> list[str]:
+    """Every log line of a flow run (its task runs included), read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=run_filter)]
+
+
+def test_an_outage_while_a_job_is_polled_is_ridden_out_and_the_job_is_not_duplicated(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "outage", "outage-ridden")
+    # Down (connection refused) right after epoch 1's second status call, for OUTAGE_S seconds.
+    fake_together.outage_after("GET /v1/fine-tunes/{id}", 2, OUTAGE_S)
+    together = FAST.model_copy(update={"max_retries": 1, "outage_tolerance_s": 600})
+
+    state = epoch_train(str(fold), train_cfg(2), together, return_state=True)
+
+    assert state.is_completed()
+    records = state.result()
+    (outage,) = fake_together.outages
+    assert outage.seconds is not None and outage.seconds >= OUTAGE_S
+    print(f"survived a {outage.seconds:.1f} s outage (connection refused)")  # shown with pytest -s
+    assert [r.status for r in records] == ["completed"] * 2
+    assert [len(jobs_for(fake_together, e)) for e in (1, 2)] == [1, 1]
+    assert fake_together.counts["POST /v1/fine-tunes"] == 2 and fake_together.state.uploads == 2
+    first = fake_together.state.jobs_in_order()[0].id
+    logs = run_logs(state)
+    assert any(re.match(rf"Together unreachable since \d\d:\d\d; job {first} keeps running", line) for line in logs)
+    assert any(line.startswith("Together reachable again") for line in logs)
+
+
+def test_an_outage_longer_than_the_tolerance_fails_the_run_and_the_rerun_reattaches(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "longout", "outage-too-long")
+    fake_together.outage_after("GET /v1/fine-tunes/{id}", 2, seconds=6)
+    impatient = FAST.model_copy(update={"max_retries": 0, "outage_tolerance_s": 1})
+
+    state = epoch_train(str(fold), train_cfg(1), impatient, return_state=True)
+
+    assert state.is_failed()
+    (job,) = fake_together.state.jobs_in_order()
+    with pytest.raises(Exception, match="rerun re-attaches") as failure:
+        state.result()
+    assert f"job {job.id} keeps running at Together" in str(failure.value)
+    assert fake_together.base_url in str(failure.value) and "outage_tolerance_s=1" in str(failure.value)
+
+    fake_together.wait_up()
+    records = epoch_train(str(fold), train_cfg(1), FAST)
+    assert records[0].job_id == job.id and records[0].status == "completed"
+    assert len(fake_together.state.jobs) == 1 and fake_together.counts["POST /v1/fine-tunes"] == 1
+
+
+def test_a_rerun_without_result_storage_finds_the_uploads_in_togethers_list(fake_together, tmp_path):
+    from prefect.settings import temporary_settings
+
+    fold = make_fold(tmp_path, "newhost", "storage-wiped")
+    first = epoch_train(str(fold), train_cfg(1), FAST)
+    files = {f.id for f in fake_together.state.files.values()}
+    posts, lists = fake_together.counts["POST /v1/files"], fake_together.counts["GET /v1/files"]
+
+    # A second machine (or a wiped volume): empty result storage, so no upload cache record at all.
+    storage = tmp_path / "new-host-storage"
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        again = epoch_train(str(fold), train_cfg(1), FAST)
+
+    assert any(storage.iterdir())  # that run did keep its records there, not in the old storage
+    assert fake_together.state.uploads == 2 and fake_together.counts["POST /v1/files"] == posts
+    assert fake_together.counts["GET /v1/files"] == lists + 2  # one listing per file found again
+    assert {f.id for f in fake_together.state.files.values()} == files
+    assert again[0].job_id == first[0].job_id and len(fake_together.state.jobs) == 1

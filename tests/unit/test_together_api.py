@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,50 @@ def test_upload_waits_for_server_validation(fake_together, together_client, tmp_
     assert fake_together.counts["GET /v1/files/{id}"] == 3
     assert remote.sha256 == sha256_file(path) and remote.bytes == path.stat().st_size
     assert fake_together.state.files[remote.id].data == path.read_bytes()
+
+
+def test_upload_is_named_by_its_content_and_found_again_in_the_list(fake_together, together_client, tmp_path):
+    path = jsonl(tmp_path / "train.jsonl", [CONVO] * 2)
+    sha = sha256_file(path)
+    first = api.upload_file(together_client, path, sha, CFG, log=no_sleep())
+    assert fake_together.state.files[first.id].filename == f"train-{sha[:16]}.jsonl" == first.filename
+    assert not list(tmp_path.glob(".ew-upload-*"))  # the staging link is gone
+
+    logged: list[str] = []
+    again = api.upload_file(together_client, path, sha, CFG, log=logged.append)  # no cache record: the list
+    assert again == first and fake_together.state.uploads == 1 and fake_together.counts["POST /v1/files"] == 1
+    assert fake_together.counts["GET /v1/files"] == 2 and "reusing" in logged[0]
+
+
+def test_a_listed_file_with_the_name_but_other_bytes_purpose_or_status_is_not_reused(
+    fake_together, together_client, tmp_path
+):
+    path = jsonl(tmp_path / "train.jsonl", [CONVO] * 2)
+    sha = sha256_file(path)
+    decoys = tmp_path / "decoys"
+    decoys.mkdir()
+    # Same content-addressed name, other bytes (a byte count that differs).
+    jsonl(decoys / api.remote_filename(path, sha), [CONVO] * 3)
+    other_bytes = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
+    # Same name and bytes, another purpose.
+    (decoys / api.remote_filename(path, sha)).write_bytes(path.read_bytes())
+    wrong_purpose = together_client.files.upload(decoys / api.remote_filename(path, sha), purpose="eval").id
+    # Same name, bytes and purpose, but Together has not validated it (still PENDING), or rejected it.
+    fake_together.script.file_polls = 10**6
+    pending = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
+    failed = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
+    fake_together.state.files[failed].processing_status = "FAILED"
+    fake_together.script.file_polls = 1
+    listed = {f.id: f for f in together_client.files.list().data}
+    assert {listed[i].filename for i in (other_bytes, wrong_purpose, pending, failed)} == {
+        api.remote_filename(path, sha)
+    }
+    assert api.find_uploaded(together_client, sha, path.stat().st_size, "fine-tune") is None
+
+    remote = api.upload_file(together_client, path, sha, CFG, log=no_sleep())
+    assert remote.id not in (other_bytes, wrong_purpose, pending, failed)
+    assert fake_together.state.uploads == 5 and fake_together.state.files[remote.id].processing_status == "COMPLETED"
+    assert api.find_uploaded(together_client, sha, path.stat().st_size, "fine-tune") == remote
 
 
 def test_upload_of_a_file_the_server_rejects_fails_with_its_report(fake_together, together_client, tmp_path):
@@ -176,3 +221,108 @@ def test_estimate_price_and_fold_jobs(fake_together, together_client, files):
     api.create_job(together_client, request(files, "ew-other-e1-88888888"), CFG, log=no_sleep())
     assert [(e, j.id) for e, j in api.fold_jobs(together_client, "games")] == [(1, one.id), (2, two.id)]
     assert api.cancel_job(together_client, two.id) == "completed"  # a finished job stays finished
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outages while waiting
+# ---------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """A monotonic clock that only moves when the guard sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def refused() -> Exception:
+    import httpx
+    from together import APIConnectionError
+
+    return APIConnectionError(request=httpx.Request("GET", "http://127.0.0.1:9/v1/fine-tunes/ft-1"))
+
+
+def guard(clock: Clock, logged: list[str], tolerance_s: float = 300.0) -> api.OutageGuard:
+    return api.OutageGuard(
+        "job ft-1 keeps running",
+        "http://api.example",
+        tolerance_s,
+        10.0,
+        60.0,
+        log=logged.append,
+        sleep=clock.sleep,
+        clock=clock,
+    )
+
+
+def test_outage_guard_retries_transient_failures_with_backoff_and_says_what_keeps_running():
+    clock, logged = Clock(), []
+    failures = [refused()] * 5
+
+    def call() -> str:
+        if failures:
+            raise failures.pop()
+        return "running"
+
+    assert guard(clock, logged).call(call) == "running"
+    assert clock.sleeps == [10.0, 20.0, 40.0, 60.0, 60.0]
+    assert re.fullmatch(r"Together unreachable since \d\d:\d\d; job ft-1 keeps running \(.*\)", logged[0])
+    assert logged[1] == "Together reachable again after 190 s; job ft-1 keeps running" and len(logged) == 2
+
+
+def test_outage_guard_gives_up_after_the_tolerance_naming_job_base_and_rerun():
+    clock, logged = Clock(), []
+
+    def down() -> str:
+        raise refused()
+
+    with pytest.raises(api.TogetherUnreachable) as failure:
+        guard(clock, logged, tolerance_s=100.0).call(down)
+    message = str(failure.value)
+    assert "job ft-1 keeps running at Together" in message and "http://api.example" in message
+    assert "a rerun re-attaches" in message and "outage_tolerance_s=100" in message
+    assert sum(clock.sleeps) == 100.0 and clock.sleeps[-1] == 30.0  # never sleeps past the tolerance
+    assert len(logged) == 1
+
+
+def test_outage_guard_retries_5xx_and_429_but_not_other_errors(fake_together, tmp_path, files):
+    from together import NotFoundError, Together
+
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    job, _ = api.create_job(client, request(files, "ew-games-e1-99999999"), CFG, log=no_sleep(), sleep=no_sleep())
+    fake_together.burst("GET /v1/fine-tunes/{id}", [503, 429, 500])
+    clock, logged = Clock(), []
+    assert guard(clock, logged).call(lambda: api.get_job(client, job.id)).id == job.id
+    assert "(HTTP 503)" in logged[0] and len(clock.sleeps) == 3
+
+    clock, logged = Clock(), []
+    with pytest.raises(NotFoundError):
+        guard(clock, logged).call(lambda: api.get_job(client, "ft-does-not-exist"))
+    assert clock.sleeps == [] and logged == []
+
+
+def test_poll_job_rides_out_a_real_outage_and_the_job_is_not_duplicated(fake_together, files, together_client):
+    from together import Together
+
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    job, _ = api.create_job(client, request(files, "ew-games-e1-aaaaaaaa"), CFG, log=no_sleep(), sleep=no_sleep())
+    fake_together.outage_after("GET /v1/fine-tunes/{id}", 2, seconds=1.0)
+    cfg = CFG.model_copy(update={"poll_initial_s": 0.01, "poll_max_s": 0.05, "outage_tolerance_s": 120})
+    logged: list[str] = []
+
+    final = api.poll_job(client, job.id, cfg, lambda *_: None, log=logged.append)
+
+    assert final.status == "completed" and len(fake_together.state.jobs) == 1
+    assert fake_together.counts["POST /v1/fine-tunes"] == 1
+    (outage,) = fake_together.outages
+    assert outage.up_at is not None
+    assert logged[0].startswith("Together unreachable since ") and f"job {job.id} keeps running" in logged[0]
+    assert "ConnectionRefused" in logged[0] or "Connect" in logged[0]
+    assert logged[1].startswith("Together reachable again")

@@ -199,3 +199,63 @@ def test_scripted_delete_refusal_lasts_until_the_deployment_is_scaled_to_zero(
     )
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
     assert fake_together.state.deployments == {}
+
+def test_files_list_returns_file_responses_named_as_the_sdk_sent_them(fake_together, together_client, tmp_path):
+    fake_together.script.file_polls = 5
+    path = tmp_path / "train-0123456789abcdef.jsonl"
+    path.write_text(json.dumps(CONVO) + "\n")
+    remote = together_client.files.upload(path, purpose="fine-tune")
+    fields = fake_together.state.files[remote.id]
+
+    (listed,) = together_client.files.list().data
+    assert listed.id == remote.id and listed.filename == "train-0123456789abcdef.jsonl" == fields.filename
+    assert listed.bytes == path.stat().st_size and listed.purpose == "fine-tune" and listed.file_type == "jsonl"
+    assert listed.processing_status == "PENDING"  # Together validates after the upload; the list says so
+    while together_client.files.retrieve(remote.id).processing_status == "PENDING":
+        pass
+    assert together_client.files.list().data[0].processing_status == "COMPLETED"
+
+
+def test_an_outage_refuses_connections_drops_open_ones_and_keeps_the_port_and_state(fake_together, train_file):
+    import http.client
+    import socket
+
+    from together import APIConnectionError
+
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    host, port = fake_together.base_url.removeprefix("http://").split(":")
+    kept = http.client.HTTPConnection(host, int(port), timeout=10)
+    kept.request("GET", "/v3/whoami", headers={"Authorization": f"Bearer {fake_together.api_key}"})
+    assert kept.getresponse().read() and kept.sock is not None  # a keep-alive connection, still open
+
+    fake_together.go_down()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=10)
+    with pytest.raises(APIConnectionError):
+        client.files.list()
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        kept.request("GET", "/v3/whoami", headers={"Authorization": f"Bearer {fake_together.api_key}"})
+        kept.getresponse().read()
+
+    fake_together.come_back()
+    assert [f.id for f in client.files.list().data] == [train_file]  # same URL, same state
+    (outage,) = fake_together.outages
+    assert outage.seconds is not None and outage.seconds >= 0
+
+
+def test_outage_after_a_route_goes_down_after_that_reply_and_comes_back_by_itself(fake_together):
+    from together import APIConnectionError
+
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    fake_together.outage_after("GET /v3/whoami", 2, seconds=0.5)
+    client.get("/v3/whoami", cast_to=object)
+    client.get("/v3/whoami", cast_to=object)  # answered, then the fake goes down
+    with pytest.raises(APIConnectionError):
+        client.get("/v3/whoami", cast_to=object)
+    assert fake_together.counts["GET /v3/whoami"] == 2
+
+    fake_together.wait_up()
+    client.get("/v3/whoami", cast_to=object)
+    (outage,) = fake_together.outages
+    assert outage.seconds is not None and outage.seconds >= 0.5  # no earlier than scripted
+    assert fake_together.counts["GET /v3/whoami"] == 3
