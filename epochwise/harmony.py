@@ -67,7 +67,7 @@ from openai_harmony import (
 )
 
 from epochwise.config.harmony import HarmonyConfig
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, atomic_write, atomic_write_bytes, iter_lines, sha256_file
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, atomic_write, atomic_write_bytes, jsonl_lines, sha256_file
 from epochwise.problems import InputError, Problem, display_path
 from epochwise.records import parse_json_object
 from epochwise.validate import message_problems, together_check
@@ -562,14 +562,7 @@ def _chunks(path: Path, shown: str, problems: list[Problem]) -> Iterator[list[tu
     """Non-blank lines of ``path`` in chunks of `CHUNK_ROWS`; over-long lines become problems."""
     chunk: list[tuple[int, bytes]] = []
     with open(path, "rb") as handle:
-        for number, raw in iter_lines(handle, DEFAULT_MAX_LINE_BYTES):
-            if isinstance(raw, LineTooLong):
-                problems.append(
-                    Problem(shown, number, f"line is {raw.size} bytes, over the limit of {DEFAULT_MAX_LINE_BYTES}")
-                )
-                continue
-            if not raw.strip():
-                continue
+        for number, raw in jsonl_lines(handle, shown, problems, DEFAULT_MAX_LINE_BYTES):
             chunk.append((number, raw))
             if len(chunk) == CHUNK_ROWS:
                 yield chunk

@@ -1,4 +1,5 @@
-"""File helpers: atomic writes, content hashes and a line reader that survives hostile input."""
+"""File helpers: atomic file and directory writes, content hashes and a JSONL line reader that survives
+hostile input."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import contextlib
 import gc
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from epochwise.problems import Problem
 
 # A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
 # Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded.
@@ -45,6 +49,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None], *, replace: bool) -> None:
+    """Fill a temporary sibling directory with ``write(tmp)`` and rename it to ``target`` at the end.
+
+    A crash or exception leaves no half-written ``target``. When ``target`` already exists, ``replace``
+    decides: True removes it first (this result is the one wanted), False keeps it (a concurrent
+    builder of the same content renamed its copy first) and drops this one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if replace:
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        else:
+            with contextlib.suppress(OSError):  # another process renamed its copy first: keep that one
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -94,6 +120,22 @@ def iter_lines(
             yield number, LineTooLong(size)
             continue
         yield number, raw.rstrip(b"\r\n")
+
+
+def jsonl_lines(
+    handle: BinaryIO, shown: str, problems: list[Problem], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file as ``(line_number, raw_line)``; blank lines are skipped.
+
+    A line over ``max_line_bytes`` becomes a `Problem` of ``shown`` (the path as displayed) in
+    ``problems`` instead of being yielded.
+    """
+    for number, raw in iter_lines(handle, max_line_bytes):
+        if isinstance(raw, LineTooLong):
+            problems.append(Problem(shown, number, f"line is {raw.size} bytes, over the limit of {max_line_bytes}"))
+            continue
+        if raw.strip():
+            yield number, raw
 
 
 @contextlib.contextmanager

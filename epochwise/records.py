@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from epochwise.config.data import RecordMapping
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, gc_paused, iter_lines
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, gc_paused, jsonl_lines
 from epochwise.problems import Problem, display_path
 
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -80,24 +80,16 @@ def _read_files(files: list[Path], max_line_bytes: int, result: ReadResult) -> N
 
 
 def _read_jsonl(path: Path, shown: str, max_line_bytes: int, problems: list[Problem]) -> Iterator[SourceRecord]:
-    empty = True
+    empty, known = True, len(problems)
     with open(path, "rb") as handle:
-        for number, raw in iter_lines(handle, max_line_bytes):
-            if isinstance(raw, LineTooLong):
-                empty = False
-                problems.append(
-                    Problem(shown, number, f"line is {raw.size} bytes, over the limit of {max_line_bytes}")
-                )
-                continue
-            if not raw.strip():
-                continue
+        for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
             empty = False
             data, reason = parse_json_object(raw)
             if reason is not None:
                 problems.append(Problem(shown, number, reason))
                 continue
             yield SourceRecord(shown, number, data)
-    if empty:
+    if empty and len(problems) == known:  # no line at all, not even an over-long one
         problems.append(Problem(shown, None, "file is empty"))
 
 

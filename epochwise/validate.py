@@ -1,8 +1,8 @@
 """Strict validation of fine-tuning JSONL, following Together's server-side rules.
 
 together 3.1.1's own ``check_file`` is structural only (UTF-8, one JSON object per line, at least one
-sample); the schema rules below are the ones Together's server applies after upload (see
-shared/reference/together-api.md section 3). Catching them here means a bad file fails in a second,
+sample; together-py PR #364); the schema rules below are the ones Together's server applies after upload
+(https://docs.together.ai/docs/fine-tuning/data-preparation). Catching them here means a bad file fails in a second,
 before an upload or a paid job, with ``path:line: reason`` instead of a server-side INVALID_FORMAT.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, LineTooLong, iter_lines
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
 from epochwise.problems import Problem, display_path
 from epochwise.records import parse_json_object
 
@@ -148,12 +148,7 @@ def validate_file(
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
         with open(path, "rb") as handle:
-            for number, raw in iter_lines(handle, max_line_bytes):
-                if isinstance(raw, LineTooLong):
-                    problems.append(Problem(shown, number, f"line is {raw.size} bytes, over the limit of {max_line_bytes}"))
-                    continue
-                if not raw.strip():
-                    continue
+            for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
                 row, reason = parse_json_object(raw)
                 if reason is not None:
                     problems.append(Problem(shown, number, reason))

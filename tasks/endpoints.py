@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord
+from epochwise.io import atomic_dir
 from tasks.locks import exclusive_lock
 
 
@@ -120,11 +120,7 @@ def deploy_local(fold: str, record: EpochRecord, deploy: DeployConfig) -> dict[s
     metrics = pick_local_epoch(fold, str(record.epoch), run)
     out = Path(fold) / "exports" / f"{metrics['run_key']}-epoch-{metrics['epoch']}"
     if not (out / "config.json").is_file():
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        export_epoch(metrics, partial, merged=True)
-        shutil.rmtree(out, ignore_errors=True)
-        partial.rename(out)
+        atomic_dir(out, lambda tmp: export_epoch(metrics, tmp, merged=True), replace=True)
     reply = sample_epoch(metrics, deploy.smoke_prompt, deploy.smoke_max_tokens)
     get_run_logger().info(f"exported {record.fold} epoch {record.epoch} to {out}; smoke reply {reply!r}")
     return ea.local_row(str(out), record.epoch, metrics["adapter_dir"], reply)

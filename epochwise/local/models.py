@@ -8,14 +8,10 @@ there: the same inputs give the same directory, and a reload takes about a secon
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -23,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from epochwise.config.local import LocalConfig
-from epochwise.io import sha256_file
+from epochwise.io import atomic_dir, sha256_file
 from epochwise.local.keys import fold_files, local_model_dir
 
 # ChatML, as SmolLM2 and Qwen2.5 render it. No default system prompt: rows carry their own.
@@ -138,7 +134,7 @@ def build_tiny(fold: Path | str, local: LocalConfig) -> Path:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
 
-    _atomic_dir(target, write)
+    atomic_dir(target, write, replace=False)  # a concurrent builder's identical copy wins
     return target
 
 
@@ -181,17 +177,5 @@ def build_smollm2(local: LocalConfig) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_dir(target, write)
+    atomic_dir(target, write, replace=False)  # a concurrent builder's identical copy wins
     return target
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling directory and rename it into place; a concurrent builder's result wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        with contextlib.suppress(OSError):  # another process renamed its copy first: keep that one
-            os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

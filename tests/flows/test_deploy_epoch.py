@@ -22,7 +22,7 @@ from epochwise.together_api import epoch_suffix
 from flows.deploy_epoch import deploy_epoch
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.flows.test_epoch_train_together import BASE, FAST, OUTAGE_S, make_fold, run_logs
+from tests.helpers import BASE, FAST, OUTAGE_S, make_fold, run_logs
 
 DEPLOY = DeployConfig(poll_s=0.001, ready_deadline_s=30)
 
@@ -335,12 +335,12 @@ def test_local_fold_exports_the_best_epoch_merged_and_records_a_local_smoke_repl
     from transformers import AutoModelForCausalLM
 
     from epochwise.config.train import HyperParams
-    from tests.unit.test_local_data import test_local_config
+    from tests.helpers import local_config
 
     fold = make_fold(tmp_path, "dlocal", "local-export", n_train=8, n_val=2)
     train = TrainConfig(backend="local", epochs=2, local_model="tiny",
                         hyper=HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1))
-    records = epoch_train(str(fold), train=train, local=test_local_config(tmp_path))
+    records = epoch_train(str(fold), train=train, local=local_config(tmp_path))
     best = min(records, key=lambda r: r.val_loss)
 
     result = CliRunner().invoke(app, ["deploy", str(fold), "--epoch", "best"],
@@ -352,4 +352,5 @@ def test_local_fold_exports_the_best_epoch_merged_and_records_a_local_smoke_repl
     assert isinstance(row["smoke reply"], str) and f"exported epoch {best.epoch}" in result.output
     merged = AutoModelForCausalLM.from_pretrained(row["endpoint"])
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert not Path(row["endpoint"] + ".partial").exists()
+    export = Path(row["endpoint"])
+    assert [p.name for p in export.parent.iterdir()] == [export.name]  # no temporary export left beside it
