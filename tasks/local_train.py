@@ -16,6 +16,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -25,15 +26,23 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
-from epochwise.local.keys import epoch_cache_key, finished_metrics, run_key
+from epochwise.local.keys import finished_metrics, run_epoch_cache_key, run_key
+
+# The run key each task run's cache key was computed from, by task run id: the task body takes it from
+# here instead of hashing the fold again, so each epoch hashes its fold once. The body pops its entry;
+# a cached epoch (body skipped) leaves one short string behind.
+_RUN_KEYS: dict[UUID, str] = {}
 
 
 def local_epoch_key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
-    """Content key of one finished epoch (never paths alone, never the flow run id); None = not cached."""
+    """Content key of one finished epoch (never paths alone, never the flow run id); None = not cached.
+
+    The same value as `epochwise.local.keys.epoch_cache_key`.
+    """
     train: TrainConfig = params["train"]
-    return epoch_cache_key(
-        params["fold"], params["epoch"], train.local_model, train.hyper, params["local"], params["parent"]
-    )
+    key = run_key(params["fold"], train.local_model, train.hyper, params["local"])
+    _RUN_KEYS[context.task_run.id] = key
+    return run_epoch_cache_key(params["fold"], key, params["epoch"], params["parent"])
 
 
 class EpochProgress:
@@ -81,7 +90,9 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
     """Train epoch ``epoch`` of ``fold`` locally from ``parent`` (previous adapter dir; None = base model)."""
     logger = get_run_logger()
     name = Path(fold).resolve().name
-    key = run_key(fold, train.local_model, train.hyper, local)
+    context = TaskRunContext.get()
+    key = _RUN_KEYS.pop(context.task_run.id, None) if context else None
+    key = key or run_key(fold, train.local_model, train.hyper, local)
     finished = finished_metrics(fold, key, epoch, parent)
     if finished is not None:  # trained by an earlier run whose cache record is gone: no torch needed
         logger.info("%s epoch %d already finished in %s", name, epoch, finished["adapter_dir"])
@@ -103,7 +114,7 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
         )
     progress = EpochProgress(name, epoch, wandb_run)
     try:
-        result = train_epoch(fold, epoch, train.local_model, train.hyper, local, parent, on_step=progress)
+        result = train_epoch(fold, epoch, train.local_model, train.hyper, local, parent, on_step=progress, key=key)
     finally:
         progress.close()
     if wandb_run is not None:

@@ -125,7 +125,11 @@ def epoch_cache_key(
     adapter that was deleted or retrained since: then the key changes and the task looks at the disk
     again (an epoch found finished there is returned without training).
     """
-    key = run_key(fold, model, hyper, local)
+    return run_epoch_cache_key(fold, run_key(fold, model, hyper, local), epoch, parent)
+
+
+def run_epoch_cache_key(fold: Path | str, key: str, epoch: int, parent: str | None) -> str | None:
+    """`epoch_cache_key` from a run key already computed (``key``), so the fold is not hashed again."""
     metrics = epoch_dir(fold, key, epoch) / METRICS_FILE
     if finished_metrics(fold, key, epoch, parent) is None:
         return None

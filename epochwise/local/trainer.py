@@ -26,13 +26,12 @@ import contextlib
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
-from epochwise.io import atomic_write, atomic_write_bytes
+from epochwise.io import atomic_dir, atomic_write, atomic_write_bytes
 from epochwise.local import keys
 from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
 from epochwise.local.lora import fuse_lora_updates
@@ -210,36 +209,104 @@ def train_epoch(
     local: LocalConfig,
     parent: str | None = None,
     on_step: StepCallback | None = None,
+    *,
+    key: str | None = None,
 ) -> EpochResult:
     """Train epoch ``epoch`` of ``fold`` from ``parent`` (an adapter dir; None = fresh LoRA on the base).
 
     Returns the finished epoch from disk when it exists; resumes from a matching mid-epoch checkpoint.
+    ``key`` is the run key (`keys.run_key`) when the caller has computed it already; None computes it.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import set_seed
-
     if not hyper.lora:
         raise ValueError("the local backend trains LoRA adapters only (set train.hyper.lora=true)")
     fold = Path(fold).resolve()
-    key = keys.run_key(fold, model_name, hyper, local)
-    out_dir = keys.epoch_dir(fold, key, epoch)
+    key = key or keys.run_key(fold, model_name, hyper, local)
     finished = keys.finished_metrics(fold, key, epoch, parent)
     if finished is not None:
         return EpochResult(**finished)
     started_at = datetime.now(UTC).isoformat()
+    run = _setup(fold, epoch, key, model_name, hyper, local, parent)
+    state, resumed_from = _restore(run)
+    tokens_seen, train_seconds = _run_steps(run, state, on_step)
+    return _finish(run, state, resumed_from, tokens_seen / train_seconds if train_seconds else 0.0, started_at)
+
+
+@dataclass
+class _Run:
+    """Everything one epoch's steps need, built by `_setup`."""
+
+    fold: Path
+    epoch: int
+    key: str
+    hyper: HyperParams
+    local: LocalConfig
+    parent: str | None
+    device: torch.device
+    threads: int
+    files: dict[str, Path]
+    base_path: str
+    model: Any
+    tokenizer: Any
+    val_rows: list
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: list[Batch]
+    accumulation: int
+    total_steps: int
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: same run, epoch, parent and step count."""
+        return {"run": self.key, "epoch": self.epoch, "parent": self.parent, "steps": self.total_steps}
+
+    @property
+    def checkpoint(self) -> Path:
+        return keys.checkpoint_path(self.fold, self.key, self.epoch)
+
+
+def _setup(
+    fold: Path, epoch: int, key: str, model_name: str, hyper: HyperParams, local: LocalConfig, parent: str | None
+) -> _Run:
+    """Threads, device, base model, rows, LoRA model, optimizer, batches and schedule of one epoch."""
     threads = set_threads(local)
     device = resolve_device(local)
     files = keys.fold_files(fold, local.data)
     base_path = base_model_path(model_name, fold, local)
     model, tokenizer = load_base(base_path, device)
     model.config.use_cache = False
+    train_rows, val_rows = _read_rows(files, tokenizer, hyper, local)
+    model = _lora_model(model, hyper, parent)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, hyper, parent)
+    # Data order depends only on the seed and the epoch, so a resumed run sees the same batches.
+    blocks = pack(shuffled(train_rows, hyper.seed * 100_003 + epoch), local.seq_length, local.packing)
+    accumulation = grad_accumulation(hyper, local)
+    batches = list(micro_batches(blocks, local.micro_batch_size, tokenizer.pad_token_id, local.packing))
+    total_steps = math.ceil(len(batches) / accumulation)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hyper, total_steps))
+    return _Run(
+        fold=fold, epoch=epoch, key=key, hyper=hyper, local=local, parent=parent, device=device, threads=threads,
+        files=files, base_path=base_path, model=model, tokenizer=tokenizer, val_rows=val_rows, trainable=trainable,
+        optimizer=optimizer, scheduler=scheduler, batches=batches, accumulation=accumulation, total_steps=total_steps,
+    )  # fmt: skip
 
+
+def _read_rows(files: dict[str, Path], tokenizer, hyper: HyperParams, local: LocalConfig) -> tuple[list, list]:
+    """Train and validation rows, truncated to the sequence length; an error when none can train."""
     train_on_inputs = hyper.train_on_inputs is True
     max_len = min(local.seq_length, hyper.max_seq_length or local.seq_length)
     train_rows = truncate(read_rows(files["train"], tokenizer, train_on_inputs), max_len)
     val_rows = truncate(read_rows(files["val"], tokenizer, train_on_inputs), max_len) if "val" in files else []
     if not train_rows:
         raise ValueError(f"{files['train']}: no row has a labelled token to train on")
+    return train_rows, val_rows
+
+
+def _lora_model(model, hyper: HyperParams, parent: str | None):
+    """``parent``'s adapter, trainable, or a fresh seeded LoRA on ``model``; in training mode."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
 
     set_seed(hyper.seed)  # LoRA init of a fresh adapter
     if parent:
@@ -258,60 +325,66 @@ def train_epoch(
         )
     fuse_lora_updates(model)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model
+
+
+def _optimizer(trainable: list[torch.nn.Parameter], hyper: HyperParams, parent: str | None) -> torch.optim.AdamW:
+    """AdamW over the LoRA parameters, continuing ``parent``'s optimizer state when it saved one."""
     optimizer = torch.optim.AdamW(trainable, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
     if parent and (Path(parent) / OPTIMIZER_FILE).is_file():
         optimizer.load_state_dict(torch.load(Path(parent) / OPTIMIZER_FILE, weights_only=True))
         for group in optimizer.param_groups:  # the saved LR belongs to the parent's schedule
             group["lr"] = group["initial_lr"] = hyper.learning_rate
+    return optimizer
 
-    # Data order depends only on the seed and the epoch, so a resumed run sees the same batches.
-    pad_id = tokenizer.pad_token_id
-    blocks = pack(shuffled(train_rows, hyper.seed * 100_003 + epoch), local.seq_length, local.packing)
-    accumulation = grad_accumulation(hyper, local)
-    batches = list(micro_batches(blocks, local.micro_batch_size, pad_id, local.packing))
-    total_steps = math.ceil(len(batches) / accumulation)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hyper, total_steps))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
 
-    identity = {"run": key, "epoch": epoch, "parent": parent, "steps": total_steps}
-    state = {"step": 0, "loss_sum": 0.0, "label_tokens": 0, "step_losses": []}
-    checkpoint = keys.checkpoint_path(fold, key, epoch)
-    resumed_from = 0
-    torch.manual_seed(hyper.seed + epoch)  # dropout stream of this epoch
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)  # our own file, written below
-        if saved["identity"] == identity:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in saved["trainable"].items():
-                    params[name].copy_(tensor)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = saved["state"]
-            _set_rng(saved["rng"])
-            resumed_from = state["step"]
-            if local.threads is None and saved.get("threads", threads) != threads:
-                # The thread count changes float reduction order: keep the killed run's, so the
-                # resumed loss curve matches an uninterrupted one exactly.
-                threads = saved["threads"]
-                torch.set_num_threads(threads)
+def _restore(run: _Run) -> tuple[dict[str, Any], int]:
+    """Seed this epoch's dropout stream, then continue a matching checkpoint: (state, step resumed from)."""
+    state: dict[str, Any] = {"step": 0, "loss_sum": 0.0, "label_tokens": 0, "step_losses": []}
+    torch.manual_seed(run.hyper.seed + run.epoch)  # dropout stream of this epoch
+    if not run.checkpoint.is_file():
+        return state, 0
+    saved = torch.load(run.checkpoint, weights_only=False)  # our own file, written by _save_checkpoint
+    if saved["identity"] != run.identity:
+        return state, 0
+    params = dict(run.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved["trainable"].items():
+            params[name].copy_(tensor)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    state = saved["state"]
+    _set_rng(saved["rng"])
+    if run.local.threads is None and saved.get("threads", run.threads) != run.threads:
+        # The thread count changes float reduction order: keep the killed run's, so the
+        # resumed loss curve matches an uninterrupted one exactly.
+        run.threads = saved["threads"]
+        torch.set_num_threads(run.threads)
+    return state, state["step"]
 
+
+def _run_steps(run: _Run, state: dict[str, Any], on_step: StepCallback | None) -> tuple[int, float]:
+    """The optimizer steps from ``state["step"]`` to the end, checkpointing as configured.
+
+    Updates ``state`` in place; returns the tokens trained on and the seconds the steps took.
+    """
+    hyper, local, accumulation = run.hyper, run.local, run.accumulation
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
     tokens_seen, train_seconds = 0, 0.0
-    for step in range(state["step"], total_steps):
+    for step in range(state["step"], run.total_steps):
         t0 = time.perf_counter()
-        group = [b.to(device) for b in batches[step * accumulation : (step + 1) * accumulation]]
+        group = [b.to(run.device) for b in run.batches[step * accumulation : (step + 1) * accumulation]]
         label_tokens = sum(b.label_tokens for b in group)
         step_loss = 0.0
         for batch in group:
-            loss, _ = batch_loss(model, batch)
+            loss, _ = batch_loss(run.model, batch)
             (loss / max(1, label_tokens)).backward()
             step_loss += loss.item()
         if hyper.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, hyper.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(run.trainable, hyper.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
         tokens_seen += sum(b.tokens for b in group)
         state["step"] = step + 1
@@ -319,35 +392,42 @@ def train_epoch(
         state["label_tokens"] += label_tokens
         state["step_losses"].append(step_loss / max(1, label_tokens))
         if on_step is not None:
-            on_step(step + 1, total_steps, state["step_losses"][-1])
-        if state["step"] % local.checkpoint_every == 0 and state["step"] < total_steps:
-            _save_checkpoint(checkpoint, identity, names, model, optimizer, scheduler, state, threads)
+            on_step(step + 1, run.total_steps, state["step_losses"][-1])
+        if state["step"] % local.checkpoint_every == 0 and state["step"] < run.total_steps:
+            _save_checkpoint(
+                run.checkpoint, run.identity, names, run.model, run.optimizer, run.scheduler, state, run.threads
+            )
+    return tokens_seen, train_seconds
 
-    val_blocks = pack(val_rows, local.seq_length, local.packing)
-    val_loss = evaluate(model, val_blocks, local, pad_id, device) if val_blocks else None
-    messages = sample_messages(files, local) if local.sample_max_new_tokens else None
-    sample = generate(model, tokenizer, messages, local.sample_max_new_tokens, device) if messages else None
 
+def _finish(run: _Run, state: dict[str, Any], resumed_from: int, tokens_per_s: float, started_at: str) -> EpochResult:
+    """Validation loss and sample, then the epoch directory written and the checkpoint dropped."""
+    local, pad_id = run.local, run.tokenizer.pad_token_id
+    val_blocks = pack(run.val_rows, local.seq_length, local.packing)
+    val_loss = evaluate(run.model, val_blocks, local, pad_id, run.device) if val_blocks else None
+    messages = sample_messages(run.files, local) if local.sample_max_new_tokens else None
+    sample = generate(run.model, run.tokenizer, messages, local.sample_max_new_tokens, run.device) if messages else None
+    out_dir = keys.epoch_dir(run.fold, run.key, run.epoch)
     result = EpochResult(
-        fold=fold.name,
-        epoch=epoch,
-        run_key=key,
+        fold=run.fold.name,
+        epoch=run.epoch,
+        run_key=run.key,
         adapter_dir=str(out_dir),
-        base_model=base_path,
-        parent=parent,
+        base_model=run.base_path,
+        parent=run.parent,
         train_loss=state["loss_sum"] / max(1, state["label_tokens"]),
         val_loss=val_loss,
-        tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0,
+        tokens_per_s=tokens_per_s,
         sample=sample,
-        steps=total_steps,
+        steps=run.total_steps,
         resumed_from_step=resumed_from,
         step_losses=state["step_losses"],
         started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(),
-        threads=threads,
+        threads=run.threads,
     )
-    _save_epoch(out_dir, model, optimizer, result)
-    checkpoint.unlink(missing_ok=True)
+    _save_epoch(out_dir, run.model, run.optimizer, result)
+    run.checkpoint.unlink(missing_ok=True)
     return result
 
 
@@ -390,14 +470,10 @@ def _save_checkpoint(
 
 def _save_epoch(out_dir: Path, model, optimizer, result: EpochResult) -> None:
     """Adapter + optimizer state + metrics into a temporary sibling, renamed to ``epoch-<k>`` at the end."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         atomic_write_bytes(tmp / keys.METRICS_FILE, orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
-        if out_dir.exists():  # an older epoch from another parent: replaced by this one
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out_dir, write, replace=True)  # an older epoch from another parent: replaced by this one
