@@ -10,9 +10,6 @@ import pytest
 
 pytest_plugins = ["tests.fake_together.fixtures"]
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
-
 # Offline machine: no telemetry, a start-up timeout that survives 2 loaded cores, W&B never online.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -20,6 +17,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # Tests must never reach a real Together account, whatever the developer's shell holds.
 os.environ.pop("TOGETHER_API_KEY", None)
 os.environ.pop("TOGETHER_BASE_URL", None)
+
+pytest.register_assert_rewrite("tests.helpers")  # its asserts explain themselves like a test's
+
+from tests.helpers import EXAMPLE_RECORDS  # noqa: E402  (after the environment above is set)
 
 
 @pytest.fixture

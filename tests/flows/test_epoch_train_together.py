@@ -22,37 +22,10 @@ from prefect.settings import (
     PREFECT_SERVER_DATABASE_CONNECTION_URL,
 )
 
-from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from flows.epoch_train import epoch_train
-from tests.conftest import REPO
 from tests.fake_together.server import FakeTogether
-
-BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
-FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
-# A Together outage in the suite lasts this long (seconds); `EW_TEST_OUTAGE_S=40` runs the full-length one.
-OUTAGE_S = float(os.environ.get("EW_TEST_OUTAGE_S", "3"))
-
-
-def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2) -> Path:
-    """A tiny valid fold; ``tag`` makes its content (and so every cache key) unique to one test."""
-    fold = root / name
-    fold.mkdir(parents=True)
-
-    def convo(i: int) -> str:
-        return json.dumps(
-            {
-                "messages": [
-                    {"role": "system", "content": f"fold {tag}"},
-                    {"role": "user", "content": f"What is {i} + {i}?"},
-                    {"role": "assistant", "content": str(2 * i)},
-                ]
-            }
-        )
-
-    (fold / "train.jsonl").write_text("".join(convo(i) + "\n" for i in range(n_train)))
-    (fold / "val.jsonl").write_text("".join(convo(100 + i) + "\n" for i in range(n_val)))
-    return fold
+from tests.helpers import BASE, FAST, OUTAGE_S, REPO, make_fold, run_logs
 
 
 def train_cfg(epochs: int = 3, **kw) -> TrainConfig:
@@ -376,18 +349,6 @@ def test_a_cached_upload_deleted_at_together_is_uploaded_again(fake_together, tm
     assert records[0].job_id == first[0].job_id  # epoch 1 is keyed on content, not on the file id
     second = fake_together.state.jobs_in_order()[1]
     assert second.request["training_file"] != train_id and second.request["training_file"] in fake_together.state.files
-
-
-def run_logs(state) -> list[str]:
-    """Every log line of a flow run (its task runs included), read back from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()
-    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
-    with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs(log_filter=run_filter)]
 
 
 def test_an_outage_while_a_job_is_polled_is_ridden_out_and_the_job_is_not_duplicated(fake_together, tmp_path):

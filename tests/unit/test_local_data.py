@@ -10,71 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from epochwise.config import load_settings
-from epochwise.config.local import LocalConfig, TinyModel
-from epochwise.fold import prepare
 from epochwise.local.data import IGNORE, TokenRow, chatml_row, collate, pack, parquet_rows, read_rows, truncate
 from epochwise.local.models import build_tiny, load_base
 from epochwise.local.trainer import attention_bias, batch_loss
-from epochwise.records import read_records
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples" / "records" / "games"
-
-# A very small tiny model so CPU tests stay fast; same code path as the default one.
-TEST_TINY = TinyModel(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-
-
-def example_fold(target: Path) -> Path:
-    """The README's example fold (games records -> train.jsonl + val.jsonl) under ``target``."""
-    prepare(read_records(EXAMPLES).records, target, load_settings(REPO / "epochwise.yaml").data)
-    return target
-
-
-def test_local_config(tmp_path: Path, **changes) -> LocalConfig:
-    """Settings used by the local tests (``test_`` prefix makes pytest ignore it as a fixture only when called)."""
-    base = dict(
-        cache_dir=tmp_path / "models",
-        tiny=TEST_TINY,
-        seq_length=256,
-        micro_batch_size=4,
-        threads=1,
-        sample_max_new_tokens=8,
-        checkpoint_every=2,
-    )
-    base.update(changes)
-    return LocalConfig(**base)
-
-
-test_local_config.__test__ = False  # a helper, not a test
+from tests.helpers import TEST_TINY, example_fold, labelled_spans, local_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     fold = example_fold(tmp_path_factory.mktemp("fold") / "games")
-    local = test_local_config(tmp_path_factory.mktemp("cache"))
+    local = local_config(tmp_path_factory.mktemp("cache"))
     model, tokenizer = load_base(str(build_tiny(fold, local)), torch.device("cpu"))
     return fold, model, tokenizer
-
-
-def labelled_spans(row: TokenRow) -> list[list[int]]:
-    """Runs of consecutive labelled token ids."""
-    spans, current = [], []
-    for token, label in zip(row.input_ids, row.labels, strict=True):
-        if label != IGNORE:
-            assert label == token
-            current.append(label)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans + ([current] if current else [])
 
 
 def test_labels_decode_to_exactly_the_assistant_replies(tiny):
@@ -200,7 +147,7 @@ def test_batch_loss_matches_the_models_own_loss(tiny, packing):
 
 def test_tiny_base_is_cached_by_content(tmp_path: Path):
     fold = example_fold(tmp_path / "games")
-    local = test_local_config(tmp_path)
+    local = local_config(tmp_path)
     first = build_tiny(fold, local)
     assert build_tiny(fold, local) == first
     other = local.model_copy(update={"tiny": TEST_TINY.model_copy(update={"hidden_size": 32})})

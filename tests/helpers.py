@@ -1,0 +1,128 @@
+"""Helpers shared by several test modules: folds, test settings and log reading.
+
+Test modules import from here, never from one another (a helper defined in a test module runs that
+module's imports in every importer, and a ``test_``-named helper is collected as a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from epochwise.config import load_settings
+from epochwise.config.data import RecordMapping
+from epochwise.config.local import LocalConfig, TinyModel
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import HyperParams
+from epochwise.fold import prepare
+from epochwise.records import read_records
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
+
+# --- Together backend -----------------------------------------------------------------------------
+
+BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
+# A Together outage in the suite lasts this long (seconds); `EW_TEST_OUTAGE_S=40` runs the full-length one.
+OUTAGE_S = float(os.environ.get("EW_TEST_OUTAGE_S", "3"))
+
+
+def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2) -> Path:
+    """A tiny valid fold; ``tag`` makes its content (and so every cache key) unique to one test."""
+    fold = root / name
+    fold.mkdir(parents=True)
+
+    def convo(i: int) -> str:
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"fold {tag}"},
+                    {"role": "user", "content": f"What is {i} + {i}?"},
+                    {"role": "assistant", "content": str(2 * i)},
+                ]
+            }
+        )
+
+    (fold / "train.jsonl").write_text("".join(convo(i) + "\n" for i in range(n_train)))
+    (fold / "val.jsonl").write_text("".join(convo(100 + i) + "\n" for i in range(n_val)))
+    return fold
+
+
+def run_logs(state) -> list[str]:
+    """Every log line of a flow run (its task runs included), read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=run_filter)]
+
+
+# --- Harmony ---------------------------------------------------------------------------------------
+
+# The mapping of the games records onto a story -> context conversation.
+STORY = RecordMapping(
+    system_prompt="You turn game stories into JSON context.",
+    user_template="Generate a detailed socialized context for the following story:\n\n{story}",
+    assistant_field="context",
+)
+
+# --- Local backend ---------------------------------------------------------------------------------
+
+# A very small tiny model so CPU tests stay fast; same code path as the default one.
+TEST_TINY = TinyModel(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+# A higher LR than the default so the random-init test model learns visibly in 2 short epochs.
+HYPER = HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
+
+
+def example_fold(target: Path) -> Path:
+    """The README's example fold (games records -> train.jsonl + val.jsonl) under ``target``."""
+    prepare(read_records(EXAMPLE_RECORDS).records, target, load_settings(REPO / "epochwise.yaml").data)
+    return target
+
+
+def local_config(tmp_path: Path, **changes) -> LocalConfig:
+    """Settings used by the local tests: the test tiny model cached under ``tmp_path``, one thread."""
+    base = dict(
+        cache_dir=tmp_path / "models",
+        tiny=TEST_TINY,
+        seq_length=256,
+        micro_batch_size=4,
+        threads=1,
+        sample_max_new_tokens=8,
+        checkpoint_every=2,
+    )
+    base.update(changes)
+    return LocalConfig(**base)
+
+
+def resume_config(root: Path) -> LocalConfig:
+    """One row per step, so the epoch has enough steps to be killed in the middle."""
+    return local_config(root, micro_batch_size=1, packing=False, checkpoint_every=3)
+
+
+def labelled_spans(row) -> list[list[int]]:
+    """Runs of consecutive labelled token ids of a `epochwise.local.data.TokenRow`."""
+    from epochwise.local.data import IGNORE
+
+    spans, current = [], []
+    for token, label in zip(row.input_ids, row.labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
