@@ -55,7 +55,8 @@ class MissingCredentials(RuntimeError):
 
 
 def _normalise_base(url: str) -> str:
-    # together 3.x paths carry their own /v1; a base ending in /v1 would call /v1/v1/... (together-api.md s.1).
+    # together 3.x paths carry their own /v1 (its default base is https://api.together.ai); a base ending
+    # in /v1 would call /v1/v1/...
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 

@@ -8,7 +8,7 @@ schedules, parameters and limits in place and never duplicates a deployment, lim
    calls, running at once anywhere) and ``nightly-folds`` (folds the nightly fan-out trains at once).
    One run per fold at a time is the per-fold deployment's own concurrency limit of 1 (definitions.py);
 3. the crashed-run automation: a running epochwise flow run whose heartbeats stop (worker and flow
-   process both gone, e.g. a lost machine) is marked Crashed (shared/reference/prefect.md section 4.6);
+   process both gone, e.g. a lost machine) is marked Crashed (https://docs.prefect.io/v3/advanced/detect-zombie-flows);
 4. the deployments from `deployments.definitions.plan_deployments`.
 """
 

@@ -1,7 +1,7 @@
 """The endpoint adapter: the only module that creates, routes, calls, stops and deletes Together endpoints.
 
-Together 3.x serves fine-tuned models through the v2 *project* API (shared/reference/together-api.md
-section 6.1): an **endpoint** is a stable name ``<project_slug>/<endpoint>`` used as ``model=`` for chat
+Together 3.x serves fine-tuned models through the v2 *project* API
+(https://docs.together.ai/docs/post-training/deployment): an **endpoint** is a stable name ``<project_slug>/<endpoint>`` used as ``model=`` for chat
 completions; it holds **deployments** (a model plus a config that pins the hardware), and its traffic
 split routes requests to them.
 

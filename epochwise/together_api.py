@@ -25,7 +25,7 @@ from blocks.credentials import TogetherAccess, WandbCredentials
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams
 
-# Terminal job states (together-api.md section 4.3); jobs in the last three never count as "existing".
+# Terminal job states (the status literal of together's types/finetune_response.py); jobs in the last three never count as "existing".
 TERMINAL = ("completed", "cancelled", "error", "user_error")
 FAILED = ("cancelled", "error", "user_error")
 # Share of the job done, per status, for the progress artifact (Together gives no step counts on list).

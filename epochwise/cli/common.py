@@ -31,8 +31,9 @@ ConfigOption = typer.Option(
 def prefect_defaults() -> None:
     """Environment defaults that make Prefect's ephemeral API usable on small, offline machines.
 
-    The 20 s ephemeral start-up timeout is too short on 2 loaded cores, and telemetry only logs DNS
-    errors offline (shared/reference/prefect.md sections 0 and 1.1). Explicit user settings win.
+    The 20 s ephemeral start-up timeout is too short on 2 loaded cores (cold starts timed out at load
+    average ~2.7), and offline every server start logs a "Failed to send telemetry" DNS error.
+    Explicit user settings win.
     """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,7 +1,7 @@
 """The Prefect server fixture for end-to-end tests (helpers in tests/e2e/processes.py).
 
 Worker fixtures depend on this one, so pytest stops every worker before the server: a worker whose API
-vanished keeps retrying and ignores SIGTERM (shared/reference/prefect.md section 1.3).
+vanished keeps retrying its websocket and ignores SIGTERM (observed with prefect 3.8 and 3.9).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A fake Together AI API on 127.0.0.1 that the real ``together`` SDK (3.1.1) talks to in tests.
 
-Built from shared/reference/together-api.md section 9 (route table). It is a real threaded HTTP server,
+Its routes are the ones together 3.1.1's resources call (base URL without ``/v1``). It is a real threaded HTTP server,
 so every byte goes through the SDK's own client, retries and upload protocol. Everything a test needs
 to arrange or check is on the `FakeTogether` object:
 
@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-# Job states in the order Together reports them (together-api.md section 4.3).
+# Job states in the order Together reports them (the status literal of together's types/finetune_response.py).
 JOB_STATES = ("pending", "queued", "running", "compressing", "uploading", "completed")
 TERMINAL_JOB_STATES = ("completed", "cancelled", "error", "user_error")
 PROJECT = {"id": "proj_1", "name": "Fake project", "slug": "me"}
 USER = "me"
-# What /v1/fine-tunes/models/limits answers for every model (numbers from together-api.md section 4.2).
+# What /v1/fine-tunes/models/limits answers for every model (the shape of together's FinetuneModelLimits).
 MODEL_LIMITS: dict[str, Any] = {
     "default_gradient_accumulation_steps": 1,
     "max_num_epochs": 20,
@@ -330,7 +330,7 @@ class FakeTogether:
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        """What the SDK's ``base_url`` / ``TOGETHER_BASE_URL`` takes: no ``/v1`` (together-api.md section 1)."""
+        """What the SDK's ``base_url`` / ``TOGETHER_BASE_URL`` takes: no ``/v1``, like https://api.together.ai."""
         host, port = self._address
         return f"http://{host}:{port}"
 
@@ -484,7 +484,7 @@ class FakeTogether:
 
 def _error(exc: ApiError) -> tuple[int, bytes, dict[str, str]]:
     body = {"error": {"message": exc.message, "type": exc.type}, **exc.extra}
-    # 409 carries the existing file id at the top level, as Together does (together-api.md section 2).
+    # 409 carries the existing file id at the top level, as Together does (the SDK retrieves ``e.file_id``).
     return exc.status, json.dumps(body).encode(), {"Content-Type": "application/json", "x-should-retry": "false"}
 
 

@@ -1,7 +1,7 @@
 """A session-scoped Prefect test harness (temporary SQLite API) with result storage in a temp dir.
 
-The harness does not isolate result storage by itself (shared/reference/prefect.md section 8), so cache
-records would otherwise leak between test sessions through ~/.prefect/storage.
+The harness gives a temporary database but keeps the default result storage, so cache records would
+otherwise leak between test sessions through ~/.prefect/storage.
 """
 
 from __future__ import annotations
