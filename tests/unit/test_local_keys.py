@@ -158,3 +158,12 @@ def test_wandb_offline_run_is_grouped_by_fold(tmp_path: Path, monkeypatch):
     run.finish({"val/loss": 0.5, "tokens_per_s": None})
     runs = list((tmp_path / "wandb").glob("offline-run-*-games-abc123-e2"))
     assert len(runs) == 1 and any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+
+
+def test_the_cache_key_from_a_computed_run_key_is_the_same_value(tmp_path: Path):
+    fold = write_fold(tmp_path / "f")
+    hyper, local = HyperParams(), LocalConfig()
+    key = keys.run_key(fold, "tiny", hyper, local)
+    assert keys.run_epoch_cache_key(fold, key, 1, None) is None
+    finish(fold, 1, None)
+    assert keys.run_epoch_cache_key(fold, key, 1, None) == keys.epoch_cache_key(fold, 1, "tiny", hyper, local, None)
