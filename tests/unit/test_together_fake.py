@@ -132,3 +132,29 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
     client.endpoints.delete(endpoint.id)
     assert not fake_together.state.endpoints and not fake_together.state.deployments
+
+
+USER, ASSISTANT = CONVO["messages"]
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (
+            [USER, {"role": "tool", "content": "42"}, ASSISTANT],
+            "a tool message must follow an assistant or tool message",
+        ),
+        ([USER, {**ASSISTANT, "reasoning_content": ["step"]}], "reasoning_content must be a string"),
+        ([USER, {"role": "assistant", "content": [IMAGE]}], "images are only allowed in user messages"),
+    ],
+    ids=["tool after user", "reasoning not a string", "image from the assistant"],
+)
+def test_server_side_validation_rejects_broken_message_rules(together_client, tmp_path, messages, reason):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(CONVO) + "\n" + json.dumps({"messages": messages}) + "\n")
+    remote = together_client.files.upload(path, purpose="fine-tune", check=False)
+    while (found := together_client.files.retrieve(remote.id)).processing_status == "PENDING":
+        pass
+    assert found.processing_status == "INVALID_FORMAT"
+    assert found.validation_report.error == f"line 2: messages[1]: {reason}"
