@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-import click
 import typer
 import yaml
 from pydantic import ValidationError
@@ -95,12 +94,25 @@ def config_problem(error: Any, config: Path | None, flags: dict[str, Any]) -> st
 
 
 def flag_name(dotted: str) -> str:
-    """The command-line spelling (``--epochs``) of the flag that sets the settings field ``dotted``."""
+    """The command-line spelling (``--lr``) of the flag that sets the settings field ``dotted``.
+
+    Flags are looked up by parameter name in every command of the app (a name is spelled the same
+    in every command that has it); the shortest long form is shown.
+    """
+    import typer.main
+
+    from epochwise.cli import app
+
     parameter = FLAG_PARAMETERS.get(dotted, dotted.rsplit(".", 1)[-1])
-    ctx = click.get_current_context(silent=True)
-    for param in ctx.command.params if ctx is not None else []:
-        if isinstance(param, click.Option) and param.name == parameter:
-            return param.opts[0]
+    root = typer.main.get_command(app)
+    commands = [root]
+    while commands:
+        command = commands.pop()
+        commands.extend(getattr(command, "commands", {}).values())
+        for param in command.params:
+            longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+            if param.name == parameter and longs:
+                return min(longs, key=len)
     return "--" + parameter.replace("_", "-")
 
 
