@@ -76,7 +76,8 @@ FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": 
 def config_problem(error: Any, config: Path | None, flags: dict[str, Any]) -> str:
     """One pydantic error as ``SOURCE: reason``, SOURCE being the flag, variable or file that set it."""
     loc = [str(part) for part in error["loc"]]
-    reason = error["msg"][:1].lower() + error["msg"][1:]
+    reason = error["msg"].removeprefix("Value error, ")  # a validator's own message reads best alone
+    reason = reason[:1].lower() + reason[1:]
     for depth in range(len(loc), 0, -1):
         dotted = ".".join(loc[:depth])
         if dotted in flags:

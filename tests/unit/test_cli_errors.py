@@ -59,7 +59,7 @@ def test_a_flag_is_blamed_by_its_name(fold: Path) -> None:
     assert run("train", str(fold), "--budget", "0") == (1, ["--budget: input should be greater than 0 (got 0.0)"])
     assert run("deploy", str(fold), "--inactive-timeout", "5") == (
         1,
-        ["--inactive-timeout: value error, inactive_timeout_min is 0 (disabled) or 30-1440 minutes (Together's range) (got 5)"],
+        ["--inactive-timeout: inactive_timeout_min is 0 (disabled) or 30-1440 minutes (Together's range) (got 5)"],
     )
 
 
@@ -72,7 +72,10 @@ def test_an_environment_variable_is_blamed_by_its_name(fold: Path) -> None:
 
 def test_a_yaml_value_is_blamed_by_file_and_line(fold: Path) -> None:
     (fold.parent / "epochwise.yaml").write_text("# project\ntrain:\n  backend: local\n  epochs: 0\n")
-    assert run("train", str(fold)) == (1, ["epochwise.yaml:4: train.epochs: input should be greater than or equal to 1"])
+    assert run("train", str(fold)) == (
+        1,
+        ["epochwise.yaml:4: train.epochs: input should be greater than or equal to 1"],
+    )
     other = fold.parent / "other.yaml"
     other.write_text("data:\n  val_ratio: 2\n")
     code, out = run("prepare", str(fold), "--fold", str(fold.parent / "f"), "--config", str(other))
@@ -102,8 +105,9 @@ def test_status_of_a_missing_fold_fails_at_once(fold: Path) -> None:
         ["nosuchdir: fold folder does not exist (make one with `epochwise prepare RECORDS --fold nosuchdir`)"],
     )
     assert run("deploy-info", "nosuchdir")[0] == 1
-    assert run("status", str(fold / "train.jsonl"))[1][0].endswith("fold folder is not a directory (make one with "
-                                                                    f"`epochwise prepare RECORDS --fold {fold / 'train.jsonl'}`)")
+    assert run("status", str(fold / "train.jsonl"))[1][0].endswith(
+        f"fold folder is not a directory (make one with `epochwise prepare RECORDS --fold {fold / 'train.jsonl'}`)"
+    )
 
 
 # --- Together without a key: fails before any validation or conversion ----------------------------
@@ -160,7 +164,11 @@ def cli(fold: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     home = fold.parent / "hf-home"
     return subprocess.run(
-        [EPOCHWISE, *args], capture_output=True, text=True, timeout=120, cwd=fold.parent,
+        [EPOCHWISE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=fold.parent,
         env={**base, "HF_HOME": str(home), **env},
     )
 
@@ -194,7 +202,9 @@ def test_unreachable_hub_fails_at_once(fold: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
-    done = cli(fold, "train", str(fold), "--model", "Qwen/Qwen2.5-0.5B-Instruct", HF_ENDPOINT=f"http://127.0.0.1:{closed}")
+    done = cli(
+        fold, "train", str(fold), "--model", "Qwen/Qwen2.5-0.5B-Instruct", HF_ENDPOINT=f"http://127.0.0.1:{closed}"
+    )
     assert done.returncode == 1
     assert lines(done.stdout + done.stderr) == [
         "error: --model Qwen/Qwen2.5-0.5B-Instruct: not a built-in (tiny, smollm2), a model directory or a "
