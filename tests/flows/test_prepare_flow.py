@@ -126,7 +126,9 @@ def test_cli_records_that_cannot_make_a_fold_print_only_the_reason(tmp_path: Pat
     fold = tmp_path / "fold"
     code, screen = epochwise(["prepare", str(src), "--fold", str(fold)], prefect_harness, REPO)
     assert code == 1
-    assert "Traceback" not in "\n".join(screen) and not [line for line in screen if "| ERROR" in line]
+    shown = "\n".join(screen)
+    assert "Traceback" not in shown and "| ERROR" not in shown
+    assert "InputError" not in shown and "Failed(" not in shown  # nor Prefect's failure-state lines
     assert [line for line in screen if "| INFO" not in line] == [
         f"{fold}: validation split is empty: need at least 2 records and val_ratio > 0",
         "1 problem(s) found",
@@ -147,7 +149,8 @@ def test_cli_strict_with_an_unmappable_record_prints_only_the_reason(tmp_path: P
     fold = tmp_path / "fold"
     code, screen = epochwise(["prepare", str(src), "--fold", str(fold), "--strict"], prefect_harness, REPO)
     assert code == 1
-    assert "Traceback" not in "\n".join(screen)
+    shown = "\n".join(screen)
+    assert "Traceback" not in shown and "InputError" not in shown and "Failed(" not in shown
     assert [line for line in screen if "| INFO" not in line] == [
         f"{src / 'r.jsonl'}:2: missing field 'story' used by the user template",
         "1 problem(s) found",
