@@ -31,7 +31,9 @@ def test_flow_writes_fold_and_publishes_summary(tmp_path: Path, example_records:
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["games-prepare"])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["games-prepare"]))
+            )
             return found[-1]
 
     import asyncio
@@ -99,7 +101,11 @@ def epochwise(args: list[str], storage: Path, cwd: Path) -> tuple[int, list[str]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
     done = subprocess.run(
         [str(Path(sys.executable).parent / "epochwise"), *args],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
     )
     return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
