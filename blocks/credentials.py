@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from epochwise.problems import UserError
+
 DEFAULT_BASE_URL = "https://api.together.ai"
 
 
@@ -50,7 +52,7 @@ class TogetherAccess:
     project_id: str | None = None
 
 
-class MissingCredentials(RuntimeError):
+class MissingCredentials(UserError, RuntimeError):
     """No key in a block or the environment."""
 
 

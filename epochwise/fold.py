@@ -97,9 +97,9 @@ def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
     the upload step run it.
     """
     fold_dir = Path(fold_dir)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    if not split.val:
+    if not split.val:  # checked before the directory is made: bad input leaves nothing behind
         raise InputError([Problem(display_path(fold_dir), None, "validation split is empty: need at least 2 records and val_ratio > 0")])
+    fold_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(fold_dir / TRAIN_FILE) as train_out, atomic_write(fold_dir / VAL_FILE) as val_out:
         for handle, rows in ((train_out, split.train), (val_out, split.val)):
             handle.write(b"\n".join(row.line for row in rows) + b"\n")

@@ -254,6 +254,8 @@ def to_harmony(messages: list[dict[str, Any]], reasoning_effort: str) -> tuple[C
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         role = message["role"]
+        if "tool_calls" in message:  # valid for Together's JSONL, but not rendered into Harmony here
+            raise ConversionError(f"{where} has tool_calls; the Harmony conversion supports text turns only")
         text = _text(message["content"], where)
         if role == "system":
             out.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(text)))

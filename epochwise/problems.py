@@ -19,7 +19,15 @@ class Problem:
         return f"{where}: {self.reason}"
 
 
-class InputError(Exception):
+class UserError(Exception):
+    """A failure the user can fix (bad input, a missing key): shown as its message, never a traceback.
+
+    Inside a flow run, Prefect still logs the full traceback to the run's log in its API; the CLI only
+    keeps it off the console (`epochwise.cli.common.quiet_user_errors`).
+    """
+
+
+class InputError(UserError):
     """Raised when input files have problems; carries every problem found, not just the first."""
 
     def __init__(self, problems: list[Problem], *, limit: int = 50) -> None:

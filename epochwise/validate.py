@@ -2,12 +2,15 @@
 
 together 3.1.1's own ``check_file`` is structural only (UTF-8, one JSON object per line, at least one
 sample; together-py PR #364); the schema rules below are the ones Together's server applies after upload
-(https://docs.together.ai/docs/fine-tuning/data-preparation). Catching them here means a bad file fails in a second,
-before an upload or a paid job, with ``path:line: reason`` instead of a server-side INVALID_FORMAT.
+(its data preparation, function-calling, reasoning and vision fine-tuning guides at
+https://docs.together.ai/docs/fine-tuning/data-preparation). Catching them here means a bad file fails
+in a second, before an upload or a paid job, with ``path:line: reason`` instead of a server-side
+INVALID_FORMAT.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,15 @@ from epochwise.problems import Problem, display_path
 from epochwise.records import parse_json_object
 
 ROLES = ("system", "user", "assistant", "tool")
+# Chain-of-thought fields of an assistant turn: Together reads ``reasoning`` / ``reasoning_content``,
+# the Harmony converter also ``thinking``. Each must be a string.
+REASONING_KEYS = ("thinking", "reasoning", "reasoning_content")
+# Images (vision fine-tuning): base64 data URLs of JPEG, PNG or WEBP, at most 10 per example, 10 MB each
+# (the limits together 3.1.1 ships in together/lib/constants.py), in user messages only.
+MAX_IMAGES = 10
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGE_URL_CHARS = len("data:image/jpeg;base64,") + 4 * MAX_IMAGE_BYTES // 3
+IMAGE_URL = re.compile(r"data:image/(jpeg|jpg|png|webp);base64,")
 # Each format is detected by its required keys; a line matching two formats is ambiguous.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "conversation": ("messages",),
@@ -47,6 +59,7 @@ def message_problems(messages: Any, *, require_assistant: bool = True) -> list[s
         return ["'messages' is empty"]
     reasons: list[str] = []
     previous: str | None = None
+    images = 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -57,40 +70,85 @@ def message_problems(messages: Any, *, require_assistant: bool = True) -> list[s
             reasons.append(f"{where} has no 'role'")
         elif role not in ROLES:
             reasons.append(f"{where} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        calls = message.get("tool_calls")
+        if "tool_calls" in message and not (
+            isinstance(calls, list) and calls and all(isinstance(c, dict) for c in calls)
+        ):
+            reasons.append(f"{where}.tool_calls must be a non-empty list of objects")
+        # An assistant turn that calls tools may carry tool_calls instead of content.
+        calls_instead = role == "assistant" and isinstance(calls, list) and bool(calls)
         if "content" not in message:
-            reasons.append(f"{where} has no 'content'")
-        else:
-            reasons.extend(_content_problems(where, message["content"]))
+            if not calls_instead:
+                reasons.append(f"{where} has no 'content'")
+        elif not (calls_instead and message["content"] is None):
+            problems, found = _content_problems(where, message["content"], role)
+            reasons.extend(problems)
+            images += found
+        for key in REASONING_KEYS:
+            if key in message and not isinstance(message[key], str):
+                reasons.append(f"{where}.{key} must be a string, got {_type_name(message[key])}")
         if "weight" in message and (message["weight"] not in (0, 1) or isinstance(message["weight"], bool)):
             reasons.append(f"{where} has weight {message['weight']!r}; weight must be 0 or 1")
         if role == "system" and index != 0:
             reasons.append(f"{where} is a system message; only the first message may be one")
         if index == 0 and role not in ("system", "user", None) and role in ROLES:
             reasons.append(f"{where} is {role!r}; a conversation starts with 'system' or 'user'")
-        if role is not None and role == previous and role in ROLES:
+        elif role == "tool" and previous not in ("assistant", "tool"):
+            reasons.append(
+                f"{where} is a tool message after {previous!r}; a tool result follows an assistant or tool message"
+            )
+        # Parallel tool calls give several tool results in a row; every other role alternates.
+        if role is not None and role == previous and role in ROLES and role != "tool":
             reasons.append(f"{where} repeats role {role!r}; user and assistant turns must alternate")
         previous = role
+    if images > MAX_IMAGES:
+        reasons.append(f"{images} images in one example; at most {MAX_IMAGES} are allowed")
     if require_assistant and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         reasons.append("no assistant message: at least one is needed to train on")
     return reasons
 
 
-def _content_problems(where: str, content: Any) -> list[str]:
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _content_problems(where: str, content: Any, role: Any) -> tuple[list[str], int]:
+    """Reasons one message's content is invalid, and how many images it holds."""
     if isinstance(content, str):
-        return []
-    if isinstance(content, list):
-        # OpenAI-style multimodal parts: [{"type": "text", "text": ...}, {"type": "image_url", ...}]
-        bad = [i for i, part in enumerate(content) if not (isinstance(part, dict) and part.get("type") in ("text", "image_url"))]
-        if bad:
-            return [f"{where}.content[{bad[0]}] must be a 'text' or 'image_url' part"]
-        return []
-    return [f"{where} content must be a string, got {type(content).__name__}"]
+        return [], 0
+    if not isinstance(content, list):
+        return [f"{where} content must be a string, got {_type_name(content)}"], 0
+    # OpenAI-style multimodal parts: [{"type": "text", "text": ...}, {"type": "image_url", ...}]
+    reasons: list[str] = []
+    images = 0
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                reasons.append(f"{where}.content[{i}] is a text part without a string 'text'")
+        elif kind == "image_url":
+            images += 1
+            if role != "user":
+                reasons.append(
+                    f"{where}.content[{i}] is an image in a {role!r} message; only user messages may hold images"
+                )
+            url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+            if not (isinstance(url, str) and IMAGE_URL.match(url)):
+                reasons.append(
+                    f"{where}.content[{i}] image_url.url must be a base64 data URL (data:image/jpeg|png|webp;base64,...)"
+                )
+            elif len(url) > MAX_IMAGE_URL_CHARS:
+                reasons.append(f"{where}.content[{i}] image is over {MAX_IMAGE_BYTES // 2**20} MB")
+        else:
+            reasons.append(f"{where}.content[{i}] must be a 'text' or 'image_url' part")
+    return reasons, images
 
 
 def row_problems(row: dict[str, Any], fmt: str) -> list[str]:
     """Reasons one row of a known format is invalid."""
     if fmt == "conversation":
-        return message_problems(row["messages"])
+        tools = [] if isinstance(row.get("tools", []), list) else ["'tools' must be a list of tool definitions"]
+        return tools + message_problems(row["messages"])
     if fmt == "instruction":
         return [f"'{k}' must be a string" for k in ("prompt", "completion") if not isinstance(row[k], str)]
     if fmt == "general":
@@ -105,7 +163,9 @@ def row_problems(row: dict[str, Any], fmt: str) -> list[str]:
             reasons.append("input.messages must not end with an assistant message")
     for key in ("preferred_output", "non_preferred_output"):
         out = row[key]
-        if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict) and out[0].get("role") == "assistant"):
+        if not (
+            isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict) and out[0].get("role") == "assistant"
+        ):
             reasons.append(f"'{key}' must hold exactly one assistant message")
     return reasons
 
@@ -166,7 +226,7 @@ def validate_file(
         problems.append(Problem(shown, None, "file is empty: at least 1 sample is needed"))
     if run_together_check and not problems:
         problems.extend(together_check(path, shown))
-    return sorted(problems, key=lambda p: (p.line or 0))
+    return sorted(problems, key=lambda p: p.line or 0)
 
 
 def together_check(path: Path, shown: str) -> list[Problem]:

@@ -1,7 +1,8 @@
 """``epoch-train``: train a fold one epoch at a time, each epoch its own deployable model.
 
 Steps:
-1. validate ``train.jsonl`` / ``val.jsonl`` (``path:line: reason``; nothing uploaded or paid before this);
+1. Together backend: resolve the key first (a missing one fails before any work); validate
+   ``train.jsonl`` / ``val.jsonl`` (``path:line: reason``; nothing uploaded or paid before this);
 2. Together backend: Harmony parquet for gpt-oss base models, upload each file once per content
    (sha256-cached, remote existence confirmed), then per epoch k = 1..epochs:
    launch (estimate price, stop before the budget is exceeded; epoch 1 on the base model, epoch k
@@ -59,8 +60,10 @@ def epoch_train(
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
     name = Path(fold).name
     jsonl = [str(Path(fold) / TRAIN_FILE), str(Path(fold) / VAL_FILE)]
-    validate_files(jsonl)
     backend = resolve_backend(train.backend, together)
+    if backend == "together":  # credentials first: a missing key fails before validation or conversion
+        base = api_base(together)
+    validate_files(jsonl)
     progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     records: list[EpochRecord] = []
 
@@ -69,7 +72,7 @@ def epoch_train(
             parquet = convert_fold_to_harmony(fold, harmony)
             jsonl = [parquet["train"], parquet["val"]]
         train_file, val_file = (ensure_uploaded(path, together) for path in jsonl)
-        hashes, base = (train_file.sha256, val_file.sha256), api_base(together)
+        hashes = (train_file.sha256, val_file.sha256)
     else:
         from tasks.local_train import train_local_epoch
 

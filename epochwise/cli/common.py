@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
 from epochwise.config import Settings, load_settings
-from epochwise.problems import InputError, Problem
+from epochwise.problems import InputError, Problem, UserError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -40,14 +42,17 @@ def prefect_defaults() -> None:
 
 
 def settings(config: Path | None, **flags: Any) -> Settings:
-    """Load settings; ``flags`` maps dotted paths (``"data.seed"``) to CLI values, ``None`` meaning unset."""
+    """Load settings; ``flags`` maps dotted paths (``"data.seed"``) to CLI values, ``None`` meaning unset.
+
+    A bad value is reported against whatever set it: the flag (``--epochs: ...``), the environment
+    variable (``EPOCHWISE_TRAIN__EPOCHS=0: ...``) or the YAML file and line (``epochwise.yaml:12: ...``).
+    """
     if config is None:
         env = os.environ.get("EPOCHWISE_CONFIG")
         config = Path(env) if env else (Path("epochwise.yaml") if Path("epochwise.yaml").is_file() else None)
+    given = {dotted: value for dotted, value in flags.items() if value is not None}
     overrides: dict[str, Any] = {}
-    for dotted, value in flags.items():
-        if value is None:
-            continue
+    for dotted, value in given.items():
         node = overrides
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -56,9 +61,78 @@ def settings(config: Path | None, **flags: Any) -> Settings:
     try:
         return load_settings(config, overrides)
     except ValidationError as exc:
-        fail_lines([f"{config or 'settings'}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()])
+        fail_lines([config_problem(error, config, given) for error in exc.errors()])
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{config}:{mark.line + 1}" if mark is not None else str(config)
+        fail_lines([f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}"])
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([str(exc)])
+
+
+# Settings fields whose flag's parameter is not named like the field's last part.
+FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": "inactive_timeout"}
+
+
+def config_problem(error: Any, config: Path | None, flags: dict[str, Any]) -> str:
+    """One pydantic error as ``SOURCE: reason``, SOURCE being the flag, variable or file that set it."""
+    loc = [str(part) for part in error["loc"]]
+    reason = error["msg"].removeprefix("Value error, ")  # a validator's own message reads best alone
+    reason = reason[:1].lower() + reason[1:]
+    for depth in range(len(loc), 0, -1):
+        dotted = ".".join(loc[:depth])
+        if dotted in flags:
+            return f"{flag_name(dotted)}: {reason} (got {flags[dotted]!r})"
+    for depth in range(len(loc), 0, -1):
+        variable = "EPOCHWISE_" + "__".join(loc[:depth]).upper()
+        value = next((v for k, v in os.environ.items() if k.upper() == variable), None)
+        if value is not None:
+            return f"{variable}={value}: {reason}"
+    field = ".".join(loc)
+    if config is None:
+        return f"settings: {field}: {reason}"
+    line = yaml_line(config, loc)
+    return f"{config}{'' if line is None else f':{line}'}: {field}: {reason}"
+
+
+def flag_name(dotted: str) -> str:
+    """The command-line spelling (``--lr``) of the flag that sets the settings field ``dotted``.
+
+    Flags are looked up by parameter name in every command of the app (a name is spelled the same
+    in every command that has it); the shortest long form is shown.
+    """
+    import typer.main
+
+    from epochwise.cli import app
+
+    parameter = FLAG_PARAMETERS.get(dotted, dotted.rsplit(".", 1)[-1])
+    root = typer.main.get_command(app)
+    commands = [root]
+    while commands:
+        command = commands.pop()
+        commands.extend(getattr(command, "commands", {}).values())
+        for param in command.params:
+            longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+            if param.name == parameter and longs:
+                return min(longs, key=len)
+    return "--" + parameter.replace("_", "-")
+
+
+def yaml_line(path: Path, loc: list[str]) -> int | None:
+    """1-based line of the deepest key of ``loc`` found in the YAML file (None when absent)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == key), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
 
 
 def fail_lines(lines: list[str], code: int = 1) -> NoReturn:
@@ -73,13 +147,56 @@ def report_problems(problems: list[Problem]) -> NoReturn:
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn expected failures (bad input, missing files) into clear messages and exit code 1."""
+    """Turn expected failures (bad input, missing files or keys) into clear messages and exit code 1."""
     try:
-        yield
+        with quiet_user_errors():
+            yield
     except InputError as exc:
         report_problems(exc.problems)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UserError) as exc:
         fail_lines([f"error: {exc}"])
+
+
+def is_user_error(exc: BaseException | None) -> bool:
+    """Whether a failure is one the CLI explains in a line (no traceback helps the user)."""
+    return isinstance(exc, (UserError, FileNotFoundError))
+
+
+class HideUserErrorFailures(logging.Filter):
+    """Console-only filter: drops Prefect's failure records of a run that failed on a user error.
+
+    Prefect's task and flow engines log a failure twice: "...failed with exception" with the
+    traceback, then "Finished in state Failed(...)". Both also go to the run's log in Prefect's API
+    (a separate handler, untouched), so the UI keeps the full traceback; on screen the CLI prints the
+    ``path:line: reason`` lines instead. Any other failure is shown as Prefect logs it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_runs: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        run = str(getattr(record, "task_run_id", None) or getattr(record, "flow_run_id", None))
+        if record.exc_info and is_user_error(record.exc_info[1]):
+            self.failed_runs.add(run)
+            return False
+        return not (run in self.failed_runs and record.getMessage().startswith("Finished in state"))
+
+
+@contextmanager
+def quiet_user_errors() -> Iterator[None]:
+    """While running flows from the CLI, keep user-error tracebacks off Prefect's console handler."""
+    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    quiet = HideUserErrorFailures()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def dotted(**kwargs: Any) -> dict[str, Any]:

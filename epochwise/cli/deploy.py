@@ -19,7 +19,7 @@ from rich.table import Table
 from together import APIError
 
 from blocks.credentials import MissingCredentials
-from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, settings
+from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, quiet_user_errors, settings
 from epochwise.config import Settings
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -39,7 +39,8 @@ def _deploy_errors() -> Iterator[None]:
     from epochwise.endpoints_api import EndpointFailure
 
     try:
-        yield
+        with quiet_user_errors():
+            yield
     except (EndpointFailure, MissingCredentials) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:

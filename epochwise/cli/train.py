@@ -25,7 +25,9 @@ from epochwise.cli.common import (
     report_problems,
     settings,
 )
+from epochwise.config import Settings
 from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.problems import UserError
 
 FoldArgument = typer.Argument(..., help="Fold directory holding train.jsonl and val.jsonl.")
 
@@ -96,17 +98,14 @@ def train(
             "train.hyper.seed": seed,
         },
     )
-    # Bad data is reported before Prefect starts (its ephemeral API takes seconds to boot).
+    # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
+    # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
+    _check_backend(cfg)
     from epochwise.validate import validate_file
 
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
     if problems:
         report_problems(problems)
-    if cfg.train.backend != "together":  # and so is a --model path that does not exist
-        from epochwise.local.keys import local_model_dir
-
-        with friendly_errors():
-            local_model_dir(cfg.train.local_model)
     prefect_defaults()
     from flows.epoch_train import epoch_train
 
@@ -121,6 +120,27 @@ def train(
     from epochwise.epochs import epoch_table
 
     _print_table(f"{fold.name}: {len(records)} epoch(s)", epoch_table(records))
+
+
+def _check_backend(cfg: Settings) -> None:
+    """Together: the key resolves (block or environment). Local: ``--model`` names a loadable model."""
+    from blocks.credentials import resolve_together, together_configured
+
+    block = cfg.together.credentials_block
+    if cfg.train.backend == "together" or (cfg.train.backend == "auto" and together_configured(block)):
+        if block:
+            prefect_defaults()  # loading a block needs Prefect's API
+        try:
+            resolve_together(block)
+        except ValueError as exc:  # no block of that name
+            fail_lines([f"error: together.credentials_block {block!r}: {exc}"])
+        except UserError as exc:
+            fail_lines([f"error: {exc}"])
+        return
+    from epochwise.local.keys import check_model
+
+    with friendly_errors():
+        check_model(cfg.train.local_model)
 
 
 def _batch_size(value: str | None) -> int | str | None:
@@ -139,6 +159,13 @@ def _train_on_inputs(value: str | None) -> bool | str | None:
     if value.lower() not in choices:
         raise typer.BadParameter("true, false or auto", param_hint="--train-on-inputs")
     return choices[value.lower()]
+
+
+def _require_fold(fold: Path) -> None:
+    """A fold that is not a directory is a typo or a missing `prepare`: say so, before Prefect starts."""
+    if not fold.is_dir():
+        what = "is not a directory" if fold.exists() else "does not exist"
+        fail_lines([f"{fold}: fold folder {what} (make one with `epochwise prepare RECORDS --fold {fold}`)"])
 
 
 def recorded_epochs(fold: Path) -> list[dict[str, Any]]:
@@ -161,6 +188,7 @@ def status(
     config: Path = ConfigOption,
 ) -> None:
     """Epochs recorded by Prefect for a fold; --sync reconciles them with Together's job list."""
+    _require_fold(fold)
     rows = recorded_epochs(fold)
     if rows:
         _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
@@ -221,6 +249,7 @@ def deploy_info(
     as_json: bool = typer.Option(False, "--json", help="Print the chosen epoch's row as JSON."),
 ) -> None:
     """The Together model of one epoch (default: the best) to deploy, from Prefect's records."""
+    _require_fold(fold)
     rows = [r for r in recorded_epochs(fold) if r.get("status") == "completed"]
     if not rows:
         fail_lines([f"{fold.name}: no completed epochs recorded (run `epochwise train {fold}` first)"])

@@ -13,10 +13,14 @@ Epochs of one chain live side by side in it:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
@@ -54,6 +58,7 @@ def _digest(payload: dict[str, Any]) -> str:
 
 # Model names the trainer builds itself (epochwise.local.models); anything else is a path or an HF id.
 BUILT_MODELS = ("tiny", "smollm2")
+HUB_PROBE_TIMEOUT_S = 3  # one TCP connect to the hub before trusting a name that may be a hub id
 
 
 def local_model_dir(model: str) -> Path | None:
@@ -70,6 +75,44 @@ def local_model_dir(model: str) -> Path | None:
     if model.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"{model}: no such model directory (a hub id looks like 'org/name')")
     return None
+
+
+def check_model(model: str) -> None:
+    """Fail at once, with the closest built-in name, on a ``--model`` that cannot be loaded.
+
+    Accepted: a built-in (``tiny``, ``smollm2``), an existing path, a model already in the Hugging Face
+    cache, or an id the hub knows. Without this, transformers takes an unknown name for a hub id and
+    fails only after a minute and a half of download retries (or at once, but with a traceback, when
+    ``HF_HUB_OFFLINE`` is set). Raises `FileNotFoundError` with the reason.
+    """
+    if model in BUILT_MODELS or local_model_dir(model) is not None:
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+            return
+    except ValueError:  # not even a valid hub id ("a b", "x//y"), so not cached either
+        pass
+    what = f"--model {model}: not a built-in ({', '.join(BUILT_MODELS)}), a model directory or a cached hub model"
+    close = difflib.get_close_matches(model.lower(), BUILT_MODELS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(f"{what}, and the hub is off (HF_HUB_OFFLINE){hint}")
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        raise FileNotFoundError(f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached{hint}") from None
+    try:
+        known = huggingface_hub.repo_exists(model)
+    except ValueError:
+        known = False
+    except Exception:  # the hub answered oddly (proxy, outage): let transformers report it when loading
+        return
+    if not known:
+        raise FileNotFoundError(f"{what}, and the hub has no such model (a private one needs HF_TOKEN){hint}")
 
 
 def model_identity(model: str) -> str | dict[str, Any]:

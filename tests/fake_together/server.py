@@ -595,8 +595,31 @@ def _server_check(f: FakeFile) -> tuple[str, str | None, int]:
             row = json.loads(line)
             if not any(all(k in row for k in keys) for keys in (("messages",), ("prompt", "completion"), ("text",))):
                 return "INVALID_FORMAT", f"line {number}: no known dataset format", len(lines)
+            reason = _message_rule_broken(row.get("messages"))
+            if reason:
+                return "INVALID_FORMAT", f"line {number}: {reason}", len(lines)
         return "COMPLETED", None, len(lines)
     return "COMPLETED", None, int(report.get("num_samples") or 0)
+
+
+def _message_rule_broken(messages: Any) -> str | None:
+    """The message rules of Together's function-calling, reasoning and vision data formats."""
+    if not isinstance(messages, list):
+        return None
+    previous = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "tool" and previous not in ("assistant", "tool"):
+            return f"messages[{i}]: a tool message must follow an assistant or tool message"
+        for key in ("reasoning", "reasoning_content", "thinking"):
+            if key in m and not isinstance(m[key], str):
+                return f"messages[{i}]: {key} must be a string"
+        parts = m.get("content") if isinstance(m.get("content"), list) else []
+        if m.get("role") != "user" and any(isinstance(p, dict) and p.get("type") == "image_url" for p in parts):
+            return f"messages[{i}]: images are only allowed in user messages"
+        previous = m.get("role")
+    return None
 
 
 def _file(fake: FakeTogether, fid: str) -> FakeFile:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -28,7 +31,9 @@ def test_flow_writes_fold_and_publishes_summary(tmp_path: Path, example_records:
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["games-prepare"])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["games-prepare"]))
+            )
             return found[-1]
 
     import asyncio
@@ -84,3 +89,76 @@ def test_cli_validate_exit_code(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(bad)])
     assert result.exit_code == 1
     assert "train.jsonl:1: no assistant message" in result.output
+
+
+# --- bad input through the installed CLI in its own process: reasons on screen, traceback in the run log
+
+
+def epochwise(args: list[str], storage: Path, cwd: Path) -> tuple[int, list[str]]:
+    """Run the ``epochwise`` script against the test harness's API; returns (exit code, screen lines)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "epochwise"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+def run_log(fold: Path) -> list[str]:
+    """Every log message Prefect's API holds for the prepare-fold run that wrote to ``fold``."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="")))
+            (run,) = [r for r in runs if r.parameters.get("fold") == str(fold)]
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            return [log.message for log in logs]
+
+    import asyncio
+
+    return asyncio.run(read())
+
+
+def test_cli_records_that_cannot_make_a_fold_print_only_the_reason(tmp_path: Path, prefect_harness: Path) -> None:
+    src = tmp_path / "one.jsonl"
+    src.write_text('{"story": "a", "context": "x"}\n', encoding="utf-8")
+    fold = tmp_path / "fold"
+    code, screen = epochwise(["prepare", str(src), "--fold", str(fold)], prefect_harness, REPO)
+    assert code == 1
+    shown = "\n".join(screen)
+    assert "Traceback" not in shown and "| ERROR" not in shown
+    assert "InputError" not in shown and "Failed(" not in shown  # nor Prefect's failure-state lines
+    assert [line for line in screen if "| INFO" not in line] == [
+        f"{fold}: validation split is empty: need at least 2 records and val_ratio > 0",
+        "1 problem(s) found",
+    ]
+    assert not fold.exists()
+    # The run log in Prefect's API (what the UI shows) keeps the full traceback of the task and the flow.
+    tracebacks = [m for m in run_log(fold) if "Traceback (most recent call last)" in m and "InputError" in m]
+    assert len(tracebacks) == 2
+
+
+def test_cli_strict_with_an_unmappable_record_prints_only_the_reason(tmp_path: Path, prefect_harness: Path) -> None:
+    src = tmp_path / "records"
+    src.mkdir()
+    (src / "r.jsonl").write_text(
+        '{"story": "a", "context": {"x": 1}}\n{"context": {"x": 2}}\n{"story": "c", "context": {"x": 3}}\n',
+        encoding="utf-8",
+    )
+    fold = tmp_path / "fold"
+    code, screen = epochwise(["prepare", str(src), "--fold", str(fold), "--strict"], prefect_harness, REPO)
+    assert code == 1
+    shown = "\n".join(screen)
+    assert "Traceback" not in shown and "InputError" not in shown and "Failed(" not in shown
+    assert [line for line in screen if "| INFO" not in line] == [
+        f"{src / 'r.jsonl'}:2: missing field 'story' used by the user template",
+        "1 problem(s) found",
+    ]
+    assert not fold.exists()

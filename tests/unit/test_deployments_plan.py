@@ -92,7 +92,7 @@ def test_reaper_runs_hourly_only_when_together_is_configured(folds_root: Path, m
 
 @pytest.mark.parametrize("flag, value, message", [("--timezone", "Mars/Base", "unknown time zone"),
                                                    ("--cron", "61 * * * *", "invalid cron expression"),
-                                                   ("--schedule", "weekly", "ops.schedule")])
+                                                   ("--schedule", "weekly", "--schedule: input should be")])
 def test_apply_rejects_bad_schedule_settings_before_contacting_prefect(folds_root: Path, flag, value, message):
     result = CliRunner().invoke(app, ["deployments", "apply", "--folds-root", str(folds_root), flag, value])
     assert result.exit_code == 1

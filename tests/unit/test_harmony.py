@@ -245,6 +245,7 @@ def test_unconvertible_rows_are_reported_with_their_lines(tmp_path: Path) -> Non
             {
                 "messages": [
                     {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "calling"},
                     {"role": "tool", "content": "r"},
                     {"role": "assistant", "content": "s"},
                 ]
@@ -254,7 +255,10 @@ def test_unconvertible_rows_are_reported_with_their_lines(tmp_path: Path) -> Non
         + orjson.dumps(
             {
                 "messages": [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}],
+                    },
                     {"role": "assistant", "content": "s"},
                 ]
             }
@@ -275,6 +279,21 @@ def test_unconvertible_rows_are_reported_with_their_lines(tmp_path: Path) -> Non
     assert "thinking must be a string" in found[5]
     assert "no 'messages'" in found[6]
     assert str(caught.value.problems[0]).endswith(f"train.jsonl:2: {found[2]}")
+
+
+def test_tool_calls_are_reported_not_crashed_on() -> None:
+    """Together accepts an assistant turn with tool_calls and no content; Harmony conversion refuses it."""
+    from epochwise.harmony import ConversionError, to_harmony
+
+    call = {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}
+    messages = [
+        {"role": "user", "content": "q"},
+        call,
+        {"role": "tool", "content": "r"},
+        {"role": "assistant", "content": "s"},
+    ]
+    with pytest.raises(ConversionError, match=r"^messages\[1\] has tool_calls; the Harmony conversion supports text"):
+        to_harmony(messages, "low")
 
 
 def test_rows_with_only_untrained_turns_are_left_out_and_counted(tmp_path: Path) -> None:

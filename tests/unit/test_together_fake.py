@@ -259,3 +259,28 @@ def test_outage_after_a_route_goes_down_after_that_reply_and_comes_back_by_itsel
     (outage,) = fake_together.outages
     assert outage.seconds is not None and outage.seconds >= 0.5  # no earlier than scripted
     assert fake_together.counts["GET /v3/whoami"] == 3
+
+USER, ASSISTANT = CONVO["messages"]
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (
+            [USER, {"role": "tool", "content": "42"}, ASSISTANT],
+            "a tool message must follow an assistant or tool message",
+        ),
+        ([USER, {**ASSISTANT, "reasoning_content": ["step"]}], "reasoning_content must be a string"),
+        ([USER, {"role": "assistant", "content": [IMAGE]}], "images are only allowed in user messages"),
+    ],
+    ids=["tool after user", "reasoning not a string", "image from the assistant"],
+)
+def test_server_side_validation_rejects_broken_message_rules(together_client, tmp_path, messages, reason):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(CONVO) + "\n" + json.dumps({"messages": messages}) + "\n")
+    remote = together_client.files.upload(path, purpose="fine-tune", check=False)
+    while (found := together_client.files.retrieve(remote.id)).processing_status == "PENDING":
+        pass
+    assert found.processing_status == "INVALID_FORMAT"
+    assert found.validation_report.error == f"line 2: messages[1]: {reason}"

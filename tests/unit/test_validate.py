@@ -12,6 +12,16 @@ from epochwise.validate import validate_file
 U = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}
 S = {"role": "system", "content": "be brief"}
+CALL = {
+    "role": "assistant",
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
+T = {"role": "tool", "tool_call_id": "c1", "content": "42"}
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+def image(url: str = PNG) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def conv(*messages: dict) -> str:
@@ -36,12 +46,31 @@ CASES: list[tuple[str, list[str], list[tuple[int | None, str]]]] = [
         [],
     ),
     ("valid multimodal text part", [conv({"role": "user", "content": [{"type": "text", "text": "x"}]}, A)], []),
+    ("valid tool call and result", [conv(U, CALL, T, A)], []),
+    ("valid parallel tool results", [conv(U, CALL, T, T, A)], []),
+    ("valid tool_calls with null content", [conv(U, {**CALL, "content": None}, T, A)], []),
+    ("valid tools list", [json.dumps({"tools": [{"type": "function"}], "messages": [U, A]})], []),
+    (
+        "valid reasoning strings",
+        [conv(U, {**A, "reasoning": "r"}, U, {**A, "reasoning_content": "r", "thinking": "t"})],
+        [],
+    ),
+    (
+        "valid image in a user message",
+        [conv({"role": "user", "content": [{"type": "text", "text": "x"}, image()]}, A)],
+        [],
+    ),
+    ("valid ten images", [conv({"role": "user", "content": [image()] * 10}, A)], []),
     ("invalid json", [GOOD, "{bad json"], [(2, "invalid JSON")]),
     ("array line", ["[1, 2]"], [(1, "expected a JSON object, got an array")]),
     ("string line", ['"just text"'], [(1, "expected a JSON object, got a string")]),
     ("number line", [GOOD, GOOD, "42"], [(3, "expected a JSON object, got a number")]),
     ("unknown format", [json.dumps({"foo": 1})], [(1, "no known format")]),
-    ("two formats in one line", [json.dumps({"text": "t", "prompt": "p", "completion": "c"})], [(1, "matches two or more formats")]),
+    (
+        "two formats in one line",
+        [json.dumps({"text": "t", "prompt": "p", "completion": "c"})],
+        [(1, "matches two or more formats")],
+    ),
     ("mixed formats", [GOOD, json.dumps({"text": "t"})], [(2, "general row in a conversation file (line 1)")]),
     ("empty messages", [json.dumps({"messages": []})], [(1, "'messages' is empty")]),
     ("messages not a list", [json.dumps({"messages": "hi"})], [(1, "'messages' must be a list")]),
@@ -69,7 +98,92 @@ CASES: list[tuple[str, list[str], list[tuple[int | None, str]]]] = [
         [json.dumps({"input": {"messages": [U]}, "preferred_output": [A, A], "non_preferred_output": [A]})],
         [(1, "'preferred_output' must hold exactly one assistant message")],
     ),
-    ("bad multimodal part", [conv({"role": "user", "content": [{"type": "audio"}]}, A)], [(1, "content[0] must be a 'text' or 'image_url' part")]),
+    (
+        "bad multimodal part",
+        [conv({"role": "user", "content": [{"type": "audio"}]}, A)],
+        [(1, "content[0] must be a 'text' or 'image_url' part")],
+    ),
+    # Tools: a tool result answers an assistant's tool call (Together's function-calling data format).
+    (
+        "tool after user",
+        [conv(U, T, A)],
+        [(1, "messages[1] is a tool message after 'user'; a tool result follows an assistant or tool message")],
+    ),
+    ("tool after system", [conv(S, T, A)], [(1, "messages[1] is a tool message after 'system'")]),
+    ("tool first", [conv(T, A)], [(1, "messages[0] is 'tool'; a conversation starts with 'system' or 'user'")]),
+    (
+        "tool_calls not a list",
+        [conv(U, {"role": "assistant", "tool_calls": "f()"}, T, A)],
+        [(1, "messages[1].tool_calls must be a non-empty list of objects"), (1, "messages[1] has no 'content'")],
+    ),
+    (
+        "tool_calls empty, no content",
+        [conv(U, {"role": "assistant", "tool_calls": []}, U, A)],
+        [(1, "messages[1].tool_calls must be a non-empty list of objects"), (1, "messages[1] has no 'content'")],
+    ),
+    (
+        "user with null content",
+        [conv({"role": "user", "content": None}, A)],
+        [(1, "messages[0] content must be a string, got null")],
+    ),
+    (
+        "tools not a list",
+        [json.dumps({"tools": {"type": "function"}, "messages": [U, A]})],
+        [(1, "'tools' must be a list of tool definitions")],
+    ),
+    # Reasoning fine-tuning: the chain of thought is a string beside the assistant's content.
+    (
+        "reasoning not a string",
+        [conv(U, {**A, "reasoning": ["step"]})],
+        [(1, "messages[1].reasoning must be a string, got list")],
+    ),
+    (
+        "reasoning_content not a string",
+        [conv(U, {**A, "reasoning_content": 3})],
+        [(1, "messages[1].reasoning_content must be a string, got int")],
+    ),
+    (
+        "thinking not a string",
+        [conv(U, {**A, "thinking": {"t": 1}})],
+        [(1, "messages[1].thinking must be a string, got dict")],
+    ),
+    ("thinking null", [conv(U, {**A, "thinking": None})], [(1, "messages[1].thinking must be a string, got null")]),
+    # Vision fine-tuning: base64 JPEG/PNG/WEBP data URLs, user messages only, at most 10 of 10 MB each.
+    (
+        "image in an assistant message",
+        [conv(U, {"role": "assistant", "content": [image()]})],
+        [(1, "messages[1].content[0] is an image in a 'assistant' message; only user messages may hold images")],
+    ),
+    (
+        "image in a system message",
+        [conv({"role": "system", "content": [image()]}, U, A)],
+        [(1, "messages[0].content[0] is an image in a 'system' message")],
+    ),
+    (
+        "image as an http URL",
+        [conv({"role": "user", "content": [image("https://x/y.png")]}, A)],
+        [(1, "messages[0].content[0] image_url.url must be a base64 data URL")],
+    ),
+    (
+        "image as a gif",
+        [conv({"role": "user", "content": [image("data:image/gif;base64,R0lG")]}, A)],
+        [(1, "image_url.url must be a base64 data URL")],
+    ),
+    (
+        "image over 10 MB",
+        [conv({"role": "user", "content": [image(PNG + "A" * (14 * 2**20))]}, A)],
+        [(1, "messages[0].content[0] image is over 10 MB")],
+    ),
+    (
+        "eleven images",
+        [conv({"role": "user", "content": [image()] * 11}, A)],
+        [(1, "11 images in one example; at most 10 are allowed")],
+    ),
+    (
+        "text part without text",
+        [conv({"role": "user", "content": [{"type": "text"}]}, A)],
+        [(1, "messages[0].content[0] is a text part without a string 'text'")],
+    ),
     ("error on a late line", [GOOD] * 9 + [conv(U)], [(10, "no assistant message")]),
     ("only blank lines", ["", "  "], [(None, "file is empty")]),
     ("several problems", ["{", GOOD, "[]"], [(1, "invalid JSON"), (3, "expected a JSON object")]),
