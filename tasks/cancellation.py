@@ -9,8 +9,10 @@ Three paths, because no single one is always there (the rules are in `epochwise.
    e.g. ``epochwise train`` on the ephemeral API) cancels this run's live jobs at once; a SIGTERM
    (Prefect's TerminationSignal, what a worker sends to cancel) cancels them only if the API shows
    the run Cancelling/Cancelled, so a SIGTERM from a shutdown leaves the job for the next run.
-   ``cancel_owned_jobs`` is also the flow's ``on_cancellation`` hook (the process worker runs it after
-   stopping the flow process).
+   ``cancel_owned_jobs`` is also the flow's ``on_cancellation`` hook, for where Prefect runs it (a flow
+   whose engine owns its cancellation); under a Prefect 3.8 process worker the flow process path above is
+   what cancels (end-to-end test: a few seconds from ``prefect flow-run cancel``), and no hook run was
+   seen in the run's logs.
 3. ``reap_cancelled_jobs`` (deployment ``job-reaper/frequent``): every live ``ew-`` job at Together whose
    newest owning flow run is Cancelling/Cancelled is cancelled; the backstop when the flow process and
    the hook were both skipped (a hook skipped by the worker, a lost worker, an API outage).
