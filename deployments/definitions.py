@@ -15,6 +15,7 @@ installed ``epochwise`` distribution (a virtual environment or the docker image)
 | ``prepare-fold/any``         | ``records``, ``fold``           | none                                   |
 | ``deploy-epoch/any-fold``    | pass ``--param fold=...``       | none                                   |
 | ``endpoint-reaper/hourly``   | the reaper's defaults           | hourly, active when Together credentials are configured (unless ``none``) |
+| ``job-reaper/frequent``      | the reaper's defaults           | every 5 minutes, active like ``endpoint-reaper/hourly`` |
 
 Config sections that a flow takes as parameters (``train``, ``data``, ``deploy``, ...) are baked in with
 only their non-default values, so a default still lives in one place (epochwise/config/) and the UI
@@ -39,6 +40,7 @@ from epochwise.config import Settings
 from flows.deploy_epoch import deploy_epoch
 from flows.endpoint_reaper import endpoint_reaper
 from flows.epoch_train import epoch_train
+from flows.job_reaper import job_reaper
 from flows.nightly_folds import nightly_folds
 from flows.prepare_fold import prepare_fold
 
@@ -150,6 +152,17 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
             "Stop epochwise endpoints past their time, so nothing keeps billing.",
             # Without Together credentials there is nothing to reap, and every hourly run would fail.
             schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, slug="hourly",
+                            active=ops.schedule != "none" and together_configured(together_block))],
+            tags=[TAG],
+            concurrency_limit=one_at_a_time(),
+        )
+    )
+    plan.deployments.append(
+        deployment(
+            job_reaper,
+            "frequent",
+            "Cancel Together jobs whose epoch-train run was cancelled, so nothing keeps billing.",
+            schedules=[Cron(ops.job_reaper_cron, timezone=ops.timezone, slug="frequent",
                             active=ops.schedule != "none" and together_configured(together_block))],
             tags=[TAG],
             concurrency_limit=one_at_a_time(),

@@ -36,6 +36,7 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_table, val_stalled
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.together_api import BudgetExceeded, JobFailed
+from tasks.cancellation import cancel_jobs_on_interrupt, cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
@@ -49,7 +50,7 @@ from tasks.together import (
 )
 
 
-@flow(name="epoch-train", log_prints=True, validate_parameters=True)
+@flow(name="epoch-train", log_prints=True, validate_parameters=True, on_cancellation=[cancel_owned_jobs])
 def epoch_train(
     fold: str,
     train: TrainConfig = TrainConfig(),
@@ -106,10 +107,11 @@ def _together_epoch(
     """Launch -> wait -> losses for one epoch; None when the budget stops the chain before submitting.
 
     The transaction makes the launch's cache record commit only together with a completed job.
+    Cancelling the run cancels the job (`tasks.cancellation`).
     """
     spent = sum(r.price_usd or 0.0 for r in done)
-    try:
-        with transaction():
+    try:  # Ctrl-C, or the SIGTERM of a cancel, cancels the job at Together (a crash leaves it to re-attach)
+        with cancel_jobs_on_interrupt(together), transaction():
             job = launch_epoch_job(spec, train_file, val_file, train, together, spent)
             info = wait_for_job(job, together)
             return fetch_epoch_metrics(job, info, together)

@@ -38,6 +38,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
+from tasks.cancellation import record_job_owner
 from tasks.locks import exclusive_lock, locks_dir
 
 # Short Together calls carry the ops tag, so `epochwise deployments apply`'s tag limit caps them across
@@ -196,12 +197,14 @@ def launch_epoch_job(
         log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
         if existing is not None:
             log.info(f"epoch {spec.epoch}: re-attaching to {existing.id} ({existing.status})")
+            record_job_owner(existing.id, log)  # this run owns it now: cancelling it cancels the job
             return EpochJob(spec.fold, spec.epoch, existing.id, spec.suffix, spec.parent, price, existing.created_at)
         if train.budget_usd is not None and price is not None and spent_usd + price > train.budget_usd:
             raise api.BudgetExceeded(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
         job, _ = api.create_job(client, request, together, log=log.info)
+        record_job_owner(job.id, log)  # before anything else can fail or be interrupted
     return EpochJob(spec.fold, spec.epoch, job.id, spec.suffix, spec.parent, price, job.created_at)
 
 

@@ -27,6 +27,13 @@ class OpsConfig(BaseModel):
         ),
     )
     reaper_cron: str = Field("0 * * * *", description="`endpoint-reaper` schedule (hourly by default).")
+    job_reaper_cron: str = Field(
+        "*/5 * * * *",
+        description=(
+            "`job-reaper` schedule: cancels Together jobs whose flow run was cancelled but that still run "
+            "(every 5 minutes by default; a forgotten GPU job bills by the minute)."
+        ),
+    )
     together_api_tag: str = Field(
         "together-api",
         description=(
@@ -62,7 +69,7 @@ class OpsConfig(BaseModel):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from exc
         return value
 
-    @field_validator("cron", "reaper_cron")
+    @field_validator("cron", "reaper_cron", "job_reaper_cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
         # Prefect's own schedule model is the judge; imported here to keep importing the config cheap.

@@ -180,6 +180,7 @@ class FakeJob:
     failure: JobFailure | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str = ""
+    cancelled_at: float | None = None  # time.time() of the first cancel request (tests measure from it)
 
     @property
     def suffix(self) -> str | None:
@@ -793,6 +794,8 @@ def jobs_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
 def jobs_cancel(fake: FakeTogether, p: dict[str, str], _: Request):
     job = _job(fake, p["id"])
     if job.status not in TERMINAL_JOB_STATES:
+        if job.cancelled_at is None:
+            job.cancelled_at = time.time()
         job.status = "cancel_requested"
         job.events.append(_event("cancel_requested", "Cancel requested"))
     return 200, job.to_json()

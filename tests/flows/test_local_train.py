@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -136,6 +137,7 @@ def test_a_model_directory_trains_offline_and_new_weights_train_anew(trained, tm
 
 CHILD = """
 import sys
+import time
 from pathlib import Path
 from epochwise.local.trainer import train_epoch
 from tests.helpers import HYPER, resume_config
@@ -220,3 +222,68 @@ def test_resume_keeps_the_thread_count_of_the_killed_run(tmp_path: Path):
     reference = train_epoch(reference_fold, 1, "tiny", HYPER, pinned, None)
     assert reference.threads == 3 and reference.resumed_from_step == 0
     assert resumed.step_losses == reference.step_losses
+
+
+FLOW_CHILD = """
+import sys
+import time
+from pathlib import Path
+from flows.epoch_train import epoch_train
+from epochwise.config.train import TrainConfig
+from tests.flows.test_local_train import HYPER, resume_config
+
+epoch_train(sys.argv[1], TrainConfig(backend="local", epochs=1, local_model="tiny", hyper=HYPER),
+            local=resume_config(Path(sys.argv[2])))
+"""
+
+
+def test_a_cancelled_local_run_keeps_its_last_checkpoint_and_the_rerun_resumes(tmp_path: Path):
+    """A cancel reaches a local run as the worker's SIGTERM (Prefect raises it in the flow): training
+    stops, the last checkpoint stays, and the next run continues from it."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
+    from prefect.states import Cancelling
+
+    fold = example_fold(tmp_path / "cancelled" / "games")
+    local = resume_config(tmp_path)
+    checkpoint = keys.checkpoint_path(fold, keys.run_key(fold, "tiny", HYPER, local), 1)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PYTHONPATH": str(REPO),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", FLOW_CHILD, str(fold), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300  # hang guard for start-up, not a speed assertion
+        while not checkpoint.is_file():
+            assert child.poll() is None, "the flow ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.05)
+        with get_client(sync_client=True) as prefect:  # what `prefect flow-run cancel` does first
+            [run] = [
+                r
+                for r in prefect.read_flow_runs()
+                if r.state and r.state.is_running() and r.parameters.get("fold") == str(fold)
+            ]
+            prefect.set_flow_run_state(run.id, Cancelling(), force=True)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode != 0
+    assert checkpoint.is_file() and not keys.epoch_dir(fold, keys.run_key(fold, "tiny", HYPER, local), 1).exists()
+
+    [record] = epoch_train(
+        str(fold), TrainConfig(backend="local", epochs=1, local_model="tiny", hyper=HYPER), local=local
+    )
+    metrics = orjson.loads((Path(record.model) / keys.METRICS_FILE).read_bytes())
+    assert metrics["resumed_from_step"] >= 3 and metrics["resumed_from_step"] % 3 == 0
+    assert not checkpoint.exists()

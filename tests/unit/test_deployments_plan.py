@@ -15,7 +15,7 @@ from epochwise.cli import app
 from epochwise.config import load_settings
 
 ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
-       "deploy-epoch/any-fold", "endpoint-reaper/hourly"}
+       "deploy-epoch/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
 
 
 @pytest.fixture
@@ -88,6 +88,18 @@ def test_reaper_runs_hourly_only_when_together_is_configured(folds_root: Path, m
     assert offline.schedule.cron == online.schedule.cron == "0 * * * *"
     assert offline.active is False
     assert online.active is (mode != "none")
+
+
+@pytest.mark.parametrize("mode", ["per-fold", "none"])
+def test_job_reaper_runs_every_5_minutes_only_when_together_is_configured(folds_root: Path, monkeypatch, mode):
+    settings = load_settings(overrides={"ops": {"schedule": mode}})
+    [offline] = by_name(plan_deployments(folds_root, settings, "/srv/results"))["job-reaper/frequent"].schedules
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-used")
+    plan = by_name(plan_deployments(folds_root, settings, "/srv/results"))
+    [online] = plan["job-reaper/frequent"].schedules
+    assert offline.schedule.cron == online.schedule.cron == "*/5 * * * *"
+    assert offline.active is False and online.active is (mode != "none")
+    assert import_object(plan["job-reaper/frequent"].entrypoint).name == "job-reaper"
 
 
 @pytest.mark.parametrize("flag, value, message", [("--timezone", "Mars/Base", "unknown time zone"),

@@ -1,0 +1,219 @@
+"""Cancelling a Together-backend run cancels its job, by every path: Ctrl-C on ``epochwise train``, the
+SIGTERM of a cancel, the ``on_cancellation`` hook and the ``job-reaper`` flow; a run that crashed (or got
+a SIGTERM that was no cancel) leaves its job running and the next run re-attaches.
+
+The real flow and tasks on Prefect's test harness, the real SDK against the fake server; flow runs that
+must be killed run in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
+from prefect.states import Cancelled, Cancelling, Crashed, Running
+from together import Together
+
+from epochwise import together_api as api
+from epochwise.io import sha256_file
+from epochwise.job_owners import job_tag
+from flows.epoch_train import epoch_train
+from flows.job_reaper import job_reaper
+from tasks.cancellation import cancel_owned_jobs
+from tests.conftest import REPO
+from tests.fake_together.server import FakeJob, FakeTogether
+from tests.flows.test_epoch_train_together import BASE, FAST, make_fold, train_cfg
+
+START_S = 180  # hang guard for a child process to reach a running job, not a speed assertion
+
+
+def held_jobs(fake: FakeTogether, tmp_path: Path, *suffixes: str) -> list[str]:
+    """Jobs created straight through the SDK (as another run would have), held at "running"."""
+    fake.script.hold_jobs = True
+    fold = make_fold(tmp_path, "held", "held-" + suffixes[0])
+    client = Together(api_key=fake.api_key, base_url=fake.base_url)
+    path = fold / "train.jsonl"
+    remote = api.upload_file(client, path, sha256_file(path), FAST, log=lambda _: None)
+    ids = [client.fine_tuning.create(training_file=remote.id, model=BASE, suffix=s, lora=True).id for s in suffixes]
+    for job_id in ids:
+        while client.fine_tuning.retrieve(job_id).status != "running":  # pending -> queued -> running (held)
+            pass
+    return ids
+
+
+def owner_run(job_ids: list[str], state, parameters: dict | None = None):
+    """A flow run tagged as the owner of ``job_ids``, put in ``state``."""
+    with get_client(sync_client=True) as prefect:
+        run = prefect.create_flow_run(
+            job_reaper, tags=[job_tag(j) for j in job_ids], parameters=parameters or {}, state=Running()
+        )
+        prefect.set_flow_run_state(run.id, state, force=True)
+        return prefect.read_flow_run(run.id)
+
+
+def test_job_reaper_cancels_only_jobs_whose_newest_owner_was_cancelled(fake_together, tmp_path):
+    cancelled, cancelling, crashed, reattached, orphan, foreign = held_jobs(
+        fake_together,
+        tmp_path,
+        "ew-reap-e1-00000001",
+        "ew-reap-e1-00000002",
+        "ew-reap-e1-00000003",
+        "ew-reap-e1-00000004",
+        "ew-reap-e1-00000005",
+        "not-epochwise",
+    )
+    owner_run([cancelled, reattached, foreign], Cancelled())
+    owner_run([cancelling], Cancelling())
+    owner_run([crashed], Crashed())  # machine lost: the next run re-attaches
+    owner_run([reattached], Running())  # a newer run took the job over
+
+    assert sorted(job_reaper(FAST)) == sorted([cancelled, cancelling])
+    status = {
+        j: fake_together.state.jobs[j].status for j in (cancelled, cancelling, crashed, reattached, orphan, foreign)
+    }
+    assert status == {
+        cancelled: "cancel_requested",
+        cancelling: "cancel_requested",
+        crashed: "running",
+        reattached: "running",
+        orphan: "running",
+        foreign: "running",
+    }
+    assert job_reaper(FAST) == []  # nothing left to cancel: a cancel-requested job is not cancelled twice
+
+
+def test_on_cancellation_hook_cancels_the_runs_live_jobs(fake_together, tmp_path):
+    live, done = held_jobs(fake_together, tmp_path, "ew-hook-e1-00000001", "ew-hook-e2-00000002")
+    fake_together.state.jobs[done].status = "completed"
+    run = owner_run([live, done], Cancelling(), {"together": FAST.model_dump(mode="json")})
+
+    cancel_owned_jobs(epoch_train, run, Cancelling())
+
+    assert fake_together.state.jobs[live].status == "cancel_requested"
+    assert fake_together.state.jobs[done].status == "completed"
+    assert fake_together.counts["POST /v1/fine-tunes/{id}/cancel"] == 1
+
+
+def run_flow_in_child(fold: Path) -> subprocess.Popen:
+    params = {
+        "fold": str(fold),
+        "train": train_cfg(1).model_dump(mode="json"),
+        "together": FAST.model_dump(mode="json"),
+    }
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        "PYTHONPATH": str(REPO),
+    }
+    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(params)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def running_job(fake: FakeTogether, child: subprocess.Popen) -> tuple[FakeJob, str]:
+    """The child's job once it is running and recorded on its flow run; returns (job, flow run id)."""
+    deadline = time.monotonic() + START_S
+    while True:
+        assert child.poll() is None, "the flow process ended before its job was running"
+        assert time.monotonic() < deadline, "the flow process never reached a running job"
+        jobs = [j for j in fake.state.jobs.values() if j.status == "running"]
+        if jobs:
+            with get_client(sync_client=True) as prefect:
+                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+                runs = prefect.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag(jobs[0].id)]))
+                )
+            if runs:
+                return jobs[0], str(runs[0].id)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["cancel", "shutdown"])
+def test_sigterm_cancels_the_job_only_when_the_run_was_cancelled(fake_together, tmp_path, cancelled: bool):
+    fold = make_fold(tmp_path, "termed", f"sigterm-{cancelled}")
+    fake_together.script.hold_jobs = True
+    child = run_flow_in_child(fold)
+    try:
+        job, flow_run_id = running_job(fake_together, child)
+        if cancelled:  # what `prefect flow-run cancel` does before the worker's SIGTERM
+            with get_client(sync_client=True) as prefect:
+                prefect.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=START_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    if cancelled:
+        assert job.cancelled_at is not None and job.status == "cancel_requested"
+        return
+    assert job.cancelled_at is None and job.status == "running"  # a shutdown is a crash: re-attach
+    fake_together.release_jobs()
+    [record] = epoch_train(str(fold), train_cfg(1), FAST)
+    assert record.job_id == job.id and len(fake_together.state.jobs) == 1
+
+
+def test_ctrl_c_on_epochwise_train_cancels_its_job(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "ctrlc", "ctrl-c")
+    fake_together.script.hold_jobs = True
+    home = tmp_path / "prefect-home"  # the CLI's own ephemeral API, as on a user's machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        EPOCHWISE_TOGETHER__POLL_INITIAL_S="0.05",
+        EPOCHWISE_TOGETHER__POLL_MAX_S="0.1",
+        EPOCHWISE_TOGETHER__FILE_POLL_S="0.05",
+        COLUMNS="200",
+    )
+    out = tmp_path / "cli.log"
+    with out.open("w") as log:
+        # Its own session: Ctrl-C reaches the CLI's whole process group (its ephemeral server too), as in a terminal.
+        child = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "epochwise"),
+                "train",
+                str(fold),
+                "--backend",
+                "together",
+                "--epochs",
+                "1",
+                "--base-model",
+                BASE,
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_S
+        while not any(j.status == "running" for j in fake_together.state.jobs.values()):
+            assert child.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        [job] = fake_together.state.jobs.values()
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=START_S)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    output = out.read_text()
+    assert job.cancelled_at is not None and job.status == "cancel_requested", output
+    assert f"cancelling Together job {job.id}" in output, output
+    assert child.returncode != 0
