@@ -9,6 +9,8 @@ to arrange or check is on the `FakeTogether` object:
 * ``fake.script``: behaviour knobs (polls per job state, held jobs, scripted job failures, losses,
   prices, deployment start-up polls) and ``fake.burst(route, [429, 500])`` for error bursts, which carry
   ``Retry-After-Ms: 1`` so the SDK's own retries take milliseconds.
+* ``fake.script.list_delay_s``: an eventually consistent job list (a new job is listed only that many
+  seconds after its creation), for races between runs on different machines.
 
 Job and file progression is driven by polls (each ``GET`` of the object advances it), not by time, so a
 test decides exactly how long things take and never sleeps.
@@ -109,6 +111,9 @@ class Script:
     # Loss per chain depth (1 = job on the base model): (train loss, validation loss).
     losses: dict[int, tuple[float, float]] = field(default_factory=dict)
     create_then_500: int = 0  # POST /v1/fine-tunes calls that create the job but answer 500 (lost reply)
+    # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
+    # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
+    list_delay_s: float = 0.0
     deployment_polls: int = 2  # retrieves before a deployment is READY
     deployment_fail: str | None = None  # message: deployments go to FAILED instead of READY
     chat_reply: str = "pong"
@@ -166,6 +171,7 @@ class FakeJob:
     failure: JobFailure | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str = ""
+    listed_from: float = 0.0  # time.monotonic() from which GET /v1/fine-tunes shows the job
 
     @property
     def suffix(self) -> str | None:
@@ -542,6 +548,7 @@ def jobs_create(fake: FakeTogether, _: dict[str, str], req: Request):
     if failure is not None:
         failure.times -= 1
     job = FakeJob(jid, body, model, output, depth, now_iso(), failure=failure)
+    job.listed_from = time.monotonic() + fake.script.list_delay_s
     job.events.append(_event("job_pending", f"Fine-tuning job {jid} created"))
     fake.state.jobs[jid] = job
     if fake.script.job_polls_per_state == 0:
@@ -605,7 +612,8 @@ def _job(fake: FakeTogether, jid: str) -> FakeJob:
 
 
 def jobs_list(fake: FakeTogether, _: dict[str, str], __: Request):
-    return 200, {"data": [j.to_json() for j in fake.state.jobs.values()]}
+    now = time.monotonic()
+    return 200, {"data": [j.to_json() for j in fake.state.jobs.values() if j.listed_from <= now]}
 
 
 def jobs_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
