@@ -22,7 +22,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_HOME
 
 POLL_S = 0.2  # how often a waiting run retries the lock
@@ -67,9 +67,12 @@ def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exceptio
     limit = lease_limit_name(name)
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-        except ObjectAlreadyExists:  # created by an earlier run, or by the racer we are about to wait for
-            pass
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:  # the racer we are about to wait for created it first
+                pass
     slot = contextlib.ExitStack()
     try:
         # strict: a limit deleted in between fails loudly instead of silently holding nothing

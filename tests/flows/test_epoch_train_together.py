@@ -370,3 +370,106 @@ def test_a_cached_upload_deleted_at_together_is_uploaded_again(fake_together, tm
     assert records[0].job_id == first[0].job_id  # epoch 1 is keyed on content, not on the file id
     second = fake_together.state.jobs_in_order()[1]
     assert second.request["training_file"] != train_id and second.request["training_file"] in fake_together.state.files
+
+
+HOST = """
+import json, sys, threading, time
+from pathlib import Path
+from prefect import flow
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from flows.epoch_train import epoch_train
+
+folds, train, together, ready, go = json.loads(sys.argv[1])
+
+@flow
+def warm_up() -> None:  # starts this host's own ephemeral API before the race
+    pass
+
+warm_up()
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.05)
+jobs = {}
+
+def run(fold):
+    records = epoch_train(fold, TrainConfig(**train), TogetherConfig(**together))
+    jobs[Path(fold).name] = [r.job_id for r in records]
+
+threads = [threading.Thread(target=run, args=(fold,)) for fold in folds]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("JOBS " + json.dumps(jobs), flush=True)
+"""
+
+
+def test_two_hosts_training_the_same_folds_at_once_keep_one_job_per_epoch(fake_together, tmp_path):
+    """Two "hosts" (processes with their own PREFECT_HOME and ephemeral API: no shared lock or cache)
+    train the same 3 folds for 2 epochs against one Together account whose job list lags creates by
+    15 s. Host B starts once host A created its first jobs, so B's look-ups find nothing and B creates
+    too. The oldest job of each epoch survives, the other is cancelled, and both hosts end on the same
+    chain of jobs."""
+    fake_together.script.list_delay_s = 15.0
+    folds = [str(make_fold(tmp_path / "folds", f"race{i}", f"two-hosts-{i}")) for i in range(3)]
+    fast = FAST.model_copy(update={"list_poll_s": 0.05})
+    hosts = []
+    for name in ("host-a", "host-b"):
+        home = tmp_path / name
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+            PYTHONPATH=str(REPO),
+        )
+        args = [folds, train_cfg(2).model_dump(mode="json"), fast.model_dump(mode="json")]
+        args += [str(home / "ready"), str(home / "go")]
+        out = (home / "out.log").open("w")
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOST, json.dumps(args)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+        hosts.append((home, child))
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 300  # a generous hang guard on a loaded machine, not a speed assertion
+        while not condition():
+            for home, child in hosts:
+                assert child.poll() is None, (home / "out.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: all((home / "ready").exists() for home, _ in hosts), "a host never started its API")
+        (hosts[0][0] / "go").touch()
+        wait_for(lambda: fake_together.counts["POST /v1/fine-tunes"] >= 3, "host A never created its epoch 1 jobs")
+        (hosts[1][0] / "go").touch()
+        for home, child in hosts:
+            assert child.wait(timeout=600) == 0, (home / "out.log").read_text()[-3000:]
+    finally:
+        for _, child in hosts:
+            if child.poll() is None:
+                child.kill()
+    reported = []
+    for home, _ in hosts:
+        (line,) = [x for x in (home / "out.log").read_text().splitlines() if x.startswith("JOBS ")]
+        reported.append(json.loads(line.removeprefix("JOBS ")))
+
+    created = {}
+    for fold in folds:
+        name = Path(fold).name
+        chain = []
+        for epoch in (1, 2):
+            jobs = fake_together.job_by_suffix(f"ew-{name}-e{epoch}-")
+            survivors = [j for j in jobs if j.status not in ("cancelled", "cancel_requested")]
+            assert len(survivors) == 1, [(j.id, j.status) for j in jobs]
+            assert survivors[0].status == "completed"
+            assert survivors[0] is min(jobs, key=lambda j: (j.created_at, j.id))  # the oldest one was kept
+            chain.append(survivors[0].id)
+            created[f"{name} e{epoch}"] = len(jobs)
+        assert reported[0][name] == reported[1][name] == chain  # both hosts recorded the surviving chain
+        assert fake_together.state.jobs[chain[1]].request["from_checkpoint"] == chain[0]
+    print("jobs created per fold and epoch:", created)
+    assert max(created.values()) == 2  # the race did happen: host B created duplicates, which were cancelled
