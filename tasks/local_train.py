@@ -27,7 +27,7 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
-from epochwise.local.keys import epoch_cache_key, finished_metrics, run_key
+from epochwise.local.keys import epoch_cache_key, finished_metrics, run_dir, run_key
 from tasks.locks import fold_guard
 
 
@@ -86,10 +86,12 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
     key = run_key(fold, train.local_model, train.hyper, local)
     wait = "as long as it takes" if local.lock_wait_s is None else f"{local.lock_wait_s:.0f} s"
     busy = RuntimeError(f"{name} epoch {epoch} is being trained by another run; waited {wait} (rerun later)")
-    # One trainer per run directory, on this host (flock) and on every worker of the Prefect server
-    # (lease): a second run waits here, then finds the epoch finished and reuses it.
+    # One trainer per run directory: a file lock in the directory itself (any PREFECT_HOME, any host
+    # sharing the disk) and a lease on the Prefect server (its other workers). A second run waits here,
+    # then finds the epoch finished and reuses it.
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:20]
-    with fold_guard(f"local-{slug}-{key}", local.lock_wait_s, local.lock_lease_s, busy):
+    guard = fold_guard(f"local-{slug}-{key}", local.lock_wait_s, local.lock_lease_s, busy, run_dir(fold, key))
+    with guard:
         return _train_locked(fold, epoch, train, local, parent, name, key)
 
 

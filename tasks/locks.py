@@ -36,9 +36,12 @@ def locks_dir() -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(name: str, wait_s: float, busy: Exception) -> Iterator[Path]:
-    """Hold the lock ``<locks>/<name>.lock``; raise ``busy`` if it is still taken after ``wait_s`` seconds."""
-    path = locks_dir() / f"{name}.lock"
+def exclusive_lock(name: str, wait_s: float, busy: Exception, directory: Path | None = None) -> Iterator[Path]:
+    """Hold the lock ``<directory>/<name>.lock`` (default directory: `locks_dir`); raise ``busy`` if it
+    is still taken after ``wait_s`` seconds."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    path = (directory or locks_dir()) / f"{name}.lock"
     with open(path, "a+") as handle:
         deadline = time.monotonic() + wait_s
         while True:
@@ -84,10 +87,13 @@ def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exceptio
 
 
 @contextlib.contextmanager
-def fold_guard(name: str, wait_s: float | None, lease_s: float, busy: Exception) -> Iterator[None]:
-    """The host lock, then the server lease, of ``name``: one holder per fold on every host."""
+def fold_guard(
+    name: str, wait_s: float | None, lease_s: float, busy: Exception, directory: Path | None = None
+) -> Iterator[None]:
+    """The file lock (in ``directory``, default `locks_dir`), then the server lease, of ``name``: one
+    holder at a time on this host and on every worker of the Prefect server."""
     start = time.monotonic()
-    with exclusive_lock(name, float("inf") if wait_s is None else wait_s, busy):
+    with exclusive_lock(name, float("inf") if wait_s is None else wait_s, busy, directory):
         left = None if wait_s is None else max(wait_s - (time.monotonic() - start), 1.0)
         with server_lease(name, left, lease_s, busy):
             yield
