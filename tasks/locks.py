@@ -7,8 +7,8 @@ holder dies, even by SIGKILL, so a crash never leaves a fold locked.
 A server lease (`server_lease`) is the one slot of a Prefect global concurrency limit, created on first
 use: it holds across workers and machines that share one Prefect server. The slot is leased for
 ``lease_s`` seconds and renewed in the background while held, so a holder that dies frees it once
-its lease expires. On Prefect's ephemeral API the limit lives in this host's database only; the flock
-covers that case.
+its lease expires (the server's expired-lease sweep). `fold_guard` takes it only with a Prefect server
+(``PREFECT_API_URL``); on the ephemeral API the flock alone covers the host.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.settings import PREFECT_HOME
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 POLL_S = 0.2  # how often a waiting run retries the lock
 
@@ -78,8 +78,17 @@ def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exceptio
                 pass
     slot = contextlib.ExitStack()
     try:
-        # strict: a limit deleted in between fails loudly instead of silently holding nothing
-        slot.enter_context(concurrency(limit, occupy=1, timeout_seconds=wait_s, lease_duration=lease_s, strict=True))
+        # strict: a limit deleted in between fails loudly instead of silently holding nothing; a failed
+        # renewal (server briefly away) must not kill an hours-long local epoch, the file lock still holds
+        held = concurrency(
+            limit,
+            occupy=1,
+            timeout_seconds=wait_s,
+            lease_duration=lease_s,
+            strict=True,
+            raise_on_lease_renewal_failure=False,
+        )
+        slot.enter_context(held)
     except TimeoutError:
         raise busy from None
     with slot:
@@ -90,10 +99,18 @@ def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exceptio
 def fold_guard(
     name: str, wait_s: float | None, lease_s: float, busy: Exception, directory: Path | None = None
 ) -> Iterator[None]:
-    """The file lock (in ``directory``, default `locks_dir`), then the server lease, of ``name``: one
-    holder at a time on this host and on every worker of the Prefect server."""
+    """The file lock (in ``directory``, default `locks_dir`), then, with a Prefect server, its lease of
+    ``name``: one holder at a time on this host and on every worker of the server.
+
+    No lease on the ephemeral API (no ``PREFECT_API_URL``): it is host-local like the file lock, and it
+    never reclaims expired leases (Prefect runs that service only in ``prefect server start``), so a
+    killed run would leave the slot taken in ``$PREFECT_HOME``'s database for good.
+    """
     start = time.monotonic()
     with exclusive_lock(name, float("inf") if wait_s is None else wait_s, busy, directory):
+        if not PREFECT_API_URL.value():
+            yield
+            return
         left = None if wait_s is None else max(wait_s - (time.monotonic() - start), 1.0)
         with server_lease(name, left, lease_s, busy):
             yield
