@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -308,10 +308,67 @@ def list_jobs(client: Together) -> list[JobInfo]:
     return [_info(job) for job in client.fine_tuning.list().data or []]
 
 
+def live_jobs(client: Together, suffix: str) -> list[JobInfo]:
+    """Jobs with ``suffix`` that are not failed or cancelled, oldest first (`age_order`)."""
+    return sorted((j for j in list_jobs(client) if _has_suffix(j, suffix) and j.status not in FAILED), key=age_order)
+
+
 def find_job(client: Together, suffix: str) -> JobInfo | None:
-    """The newest job with ``suffix`` that is not failed or cancelled: the one to re-attach to."""
-    live = [j for j in list_jobs(client) if _has_suffix(j, suffix) and j.status not in FAILED]
-    return max(live, key=lambda j: (j.status == "completed", j.created_at or ""), default=None)
+    """The job to re-attach to: a completed one with ``suffix``, else the oldest live one.
+
+    Oldest, like `settle_duplicates`, so every run that finds two racing jobs picks the same one.
+    """
+    live = live_jobs(client, suffix)
+    return next((j for j in live if j.status == "completed"), live[0] if live else None)
+
+
+def age_order(job: JobInfo) -> tuple[datetime, str]:
+    """Sort key oldest first: Together's ``created_at``, then the job id (the same order on every host)."""
+    try:
+        created = datetime.fromisoformat((job.created_at or "").replace("Z", "+00:00"))
+    except ValueError:
+        created = datetime.max.replace(tzinfo=UTC)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return created, job.id
+
+
+def settle_duplicates(
+    client: Together,
+    own: JobInfo,
+    suffix: str,
+    cfg: TogetherConfig,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobInfo:
+    """After creating ``own`` with ``suffix``: the epoch's one job to continue on; other live ones are cancelled.
+
+    Two runs on different machines can both find no job and both create one. Together's list may lag a
+    create, so it is read until it shows ``own`` (at most ``cfg.list_catchup_s``): from then on it holds
+    every job created before ``own`` too. The oldest live job with the suffix (`age_order`, the same
+    choice on every host) is kept and the others, seconds old, are cancelled at once. Both racers reach
+    the same decision, so both continue on the kept job.
+    """
+    deadline = time.monotonic() + cfg.list_catchup_s
+    while True:
+        listed = [j for j in list_jobs(client) if _has_suffix(j, suffix)]
+        if any(j.id == own.id for j in listed):  # the other racer may have cancelled it already
+            break
+        if time.monotonic() > deadline:
+            log(f"{own.id} is not in Together's job list after {cfg.list_catchup_s:.0f} s; continuing on it")
+            return own
+        sleep(cfg.list_poll_s)
+    live = sorted((j for j in listed if j.status not in FAILED), key=age_order)
+    if not live:  # cancelled from outside (e.g. `epochwise abort`): waiting on it reports that
+        return own
+    kept, duplicates = live[0], live[1:]
+    for job in duplicates:
+        try:
+            status = cancel_job(client, job.id)
+        except APIStatusError as exc:  # e.g. already cancelled by the other racer
+            status = f"not cancelled ({exc.status_code}: {api_message(exc)})"
+        log(f"duplicate job {job.id} for {suffix} (created {job.created_at}): {status}; keeping {kept.id}")
+    return kept
 
 
 def _has_suffix(job: JobInfo, suffix: str) -> bool:

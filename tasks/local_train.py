@@ -4,13 +4,15 @@ The cache key is the fold's file hashes + model + epoch + hyper-parameters + loc
 + the finished epoch's metrics (see `epochwise.local.keys.epoch_cache_key`), so a new flow run skips
 finished epochs, a changed fold or setting trains again into a different run directory, and a cached
 result never points at a deleted adapter. A run killed mid-epoch left a checkpoint; the rerun's task
-finds it and continues from it (no variable to set).
+finds it and continues from it (no variable to set). Two runs of one epoch at once train it once: the
+second waits on the run directory's lock (`tasks.locks.fold_guard`) and then reuses the finished epoch.
 
 torch is imported inside the task only: importing this module (and the flows) stays light.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -26,7 +28,8 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
-from epochwise.local.keys import finished_metrics, run_epoch_cache_key, run_key
+from epochwise.local.keys import finished_metrics, run_dir, run_epoch_cache_key, run_key
+from tasks.locks import fold_guard
 
 # The run key each task run's cache key was computed from, by task run id: the task body takes it from
 # here instead of hashing the fold again, so each epoch hashes its fold once. The body pops its entry;
@@ -88,13 +91,27 @@ class EpochProgress:
 @task(cache_key_fn=local_epoch_key, persist_result=True)
 def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalConfig, parent: str | None) -> EpochRecord:
     """Train epoch ``epoch`` of ``fold`` locally from ``parent`` (previous adapter dir; None = base model)."""
-    logger = get_run_logger()
     name = Path(fold).resolve().name
     context = TaskRunContext.get()
     key = _RUN_KEYS.pop(context.task_run.id, None) if context else None
     key = key or run_key(fold, train.local_model, train.hyper, local)
+    wait = "as long as it takes" if local.lock_wait_s is None else f"{local.lock_wait_s:.0f} s"
+    busy = RuntimeError(f"{name} epoch {epoch} is being trained by another run; waited {wait} (rerun later)")
+    # One trainer per run directory: a file lock in the directory itself (any PREFECT_HOME, any host
+    # sharing the disk) and a lease on the Prefect server (its other workers). A second run waits here,
+    # then finds the epoch finished and reuses it.
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:20]
+    guard = fold_guard(f"local-{slug}-{key}", local.lock_wait_s, local.lock_lease_s, busy, run_dir(fold, key))
+    with guard:
+        return _train_locked(fold, epoch, train, local, parent, name, key)
+
+
+def _train_locked(
+    fold: str, epoch: int, train: TrainConfig, local: LocalConfig, parent: str | None, name: str, key: str
+) -> EpochRecord:
+    logger = get_run_logger()
     finished = finished_metrics(fold, key, epoch, parent)
-    if finished is not None:  # trained by an earlier run whose cache record is gone: no torch needed
+    if finished is not None:  # trained by an earlier or a concurrent run: no torch needed
         logger.info("%s epoch %d already finished in %s", name, epoch, finished["adapter_dir"])
         return to_record(finished, parent, train.local_model)
     from epochwise.local.trainer import train_epoch

@@ -1,8 +1,14 @@
-"""Host-wide exclusive locks for find-then-create steps (uploads, epoch jobs, endpoints).
+"""Exclusive locks for find-then-create steps (uploads, epoch jobs, endpoints).
 
-A lock is an ``flock`` on a file under ``$PREFECT_HOME/locks``: two runs on this host (or on a shared
-filesystem) never interleave their look-up and create, and the OS releases the lock when its holder dies,
-even by SIGKILL, so a crash never leaves a fold locked.
+A host lock is an ``flock`` on a file under ``$PREFECT_HOME/locks``: two runs on this host (or on a
+shared filesystem) never interleave their look-up and create, and the OS releases the lock when its
+holder dies, even by SIGKILL, so a crash never leaves a fold locked.
+
+A server lease (`server_lease`) is the one slot of a Prefect global concurrency limit, created on first
+use: it holds across workers and machines that share one Prefect server. The slot is leased for
+``lease_s`` seconds and renewed in the background while held, so a holder that dies frees it once
+its lease expires (the server's expired-lease sweep). `fold_guard` takes it only with a Prefect server
+(``PREFECT_API_URL``); on the ephemeral API the flock alone covers the host.
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from prefect.settings import PREFECT_HOME
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 POLL_S = 0.2  # how often a waiting run retries the lock
 
@@ -26,9 +36,12 @@ def locks_dir() -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(name: str, wait_s: float, busy: Exception) -> Iterator[Path]:
-    """Hold the lock ``<locks>/<name>.lock``; raise ``busy`` if it is still taken after ``wait_s`` seconds."""
-    path = locks_dir() / f"{name}.lock"
+def exclusive_lock(name: str, wait_s: float, busy: Exception, directory: Path | None = None) -> Iterator[Path]:
+    """Hold the lock ``<directory>/<name>.lock`` (default directory: `locks_dir`); raise ``busy`` if it
+    is still taken after ``wait_s`` seconds."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    path = (directory or locks_dir()) / f"{name}.lock"
     with open(path, "a+") as handle:
         deadline = time.monotonic() + wait_s
         while True:
@@ -43,3 +56,61 @@ def exclusive_lock(name: str, wait_s: float, busy: Exception) -> Iterator[Path]:
             yield path
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lease_limit_name(name: str) -> str:
+    """The global concurrency limit behind ``server_lease(name)``."""
+    return f"epochwise-{name}"
+
+
+@contextlib.contextmanager
+def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exception) -> Iterator[None]:
+    """Hold the single slot of the global concurrency limit ``epochwise-<name>`` (created on demand);
+    raise ``busy`` if it is still taken after ``wait_s`` seconds (None: wait as long as it takes)."""
+    limit = lease_limit_name(name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:  # the racer we are about to wait for created it first
+                pass
+    slot = contextlib.ExitStack()
+    try:
+        # strict: a limit deleted in between fails loudly instead of silently holding nothing; a failed
+        # renewal (server briefly away) must not kill an hours-long local epoch, the file lock still holds
+        held = concurrency(
+            limit,
+            occupy=1,
+            timeout_seconds=wait_s,
+            lease_duration=lease_s,
+            strict=True,
+            raise_on_lease_renewal_failure=False,
+        )
+        slot.enter_context(held)
+    except TimeoutError:
+        raise busy from None
+    with slot:
+        yield
+
+
+@contextlib.contextmanager
+def fold_guard(
+    name: str, wait_s: float | None, lease_s: float, busy: Exception, directory: Path | None = None
+) -> Iterator[None]:
+    """The file lock (in ``directory``, default `locks_dir`), then, with a Prefect server, its lease of
+    ``name``: one holder at a time on this host and on every worker of the server.
+
+    No lease on the ephemeral API (no ``PREFECT_API_URL``): it is host-local like the file lock, and it
+    never reclaims expired leases (Prefect runs that service only in ``prefect server start``), so a
+    killed run would leave the slot taken in ``$PREFECT_HOME``'s database for good.
+    """
+    start = time.monotonic()
+    with exclusive_lock(name, float("inf") if wait_s is None else wait_s, busy, directory):
+        if not PREFECT_API_URL.value():
+            yield
+            return
+        left = None if wait_s is None else max(wait_s - (time.monotonic() - start), 1.0)
+        with server_lease(name, left, lease_s, busy):
+            yield

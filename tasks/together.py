@@ -10,8 +10,11 @@ Thin wrappers over `epochwise.together_api`. What makes resume safe:
   parent). The flow opens it in a transaction with ``wait_for_job``, so its cache record is written only
   once the job completed; after a crash or a failed job the next run looks the job up in Together's
   list by its deterministic suffix and re-attaches, or resubmits when the job failed.
-* Find-then-create runs under a per-fold OS file lock: two runs of one fold never both submit, and a
-  killed process releases the lock with its file descriptor.
+* Find-then-create runs under a per-fold OS file lock and a per-fold Prefect server lease: two runs of
+  one fold never both submit, on one host or on two workers of one server, and a killed holder
+  releases both (the file lock with its descriptor, the lease when it expires). Runs that share no lock
+  (two hosts, each with its own ephemeral API) can still both create: after a create the job list is
+  read until it shows the new job, the oldest live job of the epoch is kept and the others cancelled.
 
 Credentials are resolved inside each task (blocks or environment) and never become parameters or results.
 """
@@ -39,7 +42,7 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from tasks.cancellation import record_job_owner
-from tasks.locks import exclusive_lock, locks_dir
+from tasks.locks import fold_guard, locks_dir
 
 # Short Together calls carry the ops tag, so `epochwise deployments apply`'s tag limit caps them across
 # flows and workers. wait_for_job does not: it holds its slot for the whole job (hours) and would starve
@@ -158,10 +161,11 @@ def epoch_job_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-epoch-" + params["spec"].key
 
 
-def fold_lock(fold: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
-    """An exclusive per-fold lock around find-then-create of the fold's epoch jobs."""
+def fold_lock(fold: str, together: TogetherConfig) -> contextlib.AbstractContextManager[None]:
+    """The per-fold host lock and server lease around find-then-create of the fold's epoch jobs."""
+    wait_s = together.fold_lock_wait_s
     busy = api.TogetherFailure(f"fold {fold} is being submitted by another run; waited {wait_s:.0f} s")
-    return exclusive_lock(f"fold-{api.fold_slug(fold)}", wait_s, busy)
+    return fold_guard(f"fold-{api.fold_slug(fold)}", wait_s, together.fold_lease_s, busy)
 
 
 @task(cache_key_fn=epoch_job_key, persist_result=True, tags=[API_TAG])
@@ -191,7 +195,7 @@ def launch_epoch_job(
         wandb_project=train.wandb_project,
         wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
     )
-    with fold_lock(spec.fold, together.fold_lock_wait_s):
+    with fold_lock(spec.fold, together):
         existing = api.find_job(client, spec.suffix)
         price = api.estimate_price(client, request)  # also for a re-attached job, so the fold's spend adds up
         log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
@@ -203,8 +207,13 @@ def launch_epoch_job(
             raise api.BudgetExceeded(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
-        job, _ = api.create_job(client, request, together, log=log.info)
+        job, created = api.create_job(client, request, together, log=log.info)
         record_job_owner(job.id, log)  # before anything else can fail or be interrupted
+        if created:  # a run on another machine (another lock) may have created one at the same time
+            kept = api.settle_duplicates(client, job, spec.suffix, together, log=log.warning)
+            if kept.id != job.id:  # this run continues on the kept job: it owns that one too
+                record_job_owner(kept.id, log)
+            job = kept
     return EpochJob(spec.fold, spec.epoch, job.id, spec.suffix, spec.parent, price, job.created_at)
 
 

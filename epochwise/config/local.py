@@ -74,6 +74,19 @@ class LocalConfig(BaseModel):
         None, description="User message for the sample generation (default: the first validation prompt)."
     )
     sample_max_new_tokens: int = Field(64, ge=0, description="Tokens generated for the sample (0: no sample).")
+    lock_wait_s: float | None = Field(
+        None,
+        ge=0,
+        description="How long a run waits while another run (any host of this Prefect server) trains the "
+        "same epoch, then reuses it (seconds; unset = as long as it takes).",
+    )
+    lock_lease_s: float = Field(
+        120.0,
+        ge=60,
+        le=86400,
+        description="Lease of that server-side lock, renewed while training; a dead holder's lease "
+        "expires after this long (seconds).",
+    )
     wandb_run_per: Literal["epoch", "fold"] = Field(
         "epoch", description="One W&B run per fold and epoch, or one per fold (resumed each epoch)."
     )
@@ -92,5 +105,7 @@ class LocalConfig(BaseModel):
             "sample_max_new_tokens",
             "wandb_run_per",
             "eval_batch_size",
+            "lock_wait_s",
+            "lock_lease_s",
         }
         return self.model_dump(mode="json", exclude=skip)

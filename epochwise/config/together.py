@@ -44,6 +44,20 @@ class TogetherConfig(BaseModel):
     fold_lock_wait_s: float = Field(
         600.0, ge=0, description="How long a run waits for another run of the same fold to finish submitting (seconds)."
     )
+    fold_lease_s: float = Field(
+        120.0,
+        ge=60,
+        le=86400,
+        description="Lease of the per-fold server-side lock, renewed while held; a dead holder's lease "
+        "expires after this long (seconds).",
+    )
+    list_catchup_s: float = Field(
+        120.0,
+        ge=0,
+        description="After a create, how long to re-read Together's job list until it shows the new job, "
+        "to find a job another machine created at the same time (seconds).",
+    )
+    list_poll_s: float = Field(1.0, gt=0, description="Wait between those job list reads (seconds).")
     upload_lock_hold_s: float = Field(
         3600.0, gt=0, description="An upload lock left by a killed process expires after this long (seconds)."
     )

@@ -13,7 +13,9 @@ to arrange or check is on the `FakeTogether` object:
 * outages: ``fake.go_down()`` / ``fake.come_back()``, ``fake.outage(seconds)`` and
   ``fake.outage_after(route, calls, seconds)``. Down means what a dead API host means to a client: the
   listening socket is closed (connecting is refused) and open keep-alive connections are dropped; coming
-  back re-binds the same port, and the state is kept.
+  back re-binds the same port, and the state is kept;
+* ``fake.script.list_delay_s``: an eventually consistent job list (a new job is listed only that many
+  seconds after its creation), for races between runs on different machines.
 
 The v2 endpoint rules Together enforces are enforced here too: a deployment still in its endpoint's
 traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
@@ -120,6 +122,9 @@ class Script:
     # Loss per chain depth (1 = job on the base model): (train loss, validation loss).
     losses: dict[int, tuple[float, float]] = field(default_factory=dict)
     create_then_500: int = 0  # POST /v1/fine-tunes calls that create the job but answer 500 (lost reply)
+    # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
+    # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
+    list_delay_s: float = 0.0
     deployment_polls: int = 2  # retrieves before a deployment is READY
     deployment_fail: str | None = None  # message: deployments go to FAILED instead of READY
     chat_reply: str = "pong"
@@ -181,6 +186,7 @@ class FakeJob:
     events: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str = ""
     cancelled_at: float | None = None  # time.time() of the first cancel request (tests measure from it)
+    listed_from: float = 0.0  # time.monotonic() from which GET /v1/fine-tunes shows the job
 
     @property
     def suffix(self) -> str | None:
@@ -719,6 +725,7 @@ def jobs_create(fake: FakeTogether, _: dict[str, str], req: Request):
     if failure is not None:
         failure.times -= 1
     job = FakeJob(jid, body, model, output, depth, now_iso(), failure=failure)
+    job.listed_from = time.monotonic() + fake.script.list_delay_s
     job.events.append(_event("job_pending", f"Fine-tuning job {jid} created"))
     fake.state.jobs[jid] = job
     if fake.script.job_polls_per_state == 0:
@@ -782,7 +789,8 @@ def _job(fake: FakeTogether, jid: str) -> FakeJob:
 
 
 def jobs_list(fake: FakeTogether, _: dict[str, str], __: Request):
-    return 200, {"data": [j.to_json() for j in fake.state.jobs.values()]}
+    now = time.monotonic()
+    return 200, {"data": [j.to_json() for j in fake.state.jobs.values() if j.listed_from <= now]}
 
 
 def jobs_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):

@@ -411,3 +411,161 @@ def test_a_rerun_without_result_storage_finds_the_uploads_in_togethers_list(fake
     assert fake_together.counts["GET /v1/files"] == lists + 2  # one listing per file found again
     assert {f.id for f in fake_together.state.files.values()} == files
     assert again[0].job_id == first[0].job_id and len(fake_together.state.jobs) == 1
+
+
+HOST = """
+import json, sys, threading, time
+from pathlib import Path
+from prefect import flow
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from flows.epoch_train import epoch_train
+
+folds, train, together, ready, go = json.loads(sys.argv[1])
+
+@flow
+def warm_up() -> None:  # starts this host's own ephemeral API before the race
+    pass
+
+warm_up()
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.05)
+jobs = {}
+
+def run(fold):
+    records = epoch_train(fold, TrainConfig(**train), TogetherConfig(**together))
+    jobs[Path(fold).name] = [r.job_id for r in records]
+
+threads = [threading.Thread(target=run, args=(fold,)) for fold in folds]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("JOBS " + json.dumps(jobs), flush=True)
+"""
+
+
+class Hosts:
+    """Processes standing for machines: each its own PREFECT_HOME (own file locks, caches and result
+    storage) and its own ephemeral API unless ``api_url`` names a shared Prefect server."""
+
+    def __init__(self, tmp_path: Path, names: list[str], folds: list[str], epochs: int, api_url: str | None = None):
+        self.homes, self.children = [], []
+        fast = FAST.model_copy(update={"list_poll_s": 0.05})
+        for name in names:
+            home = tmp_path / name
+            home.mkdir()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+            env.update(
+                PREFECT_HOME=str(home),
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+                PYTHONPATH=str(REPO),
+            )
+            if api_url:
+                env["PREFECT_API_URL"] = api_url
+            args = [folds, train_cfg(epochs).model_dump(mode="json"), fast.model_dump(mode="json")]
+            args += [str(home / "ready"), str(home / "go")]
+            with (home / "out.log").open("w") as out:
+                child = subprocess.Popen(
+                    [sys.executable, "-c", HOST, json.dumps(args)], env=env, cwd=REPO, stdout=out, stderr=out
+                )
+            self.homes.append(home)
+            self.children.append(child)
+
+    def log(self, i: int) -> str:
+        return (self.homes[i] / "out.log").read_text()
+
+    def wait_for(self, condition, what: str) -> None:
+        deadline = time.monotonic() + 300  # a generous hang guard on a loaded machine, not a speed assertion
+        while not condition():
+            for i, child in enumerate(self.children):
+                assert child.poll() is None, self.log(i)[-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    def wait_ready(self) -> None:
+        self.wait_for(lambda: all((home / "ready").exists() for home in self.homes), "a host never started")
+
+    def go(self, i: int) -> None:
+        (self.homes[i] / "go").touch()
+
+    def finish(self) -> list[dict[str, list[str]]]:
+        """Wait for every host; the job ids per epoch each one reported, per fold."""
+        for i, child in enumerate(self.children):
+            assert child.wait(timeout=600) == 0, self.log(i)[-3000:]
+        reported = []
+        for i in range(len(self.children)):
+            (line,) = [x for x in self.log(i).splitlines() if x.startswith("JOBS ")]
+            reported.append(json.loads(line.removeprefix("JOBS ")))
+        return reported
+
+    def kill(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+
+
+def test_two_hosts_training_the_same_folds_at_once_keep_one_job_per_epoch(fake_together, tmp_path):
+    """Two hosts with no shared lock or cache (each its own ephemeral API) train the same 3 folds for 2
+    epochs against one Together account whose job list lags creates by 15 s. Host B starts once host A
+    created its first jobs, so B's look-ups find nothing and B creates too. The oldest job of each epoch
+    survives, the other is cancelled, and both hosts end on the same chain of jobs."""
+    fake_together.script.list_delay_s = 15.0
+    folds = [str(make_fold(tmp_path / "folds", f"race{i}", f"two-hosts-{i}")) for i in range(3)]
+    hosts = Hosts(tmp_path, ["host-a", "host-b"], folds, epochs=2)
+    try:
+        hosts.wait_ready()
+        hosts.go(0)
+        hosts.wait_for(lambda: fake_together.counts["POST /v1/fine-tunes"] >= 3, "host A created no epoch 1 jobs")
+        hosts.go(1)
+        reported = hosts.finish()
+    finally:
+        hosts.kill()
+
+    created = {}
+    for fold in folds:
+        name = Path(fold).name
+        chain = []
+        for epoch in (1, 2):
+            jobs = fake_together.job_by_suffix(f"ew-{name}-e{epoch}-")
+            survivors = [j for j in jobs if j.status not in ("cancelled", "cancel_requested")]
+            assert len(survivors) == 1, [(j.id, j.status) for j in jobs]
+            assert survivors[0].status == "completed"
+            assert survivors[0] is min(jobs, key=lambda j: (j.created_at, j.id))  # the oldest one was kept
+            chain.append(survivors[0].id)
+            created[f"{name} e{epoch}"] = len(jobs)
+        assert reported[0][name] == reported[1][name] == chain  # both hosts recorded the surviving chain
+        assert fake_together.state.jobs[chain[1]].request["from_checkpoint"] == chain[0]
+    print("jobs created per fold and epoch:", created)
+    assert max(created.values()) == 2  # the race did happen: host B created duplicates, which were cancelled
+
+
+def test_two_workers_of_one_prefect_server_create_each_epoch_once(fake_together, tmp_path):
+    """Two hosts sharing a Prefect server (the test harness) but no file lock start 2 folds at the same
+    moment, with Together's job list lagging creates by 3 s: the per-fold server lease, held until the
+    list shows the new job, makes the second host re-attach instead of creating."""
+    from prefect.client.orchestration import get_client
+
+    fake_together.script.list_delay_s = 3.0
+    folds = [str(make_fold(tmp_path / "folds", f"lease{i}", f"server-lease-{i}")) for i in range(2)]
+    hosts = Hosts(tmp_path, ["worker-a", "worker-b"], folds, epochs=2, api_url=PREFECT_API_URL.value())
+    try:
+        hosts.wait_ready()
+        hosts.go(0)
+        hosts.go(1)
+        reported = hosts.finish()
+    finally:
+        hosts.kill()
+
+    assert len(fake_together.state.jobs) == 4 and fake_together.counts["POST /v1/fine-tunes"] == 4
+    assert all(job.status == "completed" for job in fake_together.state.jobs.values())
+    for fold in folds:
+        name = Path(fold).name
+        chain = [fake_together.job_by_suffix(f"ew-{name}-e{epoch}-")[0].id for epoch in (1, 2)]
+        assert reported[0][name] == reported[1][name] == chain
+    with get_client(sync_client=True) as client:
+        for name in ("lease0", "lease1"):
+            limit = client.read_global_concurrency_limit_by_name(f"epochwise-fold-{name}")
+            assert limit.limit == 1 and limit.active_slots == 0  # held on the server, released by both

@@ -287,3 +287,38 @@ def test_a_cancelled_local_run_keeps_its_last_checkpoint_and_the_rerun_resumes(t
     metrics = orjson.loads((Path(record.model) / keys.METRICS_FILE).read_bytes())
     assert metrics["resumed_from_step"] >= 3 and metrics["resumed_from_step"] % 3 == 0
     assert not checkpoint.exists()
+
+
+def test_two_runs_of_one_fold_at_once_train_each_epoch_once(tmp_path: Path):
+    """Two ``epoch-train`` runs of one fold started together: the second waits on the run directory's
+    lock, then reuses each epoch the first trained (one ``train_epoch`` per epoch, nothing overwritten)."""
+    import threading
+
+    full = example_fold(tmp_path / "full" / "games")
+    fold = tmp_path / "twins" / "games"
+    fold.mkdir(parents=True)
+    for name in ("train.jsonl", "val.jsonl"):  # a few rows: two short epochs
+        (fold / name).write_text("".join((full / name).read_text().splitlines(keepends=True)[:16]))
+    local = local_config(tmp_path)
+    train = TrainConfig(backend="local", epochs=2, local_model="tiny", hyper=HYPER)
+    states: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        states[i] = epoch_train(str(fold), train=train, local=local, return_state=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(state.is_completed() for state in states.values())
+    first, second = (states[i].result() for i in range(2))
+    assert first == second  # the same adapters with the same metrics: trained once, reused once
+    for record in first:
+        metrics = orjson.loads((Path(record.model) / keys.METRICS_FILE).read_bytes())
+        # what is on disk is what both runs returned: no second training overwrote it
+        assert metrics["finished_at"] == record.finished_at.isoformat()
+        assert metrics["resumed_from_step"] == 0
+    key = keys.run_key(fold, "tiny", HYPER, local)
+    assert sorted(p.name for p in keys.run_dir(fold, key).glob("epoch-*")) == ["epoch-1", "epoch-2"]

@@ -154,6 +154,46 @@ def test_find_job_ignores_failed_jobs_and_prefers_a_live_one(fake_together, toge
     assert api.find_job(together_client, "ew-games-e1-22222222") is None
 
 
+def test_two_hosts_racing_one_epoch_keep_the_oldest_job_and_cancel_the_other(fake_together, together_client, files):
+    """Both created (neither saw the other's job in the lagging list); each settles on its own thread."""
+    import threading
+
+    suffix = "ew-games-e1-44444444"
+    fake_together.script.list_delay_s = 1.0
+    kwargs = request(files, suffix).create_kwargs()
+    first = api._info(together_client.fine_tuning.create(**kwargs))
+    second = api._info(together_client.fine_tuning.create(**kwargs))
+    assert api.find_job(together_client, suffix) is None  # the list has not caught up with either create
+    cfg = CFG.model_copy(update={"list_poll_s": 0.02, "list_catchup_s": 120})
+    kept: dict[str, api.JobInfo] = {}
+    logs: list[str] = []
+
+    def settle(own: api.JobInfo) -> None:
+        kept[own.id] = api.settle_duplicates(together_client, own, suffix, cfg, log=logs.append)
+
+    threads = [threading.Thread(target=settle, args=(job,)) for job in (second, first)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert kept[first.id].id == kept[second.id].id == first.id  # the same, oldest, job for both racers
+    assert fake_together.state.jobs[first.id].status == "pending"
+    assert fake_together.state.jobs[second.id].status == "cancel_requested"
+    assert any(f"duplicate job {second.id}" in line and f"keeping {first.id}" in line for line in logs)
+    assert api.find_job(together_client, suffix).id == first.id
+
+
+def test_find_job_prefers_a_completed_job_then_the_oldest(fake_together, together_client, files):
+    suffix = "ew-games-e1-55555555"
+    kwargs = request(files, suffix).create_kwargs()
+    older, newer = (together_client.fine_tuning.create(**kwargs) for _ in range(2))
+    assert api.find_job(together_client, suffix).id == older.id
+    while together_client.fine_tuning.retrieve(newer.id).status != "completed":
+        pass
+    assert api.find_job(together_client, suffix).id == newer.id
+
+
 def test_create_whose_reply_is_lost_is_found_in_the_list_not_created_twice(fake_together, together_client, files):
     fake_together.script.create_then_500 = 1
     job, created = api.create_job(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from together import AuthenticationError, BadRequestError, ConflictError, Together
@@ -79,6 +80,26 @@ def test_job_progression_metrics_checkpoints_and_cancel(fake_together, together_
     other = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True)
     assert together_client.fine_tuning.cancel(other.id).status == "cancel_requested"
     assert finish(together_client, other.id) == "cancelled"
+
+
+def test_a_delayed_job_list_shows_a_new_job_only_after_list_delay_s(fake_together, together_client, train_file):
+    fake_together.script.list_delay_s = 3600.0
+    hidden = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True, suffix="late")
+    assert hidden.id not in [j.id for j in together_client.fine_tuning.list().data or []]
+    assert together_client.fine_tuning.retrieve(hidden.id).suffix == "late"  # retrieve is consistent at once
+    assert together_client.fine_tuning.cancel(hidden.id).status == "cancel_requested"
+
+    fake_together.script.list_delay_s = 0.3
+    before = time.monotonic()
+    soon = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True, suffix="soon")
+    deadline = before + 60  # a generous bound on a loaded machine, not a speed assertion
+    while soon.id not in [j.id for j in together_client.fine_tuning.list().data or []]:
+        assert time.monotonic() < deadline, "the job never showed in the list"
+        time.sleep(0.02)
+    assert time.monotonic() - before >= 0.3  # never listed before its delay
+    assert hidden.id not in [j.id for j in together_client.fine_tuning.list().data or []]
+    fake_together.script.list_delay_s = 0.0
+    assert hidden.id not in [j.id for j in together_client.fine_tuning.list().data or []]  # fixed at creation
 
 
 def test_bursts_are_retried_by_the_sdk_and_counted(fake_together, together_client):
