@@ -230,7 +230,7 @@ import time
 from pathlib import Path
 from flows.epoch_train import epoch_train
 from epochwise.config.train import TrainConfig
-from tests.flows.test_local_train import HYPER, resume_config
+from tests.helpers import HYPER, resume_config
 
 epoch_train(sys.argv[1], TrainConfig(backend="local", epochs=1, local_model="tiny", hyper=HYPER),
             local=resume_config(Path(sys.argv[2])))
