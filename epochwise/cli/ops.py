@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, prefect_defaults, settings
+from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, field_help, prefect_defaults, settings
 
 deployments_app = typer.Typer(
     help="Prefect deployments, schedules, limits and crash detection for a real server + worker.",
@@ -22,15 +22,15 @@ def apply(
         ..., "--folds-root", help="Directory whose sub-directories are folds (each with train.jsonl).",
         exists=True, file_okay=False,
     ),
-    cron: str = typer.Option(None, "--cron", help="Nightly cron for training (default: 0 2 * * *)."),
-    timezone: str = typer.Option(None, "--timezone", help="IANA time zone of all schedules (default: UTC)."),
+    cron: str = typer.Option(None, "--cron", help=field_help("ops.cron")),
+    timezone: str = typer.Option(None, "--timezone", help=field_help("ops.timezone")),
     schedule: str = typer.Option(
-        None, "--schedule", help="Active nightly schedule: per-fold | nightly-folds | none (default: per-fold)."
+        None, "--schedule", help=field_help("ops.schedule")
     ),
-    work_pool: str = typer.Option(None, "--work-pool", help="Process work pool (default: epochwise)."),
+    work_pool: str = typer.Option(None, "--work-pool", help=field_help("ops.work_pool")),
     result_storage: Path = typer.Option(
         None, "--result-storage",
-        help="Result storage for worker runs (default: this shell's PREFECT_RESULTS_LOCAL_STORAGE_PATH).",
+        help=field_help("ops.result_storage"),
     ),
     prune: bool = typer.Option(False, "--prune", help="Delete epoch-train deployments of folds gone from disk."),
     config: Path = ConfigOption,

@@ -6,6 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
+# Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded. The default of
+# `DataConfig.max_line_bytes`, and of the readers that take it.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
 
 class RecordMapping(BaseModel):
     """Maps one input record to ChatML ``messages``.
@@ -38,5 +43,7 @@ class DataConfig(BaseModel):
         False, description="Fail on records that cannot be mapped instead of skipping them with a reason."
     )
     max_line_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="Longest accepted JSONL line in bytes (64 MiB)."
+        MAX_LINE_BYTES,
+        gt=0,
+        description="Longest accepted JSONL line in bytes (64 MiB), in records, validation and conversion.",
     )
