@@ -7,16 +7,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-import yaml
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from epochwise.config import Settings, load_settings
+from epochwise.config import SECTIONS
 from epochwise.problems import InputError, Problem, UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -33,8 +35,8 @@ ConfigOption = typer.Option(
 
 def config_field(dotted: str) -> FieldInfo:
     """The pydantic field behind a settings path such as ``"train.hyper.learning_rate"``."""
-    model: Any = Settings
-    *parents, leaf = dotted.split(".")
+    section, *parents, leaf = dotted.split(".")
+    model: Any = SECTIONS[section]
     for part in parents:
         field = model.model_fields[part]
         model = field.default_factory if field.default_factory is not None else type(field.default)
@@ -97,6 +99,10 @@ def settings(config: Path | None, **flags: Any) -> Settings:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    import yaml
+
+    from epochwise.config import load_settings
+
     try:
         return load_settings(config, overrides)
     except ValidationError as exc:
@@ -159,6 +165,8 @@ def flag_name(dotted: str) -> str:
 
 def yaml_line(path: Path, loc: list[str]) -> int | None:
     """1-based line of the deepest key of ``loc`` found in the YAML file (None when absent)."""
+    import yaml
+
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

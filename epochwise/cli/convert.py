@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import ConfigOption, console, fail_lines, field_help, friendly_errors, settings
 from epochwise.problems import InputError, Problem
@@ -59,6 +58,8 @@ def convert(
         except InputError as exc:
             fail_lines(problem_lines(exc.problems))
     state = "reused (sources and settings unchanged)" if summary.cached else "written"
+    from rich.table import Table
+
     table = Table(title=f"harmony parquet for {summary.fold}: {state}")
     table.add_column("")
     for stats in summary.splits():

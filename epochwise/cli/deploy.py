@@ -13,9 +13,9 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import (
     ConfigOption,
@@ -26,7 +26,9 @@ from epochwise.cli.common import (
     quiet_user_errors,
     settings,
 )
-from epochwise.config import Settings
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -130,6 +132,8 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
         console.print(f"{name} has no endpoints", markup=False)
         return
     rows = ea.endpoint_rows(found)
+    from rich.table import Table
+
     table = Table(title=f"{name} endpoints")
     columns = ["endpoint", "state", "routed", "hardware", "replicas", "created"]
     for column in columns:

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, field_help, prefect_defaults, settings
 
@@ -64,6 +63,8 @@ def apply(
         report = apply_all(folds_root, cfg, prune=prune)
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([f"error: {exc}"])
+    from rich.table import Table
+
     table = Table(title=f"epochwise on Prefect ({cfg.ops.work_pool} pool)")
     for column in ("kind", "name", "action", "detail"):
         table.add_column(column)
@@ -89,6 +90,8 @@ def ls() -> None:
             deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["epochwise"]))
         )
         flows = {f.id: f.name for f in client.read_flows()}
+    from rich.table import Table
+
     table = Table(title="epochwise deployments")
     for column in ("deployment", "schedule", "one at a time", "paused", "fold / parameters"):
         table.add_column(column, no_wrap=column == "deployment")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import (
     ConfigOption,
@@ -26,9 +25,10 @@ from epochwise.cli.common import (
     report_problems,
     settings,
 )
-from epochwise.config import Settings
-from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.problems import UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 FoldArgument = typer.Argument(..., help="Fold directory holding train.jsonl and val.jsonl.")
 
@@ -109,6 +109,7 @@ def train(
     # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
     # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
     _check_backend(cfg)
+    from epochwise.fold import TRAIN_FILE, VAL_FILE
     from epochwise.validate import validate_file
 
     limit = cfg.data.max_line_bytes
@@ -293,6 +294,8 @@ def deploy_info(
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for column in rows[0] if rows else []:
         table.add_column(str(column))
