@@ -5,7 +5,9 @@
 Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
 rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file; the figures are medians
 over the rounds, so a busy machine slows both sides alike. Targets: ``--help`` <= 2x the baseline,
-``validate`` <= 3x. ``--root`` (repeatable, rounds alternate between roots) measures another checkout of the code
+``validate`` <= 3x. Two floor rows show what the commands cannot avoid: typer's help renderer with
+pydantic (option help is built from the config fields), and ``together.lib`` (``validate`` runs
+together's ``check_file``, and importing it loads the whole SDK). ``--root`` (repeatable, rounds alternate between roots) measures another checkout of the code
 (e.g. a worktree of an older commit) with this same interpreter. Then ``python -X importtime`` lists which heavy packages (prefect, together,
 torch, pyarrow, ...) each command imports at all.
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 HEAVY = ("prefect", "together", "torch", "pyarrow", "transformers", "wandb", "openai_harmony", "httpx", "sqlalchemy")
+BASELINE = "baseline (import typer, rich)"
 CLI = "import sys; sys.argv[0] = 'epochwise'; from epochwise.cli import main; main()"
 WORDS = "alice bob stones pile table turn takes wins rock paper scissors board move first last player".split()
 
@@ -57,14 +61,17 @@ def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) 
     return rows
 
 
-def timed(argv: list[str], root: Path) -> float:
+def timed(argv: list[str], root: Path) -> tuple[float, float]:
+    """Wall-clock and CPU (user + system) seconds of one run; CPU time is far less sensitive to load."""
     env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", "COLUMNS": "120"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[2:3])} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def imported_heavy(argv: list[str], root: Path) -> list[str]:
@@ -83,8 +90,12 @@ def imported_heavy(argv: list[str], root: Path) -> list[str]:
 def cli_start(roots: list[Path], runs: int, small: Path) -> None:
     """Median start times per root; rounds alternate between the roots so load hits them alike."""
     commands = {
-        "baseline (import typer, rich)": [sys.executable, "-c", "import typer, rich"],
+        BASELINE: [sys.executable, "-c", "import typer, rich"],
+        # What any help screen needs: typer's rich renderer, and pydantic for the config fields' defaults.
+        "floor: + rich_utils, pydantic": [sys.executable, "-c", "import typer.rich_utils, rich, pydantic.main"],
         "epochwise --help": [sys.executable, "-c", CLI, "--help"],
+        # validate runs together's own check_file, and importing it loads the whole SDK.
+        "floor: + together.lib": [sys.executable, "-c", "import typer, rich; from together.lib import check_file"],
         "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
     }
     times = {(root, name): [] for root in roots for name in commands}
@@ -96,13 +107,17 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
             for name, argv in commands.items():
                 times[root, name].append(timed(argv, root))
     for root in roots:
-        medians = {name: statistics.median(times[root, name]) for name in commands}
-        base = medians["baseline (import typer, rich)"]
+        wall = {name: statistics.median(t[0] for t in times[root, name]) for name in commands}
+        cpu = {name: statistics.median(t[1] for t in times[root, name]) for name in commands}
+        base_wall, base_cpu = wall[BASELINE], cpu[BASELINE]
         print(f"\nCLI start, {root}, median of {runs} rounds")
-        print(f"{'command':34} {'median s':>9} {'min s':>7} {'x baseline':>11}  heavy imports")
+        print(f"{'command':32} {'wall s':>7} {'x base':>7} {'cpu s':>6} {'x base':>7}  heavy imports")
         for name, argv in commands.items():
             heavy = ", ".join(imported_heavy(argv, root)) or "-"
-            print(f"{name:34} {medians[name]:9.3f} {min(times[root, name]):7.3f} {medians[name] / base:11.2f}  {heavy}")
+            print(
+                f"{name:32} {wall[name]:7.3f} {wall[name] / base_wall:7.2f} {cpu[name]:6.3f} "
+                f"{cpu[name] / base_cpu:7.2f}  {heavy}"
+            )
 
 
 def large_validate(megabytes: int, repeat: int) -> None:
