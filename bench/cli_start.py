@@ -92,7 +92,11 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
     commands = {
         BASELINE: [sys.executable, "-c", "import typer, rich"],
         # What any help screen needs: typer's rich renderer, and pydantic for the config fields' defaults.
-        "floor: + rich_utils, pydantic": [sys.executable, "-c", "import typer.rich_utils, rich, pydantic.main"],
+        "floor: + rich_utils, pydantic": [
+            sys.executable,
+            "-c",
+            "import typer.rich_utils, rich; from pydantic import BaseModel, Field",
+        ],
         "epochwise --help": [sys.executable, "-c", CLI, "--help"],
         # validate runs together's own check_file, and importing it loads the whole SDK.
         "floor: + together.lib": [sys.executable, "-c", "import typer, rich; from together.lib import check_file"],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
 
 
-class HyperParams(BaseModel):
+class HyperParams(Section):
     """Hyper-parameters of one epoch. Each epoch is its own job, so schedules restart every epoch.
 
     Default for chaining: a linear schedule with ``min_lr_ratio=1.0`` and no warmup, i.e. a constant
@@ -39,7 +41,7 @@ class HyperParams(BaseModel):
         return self.lora_alpha or 2 * self.lora_r
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """What ``epoch-train`` trains and how; a flow parameter, a CLI target and a deployment parameter."""
 
     backend: Literal["auto", "together", "local"] = Field(
