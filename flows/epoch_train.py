@@ -29,8 +29,10 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.transactions import transaction
 
 from epochwise.artifacts import artifact_key
+from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, epoch_table, val_stalled
@@ -42,6 +44,7 @@ from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
     EpochSpec,
     api_base,
+    api_tagged,
     ensure_uploaded,
     fetch_epoch_metrics,
     launch_epoch_job,
@@ -57,6 +60,8 @@ def epoch_train(
     together: TogetherConfig = TogetherConfig(),
     local: LocalConfig = LocalConfig(),
     harmony: HarmonyConfig = HarmonyConfig(),
+    ops: OpsConfig = OpsConfig(),
+    data: DataConfig = DataConfig(),
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
     name = Path(fold).name
@@ -64,15 +69,15 @@ def epoch_train(
     backend = resolve_backend(train.backend, together)
     if backend == "together":  # credentials first: a missing key fails before validation or conversion
         base = api_base(together)
-    validate_files(jsonl)
+    validate_files(jsonl, data.max_line_bytes)
     progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     records: list[EpochRecord] = []
 
     if backend == "together":
         if "gpt-oss" in train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
-            parquet = convert_fold_to_harmony(fold, harmony)
+            parquet = convert_fold_to_harmony(fold, harmony, data.max_line_bytes)
             jsonl = [parquet["train"], parquet["val"]]
-        train_file, val_file = (ensure_uploaded(path, together) for path in jsonl)
+        train_file, val_file = (ensure_uploaded(path, together, ops) for path in jsonl)
         hashes = (train_file.sha256, val_file.sha256)
     else:
         from tasks.local_train import train_local_epoch
@@ -81,7 +86,7 @@ def epoch_train(
         parent = (records[-1].job_id or records[-1].model) if records else None
         if backend == "together":
             spec = EpochSpec(name, epoch, train.base_model, parent, hashes, train.hyper.model_dump(mode="json"), base)
-            record = _together_epoch(spec, train_file.id, val_file.id, train, together, records)
+            record = _together_epoch(spec, train_file.id, val_file.id, train, together, ops, records)
             if record is None:
                 break
         else:
@@ -102,6 +107,7 @@ def _together_epoch(
     val_file: str,
     train: TrainConfig,
     together: TogetherConfig,
+    ops: OpsConfig,
     done: list[EpochRecord],
 ) -> EpochRecord | None:
     """Launch -> wait -> losses for one epoch; None when the budget stops the chain before submitting.
@@ -112,9 +118,9 @@ def _together_epoch(
     spent = sum(r.price_usd or 0.0 for r in done)
     try:  # Ctrl-C, or the SIGTERM of a cancel, cancels the job at Together (a crash leaves it to re-attach)
         with cancel_jobs_on_interrupt(together), transaction():
-            job = launch_epoch_job(spec, train_file, val_file, train, together, spent)
+            job = api_tagged(launch_epoch_job, ops)(spec, train_file, val_file, train, together, spent)
             info = wait_for_job(job, together)
-            return fetch_epoch_metrics(job, info, together)
+            return api_tagged(fetch_epoch_metrics, ops)(job, info, together)
     except BudgetExceeded as stop:
         print(f"stopping before epoch {spec.epoch}: {stop}")
         return None

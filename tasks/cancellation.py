@@ -33,7 +33,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging.loggers import flow_run_logger
 
-from blocks.credentials import resolve_together
+from blocks.credentials import together_client
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
@@ -68,7 +68,7 @@ def record_job_owner(job_id: str, log: logging.Logger | logging.LoggerAdapter) -
 
 
 def _together(together: TogetherConfig):
-    return api.make_client(resolve_together(together.credentials_block), together)
+    return together_client(together)
 
 
 def _cancel_live(client: Any, job_ids: list[str], why: str, log: Any) -> list[str]:

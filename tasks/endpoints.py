@@ -34,7 +34,7 @@ from prefect.transactions import BaseTransaction, Transaction, get_transaction
 from prefect.variables import Variable
 from together import APIError, NotFoundError, Together
 
-from blocks.credentials import resolve_together
+from blocks.credentials import together_client
 from epochwise import endpoints_api as ea
 from epochwise import together_api
 from epochwise.artifacts import artifact_key
@@ -47,7 +47,7 @@ from tasks.locks import exclusive_lock
 
 def _client(together: TogetherConfig) -> Together:
     """A project-bound client (TOGETHER_PROJECT_ID / block project_id, else whoami)."""
-    return ea.with_project(together_api.make_client(resolve_together(together.credentials_block), together))
+    return ea.with_project(together_client(together))
 
 
 def endpoint_lock(slug: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
@@ -77,7 +77,7 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
         return [EpochRecord(fold=name, epoch=m["epoch"], backend="local", model=m["adapter_dir"],
                             train_loss=m.get("train_loss"), val_loss=m.get("val_loss")) for m in find_epochs(fold)]
     log.info(f"no {artifact_key(name, 'epochs')} artifact; reading {name}'s jobs from Together")
-    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    client = together_client(together)
     by_epoch: dict[int, EpochRecord] = {}
     for epoch, job in together_api.fold_jobs(client, name):
         # A retried epoch has several jobs (oldest first): the completed, else the newest, one stands for it.
@@ -96,7 +96,7 @@ def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: Togeth
     if job_id is None:
         return ea.choose_epoch(read_epoch_records(fold, together), epoch)
     name = Path(fold).name
-    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    client = together_client(together)
     job = together_api.get_job(client, job_id)
     number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(name, job.suffix)
     if number is None:

@@ -7,15 +7,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from epochwise.config import Settings, load_settings
+from epochwise.config import SECTIONS
 from epochwise.problems import InputError, Problem, UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -28,6 +31,45 @@ ConfigOption = typer.Option(
     exists=True,
     dir_okay=False,
 )
+
+
+def config_field(dotted: str) -> FieldInfo:
+    """The pydantic field behind a settings path such as ``"train.hyper.learning_rate"``."""
+    section, *parents, leaf = dotted.split(".")
+    model: Any = SECTIONS[section]
+    for part in parents:
+        field = model.model_fields[part]
+        model = field.default_factory if field.default_factory is not None else type(field.default)
+    return model.model_fields[leaf]
+
+
+def field_default(dotted: str) -> Any:
+    """The default in code of the settings field ``dotted`` (what applies when nothing sets it)."""
+    return config_field(dotted).get_default(call_default_factory=True)
+
+
+def show_default(value: Any) -> str | None:
+    """A default as the help shows it (``0.0001``, ``true``, ``all-linear``), None when it is unset."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def field_help(dotted: str, text: str | None = None) -> str:
+    """Help of the option that sets ``dotted``: ``text`` (default: the field's description) followed by
+    the field's own default and path, e.g. ``Peak learning rate. (default: 0.0001; train.hyper.learning_rate)``.
+
+    The default and the description are read from the config models, so the help never restates them.
+    """
+    field = config_field(dotted)
+    words = text or field.description or ""
+    default = show_default(field_default(dotted))
+    where = dotted if default is None else f"default: {default}; {dotted}"
+    return f"{words} ({where})".strip()
 
 
 def prefect_defaults() -> None:
@@ -58,6 +100,10 @@ def settings(config: Path | None, **flags: Any) -> Settings:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    import yaml
+
+    from epochwise.config import load_settings
+
     try:
         return load_settings(config, overrides)
     except ValidationError as exc:
@@ -120,6 +166,8 @@ def flag_name(dotted: str) -> str:
 
 def yaml_line(path: Path, loc: list[str]) -> int | None:
     """1-based line of the deepest key of ``loc`` found in the YAML file (None when absent)."""
+    import yaml
+
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

@@ -13,14 +13,22 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
-from together import APIError
 
-from blocks.credentials import MissingCredentials
-from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, quiet_user_errors, settings
-from epochwise.config import Settings
+from epochwise.cli.common import (
+    ConfigOption,
+    console,
+    fail_lines,
+    field_help,
+    prefect_defaults,
+    quiet_user_errors,
+    settings,
+)
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -36,6 +44,9 @@ def parse_age(text: str) -> float:
 @contextmanager
 def _deploy_errors() -> Iterator[None]:
     """Expected failures (missing key, refused deploy, failed smoke test) as one line and exit code 1."""
+    from together import APIError
+
+    from epochwise.credentials import MissingCredentials
     from epochwise.endpoints_api import EndpointFailure
 
     try:
@@ -51,10 +62,10 @@ def deploy(
     fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
     epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss) or an epoch number."),
     job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
-    hardware: str = typer.Option(None, "--hardware", help="Config hardware when the model has several, e.g. 1x_nvidia_h100_80gb_sxm."),
-    min_replicas: int = typer.Option(None, "--min-replicas", help="Replicas kept running [1]."),
-    max_replicas: int = typer.Option(None, "--max-replicas", help="Replicas at most [1]."),
-    inactive_timeout: int = typer.Option(None, "--inactive-timeout", help="Idle minutes before Together stops it (0 = never) [60]."),
+    hardware: str = typer.Option(None, "--hardware", help=field_help("deploy.hardware")),
+    min_replicas: int = typer.Option(None, "--min-replicas", help=field_help("deploy.min_replicas")),
+    max_replicas: int = typer.Option(None, "--max-replicas", help=field_help("deploy.max_replicas")),
+    inactive_timeout: int = typer.Option(None, "--inactive-timeout", help=field_help("deploy.inactive_timeout_min")),
     config: Path = ConfigOption,
 ) -> None:
     """Deploy an epoch to a Together dedicated endpoint, wait until READY, smoke-test it."""
@@ -83,7 +94,7 @@ def endpoints(
     stop: bool = typer.Option(False, "--stop", help="Scale this fold's endpoints to zero replicas."),
     deployment: str = typer.Option(None, "--deployment", help="With --stop: only this deployment (name or id)."),
     reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than, and any deployment a failed rollback left live."),
-    older_than: str = typer.Option(None, "--older-than", help="Age for --reap, e.g. 6h, 90m, 2d [deploy.reap_older_than_h]."),
+    older_than: str = typer.Option(None, "--older-than", help=field_help("deploy.reap_older_than_h", "Age for --reap, e.g. 6h, 90m, 2d (a bare number is hours).")),
     config: Path = ConfigOption,
 ) -> None:
     """Show a fold's endpoints, stop them (--stop), or stop every old epochwise endpoint (--reap)."""
@@ -103,12 +114,11 @@ def endpoints(
 
 
 def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None) -> None:
-    from blocks.credentials import resolve_together
+    from blocks.credentials import together_client
     from epochwise import endpoints_api as ea
-    from epochwise.together_api import make_client
 
     with _deploy_errors():
-        client = ea.with_project(make_client(resolve_together(cfg.together.credentials_block), cfg.together))
+        client = ea.with_project(together_client(cfg.together))
         found = ea.epochwise_endpoints(client, name)
         if stop:
             if only and not any(only in (d.id, d.name) for ep in found for d in ep.deployments):
@@ -122,6 +132,8 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
         console.print(f"{name} has no endpoints", markup=False)
         return
     rows = ea.endpoint_rows(found)
+    from rich.table import Table
+
     table = Table(title=f"{name} endpoints")
     columns = ["endpoint", "state", "routed", "hardware", "replicas", "created"]
     for column in columns:

@@ -11,61 +11,69 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import (
     ConfigOption,
     console,
     fail_lines,
+    field_help,
     friendly_errors,
     prefect_defaults,
     report_problems,
     settings,
 )
-from epochwise.config import Settings
-from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.problems import UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 FoldArgument = typer.Argument(..., help="Fold directory holding train.jsonl and val.jsonl.")
 
 
 def train(
     fold: Path = FoldArgument,
-    backend: str = typer.Option(None, "--backend", "-b", help="auto | together | local (default: auto)."),
-    epochs: int = typer.Option(
-        None, "--epochs", "-n", help="Total epochs; finished ones are never redone (default: 3)."
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        "-b",
+        help=field_help("train.backend", "auto | together | local; 'auto' = Together when a key is configured."),
     ),
-    base_model: str = typer.Option(None, "--base-model", help="Together base model (default: openai/gpt-oss-20b)."),
-    model: str = typer.Option(None, "--model", help="Local model: tiny | smollm2 | HF id | path (default: tiny)."),
-    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help="Peak learning rate (default: 1e-4)."),
+    epochs: int = typer.Option(None, "--epochs", "-n", help=field_help("train.epochs")),
+    base_model: str = typer.Option(None, "--base-model", help=field_help("train.base_model")),
+    model: str = typer.Option(None, "--model", help=field_help("train.local_model")),
+    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help=field_help("train.hyper.learning_rate")),
     lr_scheduler: str = typer.Option(
-        None, "--lr-scheduler", help="linear | cosine, restarted every epoch (default: linear)."
+        None, "--lr-scheduler", help=field_help("train.hyper.lr_scheduler", "linear | cosine, restarted every epoch.")
     ),
-    min_lr_ratio: float = typer.Option(
-        None, "--min-lr-ratio", help="Final LR / peak, per epoch (default: 1.0 = constant)."
+    min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help=field_help("train.hyper.min_lr_ratio")),
+    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help=field_help("train.hyper.warmup_ratio")),
+    batch_size: str = typer.Option(None, "--batch-size", help=field_help("train.hyper.batch_size")),
+    lora: bool = typer.Option(None, "--lora/--full", help=field_help("train.hyper.lora")),
+    lora_r: int = typer.Option(None, "--lora-r", help=field_help("train.hyper.lora_r")),
+    lora_alpha: int = typer.Option(None, "--lora-alpha", help=field_help("train.hyper.lora_alpha")),
+    lora_dropout: float = typer.Option(None, "--lora-dropout", help=field_help("train.hyper.lora_dropout")),
+    lora_trainable_modules: str = typer.Option(
+        None, "--lora-trainable-modules", help=field_help("train.hyper.lora_trainable_modules")
     ),
-    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warm-up share of each epoch (default: 0)."),
-    batch_size: str = typer.Option(None, "--batch-size", help="Integer or 'max' (default: max)."),
-    lora: bool = typer.Option(None, "--lora/--full", help="LoRA or full fine-tuning (default: lora)."),
-    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank (default: 16)."),
-    lora_alpha: int = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
-    lora_dropout: float = typer.Option(None, "--lora-dropout", help="LoRA dropout (default: 0)."),
-    lora_trainable_modules: str = typer.Option(None, "--lora-trainable-modules", help="(default: all-linear)."),
-    n_evals: int = typer.Option(
-        None, "--n-evals", help="Evaluations per epoch (at least 1 with val.jsonl) (default: 1)."
+    n_evals: int = typer.Option(None, "--n-evals", help=field_help("train.hyper.n_evals")),
+    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help=field_help("train.hyper.n_checkpoints")),
+    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help=field_help("train.hyper.max_grad_norm")),
+    weight_decay: float = typer.Option(None, "--weight-decay", help=field_help("train.hyper.weight_decay")),
+    train_on_inputs: str = typer.Option(
+        None,
+        "--train-on-inputs",
+        help=field_help("train.hyper.train_on_inputs", "true | false | auto: also train on prompt tokens."),
     ),
-    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help="Checkpoints per epoch (default: 1)."),
-    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping, 0 disables (default: 1.0)."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="(default: 0)."),
-    train_on_inputs: str = typer.Option(None, "--train-on-inputs", help="true | false | auto (default: false)."),
-    max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest sequence in tokens."),
-    seed: int = typer.Option(None, "--seed", help="Training seed (default: 42)."),
-    budget_usd: float = typer.Option(None, "--budget", help="Stop before an epoch that would exceed this many USD."),
-    stop_when_val_worsens: int = typer.Option(None, "--stop-when-val-worsens", help="Patience in epochs."),
-    wandb_project: str = typer.Option(None, "--wandb-project", help="W&B project for Together's per-epoch runs."),
+    max_seq_length: int = typer.Option(None, "--max-seq-length", help=field_help("train.hyper.max_seq_length")),
+    seed: int = typer.Option(None, "--seed", help=field_help("train.hyper.seed")),
+    budget_usd: float = typer.Option(None, "--budget", help=field_help("train.budget_usd")),
+    stop_when_val_worsens: int = typer.Option(
+        None, "--stop-when-val-worsens", help=field_help("train.stop_when_val_worsens")
+    ),
+    wandb_project: str = typer.Option(None, "--wandb-project", help=field_help("train.wandb_project")),
     config: Path = ConfigOption,
 ) -> None:
     """Train a fold one epoch at a time (one Together job per epoch, or the local trainer)."""
@@ -101,16 +109,20 @@ def train(
     # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
     # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
     _check_backend(cfg)
+    from epochwise.fold import TRAIN_FILE, VAL_FILE
     from epochwise.validate import validate_file
 
-    problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
+    limit = cfg.data.max_line_bytes
+    problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     prefect_defaults()
     from flows.epoch_train import epoch_train
 
     with friendly_errors():
-        state = epoch_train(str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, return_state=True)
+        state = epoch_train(
+            str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, ops=cfg.ops, data=cfg.data, return_state=True
+        )
         if not state.is_completed():
             try:
                 state.result()
@@ -124,14 +136,18 @@ def train(
 
 def _check_backend(cfg: Settings) -> None:
     """Together: the key resolves (block or environment). Local: ``--model`` names a loadable model."""
-    from blocks.credentials import resolve_together, together_configured
+    from epochwise.credentials import together_configured, together_from_env
 
     block = cfg.together.credentials_block
     if cfg.train.backend == "together" or (cfg.train.backend == "auto" and together_configured(block)):
-        if block:
-            prefect_defaults()  # loading a block needs Prefect's API
         try:
-            resolve_together(block)
+            if block:
+                prefect_defaults()  # loading a block needs Prefect's API
+                from blocks.credentials import resolve_together
+
+                resolve_together(block)
+            else:
+                together_from_env()
         except ValueError as exc:  # no block of that name
             fail_lines([f"error: together.credentials_block {block!r}: {exc}"])
         except UserError as exc:
@@ -196,12 +212,13 @@ def status(
         console.print(f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)")
     if not sync:
         return
-    from blocks.credentials import MissingCredentials, resolve_together
+    from blocks.credentials import together_client
     from epochwise import together_api as api
+    from epochwise.credentials import MissingCredentials
 
     cfg = settings(config).together
     try:
-        client = api.make_client(resolve_together(cfg.credentials_block), cfg)
+        client = together_client(cfg)
     except MissingCredentials as exc:
         fail_lines([str(exc)])
     recorded = {row.get("job") for row in rows}
@@ -228,12 +245,13 @@ def status(
 
 def abort(fold: Path = FoldArgument, config: Path = ConfigOption) -> None:
     """Cancel this fold's unfinished Together jobs (completed steps are still billed)."""
-    from blocks.credentials import MissingCredentials, resolve_together
+    from blocks.credentials import together_client
     from epochwise import together_api as api
+    from epochwise.credentials import MissingCredentials
 
     cfg = settings(config).together
     try:
-        client = api.make_client(resolve_together(cfg.credentials_block), cfg)
+        client = together_client(cfg)
     except MissingCredentials as exc:
         fail_lines([str(exc)])
     live = [(epoch, job) for epoch, job in api.fold_jobs(client, fold.name) if job.status not in api.TERMINAL]
@@ -276,6 +294,8 @@ def deploy_info(
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for column in rows[0] if rows else []:
         table.add_column(str(column))

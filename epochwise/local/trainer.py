@@ -317,7 +317,7 @@ def _lora_model(model, hyper: HyperParams, parent: str | None):
             model,
             LoraConfig(
                 r=hyper.lora_r,
-                lora_alpha=hyper.lora_alpha or 2 * hyper.lora_r,
+                lora_alpha=hyper.effective_lora_alpha,
                 lora_dropout=hyper.lora_dropout,
                 target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                 task_type="CAUSAL_LM",

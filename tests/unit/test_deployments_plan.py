@@ -65,6 +65,14 @@ def test_non_default_config_is_baked_into_parameters(folds_root: Path):
     assert "train" not in plan["prepare-fold/any"].parameters  # prepare-fold takes no train section
 
 
+def test_a_configured_together_api_tag_is_baked_into_the_epoch_train_deployments(folds_root: Path):
+    """Worker runs carry the tag `apply` registers the limit for (tests/flows/test_ops_limits.py runs it)."""
+    settings = load_settings(overrides={"ops": {"together_api_tag": "together-api-team"}})
+    plan = by_name(plan_deployments(folds_root, settings, "/srv/results"))
+    assert plan["epoch-train/games"].parameters["ops"] == {"together_api_tag": "together-api-team"}
+    assert plan["epoch-train/any-fold"].parameters["ops"] == {"together_api_tag": "together-api-team"}
+
+
 @pytest.mark.parametrize("mode, per_fold, nightly", [("per-fold", True, False), ("nightly-folds", False, True),
                                                      ("none", False, False)])
 def test_schedule_mode_picks_the_active_nightly_schedule(folds_root: Path, mode: str, per_fold: bool, nightly: bool):
