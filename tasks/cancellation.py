@@ -67,10 +67,6 @@ def record_job_owner(job_id: str, log: logging.Logger | logging.LoggerAdapter) -
         log.warning(f"could not tag flow run {run_id} with {tag} ({exc}); job-reaper cannot see this job")
 
 
-def _together(together: TogetherConfig):
-    return together_client(together)
-
-
 def _cancel_live(client: Any, job_ids: list[str], why: str, log: Any) -> list[str]:
     """Cancel those of ``job_ids`` that are not finished at Together; returns the ones cancelled."""
     cancelled = []
@@ -105,7 +101,7 @@ def cancel_owned_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     with get_client(sync_client=True) as prefect:
         job_ids = tagged_jobs(prefect.read_flow_run(flow_run.id).tags)
         if job_ids:
-            cancel_jobs_of_cancelled_runs(prefect, _together(together), job_ids, log)
+            cancel_jobs_of_cancelled_runs(prefect, together_client(together), job_ids, log)
 
 
 @contextlib.contextmanager
@@ -115,7 +111,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        _cancel_live(_together(together), _OWNED.get(run_id or "", []), "interrupted (Ctrl-C)", get_run_logger())
+        _cancel_live(together_client(together), _OWNED.get(run_id or "", []), "interrupted (Ctrl-C)", get_run_logger())
         raise
     except TerminationSignal:
         # A worker's SIGTERM comes right after the run went Cancelling; any other SIGTERM (a shutdown, a
@@ -123,7 +119,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
         log = get_run_logger()
         try:
             with get_client(sync_client=True) as prefect:
-                cancel_jobs_of_cancelled_runs(prefect, _together(together), _OWNED.get(run_id or "", []), log)
+                cancel_jobs_of_cancelled_runs(prefect, together_client(together), _OWNED.get(run_id or "", []), log)
         except Exception as exc:
             log.error(f"could not check whether this run was cancelled ({exc}); job-reaper will")
         raise
@@ -132,7 +128,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
 @task(cache_policy=NO_CACHE, tags=[OpsConfig().together_api_tag])
 def reap_cancelled_jobs(together: TogetherConfig) -> list[str]:
     """Cancel every live epochwise job at Together whose newest owning flow run was cancelled."""
-    client = _together(together)
+    client = together_client(together)
     live = [j.id for j in api.list_jobs(client) if j.status not in api.TERMINAL and (j.suffix or "").startswith("ew-")]
     with get_client(sync_client=True) as prefect:
         return cancel_jobs_of_cancelled_runs(prefect, client, live, get_run_logger())
