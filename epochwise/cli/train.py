@@ -207,7 +207,9 @@ def status(
         if rows:
             _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
         else:
-            console.print(f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)")
+            console.print(
+                f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
+            )
     if not sync:
         return
     from blocks.credentials import MissingCredentials, resolve_together
