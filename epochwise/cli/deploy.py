@@ -76,9 +76,11 @@ def deploy(
         state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, return_state=True)
         row = state.result()
     if row["state"] == "EXPORTED":  # local backend: a merged model on disk, smoke-tested locally
-        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}")
+        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}", soft_wrap=True)
         console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
-        console.print(f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False)
+        console.print(
+            f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False, soft_wrap=True
+        )
         return
     console.print(f"[green]ready[/green] {row['endpoint']} ({row['hardware']}, {row['replicas']} replicas)")
     console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
