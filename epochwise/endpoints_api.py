@@ -523,22 +523,6 @@ def delete_endpoint_if_empty(client: Together, endpoint_id: str) -> bool:
 # Which epoch, and what the artifact shows (pure)
 # ---------------------------------------------------------------------------------------------------
 
-def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecord]:
-    """Epoch records back from the ``<fold>-epochs`` table artifact that ``epoch-train`` publishes
-    (`epochwise.epochs.epoch_table`): a row with a job is a Together epoch, one without is local."""
-    records = []
-    for row in rows:
-        loss = str(row.get("val loss") or "").strip()
-        train = str(row.get("train loss") or "").strip()
-        records.append(EpochRecord(
-            fold=fold, epoch=int(row["epoch"]), backend="together" if row.get("job") else "local",
-            status=str(row.get("status") or "completed"), job_id=row.get("job") or None,
-            model=row.get("model") or None, val_loss=float(loss) if loss else None,
-            train_loss=float(train) if train else None,
-        ))
-    return records
-
-
 def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
     """``best`` (lowest validation loss, `epochwise.epochs.best_epoch`) or epoch ``N``; must be completed."""
     if str(which).lower() == "best":

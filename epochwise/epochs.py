@@ -1,11 +1,13 @@
-"""The per-epoch record both backends produce, and the fold's epoch table built from those records."""
+"""The per-epoch record both backends produce, the fold's epoch table built from those records and back,
+and the ``<fold>-epochs`` artifact that holds the table (`publish_epochs` / `read_epochs`; Prefect is
+imported only inside those two)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -65,6 +67,50 @@ def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecord]:
+    """Epoch records back from `epoch_table` rows: a row with a job is a Together epoch, one without is local."""
+    records = []
+    for row in rows:
+        loss = str(row.get("val loss") or "").strip()
+        train = str(row.get("train loss") or "").strip()
+        records.append(
+            EpochRecord(
+                fold=fold,
+                epoch=int(row["epoch"]),
+                backend="together" if row.get("job") else "local",
+                status=str(row.get("status") or "completed"),
+                job_id=row.get("job") or None,
+                model=row.get("model") or None,
+                val_loss=float(loss) if loss else None,
+                train_loss=float(train) if train else None,
+            )
+        )
+    return records
+
+
+def publish_epochs(fold: str, records: list[EpochRecord]) -> None:
+    """Publish ``records`` as the fold's ``<fold>-epochs`` table artifact (a new version of the key)."""
+    from prefect.artifacts import create_table_artifact
+
+    from epochwise.artifacts import artifact_key
+
+    create_table_artifact(
+        epoch_table(records), key=artifact_key(fold, "epochs"), description=f"{fold}: one row per epoch"
+    )
+
+
+def read_epochs(fold: str) -> list[dict[str, Any]]:
+    """The rows of the fold's latest ``<fold>-epochs`` artifact (what the last run recorded), or [].
+
+    Without ``PREFECT_API_URL`` this is one read of Prefect's database, no server started
+    (`epochwise.artifacts.latest_artifact_data`).
+    """
+    from epochwise.artifacts import artifact_key, latest_artifact_data
+
+    data = latest_artifact_data(artifact_key(fold, "epochs"))
+    return list(data) if data else []
 
 
 def epoch_key(fold_hashes: list[str], base_model: str, epoch: int, hyper: dict[str, object], parent: str | None) -> str:

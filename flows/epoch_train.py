@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.transactions import transaction
 
 from epochwise.artifacts import artifact_key
@@ -35,7 +35,7 @@ from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
-from epochwise.epochs import EpochRecord, epoch_table, val_stalled
+from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.together_api import BudgetExceeded, JobFailed
 from tasks.cancellation import cancel_jobs_on_interrupt, cancel_owned_jobs
@@ -92,9 +92,9 @@ def epoch_train(
         else:
             record = train_local_epoch(fold, epoch, train, local, parent)
         records.append(record)
-        _publish_table(name, records)
+        publish_epochs(name, records)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
-        print(f"{name} epoch {epoch}: {record.model} train loss {record.train_loss} val loss {record.val_loss}")
+        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
         if val_stalled(records, train.stop_when_val_worsens):
             print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
             break
@@ -127,11 +127,9 @@ def _together_epoch(
     except JobFailed as failed:  # shown by `epochwise status`; the next run resubmits this epoch
         row = EpochRecord(fold=spec.fold, epoch=spec.epoch, backend="together", status=failed.status,
                           job_id=failed.job_id, parent=spec.parent)
-        _publish_table(spec.fold, [*done, row])
+        publish_epochs(spec.fold, [*done, row])
         raise
 
 
-def _publish_table(name: str, records: list[EpochRecord]) -> None:
-    create_table_artifact(
-        epoch_table(records), key=artifact_key(name, "epochs"), description=f"{name}: one row per epoch"
-    )
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

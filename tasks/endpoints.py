@@ -20,14 +20,12 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
@@ -40,7 +38,7 @@ from epochwise import together_api
 from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.epochs import EpochRecord
+from epochwise.epochs import EpochRecord, read_epochs, records_from_table
 from epochwise.io import atomic_dir
 from tasks.locks import exclusive_lock
 
@@ -65,10 +63,9 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     without one (a new Prefect database), the local epochs on disk, else Together's own job list for
     the fold with losses from each job's metrics."""
     name = Path(fold).name
-    artifact = Artifact.get(artifact_key(name, "epochs"))
-    if artifact is not None and artifact.data:
-        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-        return ea.records_from_table(name, rows)
+    rows = read_epochs(name)
+    if rows:
+        return records_from_table(name, rows)
     log = get_run_logger()
     if (Path(fold) / "local").is_dir():
         from epochwise.local.export import find_epochs

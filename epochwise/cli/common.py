@@ -81,6 +81,19 @@ def prefect_defaults() -> None:
     """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, HideTemporaryServerBanner) for f in prefect_logger.filters):
+        prefect_logger.addFilter(HideTemporaryServerBanner())
+
+
+class HideTemporaryServerBanner(logging.Filter):
+    """Drops the lines Prefect logs each time the CLI boots or stops its ephemeral API server
+    ("Starting temporary server on http://127.0.0.1:8xxx / See https://docs.prefect.io/..." and
+    "Stopping temporary server on ..."): a notice, on every command, about something the CLI chose.
+    They are logged by the ``prefect`` logger itself, so a filter there touches no other record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Starting temporary server on", "Stopping temporary server on"))
 
 
 def settings(config: Path | None, **flags: Any) -> Settings:
@@ -253,3 +266,22 @@ def dotted(**kwargs: Any) -> dict[str, Any]:
 
 
 Command = Callable[..., Any]
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout; piped or redirected, it takes the width it needs, so ids and model
+    names are never cut to 80 columns ("comple…")."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(highlight=False, width=max(console.width, needed), file=console.file).print(table)
+
+
+def print_json(data: Any) -> None:
+    """``data`` as JSON on stdout for scripts: plain text, no colours, never wrapped."""
+    import json
+
+    print(json.dumps(data, indent=2, default=str))

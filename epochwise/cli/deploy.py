@@ -23,6 +23,8 @@ from epochwise.cli.common import (
     fail_lines,
     field_help,
     prefect_defaults,
+    print_json,
+    print_table,
     quiet_user_errors,
     settings,
 )
@@ -78,9 +80,11 @@ def deploy(
         state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, return_state=True)
         row = state.result()
     if row["state"] == "EXPORTED":  # local backend: a merged model on disk, smoke-tested locally
-        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}")
+        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}", soft_wrap=True)
         console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
-        console.print(f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False)
+        console.print(
+            f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False, soft_wrap=True
+        )
         return
     console.print(f"[green]ready[/green] {row['endpoint']} ({row['hardware']}, {row['replicas']} replicas)")
     console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
@@ -95,13 +99,14 @@ def endpoints(
     deployment: str = typer.Option(None, "--deployment", help="With --stop: only this deployment (name or id)."),
     reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than, and any deployment a failed rollback left live."),
     older_than: str = typer.Option(None, "--older-than", help=field_help("deploy.reap_older_than_h", "Age for --reap, e.g. 6h, 90m, 2d (a bare number is hours).")),
+    as_json: bool = typer.Option(False, "--json", help="Print the fold's endpoints as JSON (after --stop, if given)."),
     config: Path = ConfigOption,
 ) -> None:
     """Show a fold's endpoints, stop them (--stop), or stop every old epochwise endpoint (--reap)."""
     cfg = settings(config)
     if reap:
-        if fold is not None or stop:
-            fail_lines(["error: --reap covers every fold; use it without FOLD and --stop"])
+        if fold is not None or stop or as_json:
+            fail_lines(["error: --reap covers every fold; use it without FOLD, --stop and --json"])
         _reap(cfg, parse_age(older_than) if older_than else None)
         return
     if fold is None:
@@ -110,10 +115,10 @@ def endpoints(
         fail_lines(["error: --older-than only applies to --reap"])
     if deployment and not stop:
         fail_lines(["error: --deployment only applies to --stop"])
-    _fold_endpoints(cfg, Path(fold).name, stop, deployment)
+    _fold_endpoints(cfg, Path(fold).name, stop, deployment, as_json)
 
 
-def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None) -> None:
+def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None, as_json: bool = False) -> None:
     from blocks.credentials import together_client
     from epochwise import endpoints_api as ea
 
@@ -128,6 +133,9 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
                     if dep.max_replicas > 0 and only in (None, dep.id, dep.name):
                         console.print(f"stopped {ea.scale_to_zero(client, endpoint.id, dep.id).name}", markup=False)
             found = ea.epochwise_endpoints(client, name)
+    if as_json:
+        print_json({"fold": name, "endpoints": ea.endpoint_rows(found) if found else []})
+        return
     if not found:
         console.print(f"{name} has no endpoints", markup=False)
         return
@@ -140,7 +148,7 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
         table.add_column(column)
     for row in rows:
         table.add_row(*(row[c] for c in columns))
-    console.print(table)
+    print_table(table)
 
 
 def _reap(cfg: Settings, hours: float | None) -> None:

@@ -9,7 +9,6 @@ epochwise deploy-info folds/games       # the model to deploy (best epoch by val
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,8 @@ from epochwise.cli.common import (
     field_help,
     friendly_errors,
     prefect_defaults,
+    print_json,
+    print_table,
     report_problems,
     settings,
 )
@@ -132,6 +133,20 @@ def train(
     from epochwise.epochs import epoch_table
 
     _print_table(f"{fold.name}: {len(records)} epoch(s)", epoch_table(records))
+    _print_next_steps(fold, records)
+
+
+def _print_next_steps(fold: Path, records: list[Any]) -> None:
+    """What to do with the trained epochs, as commands to copy."""
+    steps = [f"epochwise status {fold}"]
+    if records and all(r.backend == "local" for r in records):
+        steps += [
+            f'epochwise sample {fold} --epoch best --prompt "..."',
+            f"epochwise export {fold} --epoch best --out exports/{fold.name}",
+        ]
+    else:
+        steps += [f"epochwise deploy-info {fold}", f"epochwise deploy {fold} --epoch best"]
+    console.print("next: " + "\n      ".join(steps), markup=False, soft_wrap=True)
 
 
 def _check_backend(cfg: Settings) -> None:
@@ -187,29 +202,30 @@ def _require_fold(fold: Path) -> None:
 def recorded_epochs(fold: Path) -> list[dict[str, Any]]:
     """The rows of the fold's latest ``<fold>-epochs`` artifact (what the last run recorded), or []."""
     prefect_defaults()
-    from prefect.artifacts import Artifact
+    from epochwise.epochs import read_epochs
 
-    from epochwise.artifacts import artifact_key
-
-    artifact = Artifact.get(artifact_key(fold.name, "epochs"))
-    if artifact is None or not artifact.data:
-        return []
-    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return list(data)
+    return read_epochs(fold.name)
 
 
 def status(
     fold: Path = FoldArgument,
     sync: bool = typer.Option(False, "--sync", help="Also list this fold's jobs in Together's job list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recorded epochs (and --sync's jobs) as JSON."),
     config: Path = ConfigOption,
 ) -> None:
     """Epochs recorded by Prefect for a fold; --sync reconciles them with Together's job list."""
     _require_fold(fold)
     rows = recorded_epochs(fold)
-    if rows:
-        _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
-    else:
-        console.print(f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)")
+    if as_json and not sync:
+        print_json({"fold": fold.name, "epochs": rows})
+        return
+    if not as_json:
+        if rows:
+            _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
+        else:
+            console.print(
+                f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
+            )
     if not sync:
         return
     from blocks.credentials import together_client
@@ -234,6 +250,9 @@ def status(
         }
         for epoch, job in jobs
     ]
+    if as_json:
+        print_json({"fold": fold.name, "epochs": rows, "together": table})
+        return
     if table:
         _print_table(f"{fold.name}: jobs at Together", table)
     else:
@@ -283,14 +302,16 @@ def deploy_info(
                 ]
             )
     if as_json:
-        console.print_json(json.dumps({"fold": fold.name, **chosen}))
+        print_json({"fold": fold.name, **chosen})
         return
     _print_table(f"{fold.name}: models per epoch", rows)
-    console.print(
-        f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, "
-        f"val loss {chosen.get('val loss') or '?'})",
-        markup=False,
-    )
+    loss = f"val loss {chosen.get('val loss') or '?'}"
+    if chosen.get("job"):
+        line = f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, {loss})"
+    else:  # a local epoch: the model is its adapter directory; `deploy` exports and smoke-tests it
+        line = f"deploy epoch {chosen['epoch']}: local adapter {chosen['model']} ({loss})"
+    console.print(line, markup=False, soft_wrap=True)
+    console.print(f"next: epochwise deploy {fold} --epoch {chosen['epoch']}", markup=False, soft_wrap=True)
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
@@ -301,7 +322,7 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
         table.add_column(str(column))
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_table(table)
     # Model names are long and a narrow terminal wraps them inside the table; print them whole to copy.
     for row in rows:
         if row.get("model"):

@@ -11,7 +11,7 @@ from together.types.models.config import Config
 from epochwise import endpoints_api as ea
 from epochwise.cli.deploy import parse_age
 from epochwise.config.deploy import DeployConfig
-from epochwise.epochs import EpochRecord, epoch_table
+from epochwise.epochs import EpochRecord, epoch_table, records_from_table
 
 
 def config(cid: str, count: str | None = None, accelerator: str | None = None, **extra: str) -> Config:
@@ -71,12 +71,12 @@ def records() -> list[EpochRecord]:
 
 
 def test_epochs_read_back_from_the_epoch_table_artifact_rows():
-    back = ea.records_from_table("g", epoch_table(records()))
+    back = records_from_table("g", epoch_table(records()))
     assert [(r.epoch, r.job_id, r.val_loss, r.status, r.backend) for r in back] == [
         (1, "ft-1", 1.5, "completed", "together"), (2, "ft-2", 1.2, "completed", "together"),
         (3, "ft-3", 1.4, "completed", "together"), (4, "ft-4", None, "error", "together"),
     ]
-    local = ea.records_from_table("g", [{"epoch": 1, "status": "completed", "model": "/runs/e1", "job": "", "val loss": ""}])
+    local = records_from_table("g", [{"epoch": 1, "status": "completed", "model": "/runs/e1", "job": "", "val loss": ""}])
     assert local[0].backend == "local" and local[0].job_id is None and local[0].model == "/runs/e1"
 
 
