@@ -21,4 +21,8 @@ for module in (convert, train, local, deploy, ops):
 
 
 def main() -> None:
+    # Before any command imports Prefect: its settings are read once, when it is first imported.
+    from epochwise.cli.common import prefect_defaults
+
+    prefect_defaults()
     app()

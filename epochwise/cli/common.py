@@ -216,6 +216,24 @@ def friendly_errors() -> Iterator[None]:
         report_problems(exc.problems)
     except (FileNotFoundError, UserError) as exc:
         fail_lines([f"error: {exc}"])
+    except RuntimeError as exc:
+        if not str(exc).startswith(EPHEMERAL_TIMEOUT):
+            raise
+        fail_lines([ephemeral_timeout_message()])
+
+
+# What Prefect raises when its ephemeral API server does not answer in time (prefect.server.api.server).
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def ephemeral_timeout_message() -> str:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+    return (
+        f"error: Prefect's temporary API server did not start within {timeout.value()} s (a busy machine?): "
+        "rerun, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` "
+        "and set PREFECT_API_URL"
+    )
 
 
 def is_user_error(exc: BaseException | None) -> bool:
