@@ -91,9 +91,15 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
 
 @task(cache_policy=NO_CACHE)
 def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
-    """The epoch to deploy: ``best``/``N`` from the fold's records, or the given job (its epoch from its
+    """The epoch to deploy: ``best``/``best-eval``/``N`` from the fold's records, or the given job (its epoch from its
     ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
     if job_id is None:
+        if str(epoch).lower() == "best-eval":  # the best mean score over eval folds (`epochwise evaluate`)
+            from epochwise.evaluate import best_eval_epoch
+            from tasks.evaluate import read_evaluation_rows
+
+            epoch = best_eval_epoch(read_evaluation_rows(fold))
+            get_run_logger().info(f"best-eval: epoch {epoch} of {Path(fold).name}'s evaluation table")
         return ea.choose_epoch(read_epoch_records(fold, together), epoch)
     name = Path(fold).name
     client = together_api.make_client(resolve_together(together.credentials_block), together)

@@ -37,11 +37,12 @@ def parse_age(text: str) -> float:
 def _deploy_errors() -> Iterator[None]:
     """Expected failures (missing key, refused deploy, failed smoke test) as one line and exit code 1."""
     from epochwise.endpoints_api import EndpointFailure
+    from epochwise.problems import UserError
 
     try:
         with quiet_user_errors():
             yield
-    except (EndpointFailure, MissingCredentials) as exc:
+    except (EndpointFailure, MissingCredentials, UserError) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:
         fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])
@@ -49,7 +50,7 @@ def _deploy_errors() -> Iterator[None]:
 
 def deploy(
     fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
-    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss) or an epoch number."),
+    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss), 'best-eval' (best `epochwise evaluate` mean) or an epoch number."),
     job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
     hardware: str = typer.Option(None, "--hardware", help="Config hardware when the model has several, e.g. 1x_nvidia_h100_80gb_sxm."),
     min_replicas: int = typer.Option(None, "--min-replicas", help="Replicas kept running [1]."),
