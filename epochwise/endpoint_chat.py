@@ -38,7 +38,7 @@ def chat_replies(
 
 def hourly_price_usd(client: Together, hardware: str) -> float | None:
     """Together's listed price per hour of ``hardware`` (``endpoints.hardware.list``), None when unlisted."""
-    for item in client.endpoints.hardware.list():
+    for item in client.endpoints.hardware.list().data or []:
         data = item.model_dump(by_alias=True, warnings=False)
         if _hw_key(str(data.get("id", ""))) == _hw_key(hardware):
             cents = data.get("priceCentsPerHour", data.get("price_cents_per_hour"))

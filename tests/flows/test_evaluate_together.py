@@ -40,6 +40,7 @@ def trained(fake_together, tmp_path):
 def test_each_epoch_is_deployed_scored_and_deleted_after(fake_together, trained):
     fold, on = trained
     evaluate = EvaluateConfig(metrics=["exact", "labels"], max_new_tokens=4, chunk_rows=2, concurrency=2)
+    fake_together.burst("POST /v1/chat/completions", [429, 503])  # retried by the SDK, answered once each
     summary = evaluate_epochs(str(fold), on, evaluate, DEPLOY, FAST)
 
     values = {(r["epoch"], r["eval fold"], r["metric"]): r["value"] for r in summary["rows"]}
@@ -48,7 +49,8 @@ def test_each_epoch_is_deployed_scored_and_deleted_after(fake_together, trained)
         assert values[(epoch, "evt", "exact")] == 0.5 and values[(epoch, "evo", "exact")] == 0.5
         # labels 200, 202 vs replies 200, 999: per label P/R = (1,1), (0,0), (0,0) -> macro 1/3
         assert values[(epoch, "evt", "precision")] == pytest.approx(1 / 3, abs=1e-4)
-    assert len(fake_together.state.chats) == 2 * 4  # 2 epochs x 4 rows, each asked once
+    assert len(fake_together.state.chats) == 2 * 4  # 2 epochs x 4 rows, each answered once
+    assert fake_together.counts["POST /v1/chat/completions"] == 2 * 4 + 2  # plus the 429 and the 503
     assert {c["model"] for c in fake_together.state.chats} == {"me/ew-evt-e1", "me/ew-evt-e2"}
     assert all(c["temperature"] == 0 and c["max_tokens"] == 4 for c in fake_together.state.chats)
     assert fake_together.counts[CREATE_DEPLOYMENT] == 2
@@ -70,6 +72,15 @@ def test_a_failure_midway_deletes_the_deployment_and_the_rerun_asks_only_the_res
     assert len(fake_together.state.chats) - asked == 3  # the 4 rows less the one answered before
     assert [(r["fold"], r["generated"], r["reused"]) for r in summary["results"]] == [("evo", 1, 1), ("evt", 2, 0)]
     assert fake_together.state.deployments == {}
+
+
+def test_a_deployment_that_never_gets_ready_is_deleted_and_nothing_is_asked(fake_together, trained):
+    fold, on = trained
+    fake_together.script.deployment_fail = "no capacity in us-east"
+    with pytest.raises(EndpointFailure, match="no capacity in us-east"):
+        evaluate_epochs(str(fold), on, EvaluateConfig(metrics=["exact"]), DEPLOY, FAST)
+    assert fake_together.counts[CREATE_DEPLOYMENT] == 1 and fake_together.state.chats == []
+    assert fake_together.state.deployments == {} and fake_together.state.endpoints == {}
 
 
 def test_a_ready_deployment_is_reused_and_left_running(fake_together, trained):
