@@ -13,21 +13,21 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, settings
+from epochwise.cli.common import ConfigOption, console, prefect_defaults, settings
 
 
 def evaluate(
     fold: Path = typer.Argument(..., help="Fold whose epochs to evaluate (trained locally or on Together)."),
     on: list[str] = typer.Option(..., "--on", help="Eval folds: directories or globs such as 'folds/*' (repeatable)."),
-    epochs: str = typer.Option(None, "--epochs", help="all, best (lowest val loss) or a list such as 1,3 [all]."),
+    epochs: str = typer.Option(None, "--epochs", help="all, best (lowest val loss) or a list such as 1,3 (default: all)."),
     metric: list[str] = typer.Option(
         None,
         "--metric",
         "-m",
         help="exact, contains, labels (accuracy/precision/recall/F1), json-field:NAME or module:function "
-        "(repeatable; the first ranks --epoch best-eval) [exact].",
+        "(repeatable; the first ranks --epoch best-eval) (default: exact).",
     ),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest generated reply [256]."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest generated reply (default: 256)."),
     max_rows: int = typer.Option(None, "--max-rows", min=1, help="Score at most this many rows per eval fold."),
     budget: float = typer.Option(
         None, "--budget", help="Together: stop before the estimated endpoint price exceeds USD."
@@ -47,15 +47,11 @@ def evaluate(
     )
     prefect_defaults()
     from epochwise.cli.deploy import _deploy_errors
-    from epochwise.evaluate import EvaluationError
     from flows.evaluate_epochs import evaluate_epochs
 
-    with _deploy_errors():
-        try:
-            state = evaluate_epochs(str(fold), list(on), cfg.evaluate, cfg.deploy, cfg.together, return_state=True)
-            summary = state.result()
-        except EvaluationError as exc:
-            fail_lines([f"error: {exc}"])
+    with _deploy_errors():  # bad metrics, epochs or folds, refused deploys: one line each, no traceback
+        state = evaluate_epochs(str(fold), list(on), cfg.evaluate, cfg.deploy, cfg.together, return_state=True)
+        summary = state.result()
     rows = summary["rows"]
     folds = sorted({r["eval fold"] for r in rows})
     table = Table(title=f"{fold.name}: evaluation ({summary['metric']} ranks)")
