@@ -21,7 +21,12 @@ def heatmap_png(rows: Sequence[dict], title: str) -> bytes:
     epochs = sorted({int(r["epoch"]) for r in rows})
     folds = sorted({str(r["eval fold"]) for r in rows})
     fig, axes = plt.subplots(
-        1, len(metrics), figsize=(1.2 + 1.3 * len(folds) * len(metrics), 1.2 + 0.5 * len(epochs)), squeeze=False
+        1,
+        len(metrics),
+        figsize=(1.5 + 1.4 * len(folds) * len(metrics), 1.6 + 0.5 * len(epochs)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
     )
     for ax, metric in zip(axes[0], metrics, strict=True):
         grid = [[float("nan")] * len(folds) for _ in epochs]
@@ -30,7 +35,8 @@ def heatmap_png(rows: Sequence[dict], title: str) -> bytes:
                 grid[epochs.index(int(r["epoch"]))][folds.index(str(r["eval fold"]))] = float(r["value"])
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(folds)), folds, rotation=30, ha="right")
-        ax.set_yticks(range(len(epochs)), [f"epoch {e}" for e in epochs])
+        if ax is axes[0][0]:
+            ax.set_yticks(range(len(epochs)), [f"epoch {e}" for e in epochs])
         ax.set_title(metric)
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
@@ -39,7 +45,7 @@ def heatmap_png(rows: Sequence[dict], title: str) -> bytes:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
 
