@@ -176,8 +176,8 @@ def open_eval_endpoint(
     cost = price.usd or 0.0
     if settings.budget_usd is not None and spent_usd + cost > settings.budget_usd:
         raise ev.EvaluationError(
-            f"evaluating {target.fold} epoch {target.epoch} would cost about ${cost:.2f}, "
-            f"${spent_usd:.2f} already estimated: over the budget of ${settings.budget_usd:.2f}"
+            f"evaluating {target.fold} epoch {target.epoch} on {hardware} ({price.describe()}) with "
+            f"${spent_usd:.2f} already estimated would go over the budget of ${settings.budget_usd:.2f}"
         )
     if live is not None:
         log.info(f"reusing {existing.name}: {live.name} is READY (left running after the evaluation)")

@@ -4,8 +4,12 @@ a rerun asks only for the rows not answered before; a READY deployment is reused
 
 from __future__ import annotations
 
-import pytest
+import re
 
+import pytest
+from typer.testing import CliRunner
+
+from epochwise.cli import app
 from epochwise.config.evaluate import EvaluateConfig
 from epochwise.endpoints_api import EndpointFailure
 from epochwise.evaluate import EvaluationError
@@ -97,6 +101,22 @@ def test_the_budget_stops_before_anything_is_deployed(fake_together, trained):
     fold, on = trained
     # 1x H100 at $3.99/h; a deployment that has to start bills ~10 min: about $0.67 before any token
     evaluate = EvaluateConfig(metrics=["exact"], budget_usd=0.5)
-    with pytest.raises(EvaluationError, match=r"evaluating evt epoch 1 would cost about \$0\.\d\d.*budget of \$0\.50"):
+    with pytest.raises(EvaluationError, match=r"evaluating evt epoch 1 .*about \$0\.\d\d.*budget of \$0\.50"):
         evaluate_epochs(str(fold), on, evaluate, DEPLOY, FAST)
+    assert fake_together.counts[CREATE_DEPLOYMENT] == 0 and fake_together.state.chats == []
+
+
+def test_cli_names_the_estimate_and_checks_metrics_before_deploying(fake_together, trained):
+    fold, on = trained
+    runner = CliRunner()
+    bad = runner.invoke(app, ["evaluate", str(fold), "--on", on[0], "--metric", "no_such_module_xyz:score"])
+    assert bad.exit_code == 1 and "cannot import no_such_module_xyz" in bad.output and "Traceback" not in bad.output
+    over = runner.invoke(app, ["evaluate", str(fold), "--on", on[0], "--budget", "0.5", "--max-new-tokens", "4"])
+    assert over.exit_code == 1, over.output
+    assert re.search(
+        r"evaluating evt epoch 1 on 1x_nvidia_h100_80gb_sxm \(~\d+ tokens, ~10 min of endpoint time at "
+        r"\$3\.99/h: about \$0\.67\) with \$0\.00 already estimated would go over the budget of \$0\.50",
+        over.output,
+    ), over.output
+    assert "Traceback" not in over.output
     assert fake_together.counts[CREATE_DEPLOYMENT] == 0 and fake_together.state.chats == []
