@@ -20,7 +20,7 @@ def evaluate(
     fold: Path = typer.Argument(..., help="Fold whose epochs to evaluate (trained locally or on Together)."),
     on: list[str] = typer.Option(..., "--on", help="Eval folds: directories or globs such as 'folds/*' (repeatable)."),
     epochs: str = typer.Option(None, "--epochs", help="all, best (lowest val loss) or a list such as 1,3 (default: all)."),
-    metric: list[str] = typer.Option(
+    metrics: list[str] = typer.Option(
         None,
         "--metric",
         "-m",
@@ -29,7 +29,7 @@ def evaluate(
     ),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest generated reply (default: 256)."),
     max_rows: int = typer.Option(None, "--max-rows", min=1, help="Score at most this many rows per eval fold."),
-    budget: float = typer.Option(
+    budget_usd: float = typer.Option(
         None, "--budget", help="Together: stop before the estimated endpoint price exceeds USD."
     ),
     config: Path = ConfigOption,
@@ -39,10 +39,10 @@ def evaluate(
         config,
         **{
             "evaluate.epochs": epochs,
-            "evaluate.metrics": metric or None,
+            "evaluate.metrics": metrics or None,
             "evaluate.max_new_tokens": max_new_tokens,
             "evaluate.max_rows": max_rows,
-            "evaluate.budget_usd": budget,
+            "evaluate.budget_usd": budget_usd,
         },
     )
     prefect_defaults()
