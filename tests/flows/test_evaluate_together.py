@@ -60,6 +60,20 @@ def test_each_epoch_is_deployed_scored_and_deleted_after(fake_together, trained)
     assert fake_together.counts[CREATE_DEPLOYMENT] == 2
     assert fake_together.state.deployments == {} and fake_together.state.endpoints == {}  # nothing left billing
 
+    # both epochs score the same mean exact: best-eval takes the earlier one
+    assert summary["best_eval_epoch"] == 1
+    row = deploy_epoch(str(fold), "best-eval", deploy=DEPLOY, together=FAST)
+    assert row["endpoint"] == "me/ew-evt-e1" and row["epoch"] == "1"
+
+
+def test_best_eval_without_an_evaluation_says_what_to_run(fake_together, tmp_path):
+    _, fold = train(fake_together, tmp_path, "nevt", {1: (2.0, 1.5)})
+    with pytest.raises(
+        EvaluationError, match=r"no nevt-evaluation table: run `epochwise evaluate .*nevt --on \.\.\.` first"
+    ):
+        deploy_epoch(str(fold), "best-eval", deploy=DEPLOY, together=FAST)
+    assert fake_together.state.deployments == {}
+
 
 def test_a_failure_midway_deletes_the_deployment_and_the_rerun_asks_only_the_rest(fake_together, trained):
     fold, on = trained
