@@ -187,8 +187,11 @@ def open_eval_endpoint(
     endpoint = EvalEndpoint(ref.endpoint_name, ref, ref.deployment_created)
     try:
         wait_until_ready(ref, deploy, together)
-    except BaseException:
-        close_eval_endpoint.fn(endpoint, together)
+    except BaseException as exc:
+        try:
+            close_eval_endpoint.fn(endpoint, together)
+        except Exception as failed:  # say both: why it never got ready, and what is still live
+            raise ea.EndpointFailure(f"{exc}; {failed}") from None
         raise
     return endpoint, cost
 
