@@ -50,11 +50,12 @@ def _deploy_errors() -> Iterator[None]:
 
     from epochwise.credentials import MissingCredentials
     from epochwise.endpoints_api import EndpointFailure
+    from epochwise.problems import UserError
 
     try:
         with quiet_user_errors():
             yield
-    except (EndpointFailure, MissingCredentials) as exc:
+    except (EndpointFailure, MissingCredentials, UserError) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:
         fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])
@@ -62,7 +63,7 @@ def _deploy_errors() -> Iterator[None]:
 
 def deploy(
     fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
-    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss) or an epoch number."),
+    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss), 'best-eval' (best `epochwise evaluate` mean) or an epoch number."),
     job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
     hardware: str = typer.Option(None, "--hardware", help=field_help("deploy.hardware")),
     min_replicas: int = typer.Option(None, "--min-replicas", help=field_help("deploy.min_replicas")),

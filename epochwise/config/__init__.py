@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from epochwise.config.data import DataConfig, RecordMapping
 from epochwise.config.deploy import DeployConfig
+from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataConfig",
     "DeployConfig",
+    "EvaluateConfig",
     "HarmonyConfig",
     "HyperParams",
     "LocalConfig",
@@ -46,6 +48,7 @@ SECTIONS: dict[str, type] = {
     "deploy": DeployConfig,
     "harmony": HarmonyConfig,
     "ops": OpsConfig,
+    "evaluate": EvaluateConfig,
 }
 
 _LAZY = ("Settings", "deep_merge", "load_settings")

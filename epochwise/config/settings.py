@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from epochwise.config.data import DataConfig
 from epochwise.config.deploy import DeployConfig
+from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     harmony: HarmonyConfig = Field(default_factory=HarmonyConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @classmethod
     def settings_customise_sources(

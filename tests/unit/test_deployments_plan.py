@@ -15,7 +15,7 @@ from epochwise.cli import app
 from epochwise.config import load_settings
 
 ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
-       "deploy-epoch/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
+       "deploy-epoch/any-fold", "evaluate-epochs/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
 
 
 @pytest.fixture
