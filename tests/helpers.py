@@ -12,6 +12,7 @@ from pathlib import Path
 
 from epochwise.config import load_settings
 from epochwise.config.data import RecordMapping
+from epochwise.config.deploy import DeployConfig
 from epochwise.config.local import LocalConfig, TinyModel
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
@@ -24,7 +25,17 @@ EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
 # --- Together backend -----------------------------------------------------------------------------
 
 BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+DEPLOY = DeployConfig(poll_s=0.001, ready_deadline_s=30)
 FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
+
+
+def train_with_losses(fake, root: Path, name: str, losses: dict[int, tuple[float, float]]) -> tuple[list, Path]:
+    """A real ``epoch-train`` run of ``len(losses)`` epochs on the fake with scripted (train, val) losses."""
+    from flows.epoch_train import epoch_train
+
+    fake.script.losses = losses
+    fold = make_fold(root, name, f"deploy-{name}")
+    return epoch_train(str(fold), train_cfg(len(losses)), FAST), fold
 
 
 def train_cfg(epochs: int = 3, **kw) -> TrainConfig:

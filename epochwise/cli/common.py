@@ -86,6 +86,52 @@ def prefect_defaults() -> None:
         prefect_logger.addFilter(HideTemporaryServerBanner())
 
 
+def before_flow_run() -> None:
+    """What a command does before it runs a flow: `prefect_defaults`, and Prefect's temporary API server
+    (when no ``PREFECT_API_URL`` is set) started in a session of its own.
+
+    In a terminal, Ctrl-C signals the whole foreground process group. Prefect starts its temporary server
+    as a child in that group, so Ctrl-C used to stop the server too, and the interrupted run then spent
+    minutes retrying to record its end against a dead API (with tracebacks). In its own session the
+    server keeps answering while the run cancels its Together jobs and ends; it stops when the CLI exits.
+    """
+    prefect_defaults()
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import subprocess
+
+    from prefect.server.api import server as prefect_server
+
+    temporary = prefect_server.SubprocessASGIServer()  # the instance Prefect's get_client() starts
+    if getattr(temporary, "_epochwise_own_session", False):
+        return
+    spawn = temporary._run_uvicorn_command
+
+    def spawn_in_own_session() -> subprocess.Popen:
+        popen = subprocess.Popen
+        subprocess.Popen = _own_session_popen()  # only for the one Popen call Prefect makes here
+        try:
+            return spawn()
+        finally:
+            subprocess.Popen = popen
+
+    temporary._run_uvicorn_command = spawn_in_own_session
+    temporary._epochwise_own_session = True
+
+
+def _own_session_popen() -> type:
+    import subprocess
+
+    class OwnSessionPopen(subprocess.Popen):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    return OwnSessionPopen
+
+
 class HideTemporaryServerBanner(logging.Filter):
     """Drops the lines Prefect logs each time the CLI boots or stops its ephemeral API server
     ("Starting temporary server on http://127.0.0.1:8xxx / See https://docs.prefect.io/..." and
@@ -220,6 +266,8 @@ def friendly_errors() -> Iterator[None]:
         if not str(exc).startswith(EPHEMERAL_TIMEOUT):
             raise
         fail_lines([ephemeral_timeout_message()])
+    except KeyboardInterrupt:  # the run cancelled its Together jobs and recorded its end (see before_flow_run)
+        fail_lines(["interrupted"], code=130)
 
 
 # What Prefect raises when its ephemeral API server does not answer in time (prefect.server.api.server).

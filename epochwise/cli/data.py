@@ -8,10 +8,10 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    before_flow_run,
     console,
     field_help,
     friendly_errors,
-    prefect_defaults,
     report_problems,
     settings,
 )
@@ -50,7 +50,7 @@ def prepare(
     result = read_records(records, cfg.max_line_bytes)
     if result.problems:
         report_problems(result.problems)
-    prefect_defaults()
+    before_flow_run()
     from flows.prepare_fold import prepare_fold
 
     with friendly_errors():

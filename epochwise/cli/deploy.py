@@ -19,10 +19,10 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    before_flow_run,
     console,
     fail_lines,
     field_help,
-    prefect_defaults,
     print_json,
     print_table,
     quiet_user_errors,
@@ -74,7 +74,7 @@ def deploy(
     """Deploy an epoch to a Together dedicated endpoint, wait until READY, smoke-test it."""
     cfg = settings(config, **{"deploy.hardware": hardware, "deploy.min_replicas": min_replicas,
                               "deploy.max_replicas": max_replicas, "deploy.inactive_timeout_min": inactive_timeout})
-    prefect_defaults()
+    before_flow_run()
     from flows.deploy_epoch import deploy_epoch
 
     with _deploy_errors():
@@ -153,7 +153,7 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
 
 
 def _reap(cfg: Settings, hours: float | None) -> None:
-    prefect_defaults()
+    before_flow_run()
     from flows.endpoint_reaper import endpoint_reaper
 
     with _deploy_errors():

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, prefect_defaults, settings
+from epochwise.cli.common import ConfigOption, before_flow_run, console, settings
 
 
 def evaluate(
@@ -45,7 +45,7 @@ def evaluate(
             "evaluate.budget_usd": budget_usd,
         },
     )
-    prefect_defaults()
+    before_flow_run()
     from epochwise.cli.deploy import _deploy_errors
     from flows.evaluate_epochs import evaluate_epochs
 

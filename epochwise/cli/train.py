@@ -16,6 +16,7 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    before_flow_run,
     console,
     fail_lines,
     field_help,
@@ -117,7 +118,7 @@ def train(
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
-    prefect_defaults()
+    before_flow_run()
     from flows.epoch_train import epoch_train
 
     with friendly_errors():

@@ -16,22 +16,13 @@ from together import Together
 from typer.testing import CliRunner
 
 from epochwise.cli import app
-from epochwise.config.deploy import DeployConfig
 from epochwise.config.train import TrainConfig
 from epochwise.together_api import epoch_suffix
 from flows.deploy_epoch import deploy_epoch
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.helpers import BASE, FAST, OUTAGE_S, make_fold, run_logs
-
-DEPLOY = DeployConfig(poll_s=0.001, ready_deadline_s=30)
-
-
-def train(fake: FakeTogether, root: Path, name: str, losses: dict[int, tuple[float, float]]) -> tuple[list, Path]:
-    """A real ``epoch-train`` run of ``len(losses)`` epochs with scripted (train, val) losses."""
-    fake.script.losses = losses
-    fold = make_fold(root, name, f"deploy-{name}")
-    return epoch_train(str(fold), TrainConfig(backend="together", base_model=BASE, epochs=len(losses)), FAST), fold
+from tests.helpers import BASE, DEPLOY, FAST, OUTAGE_S, make_fold, run_logs
+from tests.helpers import train_with_losses as train
 
 
 def sdk(fake: FakeTogether) -> Together:

@@ -21,7 +21,7 @@ from epochwise.fold import prepare
 from epochwise.records import read_records
 from flows.epoch_train import epoch_train
 from flows.evaluate_epochs import evaluate_epochs
-from tests.unit.test_local_data import EXAMPLES, REPO, test_local_config
+from tests.helpers import EXAMPLE_RECORDS, REPO, local_config
 
 HYPER = HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
 ROWS, BATCH = 4, 2  # rows scored per eval fold, rows per generate() batch (= per cached chunk)
@@ -45,11 +45,11 @@ def flaky(reply, target):
 def folds(tmp_path_factory):
     """Folds ``ga`` and ``gb`` (alternate example records, different split seeds) and 2 epochs trained on ``ga``."""
     root = tmp_path_factory.mktemp("evaluate")
-    records = read_records(EXAMPLES).records
+    records = read_records(EXAMPLE_RECORDS).records
     data = load_settings(REPO / "epochwise.yaml").data
     for name, part, seed in (("ga", records[0::2], 1), ("gb", records[1::2], 2)):
         prepare(part, root / "folds" / name, DataConfig(**{**data.model_dump(), "seed": seed, "val_ratio": 0.05}))
-    local = test_local_config(root)
+    local = local_config(root)
     train = TrainConfig(backend="local", epochs=2, local_model="tiny", hyper=HYPER)
     records = epoch_train(str(root / "folds" / "ga"), train=train, local=local)
     assert [r.epoch for r in records] == [1, 2]

@@ -15,8 +15,8 @@ from epochwise.endpoints_api import EndpointFailure
 from epochwise.evaluate import EvaluationError
 from flows.deploy_epoch import deploy_epoch
 from flows.evaluate_epochs import evaluate_epochs
-from tests.flows.test_deploy_epoch import DEPLOY, train
-from tests.flows.test_epoch_train_together import FAST, make_fold
+from tests.helpers import DEPLOY, FAST, make_fold
+from tests.helpers import train_with_losses as train
 
 NO_RETRY = FAST.model_copy(update={"max_retries": 0})  # a scripted 500 fails at once instead of after backoff
 CREATE_DEPLOYMENT = "POST /v2/projects/{project}/endpoints/{eid}/deployments"

@@ -49,7 +49,7 @@ def test_a_configured_together_api_tag_is_the_tag_the_flows_together_tasks_carry
 
     from epochwise.config import TrainConfig
     from flows.epoch_train import epoch_train
-    from tests.flows.test_epoch_train_together import BASE, FAST, make_fold
+    from tests.helpers import BASE, FAST, make_fold
 
     custom = "together-api-custom"
     fold = make_fold(tmp_path, "tagged", "custom-tag")
