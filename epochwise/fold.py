@@ -50,6 +50,7 @@ class PrepareSummary:
     train_written: int
     val_written: int
     skipped: list[Problem] = field(default_factory=list)
+    records_sha256: str = ""  # `records_sha256` of the input: the first link of a run report's lineage
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(p.reason for p in self.skipped).most_common())
@@ -120,4 +121,11 @@ def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfi
         train_written=len(split.train),
         val_written=len(split.val),
         skipped=skipped,
+        records_sha256=records_sha256(records),
     )
+
+
+def records_sha256(records: list[SourceRecord]) -> str:
+    """sha256 of the records' content, independent of file names and order (sorted per-record hashes)."""
+    digests = sorted(hashlib.sha256(orjson.dumps(r.data, option=orjson.OPT_SORT_KEYS)).digest() for r in records)
+    return hashlib.sha256(b"".join(digests)).hexdigest()

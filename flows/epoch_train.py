@@ -38,6 +38,7 @@ from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.together_api import BudgetExceeded, JobFailed
 from tasks.data import validate_files
 from tasks.harmony import convert_fold_to_harmony
+from tasks.report import publish_report
 from tasks.together import (
     EpochSpec,
     api_base,
@@ -66,6 +67,7 @@ def epoch_train(
     validate_files(jsonl)
     progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     records: list[EpochRecord] = []
+    uploads = None  # the Together files every epoch trains on, for the report's lineage
 
     if backend == "together":
         if "gpt-oss" in train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
@@ -73,6 +75,7 @@ def epoch_train(
             jsonl = [parquet["train"], parquet["val"]]
         train_file, val_file = (ensure_uploaded(path, together) for path in jsonl)
         hashes = (train_file.sha256, val_file.sha256)
+        uploads = [train_file, val_file]
     else:
         from tasks.local_train import train_local_epoch
 
@@ -87,6 +90,7 @@ def epoch_train(
             record = train_local_epoch(fold, epoch, train, local, parent)
         records.append(record)
         _publish_table(name, records)
+        publish_report(fold, records, train, together, uploads)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {record.train_loss} val loss {record.val_loss}")
         if val_stalled(records, train.stop_when_val_worsens):

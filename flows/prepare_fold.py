@@ -32,7 +32,7 @@ def prepare_fold(records: str, fold: str, data: DataConfig = DataConfig()) -> Pr
         key=artifact_key(Path(fold).name, "prepare"),
         table=[
             {"records read": summary.records_read, "train": summary.train_written, "val": summary.val_written,
-             "skipped": len(summary.skipped)}
+             "skipped": len(summary.skipped), "records sha256": summary.records_sha256}
         ]
         + [{"skipped because": reason, "records": n} for reason, n in summary.skipped_by_reason().items()],
         description=f"prepare-fold {records} -> {fold}",

@@ -106,6 +106,10 @@ def train(
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
     if problems:
         report_problems(problems)
+    from epochwise.cli.plan import show_plan
+
+    if show_plan(fold, cfg):  # `epochwise plan`: the dry run ends here, before anything is paid
+        return
     prefect_defaults()
     from flows.epoch_train import epoch_train
 
