@@ -247,11 +247,16 @@ def test_ui_draws_the_report_loss_curve(prefect_server: Prefect, games_run, site
     assert report["type"] == "markdown" and "](data:image/png;base64," in report["data"]
     assert (site["folds"] / "games" / "report" / "report.md").is_file()
     assert (site["folds"] / "games" / "report" / "loss.png").is_file()
-    page = f"{prefect_server.url}/artifacts/artifact/{report['id']}"
-    drawn = images(page, "data:image/png", tmp_path / "profile-report")
-    assert drawn and all(i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0 for i in drawn), drawn
+    # Both Prefect UIs: the default (Vue) one, and the React one under /v2, whose markdown renderer
+    # sanitizes URLs but lets data:image/ through for <img src>.
+    for ui in ("", "/v2"):
+        page = f"{prefect_server.url}{ui}/artifacts/artifact/{report['id']}"
+        profile = tmp_path / f"profile-report{ui.replace('/', '-')}"
+        drawn = images(page, "data:image/png", profile)
+        assert drawn and all(i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0 for i in drawn), (
+            page, drawn)
 
-    png = tmp_path / "report.png"
-    shot = chromium(f"--screenshot={png}", page, profile=tmp_path / "profile-report-shot")
-    assert shot.returncode == 0, shot.stderr[-2000:]
-    print(f"screenshot of {page}: {png} (images drawn: {drawn})")
+        png = tmp_path / f"report{ui.replace('/', '-')}.png"
+        shot = chromium(f"--screenshot={png}", page, profile=tmp_path / f"{profile.name}-shot")
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        print(f"screenshot of {page}: {png} (images drawn: {drawn})")
