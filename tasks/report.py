@@ -76,12 +76,21 @@ def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
         steps = data.get("step_losses") or []
         val = [(float(len(steps)), data["val_loss"])] if data.get("val_loss") is not None and steps else []
         return rp.EpochCurve([(float(i), loss) for i, loss in enumerate(steps, start=1)], val)
+    key = (together.credentials_block, record.job_id or "")
+    if key in _SEEN:  # a completed job's losses never change: one task run per job and process
+        return _SEEN[key]
     try:
         train, val = fetch_step_losses(record.job_id or "", together)
     except Exception as exc:  # a gap in the report, not a failed run: the epoch itself is done and paid
         log.warning(f"epoch {record.epoch}: per-step losses of {record.job_id} unavailable ({exc})")
         return rp.EpochCurve()
-    return rp.EpochCurve(train, val)
+    _SEEN[key] = rp.EpochCurve(train, val)
+    return _SEEN[key]
+
+
+# Per-step losses of completed Together jobs already read in this process (the report is redrawn after
+# every epoch; without this each redraw would run one cache-lookup task per earlier epoch).
+_SEEN: dict[tuple[str | None, str], rp.EpochCurve] = {}
 
 
 def steps_key(ctx, params: dict) -> str:
