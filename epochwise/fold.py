@@ -16,9 +16,9 @@ from pathlib import Path
 import orjson
 
 from epochwise.config.data import DataConfig
-from epochwise.io import atomic_write, gc_paused
+from epochwise.io import atomic_write, gc_paused, sha256_file
 from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import MappingError, SourceRecord, conversation_line
+from epochwise.records import MappingError, SourceRecord, conversation_line, record_files
 from epochwise.validate import message_problems
 
 TRAIN_FILE = "train.jsonl"
@@ -50,7 +50,6 @@ class PrepareSummary:
     train_written: int
     val_written: int
     skipped: list[Problem] = field(default_factory=list)
-    records_sha256: str = ""  # `records_sha256` of the input: the first link of a run report's lineage
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(p.reason for p in self.skipped).most_common())
@@ -121,11 +120,11 @@ def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfi
         train_written=len(split.train),
         val_written=len(split.val),
         skipped=skipped,
-        records_sha256=records_sha256(records),
     )
 
 
-def records_sha256(records: list[SourceRecord]) -> str:
-    """sha256 of the records' content, independent of file names and order (sorted per-record hashes)."""
-    digests = sorted(hashlib.sha256(orjson.dumps(r.data, option=orjson.OPT_SORT_KEYS)).digest() for r in records)
+def source_sha256(source: Path | str) -> str:
+    """sha256 of the record files' bytes under ``source`` (the files `read_records` reads), independent of
+    their names and order: the first link of a run report's lineage."""
+    digests = sorted(bytes.fromhex(sha256_file(path)) for path in record_files(Path(source)))
     return hashlib.sha256(b"".join(digests)).hexdigest()

@@ -74,3 +74,18 @@ def test_loss_png_and_data_uri_and_files(tmp_path):
     assert path == tmp_path / "games" / "report" / "report.md" and path.read_text() == "# report\n"
     assert (path.parent / "loss.png").read_bytes() == png
     assert sorted(p.name for p in path.parent.iterdir()) == ["loss.png", "report.md"]  # no temp files left
+
+
+def test_source_hash_depends_on_record_bytes_not_file_names(tmp_path):
+    from epochwise.fold import source_sha256
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "one.jsonl").write_text('{"x": 1}\n')
+    (a / "two.jsonl").write_text('{"x": 2}\n')
+    (b / "z.jsonl").write_text('{"x": 2}\n')
+    (b / "y.jsonl").write_text('{"x": 1}\n')
+    (b / "notes.txt").write_text("not a record file")
+    assert source_sha256(a) == source_sha256(b)
+    (b / "y.jsonl").write_text('{"x": 3}\n')
+    assert source_sha256(a) != source_sha256(b)
