@@ -16,9 +16,9 @@ from pathlib import Path
 import orjson
 
 from epochwise.config.data import DataConfig
-from epochwise.io import atomic_write, gc_paused
+from epochwise.io import atomic_write, gc_paused, sha256_file
 from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import MappingError, SourceRecord, conversation_line
+from epochwise.records import MappingError, SourceRecord, conversation_line, record_files
 from epochwise.validate import message_problems
 
 TRAIN_FILE = "train.jsonl"
@@ -121,3 +121,10 @@ def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfi
         val_written=len(split.val),
         skipped=skipped,
     )
+
+
+def source_sha256(source: Path | str) -> str:
+    """sha256 of the record files' bytes under ``source`` (the files `read_records` reads), independent of
+    their names and order: the first link of a run report's lineage."""
+    digests = sorted(bytes.fromhex(sha256_file(path)) for path in record_files(Path(source)))
+    return hashlib.sha256(b"".join(digests)).hexdigest()

@@ -599,3 +599,19 @@ def job_losses(client: Together, job_id: str) -> tuple[float | None, float | Non
 def cancel_job(client: Together, job_id: str) -> str:
     """Ask Together to cancel; completed steps are still billed. Returns the new status."""
     return str(client.fine_tuning.cancel(job_id).status)
+
+
+def job_step_losses(client: Together, job_id: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """``(train, validation)`` losses of one job as ``(step, loss)`` pairs, from ``list_metrics``."""
+    train: list[tuple[float, float]] = []
+    val: list[tuple[float, float]] = []
+    for row in client.fine_tuning.list_metrics(job_id).metrics or []:
+        step = row.get("train/global_step")
+        if step is None:
+            continue
+        if "train/loss" in row:
+            train.append((float(step), float(row["train/loss"])))
+        loss = next((row[k] for k in VAL_LOSS_KEYS if k in row), None)
+        if loss is not None:
+            val.append((float(step), float(loss)))
+    return train, val

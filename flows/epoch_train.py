@@ -41,6 +41,7 @@ from epochwise.together_api import BudgetExceeded, JobFailed
 from tasks.cancellation import cancel_jobs_on_interrupt, cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.harmony import convert_fold_to_harmony
+from tasks.report import publish_report
 from tasks.together import (
     EpochSpec,
     api_base,
@@ -72,6 +73,7 @@ def epoch_train(
     validate_files(jsonl, data.max_line_bytes)
     progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     records: list[EpochRecord] = []
+    uploads = None  # the Together files every epoch trains on, for the report's lineage
 
     if backend == "together":
         if "gpt-oss" in train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
@@ -79,6 +81,7 @@ def epoch_train(
             jsonl = [parquet["train"], parquet["val"]]
         train_file, val_file = (ensure_uploaded(path, together, ops) for path in jsonl)
         hashes = (train_file.sha256, val_file.sha256)
+        uploads = [train_file, val_file]
     else:
         from tasks.local_train import train_local_epoch
 
@@ -93,6 +96,7 @@ def epoch_train(
             record = train_local_epoch(fold, epoch, train, local, parent)
         records.append(record)
         publish_epochs(name, records)
+        publish_report(fold, records, train, together, uploads)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
         if val_stalled(records, train.stop_when_val_worsens):

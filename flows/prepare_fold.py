@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 
 from epochwise.artifacts import artifact_key
 from epochwise.config.data import DataConfig
-from epochwise.fold import PrepareSummary
+from epochwise.fold import PrepareSummary, source_sha256
 from tasks.data import build_fold, load_records
 
 
@@ -32,7 +32,7 @@ def prepare_fold(records: str, fold: str, data: DataConfig = DataConfig()) -> Pr
         key=artifact_key(Path(fold).name, "prepare"),
         table=[
             {"records read": summary.records_read, "train": summary.train_written, "val": summary.val_written,
-             "skipped": len(summary.skipped)}
+             "skipped": len(summary.skipped), "records sha256": source_sha256(records)}
         ]
         + [{"skipped because": reason, "records": n} for reason, n in summary.skipped_by_reason().items()],
         description=f"prepare-fold {records} -> {fold}",

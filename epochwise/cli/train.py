@@ -118,6 +118,10 @@ def train(
     problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
+    from epochwise.cli.plan import show_plan
+
+    if show_plan(fold, cfg):  # `epochwise plan`: the dry run ends here, before anything is paid
+        return
     before_flow_run()
     from flows.epoch_train import epoch_train
 

@@ -238,3 +238,26 @@ def test_nightly_folds_trains_every_fold(prefect_server: Prefect, games_run, wor
         assert child["parent_task_run_id"] is not None  # shown under the nightly run in the UI
     [chess_epochs, *_] = prefect_server.artifacts("chess-epochs")
     assert chess_epochs["flow_run_id"] == rows["chess"]["flow run id"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_ui_draws_the_report_loss_curve(prefect_server: Prefect, games_run, site, tmp_path: Path):
+    from tests.e2e.browser import images
+
+    [report, *_] = prefect_server.artifacts("games-report")
+    assert report["type"] == "markdown" and "](data:image/png;base64," in report["data"]
+    assert (site["folds"] / "games" / "report" / "report.md").is_file()
+    assert (site["folds"] / "games" / "report" / "loss.png").is_file()
+    # Both Prefect UIs: the default (Vue) one, and the React one under /v2, whose markdown renderer
+    # sanitizes URLs but lets data:image/ through for <img src>.
+    for ui in ("", "/v2"):
+        page = f"{prefect_server.url}{ui}/artifacts/artifact/{report['id']}"
+        profile = tmp_path / f"profile-report{ui.replace('/', '-')}"
+        drawn = images(page, "data:image/png", profile)
+        assert drawn and all(i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0 for i in drawn), (
+            page, drawn)
+
+        png = tmp_path / f"report{ui.replace('/', '-')}.png"
+        shot = chromium(f"--screenshot={png}", page, profile=tmp_path / f"{profile.name}-shot")
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        print(f"screenshot of {page}: {png} (images drawn: {drawn})")

@@ -1,0 +1,102 @@
+"""``epochwise plan FOLD [train flags]``: the dry run of ``epochwise train`` with the same flags.
+
+    epochwise plan folds/games --backend together --epochs 5 --budget 20
+    epochwise plan folds/games --backend local --model smollm2
+
+Validates the fold, counts its tokens (the model's own tokenizer where one is available offline, else an
+estimate, and says which) and prints per epoch the training and validation tokens, the price and the
+running total against ``--budget``; for parquet, billed vs real tokens (padding waste). Nothing is
+uploaded and nothing is created: with Together it only lists files, reads the model's limits and, when
+the fold's files are already uploaded, asks Together's ``estimate-price``. ``epochwise train`` prints
+the same plan before the flow's first paid call.
+
+``plan`` takes exactly the options of ``train`` (same declarations, same settings), by running the
+train command in dry-run mode.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from pathlib import Path
+
+from rich.table import Table
+
+from epochwise.cli import train as train_command
+from epochwise.cli.common import console, err_console, fail_lines, friendly_errors
+from epochwise.config import Settings
+
+_DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("epochwise_plan_dry_run", default=False)
+
+
+def plan(**params) -> None:
+    """Dry run of `train`: tokens and price per epoch against the budget; nothing uploaded or created."""
+    token = _DRY_RUN.set(True)
+    try:
+        train_command.train(**params)
+    finally:
+        _DRY_RUN.reset(token)
+
+
+# The same parameters (options, defaults, help) as `train`: typer reads them from this signature.
+plan.__signature__ = inspect.signature(train_command.train, eval_str=True)  # type: ignore[attr-defined]
+
+
+def show_plan(fold: Path, cfg: Settings) -> bool:
+    """Print the plan of training ``fold`` with ``cfg``; True when this is ``epochwise plan`` (stop here).
+
+    Under ``epochwise train`` a plan that cannot be computed is reported in one line and training goes
+    on (the flow checks files and prices again before paying); under ``plan`` it is the error.
+    """
+    dry = _DRY_RUN.get()
+    try:
+        with friendly_errors():
+            print_plan(compute_plan(fold, cfg))
+    except Exception as exc:
+        if dry or _is_exit(exc):
+            raise
+        err_console.print(f"plan unavailable ({type(exc).__name__}: {exc}); training goes on", markup=False)
+    return dry
+
+
+def _is_exit(exc: BaseException) -> bool:
+    import click
+
+    return isinstance(exc, click.exceptions.Exit)
+
+
+def compute_plan(fold: Path, cfg: Settings):
+    """The `epochwise.plan.Plan` for ``fold``: Together (read-only client when a key is configured) or local."""
+    from blocks.credentials import together_configured
+    from epochwise.plan import build_plan
+
+    block = cfg.together.credentials_block
+    backend = cfg.train.backend
+    if backend == "auto":
+        backend = "together" if together_configured(block) else "local"
+    client = None
+    if backend == "together":
+        from blocks.credentials import MissingCredentials, resolve_together
+        from epochwise import together_api as api
+
+        try:
+            client = api.make_client(resolve_together(block), cfg.together)
+        except MissingCredentials as exc:
+            fail_lines([f"error: {exc}"])
+    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client)
+
+
+def print_plan(found) -> None:
+    for line in found.summary_lines():
+        console.print(line, markup=False, soft_wrap=True)
+    for title, rows in ((f"{found.fold}: files", found.file_rows()), (f"{found.fold}: epochs", found.epoch_rows())):
+        table = Table(title=title)
+        for column in rows[0] if rows else []:
+            table.add_column(str(column))
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+
+
+def register(app) -> None:
+    app.command()(plan)
