@@ -96,7 +96,7 @@ def epoch_train(
             record = train_local_epoch(fold, epoch, train, local, parent)
         records.append(record)
         publish_epochs(name, records)
-        publish_report(fold, records, train, together, uploads)
+        publish_report(fold, records, train, together, uploads, ops)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
         if val_stalled(records, train.stop_when_val_worsens):

@@ -17,16 +17,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import Artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from blocks.credentials import resolve_together
+from blocks.credentials import together_client
 from epochwise import report as rp
 from epochwise import together_api as api
 from epochwise.artifacts import artifact_key
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.io import sha256_file
-from tasks.together import API_TAG
+from tasks.together import api_tagged
 
 
 @task(cache_policy=NO_CACHE)
@@ -36,6 +37,7 @@ def publish_report(
     train: TrainConfig,
     together: TogetherConfig,
     uploads: list | None = None,
+    ops: OpsConfig = OpsConfig(),
 ) -> str:
     """Write ``<fold>/report/{report.md,loss.png}`` and the ``<fold>-report`` artifact; returns the file path.
 
@@ -43,7 +45,7 @@ def publish_report(
     """
     log = get_run_logger()
     name = Path(fold).name
-    curves = {r.epoch: _curve(r, together, log) for r in records if r.status == "completed"}
+    curves = {r.epoch: _curve(r, together, ops, log) for r in records if r.status == "completed"}
     if uploads:
         files = [rp.FileLineage(u.filename, u.sha256, u.id) for u in uploads]
     else:
@@ -65,7 +67,7 @@ def publish_report(
     return str(path)
 
 
-def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
+def _curve(record: EpochRecord, together: TogetherConfig, ops: OpsConfig, log) -> rp.EpochCurve:
     if record.backend == "local":
         metrics = Path(record.model or "") / "metrics.json"
         try:
@@ -80,7 +82,7 @@ def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
     if key in _SEEN:  # a completed job's losses never change: one task run per job and process
         return _SEEN[key]
     try:
-        train, val = fetch_step_losses(record.job_id or "", together)
+        train, val = api_tagged(fetch_step_losses, ops)(record.job_id or "", together)
     except Exception as exc:  # a gap in the report, not a failed run: the epoch itself is done and paid
         log.warning(f"epoch {record.epoch}: per-step losses of {record.job_id} unavailable ({exc})")
         return rp.EpochCurve()
@@ -97,11 +99,10 @@ def steps_key(ctx, params: dict) -> str:
     return "together-steps-" + params["job_id"]
 
 
-@task(cache_key_fn=steps_key, persist_result=True, tags=[API_TAG])
+@task(cache_key_fn=steps_key, persist_result=True)  # tagged by the caller (api_tagged)
 def fetch_step_losses(job_id: str, together: TogetherConfig) -> tuple[list, list]:
     """A completed job's per-step (train, validation) losses; cached per job, since they never change."""
-    client = api.make_client(resolve_together(together.credentials_block), together)
-    return api.job_step_losses(client, job_id)
+    return api.job_step_losses(together_client(together), job_id)
 
 
 def _latest_rows(key: str) -> list[dict]:

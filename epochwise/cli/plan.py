@@ -76,11 +76,10 @@ def compute_plan(fold: Path, cfg: Settings):
         backend = "together" if together_configured(block) else "local"
     client = None
     if backend == "together":
-        from blocks.credentials import MissingCredentials, resolve_together
-        from epochwise import together_api as api
+        from blocks.credentials import MissingCredentials, together_client
 
         try:
-            client = api.make_client(resolve_together(block), cfg.together)
+            client = together_client(cfg.together)
         except MissingCredentials as exc:
             fail_lines([f"error: {exc}"])
     return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from epochwise.cli import app
 from epochwise.config import load_settings
 from flows.prepare_fold import prepare_fold
-from tests.conftest import EXAMPLE_RECORDS, REPO
 from tests.fake_together.server import FakeTogether
+from tests.helpers import EXAMPLE_RECORDS, REPO
 
 BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 

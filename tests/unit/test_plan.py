@@ -14,7 +14,7 @@ from epochwise.cli import app
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.train import TrainConfig
 from tests.fake_together.server import FakeTogether
-from tests.unit.test_local_data import example_fold, test_local_config
+from tests.helpers import example_fold, local_config
 
 LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 # Together's estimate-price is a POST that creates nothing; every other POST/PUT/PATCH/DELETE is a write.
@@ -157,7 +157,7 @@ def test_plan_of_the_local_tiny_model_counts_with_its_own_tokenizer(tmp_path):
     from epochwise.local.models import base_model_path
 
     fold = example_fold(tmp_path / "games")
-    local = test_local_config(tmp_path)
+    local = local_config(tmp_path)
     train = TrainConfig(backend="local", epochs=2, local_model="tiny")
     found = pl.build_plan(fold, "local", train, local, None)
 
