@@ -18,7 +18,7 @@ from epochwise.problems import InputError
 from flows.prepare_fold import prepare_fold
 
 REPO = Path(__file__).resolve().parents[2]
-GAMES_DATA = load_settings(REPO / "epochwise.yaml").data
+GAMES_DATA = load_settings(REPO / "epochwise.yaml", records_file=REPO / "examples/records/games/epochwise.yaml").data
 
 
 def test_flow_writes_fold_and_publishes_summary(tmp_path: Path, example_records: Path) -> None:
