@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_fold(target: Path) -> Path:
-    """The README's example fold, prepared with the project's epochwise.yaml mapping."""
+    """The README's example fold, prepared with the example records' own mapping and the project's split."""
     from epochwise.config import load_settings
     from epochwise.fold import prepare
     from epochwise.records import read_records
@@ -36,7 +36,7 @@ def make_fold(target: Path) -> Path:
     prepare(
         read_records(REPO / "examples" / "records" / "games").records,
         target,
-        load_settings(REPO / "epochwise.yaml").data,
+        load_settings(REPO / "epochwise.yaml", records_file=REPO / "examples/records/games/epochwise.yaml").data,
     )
     return target
 

@@ -19,13 +19,18 @@ from prefect.artifacts import create_table_artifact
 
 from epochwise.artifacts import artifact_key
 from epochwise.config.data import DataConfig
+from epochwise.config.presets import with_records_mapping
 from epochwise.fold import PrepareSummary, source_sha256
 from tasks.data import build_fold, load_records
 
 
 @flow(name="prepare-fold", log_prints=True, validate_parameters=True)
 def prepare_fold(records: str, fold: str, data: DataConfig = DataConfig()) -> PrepareSummary:
-    """Turn the JSON records under ``records`` into the fold directory ``fold``."""
+    """Turn the JSON records under ``records`` into the fold directory ``fold``.
+
+    Without a mapping in ``data``, the records' own ``epochwise.yaml`` (``data.mapping``) applies.
+    """
+    data = with_records_mapping(data, records)
     loaded = load_records(records, data.max_line_bytes)
     summary = build_fold(loaded, fold, data)
     create_table_artifact(

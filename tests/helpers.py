@@ -21,6 +21,8 @@ from epochwise.records import read_records
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
+# The example records carry their own mapping (data.mapping) beside them; the project file sets the split.
+EXAMPLE_MAPPING = EXAMPLE_RECORDS / "epochwise.yaml"
 
 # --- Together backend -----------------------------------------------------------------------------
 
@@ -107,7 +109,11 @@ HYPER = HyperParams(learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.1,
 
 def example_fold(target: Path) -> Path:
     """The README's example fold (games records -> train.jsonl + val.jsonl) under ``target``."""
-    prepare(read_records(EXAMPLE_RECORDS).records, target, load_settings(REPO / "epochwise.yaml").data)
+    prepare(
+        read_records(EXAMPLE_RECORDS).records,
+        target,
+        load_settings(REPO / "epochwise.yaml", records_file=EXAMPLE_MAPPING).data,
+    )
     return target
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import convert, data, deploy, evaluate, local, ops, plan, train
+from epochwise.cli import config, convert, data, deploy, evaluate, local, ops, plan, train
 
 app = typer.Typer(
     name="epochwise",
@@ -16,7 +16,7 @@ app = typer.Typer(
 
 app.command()(data.prepare)
 app.command()(data.validate)
-for module in (convert, train, plan, local, deploy, ops, evaluate):
+for module in (convert, train, plan, local, deploy, ops, evaluate, config):
     module.register(app)
 
 

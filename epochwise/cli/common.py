@@ -19,6 +19,7 @@ from epochwise.problems import InputError, Problem, UserError
 
 if TYPE_CHECKING:
     from epochwise.config import Settings
+    from epochwise.config.settings import Resolved
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -30,6 +31,13 @@ ConfigOption = typer.Option(
     help="YAML config file (default: $EPOCHWISE_CONFIG, else ./epochwise.yaml when present).",
     exists=True,
     dir_okay=False,
+)
+
+PresetOption = typer.Option(
+    None,
+    "--preset",
+    help="Preset to apply over the config file (repeat to compose, later wins): shipped quick_test or "
+    "cpu_debug, or NAME.yaml in presets/ beside the config file. Below EPOCHWISE_* and flags.",
 )
 
 
@@ -142,62 +150,125 @@ class HideTemporaryServerBanner(logging.Filter):
         return not str(record.msg).startswith(("Starting temporary server on", "Stopping temporary server on"))
 
 
-def settings(config: Path | None, **flags: Any) -> Settings:
-    """Load settings; ``flags`` maps dotted paths (``"data.seed"``) to CLI values, ``None`` meaning unset.
+def config_path(config: Path | None) -> Path | None:
+    """The config file in use: ``--config``, else ``$EPOCHWISE_CONFIG``, else ``./epochwise.yaml`` when present."""
+    if config is not None:
+        return config
+    env = os.environ.get("EPOCHWISE_CONFIG")
+    return Path(env) if env else (Path("epochwise.yaml") if Path("epochwise.yaml").is_file() else None)
 
-    A bad value is reported against whatever set it: the flag (``--epochs: ...``), the environment
-    variable (``EPOCHWISE_TRAIN__EPOCHS=0: ...``) or the YAML file and line (``epochwise.yaml:12: ...``).
-    """
-    if config is None:
-        env = os.environ.get("EPOCHWISE_CONFIG")
-        config = Path(env) if env else (Path("epochwise.yaml") if Path("epochwise.yaml").is_file() else None)
-    given = {dotted: value for dotted, value in flags.items() if value is not None}
+
+def nested(given: dict[str, Any]) -> dict[str, Any]:
+    """``{"data.seed": 1}`` -> ``{"data": {"seed": 1}}``."""
     overrides: dict[str, Any] = {}
-    for dotted, value in given.items():
+    for dotted_path, value in given.items():
         node = overrides
-        *parents, leaf = dotted.split(".")
+        *parents, leaf = dotted_path.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    return overrides
+
+
+def resolve_settings(
+    config: Path | None,
+    presets: list[str] | None = None,
+    records: Path | None = None,
+    flag_names: dict[str, str] | None = None,
+    **flags: Any,
+) -> Resolved:
+    """`settings`, keeping the layers each value came from (what ``epochwise config show`` prints).
+
+    ``flag_names`` spells the flag of a dotted path in messages when it is not the command's own
+    option (``config show --set``).
+    """
     import yaml
 
-    from epochwise.config import load_settings
+    from epochwise.config.presets import find_preset, records_config
+    from epochwise.config.settings import UnknownSettingError, read_layers, validate_layers
 
+    config = config_path(config)
+    given = {dotted_path: value for dotted_path, value in flags.items() if value is not None}
+    layers: list[Any] = []
     try:
-        return load_settings(config, overrides)
+        files = [find_preset(name, config) for name in presets or []]
+        records_file = records_config(records) if records is not None else None
+        layers = read_layers(config, nested(given), files, records_file, line_of=yaml_line)
+        resolved = validate_layers(layers)
+    except UnknownSettingError as exc:
+        fail_lines(exc.lines)
     except ValidationError as exc:
-        fail_lines([config_problem(error, config, given) for error in exc.errors()])
+        fail_lines([config_problem(error, layers, given, flag_names) for error in exc.errors()])
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{config}:{mark.line + 1}" if mark is not None else str(config)
+        name = getattr(mark, "name", None) or config
+        where = f"{name}:{mark.line + 1}" if mark is not None else str(name)
         fail_lines([f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}"])
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([str(exc)])
+    return resolved
+
+
+def settings(
+    config: Path | None, presets: list[str] | None = None, records: Path | None = None, **flags: Any
+) -> Settings:
+    """Load settings; ``flags`` maps dotted paths (``"data.seed"``) to CLI values, ``None`` meaning unset.
+
+    ``presets`` are preset names (``--preset``), applied in order over the config file; ``records`` is
+    ``prepare``'s input, whose directory's own ``epochwise.yaml`` supplies ``data.mapping`` below the
+    config file. A bad value is reported against whatever set it: the flag (``--epochs: ...``), the
+    environment variable (``EPOCHWISE_TRAIN__EPOCHS=0: ...``) or the YAML file or preset and line
+    (``epochwise.yaml:12: ...``); an unknown key names its source and the closest valid key.
+    """
+    return resolve_settings(config, presets, records, **flags).settings
 
 
 # Settings fields whose flag's parameter is not named like the field's last part.
 FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": "inactive_timeout"}
 
 
-def config_problem(error: Any, config: Path | None, flags: dict[str, Any]) -> str:
-    """One pydantic error as ``SOURCE: reason``, SOURCE being the flag, variable or file that set it."""
+def config_problem(
+    error: Any, layers: list[Any], flags: dict[str, Any], flag_names: dict[str, str] | None = None
+) -> str:
+    """One pydantic error as ``SOURCE: reason``, SOURCE being the flag, variable, file or preset that set it."""
+    from epochwise.config.settings import Resolved
+
     loc = [str(part) for part in error["loc"]]
     reason = error["msg"].removeprefix("Value error, ")  # a validator's own message reads best alone
     reason = reason[:1].lower() + reason[1:]
-    for depth in range(len(loc), 0, -1):
-        dotted = ".".join(loc[:depth])
-        if dotted in flags:
-            return f"{flag_name(dotted)}: {reason} (got {flags[dotted]!r})"
-    for depth in range(len(loc), 0, -1):
-        variable = "EPOCHWISE_" + "__".join(loc[:depth]).upper()
-        value = next((v for k, v in os.environ.items() if k.upper() == variable), None)
-        if value is not None:
-            return f"{variable}={value}: {reason}"
+    found = Resolved(None, layers).source(loc)  # type: ignore[arg-type]
     field = ".".join(loc)
-    if config is None:
+    if found is None:
         return f"settings: {field}: {reason}"
-    line = yaml_line(config, loc)
-    return f"{config}{'' if line is None else f':{line}'}: {field}: {reason}"
+    layer, path = found
+    if layer.kind == "flag":
+        dotted_path = ".".join(path)
+        name = (flag_names or {}).get(dotted_path) or flag_name(dotted_path)
+        return f"{name}: {reason} (got {flags.get(dotted_path)!r})"
+    if layer.kind == "env":
+        variable = ENV_PREFIX_ + "__".join(path).upper()
+        value = next((v for k, v in os.environ.items() if k.upper() == variable), None)
+        return f"{variable}={value}: {reason}"
+    line = yaml_line(layer.path, loc)
+    return f"{layer.name}{'' if line is None else f':{line}'}: {field}: {reason}"
+
+
+ENV_PREFIX_ = "EPOCHWISE_"
+
+
+def source_text(layer: Any, path: list[str], flag_names: dict[str, str] | None = None) -> str:
+    """Where a value came from, for ``config show``: ``epochwise.yaml:4``,
+    ``preset quick_test (.../quick_test.yaml:6)``, ``EPOCHWISE_TRAIN__EPOCHS``, ``--epochs``."""
+    if layer.kind == "flag":
+        dotted_path = ".".join(path)
+        return (flag_names or {}).get(dotted_path) or flag_name(dotted_path)
+    if layer.kind == "env":
+        return ENV_PREFIX_ + "__".join(path).upper()
+    line = yaml_line(layer.path, path)
+    where = f"{layer.name}{'' if line is None else f':{line}'}"
+    if layer.kind == "preset":
+        return f"preset {layer.label} ({where})"
+    return f"the records' {where}" if layer.kind == "records" else where
 
 
 def flag_name(dotted: str) -> str:

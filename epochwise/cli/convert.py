@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from epochwise.cli.common import ConfigOption, console, fail_lines, field_help, friendly_errors, settings
+from epochwise.cli.common import ConfigOption, PresetOption, console, fail_lines, field_help, friendly_errors, settings
 from epochwise.problems import InputError, Problem
 
 SHOWN_PROBLEMS = 50  # an overlong limit can hit every row; the first lines say enough
@@ -35,12 +35,14 @@ def convert(
     ),
     force: bool = typer.Option(False, "--force", help="Reconvert even when the outputs match the sources."),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Tokenize a fold into train_harmony.parquet / val_harmony.parquet with assistant-only labels."""
     if format != "harmony":
         raise typer.BadParameter(f"unknown format {format!r}; only 'harmony' is supported", param_hint="--format")
     loaded = settings(
         config,
+        preset,
         **{
             "harmony.reasoning_effort": reasoning_effort,
             "harmony.max_seq_length": max_seq_length,

@@ -8,6 +8,7 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    PresetOption,
     before_flow_run,
     console,
     field_help,
@@ -31,10 +32,17 @@ def prepare(
     assistant_field: str = typer.Option(None, "--assistant-field", help=field_help("data.mapping.assistant_field")),
     strict: bool = typer.Option(None, "--strict/--skip-bad-records", help=field_help("data.strict")),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
-    """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated."""
+    """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated.
+
+    The records' own ``epochwise.yaml`` (in RECORDS, or beside a single records file) supplies
+    ``data.mapping`` when present; the config file, presets, EPOCHWISE_* and flags override it.
+    """
     cfg = settings(
         config,
+        preset,
+        records,
         **{
             "data.val_ratio": val_ratio,
             "data.seed": seed,
@@ -73,11 +81,12 @@ def prepare(
 def validate(
     files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
     from epochwise.validate import validate_file
 
-    limit = settings(config).data.max_line_bytes
+    limit = settings(config, preset).data.max_line_bytes
     problems = [p for path in files for p in validate_file(path, max_line_bytes=limit)]
     if problems:
         report_problems(problems)

@@ -19,6 +19,7 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    PresetOption,
     before_flow_run,
     console,
     fail_lines,
@@ -70,10 +71,11 @@ def deploy(
     max_replicas: int = typer.Option(None, "--max-replicas", help=field_help("deploy.max_replicas")),
     inactive_timeout: int = typer.Option(None, "--inactive-timeout", help=field_help("deploy.inactive_timeout_min")),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Deploy an epoch to a Together dedicated endpoint, wait until READY, smoke-test it."""
-    cfg = settings(config, **{"deploy.hardware": hardware, "deploy.min_replicas": min_replicas,
-                              "deploy.max_replicas": max_replicas, "deploy.inactive_timeout_min": inactive_timeout})
+    cfg = settings(config, preset, **{"deploy.hardware": hardware, "deploy.min_replicas": min_replicas,
+                                      "deploy.max_replicas": max_replicas, "deploy.inactive_timeout_min": inactive_timeout})
     before_flow_run()
     from flows.deploy_epoch import deploy_epoch
 
@@ -102,9 +104,10 @@ def endpoints(
     older_than: str = typer.Option(None, "--older-than", help=field_help("deploy.reap_older_than_h", "Age for --reap, e.g. 6h, 90m, 2d (a bare number is hours).")),
     as_json: bool = typer.Option(False, "--json", help="Print the fold's endpoints as JSON (after --stop, if given)."),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Show a fold's endpoints, stop them (--stop), or stop every old epochwise endpoint (--reap)."""
-    cfg = settings(config)
+    cfg = settings(config, preset)
     if reap:
         if fold is not None or stop or as_json:
             fail_lines(["error: --reap covers every fold; use it without FOLD, --stop and --json"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, before_flow_run, console, settings
+from epochwise.cli.common import ConfigOption, PresetOption, before_flow_run, console, settings
 
 
 def evaluate(
@@ -33,10 +33,12 @@ def evaluate(
         None, "--budget", help="Together: stop before the estimated endpoint price exceeds USD."
     ),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Generate the reply to every eval fold's val.jsonl conversation with each epoch and score it."""
     cfg = settings(
         config,
+        preset,
         **{
             "evaluate.epochs": epochs,
             "evaluate.metrics": metrics or None,

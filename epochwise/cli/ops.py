@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, field_help, prefect_defaults, settings
+from epochwise.cli.common import (
+    ConfigOption,
+    PresetOption,
+    console,
+    err_console,
+    fail_lines,
+    field_help,
+    prefect_defaults,
+    settings,
+)
 
 deployments_app = typer.Typer(
     help="Prefect deployments, schedules, limits and crash detection for a real server + worker.",
@@ -33,6 +42,7 @@ def apply(
     ),
     prune: bool = typer.Option(False, "--prune", help="Delete epoch-train deployments of folds gone from disk."),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Create or update the work pool, limits, crash automation and one epoch-train deployment per fold.
 
@@ -40,6 +50,7 @@ def apply(
     """
     cfg = settings(
         config,
+        preset,
         **{
             "ops.cron": cron,
             "ops.timezone": timezone,

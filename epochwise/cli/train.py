@@ -16,6 +16,7 @@ import typer
 
 from epochwise.cli.common import (
     ConfigOption,
+    PresetOption,
     before_flow_run,
     console,
     fail_lines,
@@ -77,10 +78,12 @@ def train(
     ),
     wandb_project: str = typer.Option(None, "--wandb-project", help=field_help("train.wandb_project")),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Train a fold one epoch at a time (one Together job per epoch, or the local trainer)."""
     cfg = settings(
         config,
+        preset,
         **{
             "train.backend": backend,
             "train.epochs": epochs,
@@ -217,6 +220,7 @@ def status(
     sync: bool = typer.Option(False, "--sync", help="Also list this fold's jobs in Together's job list."),
     as_json: bool = typer.Option(False, "--json", help="Print the recorded epochs (and --sync's jobs) as JSON."),
     config: Path = ConfigOption,
+    preset: list[str] = PresetOption,
 ) -> None:
     """Epochs recorded by Prefect for a fold; --sync reconciles them with Together's job list."""
     _require_fold(fold)
@@ -237,7 +241,7 @@ def status(
     from epochwise import together_api as api
     from epochwise.credentials import MissingCredentials
 
-    cfg = settings(config).together
+    cfg = settings(config, preset).together
     try:
         client = together_client(cfg)
     except MissingCredentials as exc:
@@ -267,13 +271,13 @@ def status(
         console.print(f"running at Together: {', '.join(live)} (rerun `epochwise train {fold}` to re-attach)")
 
 
-def abort(fold: Path = FoldArgument, config: Path = ConfigOption) -> None:
+def abort(fold: Path = FoldArgument, config: Path = ConfigOption, preset: list[str] = PresetOption) -> None:
     """Cancel this fold's unfinished Together jobs (completed steps are still billed)."""
     from blocks.credentials import together_client
     from epochwise import together_api as api
     from epochwise.credentials import MissingCredentials
 
-    cfg = settings(config).together
+    cfg = settings(config, preset).together
     try:
         client = together_client(cfg)
     except MissingCredentials as exc:

@@ -1,9 +1,11 @@
 """One typed configuration for the CLI, the flows and the deployments.
 
-Sources, lowest to highest priority: defaults in code < YAML file (``--config``) < environment
-(``EPOCHWISE_<SECTION>__<FIELD>``, e.g. ``EPOCHWISE_DATA__SEED=7``) < CLI flags. Each concern has its own
-model (`DataConfig`, `TrainConfig`, ...) which the flows take as parameters, so a default lives in one
-place only.
+Sources, lowest to highest priority: defaults in code < a records directory's own ``epochwise.yaml``
+(its ``data.mapping``, for ``prepare``) < YAML file (``--config``) < presets (``--preset``, in order;
+`epochwise.config.presets`) < environment (``EPOCHWISE_<SECTION>__<FIELD>``, e.g. ``EPOCHWISE_DATA__SEED=7``)
+< CLI flags. An unknown key in any of them is an error naming it and the closest valid key. Each concern
+has its own model (`DataConfig`, `TrainConfig`, ...) which the flows take as parameters, so a default
+lives in one place only.
 """
 
 from __future__ import annotations

@@ -65,6 +65,12 @@ class LocalConfig(Section):
         "with other work). Set it for bitwise-identical reruns: the thread count changes summation order.",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="'auto' = cuda when available, else cpu.")
+    max_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Stop each epoch after this many optimizer steps (a quick pipeline check; unset = "
+        "the whole epoch). Part of the run key, so a cut run never passes for a full one.",
+    )
     checkpoint_every: int = Field(
         20, gt=0, description="Optimizer steps between mid-epoch checkpoints (a killed run resumes from the last)."
     )
@@ -110,4 +116,6 @@ class LocalConfig(Section):
             "lock_wait_s",
             "lock_lease_s",
         }
+        if self.max_steps is None:
+            skip.add("max_steps")  # unset keeps the run keys of runs made before the field existed
         return self.model_dump(mode="json", exclude=skip)

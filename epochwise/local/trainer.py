@@ -284,6 +284,9 @@ def _setup(
     accumulation = grad_accumulation(hyper, local)
     batches = list(micro_batches(blocks, local.micro_batch_size, tokenizer.pad_token_id, local.packing))
     total_steps = math.ceil(len(batches) / accumulation)
+    if local.max_steps is not None and local.max_steps < total_steps:
+        total_steps = local.max_steps
+        batches = batches[: total_steps * accumulation]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hyper, total_steps))
     return _Run(
         fold=fold, epoch=epoch, key=key, hyper=hyper, local=local, parent=parent, device=device, threads=threads,

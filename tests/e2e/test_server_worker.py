@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDS = REPO / "examples" / "records" / "games"
 UUID = re.compile(r"UUID: ([0-9a-f-]{36})")
 
-# The repository's epochwise.yaml (how the example records map to chats) plus fast offline training: the
-# local backend with a very small random-init model, one epoch.
+# The repository's epochwise.yaml (the split; the example records carry their own mapping) plus fast
+# offline training: the local backend with a very small random-init model, one epoch.
 FAST_LOCAL_TRAINING = {
     "train": {"backend": "local", "epochs": 1},
     "local": {

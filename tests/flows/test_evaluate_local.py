@@ -46,7 +46,7 @@ def folds(tmp_path_factory):
     """Folds ``ga`` and ``gb`` (alternate example records, different split seeds) and 2 epochs trained on ``ga``."""
     root = tmp_path_factory.mktemp("evaluate")
     records = read_records(EXAMPLE_RECORDS).records
-    data = load_settings(REPO / "epochwise.yaml").data
+    data = load_settings(REPO / "epochwise.yaml", records_file=EXAMPLE_RECORDS / "epochwise.yaml").data
     for name, part, seed in (("ga", records[0::2], 1), ("gb", records[1::2], 2)):
         prepare(part, root / "folds" / name, DataConfig(**{**data.model_dump(), "seed": seed, "val_ratio": 0.05}))
     local = local_config(root)

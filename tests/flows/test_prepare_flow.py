@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from epochwise.problems import InputError
 from flows.prepare_fold import prepare_fold
 
 REPO = Path(__file__).resolve().parents[2]
-GAMES_DATA = load_settings(REPO / "epochwise.yaml").data
+GAMES_MAPPING = REPO / "examples" / "records" / "games" / "epochwise.yaml"
+GAMES_DATA = load_settings(REPO / "epochwise.yaml", records_file=GAMES_MAPPING).data
 
 
 def test_flow_writes_fold_and_publishes_summary(tmp_path: Path, example_records: Path) -> None:
@@ -129,6 +131,7 @@ def run_log(fold: Path) -> list[str]:
 def test_cli_records_that_cannot_make_a_fold_print_only_the_reason(tmp_path: Path, prefect_harness: Path) -> None:
     src = tmp_path / "one.jsonl"
     src.write_text('{"story": "a", "context": "x"}\n', encoding="utf-8")
+    shutil.copy(GAMES_MAPPING, tmp_path / "epochwise.yaml")  # the games records' mapping, beside them
     fold = tmp_path / "fold"
     code, screen = epochwise(["prepare", str(src), "--fold", str(fold)], prefect_harness, REPO)
     assert code == 1
@@ -152,6 +155,7 @@ def test_cli_strict_with_an_unmappable_record_prints_only_the_reason(tmp_path: P
         '{"story": "a", "context": {"x": 1}}\n{"context": {"x": 2}}\n{"story": "c", "context": {"x": 3}}\n',
         encoding="utf-8",
     )
+    shutil.copy(GAMES_MAPPING, src / "epochwise.yaml")
     fold = tmp_path / "fold"
     code, screen = epochwise(["prepare", str(src), "--fold", str(fold), "--strict"], prefect_harness, REPO)
     assert code == 1

@@ -235,7 +235,8 @@ def test_one_record_cannot_make_a_validation_split(tmp_path: Path) -> None:
 def test_example_records_make_a_valid_fold(tmp_path: Path, example_records: Path) -> None:
     from epochwise.config import load_settings
 
-    cfg = load_settings(Path(__file__).resolve().parents[2] / "epochwise.yaml").data
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_settings(repo / "epochwise.yaml", records_file=example_records / "epochwise.yaml").data
     summary = prepare(read_records(example_records).records, tmp_path / "games", cfg)
     assert summary.skipped == []
     assert summary.train_written + summary.val_written == summary.records_read >= 300
