@@ -13,25 +13,21 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, PresetOption, before_flow_run, console, settings
+from epochwise.cli.common import ConfigOption, PresetOption, before_flow_run, console, field_help, settings
 
 
 def evaluate(
     fold: Path = typer.Argument(..., help="Fold whose epochs to evaluate (trained locally or on Together)."),
     on: list[str] = typer.Option(..., "--on", help="Eval folds: directories or globs such as 'folds/*' (repeatable)."),
-    epochs: str = typer.Option(None, "--epochs", help="all, best (lowest val loss) or a list such as 1,3 (default: all)."),
+    epochs: str = typer.Option(None, "--epochs", help=field_help("evaluate.epochs")),
     metrics: list[str] = typer.Option(
-        None,
-        "--metric",
-        "-m",
-        help="exact, contains, labels (accuracy/precision/recall/F1), json-field:NAME or module:function "
-        "(repeatable; the first ranks --epoch best-eval) (default: exact).",
+        None, "--metric", "-m", help=field_help("evaluate.metrics", "exact, contains, labels (accuracy/precision/"
+                                                "recall/F1), json-field:NAME or module:function (repeatable; the "
+                                                "first ranks --epoch best-eval).")
     ),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest generated reply (default: 256)."),
-    max_rows: int = typer.Option(None, "--max-rows", min=1, help="Score at most this many rows per eval fold."),
-    budget_usd: float = typer.Option(
-        None, "--budget", help="Together: stop before the estimated endpoint price exceeds USD."
-    ),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help=field_help("evaluate.max_new_tokens")),
+    max_rows: int = typer.Option(None, "--max-rows", min=1, help=field_help("evaluate.max_rows")),
+    budget_usd: float = typer.Option(None, "--budget", help=field_help("evaluate.budget_usd")),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:

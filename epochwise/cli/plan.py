@@ -19,12 +19,15 @@ from __future__ import annotations
 import contextvars
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from epochwise.cli import train as train_command
 from epochwise.cli.common import console, err_console, fail_lines, friendly_errors
-from epochwise.config import Settings
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 _DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("epochwise_plan_dry_run", default=False)
 

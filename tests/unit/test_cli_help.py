@@ -16,7 +16,8 @@ from epochwise.config import Settings
 
 TAG = re.compile(r"\((?:default: (?P<default>.*); )?(?P<path>[a-z_]+(?:\.[a-z_]+)+)\)$")
 # Options named like a config field that set something else (convert's output format is not data.mapping.format).
-NOT_CONFIG = {("convert", "format")}
+# Options named like a config field that are not one: `sample` generates for one prompt, not a setting.
+NOT_CONFIG = {("convert", "format"), ("sample", "max_new_tokens")}
 
 
 def commands() -> list[tuple[str, Any]]:
