@@ -27,8 +27,9 @@ ESTIMATE_BYTES_PER_TOKEN = 4
 DEFAULT_MAX_SEQ_LENGTH = 8192  # Together's SFT limit for most models when no --max-seq-length is given
 
 # USD per million tokens, supervised fine-tuning, by model size bracket (billions of parameters, upper
-# bound inclusive): (LoRA, full). Published on together.ai/pricing; rates change, so plans built from
-# this table say "estimate" and the flow asks Together's estimate-price before every paid epoch.
+# bound inclusive): (LoRA, full), as copied from https://together.ai/pricing (not re-checked since;
+# rates change), so plans built from this table say "estimate" and the flow asks Together's own
+# estimate-price before every paid epoch.
 SFT_RATES_PER_MTOK: tuple[tuple[float, float, float], ...] = (
     (16.0, 0.48, 0.54),
     (69.0, 1.50, 1.65),
