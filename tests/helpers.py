@@ -15,7 +15,7 @@ from epochwise.config.data import RecordMapping
 from epochwise.config.local import LocalConfig, TinyModel
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams
-from epochwise.fold import prepare
+from epochwise.prepare import prepare
 from epochwise.records import read_records
 
 REPO = Path(__file__).resolve().parent.parent
