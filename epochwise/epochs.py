@@ -1,11 +1,13 @@
-"""The per-epoch record both backends produce, and the fold's epoch table built from those records."""
+"""The epochs of a fold: the per-epoch record both backends produce, the ``<fold>-epochs`` table built
+from those records and read back into them, and the choice of one epoch (``best`` or ``N``) for deploy,
+export, sample and ``deploy-info``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,6 +44,35 @@ def best_epoch(records: list[EpochRecord]) -> EpochRecord | None:
     return max(done, key=lambda r: r.epoch, default=None)
 
 
+class EpochChoiceError(ValueError):
+    """``best`` / ``N`` names no usable epoch. ``missing`` is the epoch number asked for when it was not
+    among ``known`` (the epochs there are), so a caller can word that case for its own source."""
+
+    def __init__(self, message: str, missing: int | None = None, known: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing, self.known = missing, known
+
+
+def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
+    """``best`` (lowest validation loss, `best_epoch`) or epoch ``N``; the chosen epoch must be completed."""
+    if str(which).lower() == "best":
+        chosen = best_epoch(records)
+        if chosen is None:
+            raise EpochChoiceError("no completed epoch to deploy yet: run `epochwise train` first")
+        return chosen
+    if not str(which).isdigit():
+        raise EpochChoiceError(f"epoch must be 'best' or a number, not {which!r}")
+    number = int(which)
+    chosen = next((r for r in records if r.epoch == number), None)
+    if chosen is None:
+        known = tuple(sorted(r.epoch for r in records))
+        shown = ", ".join(map(str, known)) or "none"
+        raise EpochChoiceError(f"epoch {number} was not trained (epochs: {shown})", missing=number, known=known)
+    if chosen.status != "completed":
+        raise EpochChoiceError(f"epoch {number} is {chosen.status}, not completed")
+    return chosen
+
+
 def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
     """Rows for the ``<fold>-epochs`` table artifact and the CLI, one per epoch in order."""
     best = best_epoch(records)
@@ -61,6 +92,28 @@ def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecord]:
+    """Epoch records back from the rows of `epoch_table` (the ``<fold>-epochs`` artifact): a row with a
+    job is a Together epoch, one without is local."""
+    records = []
+    for row in rows:
+        loss = str(row.get("val loss") or "").strip()
+        train = str(row.get("train loss") or "").strip()
+        records.append(
+            EpochRecord(
+                fold=fold,
+                epoch=int(row["epoch"]),
+                backend="together" if row.get("job") else "local",
+                status=str(row.get("status") or "completed"),
+                job_id=row.get("job") or None,
+                model=row.get("model") or None,
+                val_loss=float(loss) if loss else None,
+                train_loss=float(train) if train else None,
+            )
+        )
+    return records
 
 
 def _fmt(value: float | None) -> str:

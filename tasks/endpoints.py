@@ -1,4 +1,4 @@
-"""Prefect tasks for dedicated endpoints: pick the epoch, deploy, wait, smoke-test, stop, reap.
+"""Prefect tasks for dedicated endpoints: pick the epoch (`epochwise.epochs.choose_epoch`), deploy, wait, smoke-test, stop, reap.
 
 Thin wrappers over `epochwise.endpoints_api`. What keeps the bill under control:
 
@@ -40,7 +40,8 @@ from epochwise import together_api
 from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.epochs import EpochRecord
+from epochwise.epochs import EpochRecord, choose_epoch, records_from_table
+from epochwise.fold import Fold
 from epochwise.io import atomic_dir
 from tasks.locks import exclusive_lock
 
@@ -64,11 +65,11 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     """The epochs of ``fold`` (its directory): the latest ``<fold>-epochs`` artifact of ``epoch-train``;
     without one (a new Prefect database), the local epochs on disk, else Together's own job list for
     the fold with losses from each job's metrics."""
-    name = Path(fold).name
+    name = Fold.of(fold).name
     artifact = Artifact.get(artifact_key(name, "epochs"))
     if artifact is not None and artifact.data:
         rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-        return ea.records_from_table(name, rows)
+        return records_from_table(name, rows)
     log = get_run_logger()
     if (Path(fold) / "local").is_dir():
         from epochwise.local.export import find_epochs
@@ -94,8 +95,8 @@ def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: Togeth
     """The epoch to deploy: ``best``/``N`` from the fold's records, or the given job (its epoch from its
     ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
     if job_id is None:
-        return ea.choose_epoch(read_epoch_records(fold, together), epoch)
-    name = Path(fold).name
+        return choose_epoch(read_epoch_records(fold, together), epoch)
+    name = Fold.of(fold).name
     client = together_api.make_client(resolve_together(together.credentials_block), together)
     job = together_api.get_job(client, job_id)
     number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(name, job.suffix)

@@ -37,11 +37,12 @@ def parse_age(text: str) -> float:
 def _deploy_errors() -> Iterator[None]:
     """Expected failures (missing key, refused deploy, failed smoke test) as one line and exit code 1."""
     from epochwise.endpoints_api import EndpointFailure
+    from epochwise.epochs import EpochChoiceError
 
     try:
         with quiet_user_errors():
             yield
-    except (EndpointFailure, MissingCredentials) as exc:
+    except (EndpointFailure, EpochChoiceError, MissingCredentials) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:
         fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])

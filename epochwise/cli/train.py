@@ -253,17 +253,18 @@ def deploy_info(
     rows = [r for r in recorded_epochs(fold) if r.get("status") == "completed"]
     if not rows:
         fail_lines([f"{fold.name}: no completed epochs recorded (run `epochwise train {fold}` first)"])
-    if epoch == "best":
-        chosen = next((r for r in rows if r.get("best")), rows[-1])
-    else:
-        chosen = next((r for r in rows if str(r.get("epoch")) == epoch), None)
-        if chosen is None:
-            fail_lines(
-                [
-                    f"{fold.name}: epoch {epoch} is not among the completed epochs "
-                    f"{', '.join(str(r['epoch']) for r in rows)}"
-                ]
-            )
+    from epochwise.epochs import EpochChoiceError, choose_epoch, records_from_table
+
+    try:
+        number = choose_epoch(records_from_table(fold.name, rows), epoch).epoch
+    except EpochChoiceError:
+        fail_lines(
+            [
+                f"{fold.name}: epoch {epoch} is not among the completed epochs "
+                f"{', '.join(str(r['epoch']) for r in rows)}"
+            ]
+        )
+    chosen = next(r for r in rows if int(r["epoch"]) == number)
     if as_json:
         console.print_json(json.dumps({"fold": fold.name, **chosen}))
         return
