@@ -89,7 +89,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         model,
         LoraConfig(
             r=hyper.lora_r,
-            lora_alpha=2 * hyper.lora_r,
+            lora_alpha=hyper.effective_lora_alpha,
             lora_dropout=0.0,
             target_modules="all-linear",
             task_type="CAUSAL_LM",

@@ -1,20 +1,47 @@
-"""Credentials blocks and the one place that resolves them (a saved block, else the environment).
+"""Credentials blocks, and the one place that resolves them (a saved block, else the environment).
 
 Keys are ``SecretStr`` so they print as ``**********`` in logs, reprs and the Prefect UI. They are
 resolved inside the tasks that call the APIs and are never flow parameters, task results or artifacts.
+A block resolves into the plain `TogetherAccess` / `WandbAccess` of `epochwise.credentials`, which is
+all the core ever sees.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from epochwise.problems import UserError
+from epochwise.credentials import (
+    DEFAULT_BASE_URL,
+    MissingCredentials,
+    TogetherAccess,
+    WandbAccess,
+    env_base_url,
+    normalise_base,
+    together_configured,
+    together_from_env,
+    wandb_from_env,
+)
 
-DEFAULT_BASE_URL = "https://api.together.ai"
+if TYPE_CHECKING:
+    from together import Together
+
+    from epochwise.config.together import TogetherConfig
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "MissingCredentials",
+    "TogetherAccess",
+    "TogetherCredentials",
+    "WandbAccess",
+    "WandbCredentials",
+    "resolve_together",
+    "resolve_wandb",
+    "together_client",
+    "together_configured",
+]
 
 
 class TogetherCredentials(Block):
@@ -43,56 +70,24 @@ class WandbCredentials(Block):
     entity: str | None = Field(None, description="W&B entity (team or user).")
 
 
-@dataclass(frozen=True)
-class TogetherAccess:
-    """A resolved Together key and API base; ``repr`` never shows the key."""
-
-    api_key: SecretStr
-    base_url: str
-    project_id: str | None = None
-
-
-class MissingCredentials(UserError, RuntimeError):
-    """No key in a block or the environment."""
-
-
-def _normalise_base(url: str) -> str:
-    # together 3.x paths carry their own /v1 (its default base is https://api.together.ai); a base ending
-    # in /v1 would call /v1/v1/...
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 def resolve_together(block: str | None = None) -> TogetherAccess:
     """The Together key and API base: from the named block, else TOGETHER_API_KEY / TOGETHER_BASE_URL."""
-    if block:
-        creds = TogetherCredentials.load(block)
-        base = creds.base_url or os.environ.get("TOGETHER_BASE_URL") or DEFAULT_BASE_URL
-        return TogetherAccess(creds.api_key, _normalise_base(base), creds.project_id)
-    key = os.environ.get("TOGETHER_API_KEY")
-    if not key:
-        raise MissingCredentials(
-            "no Together API key: export TOGETHER_API_KEY or save a TogetherCredentials block "
-            "and set together.credentials_block"
-        )
-    base = os.environ.get("TOGETHER_BASE_URL") or DEFAULT_BASE_URL
-    return TogetherAccess(SecretStr(key), _normalise_base(base), os.environ.get("TOGETHER_PROJECT_ID"))
+    if not block:
+        return together_from_env()
+    creds = TogetherCredentials.load(block)
+    return TogetherAccess(creds.api_key, normalise_base(creds.base_url or env_base_url()), creds.project_id)
 
 
-def together_configured(block: str | None = None) -> bool:
-    """Whether a Together key is available (what ``backend="auto"`` decides on)."""
-    if block:
-        return True
-    return bool(os.environ.get("TOGETHER_API_KEY"))
-
-
-def resolve_wandb(block: str | None = None) -> WandbCredentials | None:
+def resolve_wandb(block: str | None = None) -> WandbAccess | None:
     """The W&B key from the named block, else WANDB_API_KEY, else None (W&B forwarding is off)."""
-    if block:
-        return WandbCredentials.load(block)
-    key = os.environ.get("WANDB_API_KEY")
-    if not key:
-        return None
-    return WandbCredentials(
-        api_key=SecretStr(key), base_url=os.environ.get("WANDB_BASE_URL"), entity=os.environ.get("WANDB_ENTITY")
-    )
+    if not block:
+        return wandb_from_env()
+    creds = WandbCredentials.load(block)
+    return WandbAccess(creds.api_key, creds.base_url, creds.entity)
+
+
+def together_client(cfg: TogetherConfig) -> Together:
+    """The one way to get a Together client: ``cfg``'s credentials (block or environment), retries, timeout."""
+    from epochwise.together_api import make_client
+
+    return make_client(resolve_together(cfg.credentials_block), cfg)

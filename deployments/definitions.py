@@ -14,6 +14,7 @@ installed ``epochwise`` distribution (a virtual environment or the docker image)
 | ``nightly-folds/nightly``    | ``folds_root``                  | nightly cron, active for ``nightly-folds`` |
 | ``prepare-fold/any``         | ``records``, ``fold``           | none                                   |
 | ``deploy-epoch/any-fold``    | pass ``--param fold=...``       | none                                   |
+| ``evaluate-epochs/any-fold`` | ``--param fold=... --param on=[...]`` | none                             |
 | ``endpoint-reaper/hourly``   | the reaper's defaults           | hourly, active when Together credentials are configured (unless ``none``) |
 | ``job-reaper/frequent``      | the reaper's defaults           | every 5 minutes, active like ``endpoint-reaper/hourly`` |
 
@@ -40,6 +41,7 @@ from epochwise.names import ANY_FOLD, NIGHTLY, SCHEDULE_SLUG, TAG
 from flows.deploy_epoch import deploy_epoch
 from flows.endpoint_reaper import endpoint_reaper
 from flows.epoch_train import epoch_train
+from flows.evaluate_epochs import evaluate_epochs
 from flows.job_reaper import job_reaper
 from flows.nightly_folds import nightly_folds
 from flows.prepare_fold import prepare_fold
@@ -140,6 +142,14 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
             deploy_epoch,
             ANY_FOLD,
             "Deploy an epoch of a fold: --param fold=/path/to/fold",
+            tags=[TAG],
+        )
+    )
+    plan.deployments.append(
+        deployment(
+            evaluate_epochs,
+            ANY_FOLD,
+            "Score a fold's epochs on held-out folds: --param fold=/path/to/fold --param 'on=[\"/path/to/folds/*\"]'",
             tags=[TAG],
         )
     )

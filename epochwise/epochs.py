@@ -1,6 +1,7 @@
-"""The epochs of a fold: the per-epoch record both backends produce, the ``<fold>-epochs`` table built
-from those records and read back into them, and the choice of one epoch (``best`` or ``N``) for deploy,
-export, sample and ``deploy-info``."""
+"""The epochs of a fold: the per-epoch record both backends produce, the fold's epoch table built from
+those records and back, the ``<fold>-epochs`` artifact that holds the table (`publish_epochs` /
+`read_epochs`; Prefect is imported only inside those two), and the choice of one epoch (`choose_epoch`:
+``best`` or ``N``) for deploy, export, sample and ``deploy-info``."""
 
 from __future__ import annotations
 
@@ -94,9 +95,12 @@ def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
     return rows
 
 
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecord]:
-    """Epoch records back from the rows of `epoch_table` (the ``<fold>-epochs`` artifact): a row with a
-    job is a Together epoch, one without is local."""
+    """Epoch records back from `epoch_table` rows: a row with a job is a Together epoch, one without is local."""
     records = []
     for row in rows:
         loss = str(row.get("val loss") or "").strip()
@@ -116,8 +120,27 @@ def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecor
     return records
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def publish_epochs(fold: str, records: list[EpochRecord]) -> None:
+    """Publish ``records`` as the fold's ``<fold>-epochs`` table artifact (a new version of the key)."""
+    from prefect.artifacts import create_table_artifact
+
+    from epochwise.artifacts import artifact_key
+
+    create_table_artifact(
+        epoch_table(records), key=artifact_key(fold, "epochs"), description=f"{fold}: one row per epoch"
+    )
+
+
+def read_epochs(fold: str) -> list[dict[str, Any]]:
+    """The rows of the fold's latest ``<fold>-epochs`` artifact (what the last run recorded), or [].
+
+    Without ``PREFECT_API_URL`` this is one read of Prefect's database, no server started
+    (`epochwise.artifacts.latest_artifact_data`).
+    """
+    from epochwise.artifacts import artifact_key, latest_artifact_data
+
+    data = latest_artifact_data(artifact_key(fold, "epochs"))
+    return list(data) if data else []
 
 
 def epoch_key(fold_hashes: list[str], base_model: str, epoch: int, hyper: dict[str, object], parent: str | None) -> str:

@@ -425,11 +425,18 @@ def harmony_paths(fold_dir: Path | str) -> dict[str, Path]:
     return {"train": out / TRAIN_PARQUET, "val": out / VAL_PARQUET, "manifest": out / MANIFEST}
 
 
-def convert_fold(fold_dir: Path | str, config: HarmonyConfig, *, force: bool = False) -> HarmonySummary:
+def convert_fold(
+    fold_dir: Path | str,
+    config: HarmonyConfig,
+    *,
+    force: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> HarmonySummary:
     """Convert ``<fold>/train.jsonl`` (and ``val.jsonl`` when present) to Harmony parquet, or reuse it.
 
     Raises `InputError` listing every bad or overlong row (with ``overlong='error'``) before anything is
-    replaced; ``force`` reconverts even when the manifest's key matches.
+    replaced; ``force`` reconverts even when the manifest's key matches. A line over ``max_line_bytes``
+    (``data.max_line_bytes``) is such a row.
     """
     fold_dir = Path(fold_dir)
     sources = {name: fold_dir / file for name, file in SOURCES.items()}
@@ -447,7 +454,7 @@ def convert_fold(fold_dir: Path | str, config: HarmonyConfig, *, force: bool = F
         reused = _reuse(fold_dir, key, paths)
         if reused is not None:
             return reused
-    summary = _convert(fold_dir, sources, key, config, paths)
+    summary = _convert(fold_dir, sources, key, config, paths, max_line_bytes)
     if "val" not in sources:
         paths["val"].unlink(missing_ok=True)  # a val parquet from an earlier fold layout would be stale
     manifest = {
@@ -499,7 +506,12 @@ def _here(stats: SplitStats, output: Path) -> SplitStats:
 
 
 def _convert(
-    fold_dir: Path, sources: dict[str, Path], key: str, config: HarmonyConfig, paths: dict[str, Path]
+    fold_dir: Path,
+    sources: dict[str, Path],
+    key: str,
+    config: HarmonyConfig,
+    paths: dict[str, Path],
+    max_line_bytes: int,
 ) -> HarmonySummary:
     vocab_dir = str(ensure_vocab_dir(config.vocab_dir))
     load_encoding(vocab_dir)  # fail on a bad vocab before any worker starts
@@ -518,7 +530,7 @@ def _convert(
             split_stats = SplitStats(source=shown, output=str(paths[split].resolve()))
             stats[split] = split_stats
             with pq.ParquetWriter(handle, SCHEMA) as writer:
-                for converted in render(_chunks(sources[split], shown, problems)):
+                for converted in render(_chunks(sources[split], shown, problems, max_line_bytes)):
                     batch = _accept(converted, shown, config, split_stats, problems)
                     if batch is not None and not problems:
                         writer.write_batch(batch)
@@ -558,11 +570,11 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
 
-def _chunks(path: Path, shown: str, problems: list[Problem]) -> Iterator[list[tuple[int, bytes]]]:
+def _chunks(path: Path, shown: str, problems: list[Problem], max_line_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
     """Non-blank lines of ``path`` in chunks of `CHUNK_ROWS`; over-long lines become problems."""
     chunk: list[tuple[int, bytes]] = []
     with open(path, "rb") as handle:
-        for number, raw in jsonl_lines(handle, shown, problems, DEFAULT_MAX_LINE_BYTES):
+        for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
             chunk.append((number, raw))
             if len(chunk) == CHUNK_ROWS:
                 yield chunk

@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from epochwise.config.data import MAX_LINE_BYTES as DEFAULT_MAX_LINE_BYTES  # the one default: data.max_line_bytes
 from epochwise.problems import Problem
 
-# A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
-# Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded.
-DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 _CHUNK = 1 << 20  # 1 MiB
 
 

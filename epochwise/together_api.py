@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from together import APIConnectionError, APIStatusError, NotFoundError, Together
 
-from blocks.credentials import TogetherAccess, WandbCredentials
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams
+from epochwise.credentials import TogetherAccess, WandbAccess
 from epochwise.fold import fold_slug
 
 # Terminal job states (the status literal of together's types/finetune_response.py); jobs in the last three never count as "existing".
@@ -387,7 +387,7 @@ class EpochRequest:
     parent_job: str | None
     suffix: str
     hyper: HyperParams
-    wandb: WandbCredentials | None = None
+    wandb: WandbAccess | None = None
     wandb_project: str | None = None
     wandb_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -415,7 +415,7 @@ class EpochRequest:
         if h.lora:
             kwargs.update(
                 lora_r=h.lora_r,
-                lora_alpha=h.lora_alpha or 2 * h.lora_r,
+                lora_alpha=h.effective_lora_alpha,
                 lora_dropout=h.lora_dropout,
                 lora_trainable_modules=h.lora_trainable_modules,
             )

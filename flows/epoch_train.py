@@ -26,15 +26,17 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
-from epochwise.epochs import EpochRecord, val_stalled
+from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
-from tasks.methods import TrainContext, publish_table, training_method
+from tasks.methods import TrainContext, training_method
 from tasks.together import resolve_backend
 
 
@@ -45,12 +47,14 @@ def epoch_train(
     together: TogetherConfig = TogetherConfig(),
     local: LocalConfig = LocalConfig(),
     harmony: HarmonyConfig = HarmonyConfig(),
+    ops: OpsConfig = OpsConfig(),
+    data: DataConfig = DataConfig(),
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
-    ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony)
+    ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
     name = ctx.fold.name
     method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
-    validate_files(ctx.fold.jsonl)
+    validate_files(ctx.fold.jsonl, data.max_line_bytes)
     progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
     method.prepare(ctx)
     records = ctx.records
@@ -60,10 +64,14 @@ def epoch_train(
         if record is None:
             break
         records.append(record)
-        publish_table(ctx.fold, records)
+        publish_epochs(name, records)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
-        print(f"{name} epoch {epoch}: {record.model} train loss {record.train_loss} val loss {record.val_loss}")
+        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
         if val_stalled(records, train.stop_when_val_worsens):
             print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
             break
     return records
+
+
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -33,7 +33,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging.loggers import flow_run_logger
 
-from blocks.credentials import resolve_together
+from blocks.credentials import together_client
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
@@ -65,10 +65,6 @@ def record_job_owner(job_id: str, log: logging.Logger | logging.LoggerAdapter) -
                 prefect.update_flow_run(run.id, tags=[*run.tags, tag])
     except Exception as exc:  # the job must not be lost over a tag: the flow process still knows it
         log.warning(f"could not tag flow run {run_id} with {tag} ({exc}); job-reaper cannot see this job")
-
-
-def _together(together: TogetherConfig):
-    return api.make_client(resolve_together(together.credentials_block), together)
 
 
 def _cancel_live(client: Any, job_ids: list[str], why: str, log: Any) -> list[str]:
@@ -105,7 +101,7 @@ def cancel_owned_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     with get_client(sync_client=True) as prefect:
         job_ids = tagged_jobs(prefect.read_flow_run(flow_run.id).tags)
         if job_ids:
-            cancel_jobs_of_cancelled_runs(prefect, _together(together), job_ids, log)
+            cancel_jobs_of_cancelled_runs(prefect, together_client(together), job_ids, log)
 
 
 @contextlib.contextmanager
@@ -115,7 +111,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        _cancel_live(_together(together), _OWNED.get(run_id or "", []), "interrupted (Ctrl-C)", get_run_logger())
+        _cancel_live(together_client(together), _OWNED.get(run_id or "", []), "interrupted (Ctrl-C)", get_run_logger())
         raise
     except TerminationSignal:
         # A worker's SIGTERM comes right after the run went Cancelling; any other SIGTERM (a shutdown, a
@@ -123,7 +119,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
         log = get_run_logger()
         try:
             with get_client(sync_client=True) as prefect:
-                cancel_jobs_of_cancelled_runs(prefect, _together(together), _OWNED.get(run_id or "", []), log)
+                cancel_jobs_of_cancelled_runs(prefect, together_client(together), _OWNED.get(run_id or "", []), log)
         except Exception as exc:
             log.error(f"could not check whether this run was cancelled ({exc}); job-reaper will")
         raise
@@ -132,7 +128,7 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
 @task(cache_policy=NO_CACHE, tags=[OpsConfig().together_api_tag])
 def reap_cancelled_jobs(together: TogetherConfig) -> list[str]:
     """Cancel every live epochwise job at Together whose newest owning flow run was cancelled."""
-    client = _together(together)
+    client = together_client(together)
     live = [j.id for j in api.list_jobs(client) if j.status not in api.TERMINAL and (j.suffix or "").startswith("ew-")]
     with get_client(sync_client=True) as prefect:
         return cancel_jobs_of_cancelled_runs(prefect, client, live, get_run_logger())

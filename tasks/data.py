@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from epochwise.config.data import DataConfig
+from epochwise.config.data import MAX_LINE_BYTES, DataConfig
 from epochwise.prepare import PrepareSummary, prepare
 from epochwise.problems import InputError, Problem
 from epochwise.records import SourceRecord, read_records
@@ -35,9 +35,9 @@ def build_fold(records: list[SourceRecord], fold: str, config: DataConfig) -> Pr
 
 
 @task(cache_policy=NO_CACHE)
-def validate_files(paths: list[str]) -> list[Problem]:
+def validate_files(paths: list[str], max_line_bytes: int = MAX_LINE_BYTES) -> list[Problem]:
     """Validate fine-tuning JSONL files with Together's rules; raises when any problem is found."""
-    problems = [p for path in paths for p in validate_file(path)]
+    problems = [p for path in paths for p in validate_file(path, max_line_bytes=max_line_bytes)]
     if problems:
         raise InputError(problems)
     return problems

@@ -20,35 +20,33 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
 from prefect.variables import Variable
 from together import APIError, NotFoundError, Together
 
-from blocks.credentials import resolve_together
+from blocks.credentials import together_client
 from epochwise import endpoints_api as ea
 from epochwise import together_api
 from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.epochs import EpochRecord, choose_epoch, records_from_table
+from epochwise.epochs import EpochRecord, choose_epoch, read_epochs, records_from_table
 from epochwise.fold import Fold
 from epochwise.io import atomic_dir
 from tasks.locks import exclusive_lock
 
 
-def _client(together: TogetherConfig) -> Together:
+def project_client(together: TogetherConfig) -> Together:
     """A project-bound client (TOGETHER_PROJECT_ID / block project_id, else whoami)."""
-    return ea.with_project(together_api.make_client(resolve_together(together.credentials_block), together))
+    return ea.with_project(together_client(together))
 
 
 def endpoint_lock(slug: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
@@ -66,9 +64,8 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     without one (a new Prefect database), the local epochs on disk, else Together's own job list for
     the fold with losses from each job's metrics."""
     name = Fold.of(fold).name
-    artifact = Artifact.get(artifact_key(name, "epochs"))
-    if artifact is not None and artifact.data:
-        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    rows = read_epochs(name)
+    if rows:
         return records_from_table(name, rows)
     log = get_run_logger()
     if (Path(fold) / "local").is_dir():
@@ -78,7 +75,7 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
         return [EpochRecord(fold=name, epoch=m["epoch"], backend="local", model=m["adapter_dir"],
                             train_loss=m.get("train_loss"), val_loss=m.get("val_loss")) for m in find_epochs(fold)]
     log.info(f"no {artifact_key(name, 'epochs')} artifact; reading {name}'s jobs from Together")
-    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    client = together_client(together)
     by_epoch: dict[int, EpochRecord] = {}
     for epoch, job in together_api.fold_jobs(client, name):
         # A retried epoch has several jobs (oldest first): the completed, else the newest, one stands for it.
@@ -92,12 +89,18 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
 
 @task(cache_policy=NO_CACHE)
 def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
-    """The epoch to deploy: ``best``/``N`` from the fold's records, or the given job (its epoch from its
+    """The epoch to deploy: ``best``/``best-eval``/``N`` from the fold's records, or the given job (its epoch from its
     ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
     if job_id is None:
+        if str(epoch).lower() == "best-eval":  # the best mean score over eval folds (`epochwise evaluate`)
+            from epochwise.evaluate import best_eval_epoch
+            from tasks.evaluate import read_evaluation_rows
+
+            epoch = best_eval_epoch(read_evaluation_rows(fold))
+            get_run_logger().info(f"best-eval: epoch {epoch} of {Fold.of(fold).name}'s evaluation table")
         return choose_epoch(read_epoch_records(fold, together), epoch)
     name = Fold.of(fold).name
-    client = together_api.make_client(resolve_together(together.credentials_block), together)
+    client = together_client(together)
     job = together_api.get_job(client, job_id)
     number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(name, job.suffix)
     if number is None:
@@ -159,7 +162,7 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
     log = get_run_logger()
     if not record.job_id:
         raise ea.EndpointFailure(f"{record.fold} epoch {record.epoch} has no Together job to deploy")
-    client = _client(together)
+    client = project_client(together)
     target = ea.model_from_job(client, record.job_id)
     config = ea.choose_config(client, target, deploy.hardware)
     slug = ea.endpoint_slug(record.fold, record.epoch)
@@ -182,7 +185,7 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
             # The hook only runs for a task that finished; a deployment this call created must not stay.
             if dep_created:
                 try:
-                    _undo(client, ref)
+                    roll_back_deployment(client, ref)
                 except ea.RollbackFailure as failed:
                     raise ea.RollbackFailure(f"routing traffic to {dep.name} failed ({exc}); {failed}") from None
             raise
@@ -200,7 +203,7 @@ def delete_failed_deployment(txn: Transaction) -> None:
     if ref is None:
         return
     try:
-        done = _undo(_client(txn.get("together", TogetherConfig())), ref)
+        done = roll_back_deployment(project_client(txn.get("together", TogetherConfig())), ref)
     except ea.RollbackFailure as exc:
         owner: BaseTransaction = txn  # the task's own transaction; the flow reads the one it opened
         for _ in range(8):
@@ -220,7 +223,7 @@ def stop_command(ref: DeploymentRef) -> str:
     return f"epochwise endpoints {ref.fold} --stop --deployment {ref.deployment_name}"
 
 
-def _undo(client: Together, ref: DeploymentRef) -> list[str]:
+def roll_back_deployment(client: Together, ref: DeploymentRef) -> list[str]:
     """Roll back; on failure the deployment is recorded for the reaper and `ea.RollbackFailure` raised."""
     try:
         return ea.rollback_deployment(
@@ -274,14 +277,14 @@ def wait_until_ready(ref: DeploymentRef, deploy: DeployConfig, together: Togethe
             seen.append(dep.state)
             log.info(f"{dep.name}: {dep.state} {dep.message}")
 
-    return ea.wait_ready(_client(together), ref.endpoint_id, ref.deployment_id, deploy, on_update,
+    return ea.wait_ready(project_client(together), ref.endpoint_id, ref.deployment_id, deploy, on_update,
                          outage=together, log=log.info).state
 
 
 @task(cache_policy=NO_CACHE)
 def smoke_test(ref: DeploymentRef, deploy: DeployConfig, together: TogetherConfig) -> str:
     """One chat completion through the endpoint name, exactly as a user would call it; returns the reply."""
-    reply = ea.smoke_chat(_client(together), ref.endpoint_name, deploy)
+    reply = ea.smoke_chat(project_client(together), ref.endpoint_name, deploy)
     get_run_logger().info(f"smoke test of {ref.endpoint_name}: {reply!r}")
     return reply
 
@@ -291,7 +294,7 @@ def retire_replaced(ref: DeploymentRef, together: TogetherConfig) -> list[str]:
     """Delete the endpoint's other deployments (older models of the same epoch) once the new one works
     (and forget it as a failed rollback's leftover, should an earlier run have recorded it)."""
     _forget_leftover(ref.deployment_id)
-    client = _client(together)
+    client = project_client(together)
     retired = []
     for dep in ea.list_deployments(client, ref.endpoint_id):
         if dep.id != ref.deployment_id and ea.delete_deployment(client, ref.endpoint_id, dep.id):
@@ -308,13 +311,13 @@ def retire_replaced(ref: DeploymentRef, together: TogetherConfig) -> list[str]:
 @task(cache_policy=NO_CACHE)
 def list_fold_endpoints(fold: str, together: TogetherConfig) -> list[ea.EndpointInfo]:
     """The fold's epochwise endpoints with their deployments, oldest first."""
-    return ea.epochwise_endpoints(_client(together), fold)
+    return ea.epochwise_endpoints(project_client(together), fold)
 
 
 @task(cache_policy=NO_CACHE)
 def stop_fold_endpoints(fold: str, together: TogetherConfig) -> list[str]:
     """Scale every deployment of the fold's endpoints to zero; returns the deployments stopped."""
-    client = _client(together)
+    client = project_client(together)
     stopped = [d.name for ep in ea.epochwise_endpoints(client, fold) for d in ea.stop_endpoint(client, ep)]
     get_run_logger().info(f"stopped {len(stopped)} deployment(s) of {fold}" + (f": {', '.join(stopped)}" if stopped else ""))
     return stopped
@@ -328,7 +331,7 @@ def reap_endpoints(older_than_s: float, together: TogetherConfig) -> list[str]:
     Only ``ew-<fold>-e<k>`` endpoints are touched; anything else in the project is left alone.
     """
     log = get_run_logger()
-    client = _client(together)
+    client = project_client(together)
     stopped = []
     for left in _leftovers():  # failed rollbacks first, whatever their age
         try:

@@ -20,12 +20,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from epochwise.config.data import MAX_LINE_BYTES
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.harmony import convert_fold
 
 
 @task(cache_policy=NO_CACHE)
-def convert_fold_to_harmony(fold: str, config: HarmonyConfig) -> dict[str, Any]:
+def convert_fold_to_harmony(fold: str, config: HarmonyConfig, max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """Write (or reuse) ``<fold>/harmony/{train,val}_harmony.parquet``.
 
     Returns ``{"train": path, "val": path or None, "manifest", "key", "cached", "rows", "tokens",
@@ -33,4 +34,4 @@ def convert_fold_to_harmony(fold: str, config: HarmonyConfig) -> dict[str, Any]:
     with absolute paths. Raises `epochwise.problems.InputError` (``path:line: reason``) on bad or
     overlong rows before any output is replaced.
     """
-    return convert_fold(Path(fold), config).as_dict()
+    return convert_fold(Path(fold), config, max_line_bytes=max_line_bytes).as_dict()

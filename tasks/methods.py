@@ -15,20 +15,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prefect.artifacts import create_table_artifact
 from prefect.transactions import transaction
 
+from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
+from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
-from epochwise.epochs import EpochRecord, epoch_table
+from epochwise.epochs import EpochRecord, publish_epochs
 from epochwise.fold import Fold
 from epochwise.problems import UserError
 from epochwise.together_api import BudgetExceeded, JobFailed, RemoteFile
 from tasks.cancellation import cancel_jobs_on_interrupt
 from tasks.harmony import convert_fold_to_harmony
-from tasks.together import EpochSpec, api_base, ensure_uploaded, fetch_epoch_metrics, launch_epoch_job, wait_for_job
+from tasks.together import (
+    EpochSpec,
+    api_base,
+    api_tagged,
+    ensure_uploaded,
+    fetch_epoch_metrics,
+    launch_epoch_job,
+    wait_for_job,
+)
 
 
 @dataclass
@@ -41,6 +50,8 @@ class TrainContext:
     together: TogetherConfig
     local: LocalConfig
     harmony: HarmonyConfig
+    ops: OpsConfig
+    data: DataConfig
     records: list[EpochRecord] = field(default_factory=list)
 
 
@@ -65,9 +76,9 @@ class TogetherSFT:
     def prepare(self, ctx: TrainContext) -> None:
         files = ctx.fold.jsonl
         if "gpt-oss" in ctx.train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
-            parquet = convert_fold_to_harmony(ctx.path, ctx.harmony)
+            parquet = convert_fold_to_harmony(ctx.path, ctx.harmony, ctx.data.max_line_bytes)
             files = [parquet["train"], parquet["val"]]
-        self.train_file, self.val_file = (ensure_uploaded(path, ctx.together) for path in files)
+        self.train_file, self.val_file = (ensure_uploaded(path, ctx.together, ctx.ops) for path in files)
 
     def run_epoch(self, ctx: TrainContext, epoch: int, parent: str | None) -> EpochRecord | None:
         """Launch -> wait -> losses; None when the budget stops the chain before submitting.
@@ -81,16 +92,17 @@ class TogetherSFT:
         spent = sum(r.price_usd or 0.0 for r in ctx.records)
         try:  # Ctrl-C, or the SIGTERM of a cancel, cancels the job at Together (a crash leaves it to re-attach)
             with cancel_jobs_on_interrupt(ctx.together), transaction():
-                job = launch_epoch_job(spec, self.train_file.id, self.val_file.id, ctx.train, ctx.together, spent)
+                launch = api_tagged(launch_epoch_job, ctx.ops)
+                job = launch(spec, self.train_file.id, self.val_file.id, ctx.train, ctx.together, spent)
                 info = wait_for_job(job, ctx.together)
-                return fetch_epoch_metrics(job, info, ctx.together)
+                return api_tagged(fetch_epoch_metrics, ctx.ops)(job, info, ctx.together)
         except BudgetExceeded as stop:
             print(f"stopping before epoch {epoch}: {stop}")
             return None
         except JobFailed as failed:  # shown by `epochwise status`; the next run resubmits this epoch
             row = EpochRecord(fold=spec.fold, epoch=epoch, backend="together", status=failed.status,
                               job_id=failed.job_id, parent=parent)
-            publish_table(ctx.fold, [*ctx.records, row])
+            publish_epochs(ctx.fold.name, [*ctx.records, row])
             raise
 
 
@@ -124,9 +136,3 @@ def training_method(ctx: TrainContext, backend: str, method: str = "sft") -> Tra
         raise UserError(f"no {method!r} training on the {backend!r} backend (available: {known})") from None
     return chosen(ctx)
 
-
-def publish_table(fold: Fold, records: list[EpochRecord]) -> None:
-    """The ``<fold>-epochs`` table artifact, one row per epoch."""
-    create_table_artifact(
-        epoch_table(records), key=fold.artifact_key("epochs"), description=f"{fold.name}: one row per epoch"
-    )

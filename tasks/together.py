@@ -26,15 +26,16 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
-from blocks.credentials import resolve_together, resolve_wandb, together_configured
+from blocks.credentials import resolve_together, resolve_wandb, together_client, together_configured
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
@@ -44,14 +45,19 @@ from epochwise.io import sha256_file
 from tasks.cancellation import record_job_owner
 from tasks.locks import fold_guard, locks_dir
 
-# Short Together calls carry the ops tag, so `epochwise deployments apply`'s tag limit caps them across
-# flows and workers. wait_for_job does not: it holds its slot for the whole job (hours) and would starve
-# every other fold's uploads and submits.
-API_TAG = OpsConfig().together_api_tag
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def api_tagged(short: Task[P, R], ops: OpsConfig) -> Task[P, R]:
+    """``short`` carrying the run's ``ops.together_api_tag``, so the tag limit `epochwise deployments apply`
+    registers for that same tag caps it across flows and workers. Only short Together calls get it:
+    wait_for_job holds its slot for the whole job (hours) and would starve every other fold's uploads."""
+    return short.with_options(tags={*short.tags, ops.together_api_tag})
 
 
 def _client(cfg: TogetherConfig):
-    return api.make_client(resolve_together(cfg.credentials_block), cfg)
+    return together_client(cfg)
 
 
 def api_base(cfg: TogetherConfig) -> str:
@@ -88,14 +94,16 @@ def upload_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-upload-" + hashlib.sha256(material.encode()).hexdigest()
 
 
-def _upload_policy() -> CachePolicy:
+def upload_policy(hold_s: float) -> CachePolicy:
+    """Cached on `upload_key`, SERIALIZABLE under a file lock that a killed holder leaves for ``hold_s``."""
     return CachePolicy.from_cache_key_fn(upload_key).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=ExpiringFileLockManager(locks_dir(), TogetherConfig().upload_lock_hold_s),
+        lock_manager=ExpiringFileLockManager(locks_dir(), hold_s),
     )
 
 
-@task(cache_policy=_upload_policy(), persist_result=True, tags=[API_TAG])
+# The policy is set again per call with the run's together.upload_lock_hold_s (see `ensure_uploaded`).
+@task(cache_policy=upload_policy(TogetherConfig.model_fields["upload_lock_hold_s"].default), persist_result=True)
 def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.RemoteFile:
     """Upload one fold file and wait for Together's validation; cached on its content. Without a cache
     record (new machine, wiped result storage) the file is first looked for in Together's own list."""
@@ -103,19 +111,20 @@ def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.
     return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
 
 
-@task(cache_policy=NO_CACHE, tags=[API_TAG])
+@task(cache_policy=NO_CACHE)
 def file_is_live(remote: api.RemoteFile, together: TogetherConfig) -> bool:
     """Whether a cached upload still exists at Together (files can be deleted or expire)."""
     return api.file_exists(_client(together), remote.id)
 
 
-def ensure_uploaded(path: str, together: TogetherConfig, purpose: str = "fine-tune") -> api.RemoteFile:
+def ensure_uploaded(path: str, together: TogetherConfig, ops: OpsConfig, purpose: str = "fine-tune") -> api.RemoteFile:
     """The cached upload of ``path``, uploaded again if Together no longer has the cached file id."""
-    remote = upload_if_missing(path, purpose, together)
-    if file_is_live(remote, together):
+    upload = api_tagged(upload_if_missing, ops).with_options(cache_policy=upload_policy(together.upload_lock_hold_s))
+    remote = upload(path, purpose, together)
+    if api_tagged(file_is_live, ops)(remote, together):
         return remote
     get_run_logger().warning(f"{remote.id} is gone at Together; uploading {path} again")
-    return upload_if_missing.with_options(refresh_cache=True)(path, purpose, together)
+    return upload.with_options(refresh_cache=True)(path, purpose, together)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ def fold_lock(fold: str, together: TogetherConfig) -> contextlib.AbstractContext
     return fold_guard(f"fold-{api.fold_slug(fold)}", wait_s, together.fold_lease_s, busy)
 
 
-@task(cache_key_fn=epoch_job_key, persist_result=True, tags=[API_TAG])
+@task(cache_key_fn=epoch_job_key, persist_result=True)
 def launch_epoch_job(
     spec: EpochSpec,
     train_file: str,
@@ -251,7 +260,7 @@ def metrics_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-metrics-" + params["job"].job_id
 
 
-@task(cache_key_fn=metrics_key, persist_result=True, tags=[API_TAG])
+@task(cache_key_fn=metrics_key, persist_result=True)
 def fetch_epoch_metrics(job: EpochJob, info: api.JobInfo, together: TogetherConfig) -> EpochRecord:
     """The finished epoch as an `EpochRecord`: output model, train and validation loss, price."""
     train_loss, val_loss = api.job_losses(_client(together), job.job_id)

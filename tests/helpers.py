@@ -14,7 +14,7 @@ from epochwise.config import load_settings
 from epochwise.config.data import RecordMapping
 from epochwise.config.local import LocalConfig, TinyModel
 from epochwise.config.together import TogetherConfig
-from epochwise.config.train import HyperParams
+from epochwise.config.train import HyperParams, TrainConfig
 from epochwise.prepare import prepare
 from epochwise.records import read_records
 
@@ -25,6 +25,13 @@ EXAMPLE_RECORDS = REPO / "examples" / "records" / "games"
 
 BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 FAST = TogetherConfig(poll_initial_s=0.005, poll_max_s=0.02, file_poll_s=0.005, fold_lock_wait_s=30)
+
+
+def train_cfg(epochs: int = 3, **kw) -> TrainConfig:
+    """Together-backend training settings on the fake's base model."""
+    return TrainConfig(backend="together", base_model=BASE, epochs=epochs, **kw)
+
+
 # A Together outage in the suite lasts this long (seconds); `EW_TEST_OUTAGE_S=40` runs the full-length one.
 OUTAGE_S = float(os.environ.get("EW_TEST_OUTAGE_S", "3"))
 

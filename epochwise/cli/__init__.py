@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import convert, data, deploy, local, ops, train
+from epochwise.cli import convert, data, deploy, evaluate, local, ops, train
 
 app = typer.Typer(
     name="epochwise",
@@ -16,9 +16,13 @@ app = typer.Typer(
 
 app.command()(data.prepare)
 app.command()(data.validate)
-for module in (convert, train, local, deploy, ops):
+for module in (convert, train, local, deploy, ops, evaluate):
     module.register(app)
 
 
 def main() -> None:
+    # Before any command imports Prefect: its settings are read once, when it is first imported.
+    from epochwise.cli.common import prefect_defaults
+
+    prefect_defaults()
     app()

@@ -7,15 +7,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from epochwise.config import Settings, load_settings
+from epochwise.config import SECTIONS
 from epochwise.problems import InputError, Problem, UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -30,6 +33,45 @@ ConfigOption = typer.Option(
 )
 
 
+def config_field(dotted: str) -> FieldInfo:
+    """The pydantic field behind a settings path such as ``"train.hyper.learning_rate"``."""
+    section, *parents, leaf = dotted.split(".")
+    model: Any = SECTIONS[section]
+    for part in parents:
+        field = model.model_fields[part]
+        model = field.default_factory if field.default_factory is not None else type(field.default)
+    return model.model_fields[leaf]
+
+
+def field_default(dotted: str) -> Any:
+    """The default in code of the settings field ``dotted`` (what applies when nothing sets it)."""
+    return config_field(dotted).get_default(call_default_factory=True)
+
+
+def show_default(value: Any) -> str | None:
+    """A default as the help shows it (``0.0001``, ``true``, ``all-linear``), None when it is unset."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def field_help(dotted: str, text: str | None = None) -> str:
+    """Help of the option that sets ``dotted``: ``text`` (default: the field's description) followed by
+    the field's own default and path, e.g. ``Peak learning rate. (default: 0.0001; train.hyper.learning_rate)``.
+
+    The default and the description are read from the config models, so the help never restates them.
+    """
+    field = config_field(dotted)
+    words = text or field.description or ""
+    default = show_default(field_default(dotted))
+    where = dotted if default is None else f"default: {default}; {dotted}"
+    return f"{words} ({where})".strip()
+
+
 def prefect_defaults() -> None:
     """Environment defaults that make Prefect's ephemeral API usable on small, offline machines.
 
@@ -39,6 +81,19 @@ def prefect_defaults() -> None:
     """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, HideTemporaryServerBanner) for f in prefect_logger.filters):
+        prefect_logger.addFilter(HideTemporaryServerBanner())
+
+
+class HideTemporaryServerBanner(logging.Filter):
+    """Drops the lines Prefect logs each time the CLI boots or stops its ephemeral API server
+    ("Starting temporary server on http://127.0.0.1:8xxx / See https://docs.prefect.io/..." and
+    "Stopping temporary server on ..."): a notice, on every command, about something the CLI chose.
+    They are logged by the ``prefect`` logger itself, so a filter there touches no other record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Starting temporary server on", "Stopping temporary server on"))
 
 
 def settings(config: Path | None, **flags: Any) -> Settings:
@@ -58,6 +113,10 @@ def settings(config: Path | None, **flags: Any) -> Settings:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    import yaml
+
+    from epochwise.config import load_settings
+
     try:
         return load_settings(config, overrides)
     except ValidationError as exc:
@@ -120,6 +179,8 @@ def flag_name(dotted: str) -> str:
 
 def yaml_line(path: Path, loc: list[str]) -> int | None:
     """1-based line of the deepest key of ``loc`` found in the YAML file (None when absent)."""
+    import yaml
+
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -155,6 +216,24 @@ def friendly_errors() -> Iterator[None]:
         report_problems(exc.problems)
     except (FileNotFoundError, UserError) as exc:
         fail_lines([f"error: {exc}"])
+    except RuntimeError as exc:
+        if not str(exc).startswith(EPHEMERAL_TIMEOUT):
+            raise
+        fail_lines([ephemeral_timeout_message()])
+
+
+# What Prefect raises when its ephemeral API server does not answer in time (prefect.server.api.server).
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def ephemeral_timeout_message() -> str:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+    return (
+        f"error: Prefect's temporary API server did not start within {timeout.value()} s (a busy machine?): "
+        "rerun, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` "
+        "and set PREFECT_API_URL"
+    )
 
 
 def is_user_error(exc: BaseException | None) -> bool:
@@ -205,3 +284,22 @@ def dotted(**kwargs: Any) -> dict[str, Any]:
 
 
 Command = Callable[..., Any]
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout; piped or redirected, it takes the width it needs, so ids and model
+    names are never cut to 80 columns ("comple…")."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(highlight=False, width=max(console.width, needed), file=console.file).print(table)
+
+
+def print_json(data: Any) -> None:
+    """``data`` as JSON on stdout for scripts: plain text, no colours, never wrapped."""
+    import json
+
+    print(json.dumps(data, indent=2, default=str))

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, fail_lines, friendly_errors, settings
+from epochwise.cli.common import ConfigOption, console, fail_lines, field_help, friendly_errors, settings
 from epochwise.problems import InputError, Problem
 
 SHOWN_PROBLEMS = 50  # an overlong limit can hit every row; the first lines say enough
@@ -26,21 +25,21 @@ def convert(
     reasoning_effort: str = typer.Option(
         None,
         "--reasoning-effort",
-        help="low | medium | high, written into the Harmony system message (default: medium).",
+        help=field_help("harmony.reasoning_effort", "low | medium | high, written into the Harmony system message."),
     ),
-    max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest row in tokens (default: 8192)."),
-    overlong: str = typer.Option(
-        None, "--overlong", help="Rows over the limit: error | drop | truncate (default: error)."
+    max_seq_length: int = typer.Option(None, "--max-seq-length", help=field_help("harmony.max_seq_length")),
+    overlong: str = typer.Option(None, "--overlong", help=field_help("harmony.overlong")),
+    vocab_dir: Path = typer.Option(None, "--vocab-dir", help=field_help("harmony.vocab_dir")),
+    workers: int = typer.Option(
+        None, "--workers", help=field_help("harmony.workers", "Rendering processes; 0 = one per CPU core.")
     ),
-    vocab_dir: Path = typer.Option(None, "--vocab-dir", help="Directory holding o200k_base.tiktoken."),
-    workers: int = typer.Option(None, "--workers", help="Rendering processes; 0 = one per CPU core (default: 1)."),
     force: bool = typer.Option(False, "--force", help="Reconvert even when the outputs match the sources."),
     config: Path = ConfigOption,
 ) -> None:
     """Tokenize a fold into train_harmony.parquet / val_harmony.parquet with assistant-only labels."""
     if format != "harmony":
         raise typer.BadParameter(f"unknown format {format!r}; only 'harmony' is supported", param_hint="--format")
-    cfg = settings(
+    loaded = settings(
         config,
         **{
             "harmony.reasoning_effort": reasoning_effort,
@@ -49,15 +48,18 @@ def convert(
             "harmony.vocab_dir": vocab_dir,
             "harmony.workers": workers,
         },
-    ).harmony
+    )
+    cfg = loaded.harmony
     from epochwise.harmony import convert_fold  # openai-harmony and pyarrow load only for this command
 
     with friendly_errors():
         try:
-            summary = convert_fold(fold, cfg, force=force)
+            summary = convert_fold(fold, cfg, force=force, max_line_bytes=loaded.data.max_line_bytes)
         except InputError as exc:
             fail_lines(problem_lines(exc.problems))
     state = "reused (sources and settings unchanged)" if summary.cached else "written"
+    from rich.table import Table
+
     table = Table(title=f"harmony parquet for {summary.fold}: {state}")
     table.add_column("")
     for stats in summary.splits():

@@ -5,22 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, friendly_errors, prefect_defaults, report_problems, settings
-from epochwise.records import read_records
-from epochwise.validate import validate_file
+from epochwise.cli.common import (
+    ConfigOption,
+    console,
+    field_help,
+    friendly_errors,
+    prefect_defaults,
+    report_problems,
+    settings,
+)
 
 
 def prepare(
     records: Path = typer.Argument(..., help="A directory of *.jsonl/*.json record files, or one such file."),
     fold: Path = typer.Option(..., "--fold", help="Fold directory to write train.jsonl and val.jsonl into."),
-    val_ratio: float = typer.Option(None, "--val-ratio", help="Share of records for validation [0.1]."),
-    seed: int = typer.Option(None, "--seed", help="Split seed [42]."),
-    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for every conversation."),
-    user_template: str = typer.Option(None, "--user-template", help="User message with {field} placeholders."),
-    assistant_field: str = typer.Option(None, "--assistant-field", help="Record field holding the reply."),
-    strict: bool = typer.Option(None, "--strict/--skip-bad-records", help="Fail on unmappable records."),
+    val_ratio: float = typer.Option(None, "--val-ratio", help=field_help("data.val_ratio")),
+    seed: int = typer.Option(None, "--seed", help=field_help("data.seed")),
+    system_prompt: str = typer.Option(None, "--system-prompt", help=field_help("data.mapping.system_prompt")),
+    user_template: str = typer.Option(
+        None,
+        "--user-template",
+        help=field_help("data.mapping.user_template", "User message with {field} placeholders filled from the record."),
+    ),
+    assistant_field: str = typer.Option(None, "--assistant-field", help=field_help("data.mapping.assistant_field")),
+    strict: bool = typer.Option(None, "--strict/--skip-bad-records", help=field_help("data.strict")),
     config: Path = ConfigOption,
 ) -> None:
     """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated."""
@@ -35,6 +44,8 @@ def prepare(
             "data.mapping.assistant_field": assistant_field,
         },
     ).data
+    from epochwise.records import read_records
+
     # Structural problems are reported before Prefect starts (its ephemeral API takes seconds to boot).
     result = read_records(records, cfg.max_line_bytes)
     if result.problems:
@@ -45,6 +56,8 @@ def prepare(
     with friendly_errors():
         state = prepare_fold(str(records), str(fold), cfg, return_state=True)
         summary = state.result()
+    from rich.table import Table
+
     table = Table(title=f"prepared {summary.fold}", show_header=False)
     table.add_row("records read", str(summary.records_read))
     table.add_row("train.jsonl", str(summary.train_written))
@@ -59,9 +72,13 @@ def prepare(
 
 def validate(
     files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
+    config: Path = ConfigOption,
 ) -> None:
     """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
-    problems = [p for path in files for p in validate_file(path)]
+    from epochwise.validate import validate_file
+
+    limit = settings(config).data.max_line_bytes
+    problems = [p for path in files for p in validate_file(path, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     for path in files:

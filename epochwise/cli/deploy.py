@@ -13,14 +13,24 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
-from together import APIError
 
-from blocks.credentials import MissingCredentials
-from epochwise.cli.common import ConfigOption, console, fail_lines, prefect_defaults, quiet_user_errors, settings
-from epochwise.config import Settings
+from epochwise.cli.common import (
+    ConfigOption,
+    console,
+    fail_lines,
+    field_help,
+    prefect_defaults,
+    print_json,
+    print_table,
+    quiet_user_errors,
+    settings,
+)
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -36,13 +46,17 @@ def parse_age(text: str) -> float:
 @contextmanager
 def _deploy_errors() -> Iterator[None]:
     """Expected failures (missing key, refused deploy, failed smoke test) as one line and exit code 1."""
+    from together import APIError
+
+    from epochwise.credentials import MissingCredentials
     from epochwise.endpoints_api import EndpointFailure
     from epochwise.epochs import EpochChoiceError
+    from epochwise.problems import UserError
 
     try:
         with quiet_user_errors():
             yield
-    except (EndpointFailure, EpochChoiceError, MissingCredentials) as exc:
+    except (EndpointFailure, EpochChoiceError, MissingCredentials, UserError) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:
         fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])
@@ -50,12 +64,12 @@ def _deploy_errors() -> Iterator[None]:
 
 def deploy(
     fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
-    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss) or an epoch number."),
+    epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss), 'best-eval' (best `epochwise evaluate` mean) or an epoch number."),
     job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
-    hardware: str = typer.Option(None, "--hardware", help="Config hardware when the model has several, e.g. 1x_nvidia_h100_80gb_sxm."),
-    min_replicas: int = typer.Option(None, "--min-replicas", help="Replicas kept running [1]."),
-    max_replicas: int = typer.Option(None, "--max-replicas", help="Replicas at most [1]."),
-    inactive_timeout: int = typer.Option(None, "--inactive-timeout", help="Idle minutes before Together stops it (0 = never) [60]."),
+    hardware: str = typer.Option(None, "--hardware", help=field_help("deploy.hardware")),
+    min_replicas: int = typer.Option(None, "--min-replicas", help=field_help("deploy.min_replicas")),
+    max_replicas: int = typer.Option(None, "--max-replicas", help=field_help("deploy.max_replicas")),
+    inactive_timeout: int = typer.Option(None, "--inactive-timeout", help=field_help("deploy.inactive_timeout_min")),
     config: Path = ConfigOption,
 ) -> None:
     """Deploy an epoch to a Together dedicated endpoint, wait until READY, smoke-test it."""
@@ -68,9 +82,11 @@ def deploy(
         state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, return_state=True)
         row = state.result()
     if row["state"] == "EXPORTED":  # local backend: a merged model on disk, smoke-tested locally
-        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}")
+        console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}", soft_wrap=True)
         console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
-        console.print(f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False)
+        console.print(
+            f"load it with: AutoModelForCausalLM.from_pretrained({row['endpoint']!r})", markup=False, soft_wrap=True
+        )
         return
     console.print(f"[green]ready[/green] {row['endpoint']} ({row['hardware']}, {row['replicas']} replicas)")
     console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
@@ -84,14 +100,15 @@ def endpoints(
     stop: bool = typer.Option(False, "--stop", help="Scale this fold's endpoints to zero replicas."),
     deployment: str = typer.Option(None, "--deployment", help="With --stop: only this deployment (name or id)."),
     reap: bool = typer.Option(False, "--reap", help="Stop every epochwise endpoint older than --older-than, and any deployment a failed rollback left live."),
-    older_than: str = typer.Option(None, "--older-than", help="Age for --reap, e.g. 6h, 90m, 2d [deploy.reap_older_than_h]."),
+    older_than: str = typer.Option(None, "--older-than", help=field_help("deploy.reap_older_than_h", "Age for --reap, e.g. 6h, 90m, 2d (a bare number is hours).")),
+    as_json: bool = typer.Option(False, "--json", help="Print the fold's endpoints as JSON (after --stop, if given)."),
     config: Path = ConfigOption,
 ) -> None:
     """Show a fold's endpoints, stop them (--stop), or stop every old epochwise endpoint (--reap)."""
     cfg = settings(config)
     if reap:
-        if fold is not None or stop:
-            fail_lines(["error: --reap covers every fold; use it without FOLD and --stop"])
+        if fold is not None or stop or as_json:
+            fail_lines(["error: --reap covers every fold; use it without FOLD, --stop and --json"])
         _reap(cfg, parse_age(older_than) if older_than else None)
         return
     if fold is None:
@@ -100,16 +117,17 @@ def endpoints(
         fail_lines(["error: --older-than only applies to --reap"])
     if deployment and not stop:
         fail_lines(["error: --deployment only applies to --stop"])
-    _fold_endpoints(cfg, Path(fold).name, stop, deployment)
+    from epochwise.fold import Fold
+
+    _fold_endpoints(cfg, Fold.of(fold).name, stop, deployment, as_json)
 
 
-def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None) -> None:
-    from blocks.credentials import resolve_together
+def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None, as_json: bool = False) -> None:
+    from blocks.credentials import together_client
     from epochwise import endpoints_api as ea
-    from epochwise.together_api import make_client
 
     with _deploy_errors():
-        client = ea.with_project(make_client(resolve_together(cfg.together.credentials_block), cfg.together))
+        client = ea.with_project(together_client(cfg.together))
         found = ea.epochwise_endpoints(client, name)
         if stop:
             if only and not any(only in (d.id, d.name) for ep in found for d in ep.deployments):
@@ -119,17 +137,22 @@ def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = Non
                     if dep.max_replicas > 0 and only in (None, dep.id, dep.name):
                         console.print(f"stopped {ea.scale_to_zero(client, endpoint.id, dep.id).name}", markup=False)
             found = ea.epochwise_endpoints(client, name)
+    if as_json:
+        print_json({"fold": name, "endpoints": ea.endpoint_rows(found) if found else []})
+        return
     if not found:
         console.print(f"{name} has no endpoints", markup=False)
         return
     rows = ea.endpoint_rows(found)
+    from rich.table import Table
+
     table = Table(title=f"{name} endpoints")
     columns = ["endpoint", "state", "routed", "hardware", "replicas", "created"]
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*(row[c] for c in columns))
-    console.print(table)
+    print_table(table)
 
 
 def _reap(cfg: Settings, hours: float | None) -> None:

@@ -42,8 +42,25 @@ def sample(
     with friendly_errors():
         metrics = _pick(fold, epoch, run)
         reply = sample_epoch(metrics, prompt, max_new_tokens)
-    console.print(f"[bold]epoch {metrics['epoch']}[/bold]", highlight=False)
-    console.print(reply, markup=False)
+    for line in reply_lines(metrics["epoch"], prompt, reply):
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def reply_lines(epoch: int, prompt: str, reply: str) -> list[str]:
+    """A label naming the epoch and the prompt, then the reply. A reply of only whitespace (the random
+    ``tiny`` model often generates nothing but newlines) is shown escaped with a note, not as blank lines;
+    runs of blank lines in a reply are squeezed to one."""
+    label = f"epoch {epoch} reply to {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}:"
+    if not reply:
+        return [label, "(empty reply: the model generated only special tokens)"]
+    if not reply.strip():
+        shown = repr(reply[:40]) + ("..." if len(reply) > 40 else "")
+        return [label, f"(no text: {len(reply)} whitespace character(s), {shown})"]
+    lines: list[str] = []
+    for line in reply.strip("\n").splitlines():
+        if line.strip() or (lines and lines[-1].strip()):
+            lines.append(line)
+    return [label, *lines]
 
 
 def _pick(fold: Path, epoch: str, run: str | None) -> dict:

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, prefect_defaults, settings
+from epochwise.cli.common import ConfigOption, console, err_console, fail_lines, field_help, prefect_defaults, settings
 
 deployments_app = typer.Typer(
     help="Prefect deployments, schedules, limits and crash detection for a real server + worker.",
@@ -22,15 +21,15 @@ def apply(
         ..., "--folds-root", help="Directory whose sub-directories are folds (each with train.jsonl).",
         exists=True, file_okay=False,
     ),
-    cron: str = typer.Option(None, "--cron", help="Nightly cron for training (default: 0 2 * * *)."),
-    timezone: str = typer.Option(None, "--timezone", help="IANA time zone of all schedules (default: UTC)."),
+    cron: str = typer.Option(None, "--cron", help=field_help("ops.cron")),
+    timezone: str = typer.Option(None, "--timezone", help=field_help("ops.timezone")),
     schedule: str = typer.Option(
-        None, "--schedule", help="Active nightly schedule: per-fold | nightly-folds | none (default: per-fold)."
+        None, "--schedule", help=field_help("ops.schedule")
     ),
-    work_pool: str = typer.Option(None, "--work-pool", help="Process work pool (default: epochwise)."),
+    work_pool: str = typer.Option(None, "--work-pool", help=field_help("ops.work_pool")),
     result_storage: Path = typer.Option(
         None, "--result-storage",
-        help="Result storage for worker runs (default: this shell's PREFECT_RESULTS_LOCAL_STORAGE_PATH).",
+        help=field_help("ops.result_storage"),
     ),
     prune: bool = typer.Option(False, "--prune", help="Delete epoch-train deployments of folds gone from disk."),
     config: Path = ConfigOption,
@@ -64,6 +63,8 @@ def apply(
         report = apply_all(folds_root, cfg, prune=prune)
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([f"error: {exc}"])
+    from rich.table import Table
+
     table = Table(title=f"epochwise on Prefect ({cfg.ops.work_pool} pool)")
     for column in ("kind", "name", "action", "detail"):
         table.add_column(column)
@@ -89,6 +90,8 @@ def ls() -> None:
             deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["epochwise"]))
         )
         flows = {f.id: f.name for f in client.read_flows()}
+    from rich.table import Table
+
     table = Table(title="epochwise deployments")
     for column in ("deployment", "schedule", "one at a time", "paused", "fold / parameters"):
         table.add_column(column, no_wrap=column == "deployment")

@@ -9,63 +9,73 @@ epochwise deploy-info folds/games       # the model to deploy (best epoch by val
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import (
     ConfigOption,
     console,
     fail_lines,
+    field_help,
     friendly_errors,
     prefect_defaults,
+    print_json,
+    print_table,
     report_problems,
     settings,
 )
-from epochwise.config import Settings
-from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.fold import Fold
 from epochwise.problems import UserError
+
+if TYPE_CHECKING:
+    from epochwise.config import Settings
 
 FoldArgument = typer.Argument(..., help="Fold directory holding train.jsonl and val.jsonl.")
 
 
 def train(
     fold: Path = FoldArgument,
-    backend: str = typer.Option(None, "--backend", "-b", help="auto | together | local (default: auto)."),
-    epochs: int = typer.Option(
-        None, "--epochs", "-n", help="Total epochs; finished ones are never redone (default: 3)."
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        "-b",
+        help=field_help("train.backend", "auto | together | local; 'auto' = Together when a key is configured."),
     ),
-    base_model: str = typer.Option(None, "--base-model", help="Together base model (default: openai/gpt-oss-20b)."),
-    model: str = typer.Option(None, "--model", help="Local model: tiny | smollm2 | HF id | path (default: tiny)."),
-    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help="Peak learning rate (default: 1e-4)."),
+    epochs: int = typer.Option(None, "--epochs", "-n", help=field_help("train.epochs")),
+    base_model: str = typer.Option(None, "--base-model", help=field_help("train.base_model")),
+    model: str = typer.Option(None, "--model", help=field_help("train.local_model")),
+    learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help=field_help("train.hyper.learning_rate")),
     lr_scheduler: str = typer.Option(
-        None, "--lr-scheduler", help="linear | cosine, restarted every epoch (default: linear)."
+        None, "--lr-scheduler", help=field_help("train.hyper.lr_scheduler", "linear | cosine, restarted every epoch.")
     ),
-    min_lr_ratio: float = typer.Option(
-        None, "--min-lr-ratio", help="Final LR / peak, per epoch (default: 1.0 = constant)."
+    min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help=field_help("train.hyper.min_lr_ratio")),
+    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help=field_help("train.hyper.warmup_ratio")),
+    batch_size: str = typer.Option(None, "--batch-size", help=field_help("train.hyper.batch_size")),
+    lora: bool = typer.Option(None, "--lora/--full", help=field_help("train.hyper.lora")),
+    lora_r: int = typer.Option(None, "--lora-r", help=field_help("train.hyper.lora_r")),
+    lora_alpha: int = typer.Option(None, "--lora-alpha", help=field_help("train.hyper.lora_alpha")),
+    lora_dropout: float = typer.Option(None, "--lora-dropout", help=field_help("train.hyper.lora_dropout")),
+    lora_trainable_modules: str = typer.Option(
+        None, "--lora-trainable-modules", help=field_help("train.hyper.lora_trainable_modules")
     ),
-    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warm-up share of each epoch (default: 0)."),
-    batch_size: str = typer.Option(None, "--batch-size", help="Integer or 'max' (default: max)."),
-    lora: bool = typer.Option(None, "--lora/--full", help="LoRA or full fine-tuning (default: lora)."),
-    lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank (default: 16)."),
-    lora_alpha: int = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
-    lora_dropout: float = typer.Option(None, "--lora-dropout", help="LoRA dropout (default: 0)."),
-    lora_trainable_modules: str = typer.Option(None, "--lora-trainable-modules", help="(default: all-linear)."),
-    n_evals: int = typer.Option(
-        None, "--n-evals", help="Evaluations per epoch (at least 1 with val.jsonl) (default: 1)."
+    n_evals: int = typer.Option(None, "--n-evals", help=field_help("train.hyper.n_evals")),
+    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help=field_help("train.hyper.n_checkpoints")),
+    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help=field_help("train.hyper.max_grad_norm")),
+    weight_decay: float = typer.Option(None, "--weight-decay", help=field_help("train.hyper.weight_decay")),
+    train_on_inputs: str = typer.Option(
+        None,
+        "--train-on-inputs",
+        help=field_help("train.hyper.train_on_inputs", "true | false | auto: also train on prompt tokens."),
     ),
-    n_checkpoints: int = typer.Option(None, "--n-checkpoints", help="Checkpoints per epoch (default: 1)."),
-    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping, 0 disables (default: 1.0)."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="(default: 0)."),
-    train_on_inputs: str = typer.Option(None, "--train-on-inputs", help="true | false | auto (default: false)."),
-    max_seq_length: int = typer.Option(None, "--max-seq-length", help="Longest sequence in tokens."),
-    seed: int = typer.Option(None, "--seed", help="Training seed (default: 42)."),
-    budget_usd: float = typer.Option(None, "--budget", help="Stop before an epoch that would exceed this many USD."),
-    stop_when_val_worsens: int = typer.Option(None, "--stop-when-val-worsens", help="Patience in epochs."),
-    wandb_project: str = typer.Option(None, "--wandb-project", help="W&B project for Together's per-epoch runs."),
+    max_seq_length: int = typer.Option(None, "--max-seq-length", help=field_help("train.hyper.max_seq_length")),
+    seed: int = typer.Option(None, "--seed", help=field_help("train.hyper.seed")),
+    budget_usd: float = typer.Option(None, "--budget", help=field_help("train.budget_usd")),
+    stop_when_val_worsens: int = typer.Option(
+        None, "--stop-when-val-worsens", help=field_help("train.stop_when_val_worsens")
+    ),
+    wandb_project: str = typer.Option(None, "--wandb-project", help=field_help("train.wandb_project")),
     config: Path = ConfigOption,
 ) -> None:
     """Train a fold one epoch at a time (one Together job per epoch, or the local trainer)."""
@@ -103,35 +113,57 @@ def train(
     _check_backend(cfg)
     from epochwise.validate import validate_file
 
-    problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name)]
+    limit = cfg.data.max_line_bytes
+    where = Fold.of(fold)
+    problems = [p for path in (where.train, where.val) for p in validate_file(path, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     prefect_defaults()
     from flows.epoch_train import epoch_train
 
     with friendly_errors():
-        state = epoch_train(str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, return_state=True)
+        state = epoch_train(
+            str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, ops=cfg.ops, data=cfg.data, return_state=True
+        )
         if not state.is_completed():
             try:
                 state.result()
             except Exception as exc:  # the flow's own failure, e.g. Together's job error message
-                fail_lines([f"epoch-train {fold.name} {state.name.lower()}: {exc}"])
+                fail_lines([f"epoch-train {Fold.of(fold).name} {state.name.lower()}: {exc}"])
         records = state.result()
     from epochwise.epochs import epoch_table
 
-    _print_table(f"{fold.name}: {len(records)} epoch(s)", epoch_table(records))
+    _print_table(f"{Fold.of(fold).name}: {len(records)} epoch(s)", epoch_table(records))
+    _print_next_steps(fold, records)
+
+
+def _print_next_steps(fold: Path, records: list[Any]) -> None:
+    """What to do with the trained epochs, as commands to copy."""
+    steps = [f"epochwise status {fold}"]
+    if records and all(r.backend == "local" for r in records):
+        steps += [
+            f'epochwise sample {fold} --epoch best --prompt "..."',
+            f"epochwise export {fold} --epoch best --out exports/{Fold.of(fold).name}",
+        ]
+    else:
+        steps += [f"epochwise deploy-info {fold}", f"epochwise deploy {fold} --epoch best"]
+    console.print("next: " + "\n      ".join(steps), markup=False, soft_wrap=True)
 
 
 def _check_backend(cfg: Settings) -> None:
     """Together: the key resolves (block or environment). Local: ``--model`` names a loadable model."""
-    from blocks.credentials import resolve_together, together_configured
+    from epochwise.credentials import together_configured, together_from_env
 
     block = cfg.together.credentials_block
     if cfg.train.backend == "together" or (cfg.train.backend == "auto" and together_configured(block)):
-        if block:
-            prefect_defaults()  # loading a block needs Prefect's API
         try:
-            resolve_together(block)
+            if block:
+                prefect_defaults()  # loading a block needs Prefect's API
+                from blocks.credentials import resolve_together
+
+                resolve_together(block)
+            else:
+                together_from_env()
         except ValueError as exc:  # no block of that name
             fail_lines([f"error: together.credentials_block {block!r}: {exc}"])
         except UserError as exc:
@@ -171,41 +203,43 @@ def _require_fold(fold: Path) -> None:
 def recorded_epochs(fold: Path) -> list[dict[str, Any]]:
     """The rows of the fold's latest ``<fold>-epochs`` artifact (what the last run recorded), or []."""
     prefect_defaults()
-    from prefect.artifacts import Artifact
+    from epochwise.epochs import read_epochs
 
-    from epochwise.artifacts import artifact_key
-
-    artifact = Artifact.get(artifact_key(fold.name, "epochs"))
-    if artifact is None or not artifact.data:
-        return []
-    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return list(data)
+    return read_epochs(Fold.of(fold).name)
 
 
 def status(
     fold: Path = FoldArgument,
     sync: bool = typer.Option(False, "--sync", help="Also list this fold's jobs in Together's job list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recorded epochs (and --sync's jobs) as JSON."),
     config: Path = ConfigOption,
 ) -> None:
     """Epochs recorded by Prefect for a fold; --sync reconciles them with Together's job list."""
     _require_fold(fold)
     rows = recorded_epochs(fold)
-    if rows:
-        _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
-    else:
-        console.print(f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)")
+    if as_json and not sync:
+        print_json({"fold": Fold.of(fold).name, "epochs": rows})
+        return
+    if not as_json:
+        if rows:
+            _print_table(f"{Fold.of(fold).name}: epochs recorded by Prefect", rows)
+        else:
+            console.print(
+                f"{Fold.of(fold).name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
+            )
     if not sync:
         return
-    from blocks.credentials import MissingCredentials, resolve_together
+    from blocks.credentials import together_client
     from epochwise import together_api as api
+    from epochwise.credentials import MissingCredentials
 
     cfg = settings(config).together
     try:
-        client = api.make_client(resolve_together(cfg.credentials_block), cfg)
+        client = together_client(cfg)
     except MissingCredentials as exc:
         fail_lines([str(exc)])
     recorded = {row.get("job") for row in rows}
-    jobs = api.fold_jobs(client, fold.name)
+    jobs = api.fold_jobs(client, Fold.of(fold).name)
     table = [
         {
             "epoch": epoch,
@@ -217,10 +251,13 @@ def status(
         }
         for epoch, job in jobs
     ]
+    if as_json:
+        print_json({"fold": Fold.of(fold).name, "epochs": rows, "together": table})
+        return
     if table:
-        _print_table(f"{fold.name}: jobs at Together", table)
+        _print_table(f"{Fold.of(fold).name}: jobs at Together", table)
     else:
-        console.print(f"{fold.name}: no jobs at Together")
+        console.print(f"{Fold.of(fold).name}: no jobs at Together")
     live = [job.id for _, job in jobs if job.status not in api.TERMINAL]
     if live:
         console.print(f"running at Together: {', '.join(live)} (rerun `epochwise train {fold}` to re-attach)")
@@ -228,19 +265,20 @@ def status(
 
 def abort(fold: Path = FoldArgument, config: Path = ConfigOption) -> None:
     """Cancel this fold's unfinished Together jobs (completed steps are still billed)."""
-    from blocks.credentials import MissingCredentials, resolve_together
+    from blocks.credentials import together_client
     from epochwise import together_api as api
+    from epochwise.credentials import MissingCredentials
 
     cfg = settings(config).together
     try:
-        client = api.make_client(resolve_together(cfg.credentials_block), cfg)
+        client = together_client(cfg)
     except MissingCredentials as exc:
         fail_lines([str(exc)])
-    live = [(epoch, job) for epoch, job in api.fold_jobs(client, fold.name) if job.status not in api.TERMINAL]
+    live = [(epoch, job) for epoch, job in api.fold_jobs(client, Fold.of(fold).name) if job.status not in api.TERMINAL]
     for epoch, job in live:
         console.print(f"epoch {epoch}: {job.id} {job.status} -> {api.cancel_job(client, job.id)}")
     if not live:
-        console.print(f"{fold.name}: no unfinished jobs at Together")
+        console.print(f"{Fold.of(fold).name}: no unfinished jobs at Together")
 
 
 def deploy_info(
@@ -252,37 +290,41 @@ def deploy_info(
     _require_fold(fold)
     rows = [r for r in recorded_epochs(fold) if r.get("status") == "completed"]
     if not rows:
-        fail_lines([f"{fold.name}: no completed epochs recorded (run `epochwise train {fold}` first)"])
+        fail_lines([f"{Fold.of(fold).name}: no completed epochs recorded (run `epochwise train {fold}` first)"])
     from epochwise.epochs import EpochChoiceError, choose_epoch, records_from_table
 
     try:
-        number = choose_epoch(records_from_table(fold.name, rows), epoch).epoch
+        number = choose_epoch(records_from_table(Fold.of(fold).name, rows), epoch).epoch
     except EpochChoiceError:
         fail_lines(
             [
-                f"{fold.name}: epoch {epoch} is not among the completed epochs "
+                f"{Fold.of(fold).name}: epoch {epoch} is not among the completed epochs "
                 f"{', '.join(str(r['epoch']) for r in rows)}"
             ]
         )
     chosen = next(r for r in rows if int(r["epoch"]) == number)
     if as_json:
-        console.print_json(json.dumps({"fold": fold.name, **chosen}))
+        print_json({"fold": Fold.of(fold).name, **chosen})
         return
-    _print_table(f"{fold.name}: models per epoch", rows)
-    console.print(
-        f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, "
-        f"val loss {chosen.get('val loss') or '?'})",
-        markup=False,
-    )
+    _print_table(f"{Fold.of(fold).name}: models per epoch", rows)
+    loss = f"val loss {chosen.get('val loss') or '?'}"
+    if chosen.get("job"):
+        line = f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, {loss})"
+    else:  # a local epoch: the model is its adapter directory; `deploy` exports and smoke-tests it
+        line = f"deploy epoch {chosen['epoch']}: local adapter {chosen['model']} ({loss})"
+    console.print(line, markup=False, soft_wrap=True)
+    console.print(f"next: epochwise deploy {fold} --epoch {chosen['epoch']}", markup=False, soft_wrap=True)
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for column in rows[0] if rows else []:
         table.add_column(str(column))
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_table(table)
     # Model names are long and a narrow terminal wraps them inside the table; print them whole to copy.
     for row in rows:
         if row.get("model"):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
+
+# A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
+# Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded. The default of
+# `DataConfig.max_line_bytes`, and of the readers that take it.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
-class RecordMapping(BaseModel):
+class RecordMapping(Section):
     """Maps one input record to ChatML ``messages``.
 
     ``auto`` uses a record's own ``messages`` or ``prompt``/``completion`` when it has them and the
@@ -28,7 +35,7 @@ class RecordMapping(BaseModel):
     )
 
 
-class DataConfig(BaseModel):
+class DataConfig(Section):
     """Everything `prepare` needs besides the input and output paths."""
 
     mapping: RecordMapping = Field(default_factory=RecordMapping)
@@ -38,5 +45,7 @@ class DataConfig(BaseModel):
         False, description="Fail on records that cannot be mapped instead of skipping them with a reason."
     )
     max_line_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="Longest accepted JSONL line in bytes (64 MiB)."
+        MAX_LINE_BYTES,
+        gt=0,
+        description="Longest accepted JSONL line in bytes (64 MiB), in records, validation and conversion.",
     )

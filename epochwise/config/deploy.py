@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from epochwise.config.base import Section
 
 
-class DeployConfig(BaseModel):
+class DeployConfig(Section):
     """Endpoint hardware, autoscaling, smoke test, polling and the reaper's age limit.
 
     A dedicated endpoint bills per GPU-minute while a replica runs, whether or not anyone calls it, so
@@ -21,7 +23,10 @@ class DeployConfig(BaseModel):
     min_replicas: int = Field(1, ge=0, description="Replicas kept running (0 = scale to zero when idle).")
     max_replicas: int = Field(1, ge=1, description="Replicas at most under load.")
     inactive_timeout_min: int = Field(
-        60, ge=0, le=1440, description="Together stops the deployment after this many idle minutes (0 = never; else 30-1440)."
+        60,
+        ge=0,
+        le=1440,
+        description="Together stops the deployment after this many idle minutes (0 = never; else 30-1440).",
     )
     smoke_prompt: str = Field("Reply with one short sentence: are you ready?", description="Smoke-test user message.")
     smoke_max_tokens: int = Field(32, gt=0, description="Longest smoke-test reply (tokens).")

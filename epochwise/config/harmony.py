@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
 
 
-class HarmonyConfig(BaseModel):
+class HarmonyConfig(Section):
     """How ``epochwise convert --format harmony`` renders, limits and parallelises a fold.
 
     ``reasoning_effort``, ``max_seq_length`` and ``overlong`` change the written tokens and are part of

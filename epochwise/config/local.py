@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
 
 
-class TinyModel(BaseModel):
+class TinyModel(Section):
     """Shape of the offline ``tiny`` model: a random-init Llama (~1.1M parameters with the defaults).
 
     Sized so the README job (3 epochs of the example fold, ~55k tokens each) finishes in well under
@@ -34,7 +36,7 @@ class TinyModel(BaseModel):
     init_seed: int = Field(0, description="Seed of the random init (independent of the training seed).")
 
 
-class LocalConfig(BaseModel):
+class LocalConfig(Section):
     """Local trainer settings beyond the shared `HyperParams`.
 
     Effective batch = ``micro_batch_size x grad_accumulation`` sequences (packed blocks when packing);

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
+
+from epochwise.config.base import Section
 
 
-class OpsConfig(BaseModel):
+class OpsConfig(Section):
     """Deployments, schedules and limits registered on the Prefect server."""
 
     work_pool: str = Field("epochwise", description="Process work pool the deployments run on.")

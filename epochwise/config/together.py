@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
 
 
-class TogetherConfig(BaseModel):
+class TogetherConfig(Section):
     """Together API behaviour: polling, deadlines, retries, where credentials come from.
 
     Polling starts at ``poll_initial_s`` and grows by ``poll_factor`` up to ``poll_max_s``: a job that

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from epochwise.config.base import Section
 
 
-class HyperParams(BaseModel):
+class HyperParams(Section):
     """Hyper-parameters of one epoch. Each epoch is its own job, so schedules restart every epoch.
 
     Default for chaining: a linear schedule with ``min_lr_ratio=1.0`` and no warmup, i.e. a constant
@@ -21,20 +23,25 @@ class HyperParams(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of each epoch's steps spent warming up.")
     batch_size: int | Literal["max"] = Field("max", description="Batch size, or 'max' (Together's choice).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     lora: bool = Field(True, description="LoRA (True) or full fine-tuning (False).")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha (default 2 x rank).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     lora_trainable_modules: str = Field("all-linear", description="Comma list of modules, or 'all-linear'.")
     n_evals: int = Field(1, ge=0, description="Evaluations per epoch (>= 1 gives a validation loss).")
-    n_checkpoints: int = Field(1, ge=1)
+    n_checkpoints: int = Field(1, ge=1, description="Checkpoints saved per epoch.")
     train_on_inputs: bool | Literal["auto"] = Field(False, description="Also train on prompt tokens.")
     max_seq_length: int | None = Field(None, gt=0, description="Longest sequence in tokens.")
     seed: int = Field(42, description="Training seed.")
 
+    @property
+    def effective_lora_alpha(self) -> int:
+        """``lora_alpha``, or twice the rank when unset (what both backends train with)."""
+        return self.lora_alpha or 2 * self.lora_r
 
-class TrainConfig(BaseModel):
+
+class TrainConfig(Section):
     """What ``epoch-train`` trains and how; a flow parameter, a CLI target and a deployment parameter."""
 
     backend: Literal["auto", "together", "local"] = Field(

@@ -44,10 +44,12 @@ def load_epoch(metrics: dict):
     import torch
     from peft import PeftModel
 
+    from epochwise.local.lora import building_peft_model
     from epochwise.local.models import load_base
 
     model, tokenizer = load_base(metrics["base_model"], torch.device("cpu"))
-    model = PeftModel.from_pretrained(model, metrics["adapter_dir"])
+    with building_peft_model():
+        model = PeftModel.from_pretrained(model, metrics["adapter_dir"])
     model.eval()
     return model, tokenizer
 

@@ -13,9 +13,27 @@ base weights, as peft keeps them in fp32 on a bf16 model) runs peft's own forwar
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import MethodType
 
 import torch
+
+
+@contextmanager
+def building_peft_model() -> Iterator[None]:
+    """Around ``get_peft_model`` / ``PeftModel.from_pretrained``: hides the one FutureWarning they cause.
+
+    peft 0.21's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, an alias transformers 5
+    deprecated (its replacement is ``is_activation_checkpointing``), so every epoch warned although
+    epochwise never calls it and never checkpoints activations. The read happens inside peft, so it
+    cannot be avoided from here; this filter matches only that message, and only while peft builds the
+    model.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

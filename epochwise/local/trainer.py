@@ -42,7 +42,7 @@ from epochwise.config.train import HyperParams
 from epochwise.io import atomic_dir, atomic_write, atomic_write_bytes
 from epochwise.local import keys
 from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
-from epochwise.local.lora import fuse_lora_updates
+from epochwise.local.lora import building_peft_model, fuse_lora_updates
 from epochwise.local.models import base_model_path, load_base, resolve_device
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -309,20 +309,21 @@ def _lora_model(model, hyper: HyperParams, parent: str | None):
     from transformers import set_seed
 
     set_seed(hyper.seed)  # LoRA init of a fresh adapter
-    if parent:
-        model = PeftModel.from_pretrained(model, parent, is_trainable=True)
-    else:
-        targets = hyper.lora_trainable_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=hyper.lora_r,
-                lora_alpha=hyper.lora_alpha or 2 * hyper.lora_r,
-                lora_dropout=hyper.lora_dropout,
-                target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-                task_type="CAUSAL_LM",
-            ),
-        )
+    targets = hyper.lora_trainable_modules
+    with building_peft_model():
+        if parent:
+            model = PeftModel.from_pretrained(model, parent, is_trainable=True)
+        else:
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=hyper.lora_r,
+                    lora_alpha=hyper.effective_lora_alpha,
+                    lora_dropout=hyper.lora_dropout,
+                    target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                    task_type="CAUSAL_LM",
+                ),
+            )
     fuse_lora_updates(model)
     model.train()
     return model

@@ -6,14 +6,36 @@ vanished keeps retrying its websocket and ignores SIGTERM (observed with prefect
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.e2e.processes import BIN, SERVER_START_S, Prefect, client_env, free_port, stop, tail
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_server_env(port: int) -> dict[str, str]:
+    """The variables the README's "Running it for real" block exports before ``prefect server start``,
+    moved to ``port`` (every other setting of the test's PREFECT_HOME stays the test's own)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Running it for real\n", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("prefect server start "))
+    readme_port = re.search(r"--port (\d+)", lines[start]).group(1)
+    found = {}
+    for line in lines[:start]:
+        if line.startswith("export "):
+            for pair in shlex.split(line.split(" #")[0])[1:]:
+                name, _, value = pair.partition("=")
+                found[name] = value.replace(f":{readme_port}", f":{port}")
+    return {k: v for k, v in found.items() if k != "PREFECT_HOME"}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +48,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
     server_env = client_env(home, None)
-    # The UI asks the browser to call this URL; its default is port 4200.
-    server_env["PREFECT_UI_API_URL"] = f"{url}/api"
+    # The README's server settings on this port (PREFECT_UI_API_URL: the UI's default is port 4200).
+    server_env.update(readme_server_env(port))
+    assert server_env["PREFECT_UI_API_URL"] == f"{url}/api"
     with log.open("w") as out:
         server = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

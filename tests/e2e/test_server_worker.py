@@ -191,6 +191,7 @@ def test_ui_shows_the_completed_run(prefect_server: Prefect, games_run, tmp_path
     assert games_run["name"] in text, text[:2000]
     assert "Completed" in text, text[:2000]
     assert "epoch-train" in text and "games" in text, text[:2000]
+    assert "connect to Server API" not in text, text[:2000]  # PREFECT_UI_API_URL names this port
 
     png = tmp_path / "flow-run.png"
     shot = chromium(f"--screenshot={png}", page, profile=tmp_path / "profile-shot")

@@ -130,6 +130,10 @@ class Script:
     chat_reply: str = "pong"
     # Chat completions answer this HTTP status for every model whose name contains the key (smoke-test failures).
     chat_errors: dict[str, int] = field(default_factory=dict)
+    # Scripted answers: the reply to a conversation whose last message contains the key (first match wins;
+    # otherwise chat_reply), and HTTP statuses answered for such a conversation (a row that keeps failing).
+    chat_answers: dict[str, str] = field(default_factory=dict)
+    chat_prompt_errors: dict[str, int] = field(default_factory=dict)
     # Deployment deletes answer 400 with this message while the deployment still has replicas
     # (Together refusing a delete for a reason other than live traffic); scaled to zero, it deletes.
     delete_refusal: str | None = None
@@ -861,10 +865,16 @@ def chat(fake: FakeTogether, _: dict[str, str], req: Request):
     for fragment, status in fake.script.chat_errors.items():
         if fragment in model:
             raise ApiError(status, f"scripted {status}: {model} is not answering", "server_error")
+    messages = body.get("messages") or []
+    last = str(messages[-1].get("content", "")) if messages else ""
+    for fragment, status in fake.script.chat_prompt_errors.items():
+        if fragment in last:
+            raise ApiError(status, f"scripted {status} for this conversation", "server_error")
     fake.state.chats.append(body)
+    answer = next((a for fragment, a in fake.script.chat_answers.items() if fragment in last), fake.script.chat_reply)
     return 200, {
         "id": fake.new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": fake.script.chat_reply}}],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
     }
 

@@ -28,9 +28,8 @@ from epochwise.job_owners import job_tag
 from flows.epoch_train import epoch_train
 from flows.job_reaper import job_reaper
 from tasks.cancellation import cancel_owned_jobs
-from tests.conftest import REPO
 from tests.fake_together.server import FakeJob, FakeTogether
-from tests.flows.test_epoch_train_together import BASE, FAST, make_fold, train_cfg
+from tests.helpers import BASE, FAST, REPO, make_fold, train_cfg
 
 START_S = 180  # hang guard for a child process to reach a running job, not a speed assertion
 

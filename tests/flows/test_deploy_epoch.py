@@ -293,6 +293,10 @@ def test_cli_deploy_then_stop_leaves_zero_replicas(fake_together, tmp_path, monk
 
     shown = runner.invoke(app, ["endpoints", str(fold)])
     assert shown.exit_code == 0 and "0-0" in shown.output
+    listed = runner.invoke(app, ["endpoints", str(fold), "--json"])  # for scripts
+    assert listed.exit_code == 0, listed.output
+    (endpoint,) = json.loads(listed.output)["endpoints"]
+    assert (endpoint["endpoint"], endpoint["epoch"], endpoint["replicas"]) == ("me/ew-dstop-e2", "2", "0-0")
 
     # Deploying the stopped epoch again starts the same deployment instead of making a second one.
     redeployed = runner.invoke(app, ["deploy", str(fold), "--epoch", "2"])

@@ -22,14 +22,9 @@ from prefect.settings import (
     PREFECT_SERVER_DATABASE_CONNECTION_URL,
 )
 
-from epochwise.config.train import TrainConfig
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.helpers import BASE, FAST, OUTAGE_S, REPO, make_fold, run_logs
-
-
-def train_cfg(epochs: int = 3, **kw) -> TrainConfig:
-    return TrainConfig(backend="together", base_model=BASE, epochs=epochs, **kw)
+from tests.helpers import BASE, FAST, OUTAGE_S, REPO, make_fold, run_logs, train_cfg
 
 
 def progress_artifacts() -> list:

@@ -102,7 +102,8 @@ def test_export_merged_and_adapter_and_sample(trained, tmp_path: Path):
     ).read_bytes()
     sample = runner.invoke(app, ["sample", str(fold), "--epoch", "2", "--prompt", "Who wins?", "--max-new-tokens", "4"])
     assert sample.exit_code == 0, sample.output
-    assert sample.output.splitlines()[0] == "epoch 2"
+    label, *reply = sample.output.splitlines()
+    assert label == "epoch 2 reply to 'Who wins?':" and reply and reply[0].strip()
     missing = runner.invoke(app, ["sample", str(fold), "--epoch", "7", "--prompt", "x"])
     assert missing.exit_code == 1 and "epoch 7 is not finished (finished: 1, 2)" in missing.output
 
@@ -230,7 +231,7 @@ import time
 from pathlib import Path
 from flows.epoch_train import epoch_train
 from epochwise.config.train import TrainConfig
-from tests.flows.test_local_train import HYPER, resume_config
+from tests.helpers import HYPER, resume_config
 
 epoch_train(sys.argv[1], TrainConfig(backend="local", epochs=1, local_model="tiny", hyper=HYPER),
             local=resume_config(Path(sys.argv[2])))

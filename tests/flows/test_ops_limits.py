@@ -40,3 +40,27 @@ def test_together_api_limit_is_idempotent_and_serialises_tagged_tasks():
             assert second_start >= first_end  # one slot: the second call began after the first ended
         finally:
             client.delete_global_concurrency_limit_by_name(name)
+
+
+def test_a_configured_together_api_tag_is_the_tag_the_flows_together_tasks_carry(fake_together, tmp_path):
+    """A non-default ``ops.together_api_tag`` reaches the task runs at call time (an import-time default
+    would register a limit that no task carries); the long poller never holds a slot."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from epochwise.config import TrainConfig
+    from flows.epoch_train import epoch_train
+    from tests.flows.test_epoch_train_together import BASE, FAST, make_fold
+
+    custom = "together-api-custom"
+    fold = make_fold(tmp_path, "tagged", "custom-tag")
+    train = TrainConfig(backend="together", base_model=BASE, epochs=1)
+    state = epoch_train(str(fold), train, FAST, ops=OpsConfig(together_api_tag=custom), return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    tags = {run.name.rsplit("-", 1)[0]: set(run.tags) for run in runs}
+    for short in ("upload_if_missing", "file_is_live", "launch_epoch_job", "fetch_epoch_metrics"):
+        assert custom in tags[short] and TAG not in tags[short], (short, tags[short])
+    assert custom not in tags["wait_for_job"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -230,3 +231,35 @@ def test_a_cached_hub_model_passes_offline(tmp_path: Path, monkeypatch: pytest.M
         check_model("tinny")
     with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE\)$"):
         check_model("org/other-model")  # nothing close to a built-in: no suggestion
+
+
+def test_a_temporary_prefect_api_that_does_not_start_is_one_line_not_a_traceback(fold: Path, tmp_path: Path) -> None:
+    # A zero start-up allowance makes Prefect give up on its ephemeral server before it answers.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    done = subprocess.run(
+        [EPOCHWISE, "train", str(fold), "--backend", "local", "--epochs", "1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    assert lines(done.stderr)[-1].startswith("error: Prefect's temporary API server did not start within 0 s")
+    assert "PREFECT_API_URL" in done.stderr
+    assert not (fold / "local").exists()  # nothing trained
+
+
+def test_the_cli_sets_prefects_start_up_allowance_before_prefect_reads_its_settings(tmp_path: Path) -> None:
+    # Prefect reads its settings once, at import: a default set later would be silently ignored.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    script = (
+        "import sys; from epochwise.cli import main; sys.argv = ['epochwise', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "from prefect.settings import get_current_settings\n"
+        "print('TIMEOUT', get_current_settings().server.ephemeral.startup_timeout_seconds)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "TIMEOUT 90" in done.stdout, done.stderr

@@ -15,7 +15,7 @@ from epochwise.config import load_settings
 from epochwise.fold import discover_folds
 
 ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
-       "deploy-epoch/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
+       "deploy-epoch/any-fold", "evaluate-epochs/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
 
 
 @pytest.fixture
@@ -63,6 +63,14 @@ def test_non_default_config_is_baked_into_parameters(folds_root: Path):
     assert plan["epoch-train/games"].parameters["train"] == expected
     assert plan["epoch-train/any-fold"].parameters["train"] == expected
     assert "train" not in plan["prepare-fold/any"].parameters  # prepare-fold takes no train section
+
+
+def test_a_configured_together_api_tag_is_baked_into_the_epoch_train_deployments(folds_root: Path):
+    """Worker runs carry the tag `apply` registers the limit for (tests/flows/test_ops_limits.py runs it)."""
+    settings = load_settings(overrides={"ops": {"together_api_tag": "together-api-team"}})
+    plan = by_name(plan_deployments(folds_root, settings, "/srv/results"))
+    assert plan["epoch-train/games"].parameters["ops"] == {"together_api_tag": "together-api-team"}
+    assert plan["epoch-train/any-fold"].parameters["ops"] == {"together_api_tag": "together-api-team"}
 
 
 @pytest.mark.parametrize("mode, per_fold, nightly", [("per-fold", True, False), ("nightly-folds", False, True),

@@ -42,13 +42,15 @@ def pip_installs(command: str) -> list[list[str]]:
 
 
 def pinned_install(args: list[str]) -> tuple[str, str]:
-    """(constraints file, requirement) of a pip install; quiet, editable and cache flags do not matter."""
+    """(constraints file, requirement) of a pip install; quiet, editable, cache and index flags do not matter."""
     constraints, requirement, rest = None, None, iter(args)
     for word in rest:
         if word in ("-c", "--constraint"):
             constraints = next(rest)
         elif word in ("-q", "--quiet", "-e", "--editable", "--no-cache-dir", "--no-deps"):
             continue
+        elif word in ("--index-url", "--extra-index-url"):  # where torch's build comes from, not a pin
+            next(rest)
         elif word.startswith("-"):
             pytest.fail(f"unexpected pip option {word!r} in {args}")
         else:

@@ -88,3 +88,31 @@ def test_fused_forward_applies_lora_dropout_like_peft(dropout):
     torch.manual_seed(5)
     fused_logits, _ = loss_and_grads(fused, ids)
     assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_building_a_peft_model_does_not_emit_transformers_deprecation_warning():
+    """peft reads ``is_gradient_checkpointing``, which transformers deprecated; the trainer's guard
+    hides that one warning (and only it) while peft builds the model."""
+    import warnings
+
+    from epochwise.local.lora import building_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    tiny = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    with warnings.catch_warnings(record=True) as bare:
+        warnings.simplefilter("always")
+        get_peft_model(LlamaForCausalLM(tiny), config)
+    assert any("is_gradient_checkpointing" in str(w.message) for w in bare)  # what the guard is for
+    with warnings.catch_warnings(record=True) as guarded:
+        warnings.simplefilter("always")
+        with building_peft_model():
+            get_peft_model(LlamaForCausalLM(tiny), config)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in guarded if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]

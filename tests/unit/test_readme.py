@@ -42,3 +42,78 @@ def test_constraints_pin_what_prefect_needs() -> None:
     assert pins["prefect"].startswith("3.8.")
     assert tuple(int(x) for x in pins["fastapi"].split(".")[:2]) < (0, 151)
     assert pins["SQLAlchemy"].startswith("2.0.")
+
+
+def section(title: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_installs_on_a_users_own_machine() -> None:
+    """CPU from PyTorch's CPU index (the training image's default index too), CUDA and macOS commands."""
+    install = section("Installing on your own machine")
+    commands = [
+        line for block in re.findall(r"```bash\n(.+?)\n```", install, flags=re.S) for line in block.splitlines()
+    ]
+    dockerfile = (REPO / "docker" / "training.Dockerfile").read_text(encoding="utf-8")
+    cpu_index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile, flags=re.M).group(1)
+    assert cpu_index == "https://download.pytorch.org/whl/cpu"
+    cpu, cuda, mac = commands
+    assert f"--extra-index-url {cpu_index} -c constraints.txt -e '.[local]'" in cpu
+    assert "--extra-index-url https://download.pytorch.org/whl/cu" in cuda and cuda.endswith("# CUDA")
+    assert "--extra-index-url" not in mac and mac.endswith("# macOS")
+    constraints = (REPO / "constraints.txt").read_text().splitlines()
+    for command in (cuda, mac):
+        assert command.startswith("sed -i.bak '/^torch==/s/+cpu$//' constraints.txt && ")
+    # That sed changes exactly one pin: torch's CPU build becomes a version any build of it matches.
+    edited = [re.sub(r"\+cpu$", "", line) if line.startswith("torch==") else line for line in constraints]
+    changed = [(old, new) for old, new in zip(constraints, edited, strict=True) if old != new]
+    assert len(changed) == 1 and changed[0][0].endswith("+cpu") and "+" not in changed[0][1]
+    assert "`TORCH_INDEX_URL`" in install
+    assert "TORCH_INDEX_URL" in (REPO / "docker" / "compose.yaml").read_text(encoding="utf-8")
+
+
+def test_readme_server_sets_the_ui_api_url_on_the_port_it_starts() -> None:
+    block = re.findall(r"```bash\n(.+?)\n```", section("Running it for real"), flags=re.S)[0]
+    port = re.search(r"^prefect server start --host 127\.0\.0\.1 --port (\d+)", block, flags=re.M).group(1)
+    assert f"export PREFECT_UI_API_URL=http://127.0.0.1:{port}/api" in block.splitlines()[2]
+
+
+def test_readme_says_which_commands_are_flow_runs_and_where_state_persists() -> None:
+    using = section("Using it")
+    assert "Every command is a Prefect flow run" not in using
+    assert "`prepare`, `train`, `deploy` and `endpoints --reap` are Prefect flow runs" in using
+    assert "~/.prefect/prefect.db" in using and "throwaway" not in (REPO / "README.md").read_text()
+    assert "source .venv/bin/activate" in using
+    assert "epochwise deployments ls" in using
+    for command in ("status", "deploy-info", "endpoints"):
+        assert re.search(rf"^epochwise {command} .*\[--json\]", using, flags=re.M), command
+
+
+def test_readme_links_point_where_they_say() -> None:
+    """Every in-page link names an existing heading, and one saying "above" or "below" points that way."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-"): m.start()
+        for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)
+        for h in [m.group(1)]
+    }
+    links = list(re.finditer(r"\]\(#([a-z0-9-]+)\)( above| below)?", text))
+    assert links
+    for link in links:
+        anchor, direction = link.group(1), (link.group(2) or "").strip()
+        assert anchor in headings, anchor
+        if direction:
+            assert (headings[anchor] < link.start()) == (direction == "above"), link.group(0)
+    assert "(see below)" not in text
+
+
+def test_readme_has_the_reliability_section() -> None:
+    reliability = section("Reliability")
+    for guarantee in (
+        "**A failed deploy leaves nothing billing.**",
+        "**Together outages.**",
+        "**Uploads without a cache.**",
+        "**User errors print reasons, never tracebacks.**",
+    ):
+        assert guarantee in reliability

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from together import AuthenticationError, BadRequestError, ConflictError, Together
+from together import AuthenticationError, BadRequestError, ConflictError, InternalServerError, Together
 
 BASE = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 CONVO = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -142,6 +142,17 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
     assert states[0] == "DEPLOYMENT_STATE_PROVISIONING"
     reply = client.chat.completions.create(model=endpoint.name, messages=[{"role": "user", "content": "ping"}])
     assert reply.choices[0].message.content == "pong" and fake_together.state.chats
+    # scripted answers per conversation (matched on the last message), and a conversation that keeps failing
+    fake_together.script.chat_answers = {"who wins": "Kofi"}
+    fake_together.script.chat_prompt_errors = {"broken": 500}
+    asked = [{"role": "user", "content": "a story. Who wins?"}]
+    assert client.chat.completions.create(model=endpoint.name, messages=asked).choices[0].message.content == "pong"
+    asked = [{"role": "user", "content": "a story: who wins"}]
+    assert client.chat.completions.create(model=endpoint.name, messages=asked).choices[0].message.content == "Kofi"
+    with pytest.raises(InternalServerError):
+        client.with_options(max_retries=0).chat.completions.create(
+            model=endpoint.name, messages=[{"role": "user", "content": "a broken row"}])
+    assert len(fake_together.state.chats) == 3  # the failed request is not recorded as answered
 
     client.endpoints.deployments.update(
         dep.id, endpoint_id=endpoint.id, autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from blocks.credentials import MissingCredentials, WandbCredentials, resolve_together, resolve_wandb
+from blocks.credentials import MissingCredentials, WandbAccess, resolve_together, resolve_wandb
 from epochwise.config.train import HyperParams
 from epochwise.epochs import EpochRecord, epoch_key, val_stalled
 
@@ -68,16 +68,18 @@ def test_wandb_key_is_optional_and_secret(monkeypatch):
     assert resolve_wandb() is None
     monkeypatch.setenv("WANDB_API_KEY", "wk-456")
     creds = resolve_wandb()
-    assert isinstance(creds, WandbCredentials) and isinstance(creds.api_key, SecretStr)
+    assert isinstance(creds, WandbAccess) and isinstance(creds.api_key, SecretStr)
     assert creds.api_key.get_secret_value() == "wk-456" and "wk-456" not in repr(creds)
 
 
-def test_short_together_tasks_carry_the_ops_limit_tag_and_the_poller_does_not():
+def test_short_together_tasks_carry_the_runs_ops_tag_and_the_poller_does_not():
     from epochwise.config.ops import OpsConfig
     from tasks import together
 
-    tag = OpsConfig().together_api_tag
+    ops = OpsConfig(together_api_tag="custom-together-tag")
     for short in (together.upload_if_missing, together.file_is_live, together.launch_epoch_job,
                   together.fetch_epoch_metrics):
-        assert tag in short.tags, short.name
-    assert tag not in together.wait_for_job.tags  # it holds a slot for the whole job
+        tagged = together.api_tagged(short, ops)
+        assert "custom-together-tag" in tagged.tags and tagged.fn is short.fn, short.name
+        assert OpsConfig().together_api_tag not in short.tags  # no import-time default tag
+    assert not together.wait_for_job.tags  # it holds a slot for the whole job

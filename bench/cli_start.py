@@ -1,0 +1,186 @@
+"""Benchmark: how fast the ``epochwise`` CLI starts, against a bare ``import typer, rich``.
+
+    python bench/cli_start.py [--runs 7] [--root PATH] [--large-mb 100] [--no-large]
+
+Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
+rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file; the figures are medians
+over the rounds, so a busy machine slows both sides alike. Targets: ``--help`` <= 2x the baseline,
+``validate`` <= 3x. Two floor rows show what the commands cannot avoid: typer's help renderer with
+pydantic (option help is built from the config fields), and ``together.lib`` (``validate`` runs
+together's ``check_file``, and importing it loads the whole SDK). ``--root`` (repeatable, rounds alternate between roots) measures another checkout of the code
+(e.g. a worktree of an older commit) with this same interpreter. Then ``python -X importtime`` lists which heavy packages (prefect, together,
+torch, pyarrow, ...) each command imports at all.
+
+Last, in this process: ``validate_file`` of a generated ~100 MB ChatML JSONL against a bare
+``orjson.loads`` loop over the same file (target <= 1.2x), with and without together's ``check_file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEAVY = ("prefect", "together", "torch", "pyarrow", "transformers", "wandb", "openai_harmony", "httpx", "sqlalchemy")
+BASELINE = "baseline (import typer, rich)"
+CLI = "import sys; sys.argv[0] = 'epochwise'; from epochwise.cli import main; main()"
+WORDS = "alice bob stones pile table turn takes wins rock paper scissors board move first last player".split()
+
+
+def conversation(rng: random.Random, words: int) -> str:
+    story = " ".join(rng.choice(WORDS) for _ in range(words))
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "You answer with the game's context as compact JSON."},
+                {"role": "user", "content": f"Generate a detailed socialized context for:\n\n{story}"},
+                {"role": "assistant", "content": json.dumps({"game": "nim", "stones": rng.randint(5, 30)})},
+            ]
+        }
+    )
+
+
+def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) -> int:
+    """ChatML rows until the file has ``target_bytes``; returns the row count."""
+    rng = random.Random(seed)
+    rows = size = 0
+    with open(path, "w", encoding="utf-8") as out:
+        while size < target_bytes:
+            line = conversation(rng, words) + "\n"
+            out.write(line)
+            size += len(line.encode())
+            rows += 1
+    return rows
+
+
+def timed(argv: list[str], root: Path) -> tuple[float, float]:
+    """Wall-clock and CPU (user + system) seconds of one run; CPU time is far less sensitive to load."""
+    env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", "COLUMNS": "120"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[2:3])} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def imported_heavy(argv: list[str], root: Path) -> list[str]:
+    """Top-level packages among HEAVY that ``argv`` imports (from ``-X importtime``'s report)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1"}
+    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=root, env=env, capture_output=True, text=True)
+    found = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip().split(".")[0]
+            if name in HEAVY:
+                found.add(name)
+    return sorted(found)
+
+
+def cli_start(roots: list[Path], runs: int, small: Path) -> None:
+    """Median start times per root; rounds alternate between the roots so load hits them alike."""
+    commands = {
+        BASELINE: [sys.executable, "-c", "import typer, rich"],
+        # What any help screen needs: typer's rich renderer, and pydantic for the config fields' defaults.
+        "floor: + rich_utils, pydantic": [
+            sys.executable,
+            "-c",
+            "import typer.rich_utils, rich; from pydantic import BaseModel, Field",
+        ],
+        "epochwise --help": [sys.executable, "-c", CLI, "--help"],
+        # validate runs together's own check_file, and importing it loads the whole SDK.
+        "floor: + together.lib": [sys.executable, "-c", "import typer, rich; from together.lib import check_file"],
+        "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
+    }
+    times = {(root, name): [] for root in roots for name in commands}
+    for root in roots:  # warm the page cache and the .pyc files once
+        for argv in commands.values():
+            timed(argv, root)
+    for _ in range(runs):
+        for root in roots:
+            for name, argv in commands.items():
+                times[root, name].append(timed(argv, root))
+    for root in roots:
+        wall = {name: statistics.median(t[0] for t in times[root, name]) for name in commands}
+        cpu = {name: statistics.median(t[1] for t in times[root, name]) for name in commands}
+        base_wall, base_cpu = wall[BASELINE], cpu[BASELINE]
+        print(f"\nCLI start, {root}, median of {runs} rounds")
+        print(f"{'command':32} {'wall s':>7} {'x base':>7} {'cpu s':>6} {'x base':>7}  heavy imports")
+        for name, argv in commands.items():
+            heavy = ", ".join(imported_heavy(argv, root)) or "-"
+            print(
+                f"{name:32} {wall[name]:7.3f} {wall[name] / base_wall:7.2f} {cpu[name]:6.3f} "
+                f"{cpu[name] / base_cpu:7.2f}  {heavy}"
+            )
+
+
+def large_validate(megabytes: int, repeat: int) -> None:
+    import orjson
+
+    from epochwise.validate import validate_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "large.jsonl"
+        rows = write_jsonl(path, megabytes * 1024 * 1024)
+        size = path.stat().st_size
+
+        def parse_loop() -> None:
+            with open(path, "rb") as handle:
+                for line in handle:
+                    orjson.loads(line)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        floor = best(parse_loop)
+        ours = best(lambda: validate_file(path, run_together_check=False))
+        full = best(lambda: validate_file(path))
+        problems = validate_file(path)
+        assert not problems, problems[:3]
+        print(f"\nvalidate of {size / 1e6:.0f} MB, {rows:,} rows (best of {repeat})")
+        print(f"{'':34} {'s':>7} {'MB/s':>7} {'x parse':>8}")
+        for label, seconds in (
+            ("bare orjson.loads loop", floor),
+            ("validate_file, epochwise rules", ours),
+            ("validate_file + together check", full),
+        ):
+            print(f"{label:34} {seconds:7.2f} {size / 1e6 / seconds:7.0f} {seconds / floor:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--root", type=Path, action="append", help="Checkout to measure (repeatable; default: this one)."
+    )
+    parser.add_argument("--large-mb", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--no-large", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "train.jsonl"
+        rng = random.Random(1)
+        small.write_text("".join(conversation(rng, 40) + "\n" for _ in range(24)), encoding="utf-8")
+        roots = [r.resolve() for r in args.root or [Path(__file__).resolve().parents[1]]]
+        cli_start(roots, args.runs, small)
+    if not args.no_large:
+        large_validate(args.large_mb, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Every CLI option that sets a config field shows that field's real default and path in its help,
+built from the config models (one source), never restated by hand."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import typer.main
+from pydantic import BaseModel
+
+from epochwise.cli import app
+from epochwise.cli.common import FLAG_PARAMETERS
+from epochwise.config import Settings
+
+TAG = re.compile(r"\((?:default: (?P<default>.*); )?(?P<path>[a-z_]+(?:\.[a-z_]+)+)\)$")
+# Options named like a config field that set something else (convert's output format is not data.mapping.format).
+NOT_CONFIG = {("convert", "format")}
+
+
+def commands() -> list[tuple[str, Any]]:
+    found, todo = [], [("", typer.main.get_command(app))]
+    while todo:
+        name, command = todo.pop()
+        found.append((name, command))
+        todo.extend(getattr(command, "commands", {}).items())
+    return found
+
+
+def options() -> list[tuple[str, Any]]:
+    """(command name, option) for every option of every command (typer ships its own click)."""
+    return [(name, p) for name, command in commands() for p in command.params if p.param_type_name == "option"]
+
+
+def real_default(dotted: str) -> Any:
+    """The default of ``dotted`` read off default-constructed config models (not the help helper)."""
+    section, *rest = dotted.split(".")
+    value: Any = Settings.model_fields[section].default_factory()
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+def real_description(dotted: str) -> str:
+    section, *rest = dotted.split(".")
+    model: Any = Settings.model_fields[section].default_factory()
+    for part in rest[:-1]:
+        model = getattr(model, part)
+    return type(model).model_fields[rest[-1]].description or ""
+
+
+def field_leaves(model: Any = Settings) -> set[str]:
+    leaves = set()
+    for name, field in model.model_fields.items():
+        inner = field.default_factory() if field.default_factory is not None else field.default
+        leaves |= field_leaves(type(inner)) if isinstance(inner, BaseModel) else {name}
+    return leaves
+
+
+def tagged() -> list[tuple[str, Any, str, str | None]]:
+    rows = []
+    for command, option in options():
+        match = TAG.search(" ".join((option.help or "").split()))
+        if match:
+            rows.append((command, option, match["path"], match["default"]))
+    return rows
+
+
+def test_there_are_config_options_in_every_command_family():
+    paths = {path.split(".")[0] for _, _, path, _ in tagged()}
+    assert {"train", "data", "harmony", "deploy", "ops"} <= paths
+    assert len([1 for command, *_ in tagged() if command == "train"]) >= 24
+
+
+@pytest.mark.parametrize("row", tagged(), ids=lambda row: f"{row[0]}--{row[1].name}")
+def test_option_help_shows_the_fields_real_default(row):
+    _, option, path, shown = row
+    value = real_default(path)
+    if value is None:
+        assert shown is None, f"{path} has no default, help says {shown!r}"
+    elif isinstance(value, bool):
+        assert shown == str(value).lower()
+    elif isinstance(value, float):
+        assert shown is not None and float(shown) == value
+    else:
+        assert shown == str(value)
+    assert (option.help or "").count("default") <= 1 or "default" in real_description(path)  # none by hand
+
+
+def test_every_option_named_like_a_config_field_is_built_from_it():
+    leaves = field_leaves()
+    built = {(command, option.name) for command, option, _, _ in tagged()}
+    missing = [
+        (command, option.name)
+        for command, option in options()
+        if (option.name in leaves or option.name in FLAG_PARAMETERS.values())
+        and (command, option.name) not in NOT_CONFIG | built
+    ]
+    assert not missing
+
+
+def test_known_defaults_appear_verbatim():
+    helps = {(command, option.name): " ".join((option.help or "").split()) for command, option in options()}
+    assert "(default: 0.0001; train.hyper.learning_rate)" in helps["train", "learning_rate"]
+    assert "(default: 3; train.epochs)" in helps["train", "epochs"]
+    assert "(default: 42; data.seed)" in helps["prepare", "seed"]
+    assert "(default: 8192; harmony.max_seq_length)" in helps["convert", "max_seq_length"]
+
+
+def test_sections_are_the_settings_sections():
+    from epochwise.config import SECTIONS
+
+    assert {name: field.annotation for name, field in Settings.model_fields.items()} == SECTIONS
+
+
+def test_starting_the_cli_imports_no_heavy_package():
+    """``epochwise --help`` and the command table load neither Prefect, together, torch, pyarrow nor
+    pydantic-settings: each command imports what it needs when it runs (speed itself lives in bench/)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['epochwise', '--help']\n"
+        "from epochwise.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('prefect', 'together', 'torch', 'pyarrow', 'transformers', 'wandb', 'pydantic_settings', 'blocks')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
