@@ -77,16 +77,10 @@ class Fold:
         return [str(self.train), str(self.val)]
 
     @property
-    def harmony_dir(self) -> Path:
-        return self.directory / HARMONY_DIR
-
-    @property
-    def harmony_train(self) -> Path:
-        return self.harmony_dir / TRAIN_PARQUET
-
-    @property
-    def harmony_val(self) -> Path:
-        return self.harmony_dir / VAL_PARQUET
+    def harmony(self) -> dict[str, Path]:
+        """``{"train": ..., "val": ...}``: the Harmony token parquet a gpt-oss fold trains on."""
+        out = self.directory / HARMONY_DIR
+        return {"train": out / TRAIN_PARQUET, "val": out / VAL_PARQUET}
 
     def __str__(self) -> str:
         return str(self.directory)

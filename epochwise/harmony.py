@@ -67,7 +67,7 @@ from openai_harmony import (
 )
 
 from epochwise.config.harmony import HarmonyConfig
-from epochwise.fold import HARMONY_DIR, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
+from epochwise.fold import TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET, Fold
 from epochwise.io import DEFAULT_MAX_LINE_BYTES, atomic_write, atomic_write_bytes, jsonl_lines, sha256_file
 from epochwise.problems import InputError, Problem, display_path
 from epochwise.records import parse_json_object
@@ -421,8 +421,8 @@ def cache_key(source_hashes: dict[str, str | None], config: HarmonyConfig) -> st
 
 def harmony_paths(fold_dir: Path | str) -> dict[str, Path]:
     """Where `convert_fold` writes: ``train``, ``val`` and ``manifest`` under ``<fold>/harmony``."""
-    out = Path(fold_dir) / HARMONY_DIR
-    return {"train": out / TRAIN_PARQUET, "val": out / VAL_PARQUET, "manifest": out / MANIFEST}
+    paths = Fold.of(fold_dir).harmony
+    return {**paths, "manifest": paths["train"].parent / MANIFEST}
 
 
 def convert_fold(

@@ -20,12 +20,14 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
@@ -87,6 +89,19 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     return list(by_epoch.values())
 
 
+def read_evaluation_rows(fold: str) -> list[dict[str, Any]]:
+    """The latest ``<fold>-evaluation`` table of ``epochwise evaluate`` (for ``--epoch best-eval``)."""
+    from epochwise.evaluate import EvaluationError
+
+    name = Fold.of(fold).name
+    artifact = Artifact.get(artifact_key(name, "evaluation"))
+    if artifact is None or not artifact.data:
+        raise EvaluationError(
+            f"no {artifact_key(name, 'evaluation')} table: run `epochwise evaluate {fold} --on ...` first"
+        )
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
 @task(cache_policy=NO_CACHE)
 def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
     """The epoch to deploy: ``best``/``best-eval``/``N`` from the fold's records, or the given job (its epoch from its
@@ -94,7 +109,6 @@ def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: Togeth
     if job_id is None:
         if str(epoch).lower() == "best-eval":  # the best mean score over eval folds (`epochwise evaluate`)
             from epochwise.evaluate import best_eval_epoch
-            from tasks.evaluate import read_evaluation_rows
 
             epoch = best_eval_epoch(read_evaluation_rows(fold))
             get_run_logger().info(f"best-eval: epoch {epoch} of {Fold.of(fold).name}'s evaluation table")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import orjson
 from prefect import get_run_logger, task
-from prefect.artifacts import Artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import CommitMode, transaction
 
@@ -345,14 +345,3 @@ def publish_evaluation(fold: str, results: list[dict[str, Any]]) -> dict[str, An
         "table": str(out / "table.json"),
         "results": results,
     }
-
-
-def read_evaluation_rows(fold: str) -> list[dict[str, Any]]:
-    """The latest ``<fold>-evaluation`` table (for ``--epoch best-eval``)."""
-    name = Fold.of(fold).name
-    artifact = Artifact.get(artifact_key(name, "evaluation"))
-    if artifact is None or not artifact.data:
-        raise ev.EvaluationError(
-            f"no {artifact_key(name, 'evaluation')} table: run `epochwise evaluate {fold} --on ...` first"
-        )
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data

@@ -160,13 +160,11 @@ def flag_name(dotted: str) -> str:
     Flags are looked up by parameter name in every command of the app (a name is spelled the same
     in every command that has it); the shortest long form is shown.
     """
-    import typer.main
-
-    from epochwise.cli import app
+    import click
 
     parameter = FLAG_PARAMETERS.get(dotted, dotted.rsplit(".", 1)[-1])
-    root = typer.main.get_command(app)
-    commands = [root]
+    context = click.get_current_context(silent=True)  # the running command's app (no import of the app)
+    commands = [context.find_root().command] if context is not None else []
     while commands:
         command = commands.pop()
         commands.extend(getattr(command, "commands", {}).values())
