@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import convert, data, deploy, evaluate, local, ops, train
+from epochwise.cli import common, convert, data, deploy, evaluate, local, ops, train
 
 app = typer.Typer(
     name="epochwise",
@@ -18,6 +18,7 @@ app.command()(data.prepare)
 app.command()(data.validate)
 for module in (convert, train, local, deploy, ops, evaluate):
     module.register(app)
+common.APP = app  # for flag names in config errors
 
 
 def main() -> None:

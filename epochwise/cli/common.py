@@ -129,6 +129,9 @@ def settings(config: Path | None, **flags: Any) -> Settings:
         fail_lines([str(exc)])
 
 
+# The app, set by `epochwise.cli` once its commands are registered (this module does not import it back).
+APP: Any = None
+
 # Settings fields whose flag's parameter is not named like the field's last part.
 FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": "inactive_timeout"}
 
@@ -160,11 +163,10 @@ def flag_name(dotted: str) -> str:
     Flags are looked up by parameter name in every command of the app (a name is spelled the same
     in every command that has it); the shortest long form is shown.
     """
-    import click
+    import typer.main
 
     parameter = FLAG_PARAMETERS.get(dotted, dotted.rsplit(".", 1)[-1])
-    context = click.get_current_context(silent=True)  # the running command's app (no import of the app)
-    commands = [context.find_root().command] if context is not None else []
+    commands = [typer.main.get_command(APP)] if APP is not None else []
     while commands:
         command = commands.pop()
         commands.extend(getattr(command, "commands", {}).values())
