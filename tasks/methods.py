@@ -100,8 +100,14 @@ class TogetherSFT:
             print(f"stopping before epoch {epoch}: {stop}")
             return None
         except JobFailed as failed:  # shown by `epochwise status`; the next run resubmits this epoch
-            row = EpochRecord(fold=spec.fold, epoch=epoch, backend="together", status=failed.status,
-                              job_id=failed.job_id, parent=parent)
+            row = EpochRecord(
+                fold=spec.fold,
+                epoch=epoch,
+                backend="together",
+                status=failed.status,
+                job_id=failed.job_id,
+                parent=parent,
+            )
             publish_epochs(ctx.fold.name, [*ctx.records, row])
             raise
 
@@ -135,4 +141,3 @@ def training_method(ctx: TrainContext, backend: str, method: str = "sft") -> Tra
         known = ", ".join(f"{b}/{m}" for b, m in METHODS)
         raise UserError(f"no {method!r} training on the {backend!r} backend (available: {known})") from None
     return chosen(ctx)
-
