@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def make_fold(target: Path) -> Path:
     """The README's example fold, prepared with the example records' own mapping and the project's split."""
     from epochwise.config import load_settings
-    from epochwise.fold import prepare
+    from epochwise.prepare import prepare
     from epochwise.records import read_records
 
     prepare(

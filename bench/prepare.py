@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from epochwise.config.data import DataConfig, RecordMapping
-from epochwise.fold import prepare
+from epochwise.prepare import prepare
 from epochwise.records import read_records
 
 MAPPING = RecordMapping(

@@ -33,8 +33,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from deployments.definitions import plan_deployments
-from deployments.names import TAG
 from epochwise.config import OpsConfig, Settings
+from epochwise.names import TAG
 
 CRASH_AUTOMATION = "epochwise: crash flow runs without heartbeat"
 WORK_POOL_TYPE = "process"

@@ -35,9 +35,9 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from blocks.credentials import together_configured
-from deployments.folds import discover_folds
-from deployments.names import ANY_FOLD, NIGHTLY, SCHEDULE_SLUG, TAG
 from epochwise.config import Settings
+from epochwise.fold import discover_folds
+from epochwise.names import ANY_FOLD, NIGHTLY, SCHEDULE_SLUG, TAG
 from flows.deploy_epoch import deploy_epoch
 from flows.endpoint_reaper import endpoint_reaper
 from flows.epoch_train import epoch_train

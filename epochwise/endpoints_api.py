@@ -30,7 +30,6 @@ from together import APIConnectionError, APIError, APIStatusError, ConflictError
 
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.epochs import EpochRecord, best_epoch
 from epochwise.together_api import OutageGuard, TogetherUnreachable, api_base_url, api_message, fold_slug
 
 PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper touches nothing else
@@ -520,27 +519,8 @@ def delete_endpoint_if_empty(client: Together, endpoint_id: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Which epoch, and what the artifact shows (pure)
+# What the artifact shows (pure)
 # ---------------------------------------------------------------------------------------------------
-
-def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
-    """``best`` (lowest validation loss, `epochwise.epochs.best_epoch`) or epoch ``N``; must be completed."""
-    if str(which).lower() == "best":
-        chosen = best_epoch(records)
-        if chosen is None:
-            raise EndpointFailure("no completed epoch to deploy yet: run `epochwise train` first")
-        return chosen
-    if not str(which).isdigit():
-        raise EndpointFailure(f"epoch must be 'best' or a number, not {which!r}")
-    number = int(which)
-    chosen = next((r for r in records if r.epoch == number), None)
-    if chosen is None:
-        known = ", ".join(str(r.epoch) for r in sorted(records, key=lambda r: r.epoch)) or "none"
-        raise EndpointFailure(f"epoch {number} was not trained (epochs: {known})")
-    if chosen.status != "completed":
-        raise EndpointFailure(f"epoch {number} is {chosen.status}, not completed")
-    return chosen
-
 
 def endpoint_rows(endpoints: list[EndpointInfo], replies: dict[str, str] | None = None,
                   notes: dict[str, str] | None = None) -> list[dict[str, str]]:

@@ -1,6 +1,7 @@
-"""The per-epoch record both backends produce, the fold's epoch table built from those records and back,
-and the ``<fold>-epochs`` artifact that holds the table (`publish_epochs` / `read_epochs`; Prefect is
-imported only inside those two)."""
+"""The epochs of a fold: the per-epoch record both backends produce, the fold's epoch table built from
+those records and back, the ``<fold>-epochs`` artifact that holds the table (`publish_epochs` /
+`read_epochs`; Prefect is imported only inside those two), and the choice of one epoch (`choose_epoch`:
+``best`` or ``N``) for deploy, export, sample and ``deploy-info``."""
 
 from __future__ import annotations
 
@@ -42,6 +43,35 @@ def best_epoch(records: list[EpochRecord]) -> EpochRecord | None:
     if scored:
         return min(scored, key=lambda r: (r.val_loss, r.epoch))
     return max(done, key=lambda r: r.epoch, default=None)
+
+
+class EpochChoiceError(ValueError):
+    """``best`` / ``N`` names no usable epoch. ``missing`` is the epoch number asked for when it was not
+    among ``known`` (the epochs there are), so a caller can word that case for its own source."""
+
+    def __init__(self, message: str, missing: int | None = None, known: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing, self.known = missing, known
+
+
+def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
+    """``best`` (lowest validation loss, `best_epoch`) or epoch ``N``; the chosen epoch must be completed."""
+    if str(which).lower() == "best":
+        chosen = best_epoch(records)
+        if chosen is None:
+            raise EpochChoiceError("no completed epoch to deploy yet: run `epochwise train` first")
+        return chosen
+    if not str(which).isdigit():
+        raise EpochChoiceError(f"epoch must be 'best' or a number, not {which!r}")
+    number = int(which)
+    chosen = next((r for r in records if r.epoch == number), None)
+    if chosen is None:
+        known = tuple(sorted(r.epoch for r in records))
+        shown = ", ".join(map(str, known)) or "none"
+        raise EpochChoiceError(f"epoch {number} was not trained (epochs: {shown})", missing=number, known=known)
+    if chosen.status != "completed":
+        raise EpochChoiceError(f"epoch {number} is {chosen.status}, not completed")
+    return chosen
 
 
 def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:

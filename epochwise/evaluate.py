@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from epochwise.fold import Fold
 from epochwise.problems import UserError
 
 RowMetric = Callable[[str, str], float]
@@ -61,7 +62,7 @@ def row_key(messages: Sequence[dict[str, object]]) -> str:
 
 def read_eval_rows(fold: Path | str, limit: int | None = None) -> list[EvalRow]:
     """The evaluation rows of ``fold``'s ``val.jsonl`` (conversations without an assistant turn are skipped)."""
-    path = Path(fold) / "val.jsonl"
+    path = Fold.of(fold).val
     if not path.is_file():
         raise EvaluationError(f"{path}: not found (run `epochwise prepare` for this fold first)")
     rows: list[EvalRow] = []

@@ -1,130 +1,99 @@
-"""Build a fold (``train.jsonl`` + ``val.jsonl``) from records: map, split, validate, write atomically.
+"""A fold: one directory holding ``train.jsonl`` and ``val.jsonl`` (and, for gpt-oss, their Harmony
+parquet under ``harmony/``), and the names derived from it.
 
-The split depends only on the seed and each conversation's content: every conversation is ranked by
-``sha256(seed, canonical JSON)`` and the lowest ranks go to validation. Input file order and paths do
-not matter, and rerunning on identical input writes byte-identical files.
+Flows take a fold as a path string (a deployment parameter must be JSON) and build one `Fold` from it;
+everything that names the fold (artifact keys, job suffixes, endpoint names, locks) reads it from there.
+
+    Fold.of("folds/games").name == "games"
+    Fold.of(".").name            # the current directory's own name, not ""
+
+`discover_folds` lists the folds under a folds root (``epochwise deployments apply`` and the
+``nightly-folds`` flow, which looks again at run time so a fold added after the last apply is trained too).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
-from dataclasses import dataclass, field
-from operator import attrgetter
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
-from epochwise.config.data import DataConfig
-from epochwise.io import atomic_write, gc_paused, sha256_file
-from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import MappingError, SourceRecord, conversation_line, record_files
-from epochwise.validate import message_problems
+from epochwise.artifacts import artifact_key
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
+HARMONY_DIR = "harmony"
+TRAIN_PARQUET = "train_harmony.parquet"
+VAL_PARQUET = "val_harmony.parquet"
+
+SLUG_MAX = 20
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One mapped conversation, serialised once, with its split rank."""
-
-    rank: bytes  # sha256(seed, line)
-    line: bytes  # compact JSON, no newline
-
-
-@dataclass
-class FoldSplit:
-    """Conversations assigned to train and validation, in rank order."""
-
-    train: list[Row]
-    val: list[Row]
+def fold_slug(name: str) -> str:
+    """A fold name as Together names carry it (job suffixes, endpoints, locks): lowercase letters,
+    digits and dashes, at most 20 characters."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:SLUG_MAX].strip("-") or "fold"
 
 
-@dataclass
-class PrepareSummary:
-    """What `prepare` did; printed by the CLI and published as a Prefect artifact."""
+@dataclass(frozen=True)
+class Fold:
+    """One fold directory and what is derived from it (nothing here touches the disk)."""
 
-    fold: str
-    records_read: int
-    train_written: int
-    val_written: int
-    skipped: list[Problem] = field(default_factory=list)
+    directory: Path
 
-    def skipped_by_reason(self) -> dict[str, int]:
-        return dict(Counter(p.reason for p in self.skipped).most_common())
+    @classmethod
+    def of(cls, path: Path | str) -> Fold:
+        return cls(Path(path))
 
+    @property
+    def name(self) -> str:
+        """The directory's own name, with ``.`` and ``..`` resolved lexically (``folds/games`` -> ``games``).
 
-def map_records(records: list[SourceRecord], config: DataConfig) -> tuple[list[Row], list[Problem]]:
-    """Map and validate every record; returns the rows and one `Problem` per record that was skipped."""
-    seed = str(config.seed).encode() + b"\0"
-    rows: list[Row] = []
-    skipped: list[Problem] = []
-    with gc_paused():
-        for record in records:
-            try:
-                line = conversation_line(record.data, config.mapping)
-            except MappingError as exc:
-                skipped.append(Problem(record.path, record.line, str(exc)))
-                continue
-            # Conversations built from a template or prompt/completion are valid by construction; only
-            # records that bring their own `messages` can break Together's rules.
-            if "messages" in record.data:
-                reasons = message_problems(orjson.loads(line)["messages"])
-                if reasons:
-                    skipped.append(Problem(record.path, record.line, "; ".join(reasons)))
-                    continue
-            rows.append(Row(hashlib.sha256(seed + line).digest(), line))
-    return rows, skipped
+        Symlinks are not followed: a fold reached through a link keeps the link's name, so its job
+        suffixes, endpoint names and artifact keys stay what they were.
+        """
+        return Path(os.path.abspath(self.directory)).name
 
+    @property
+    def slug(self) -> str:
+        return fold_slug(self.name)
 
-def split_rows(rows: list[Row], val_ratio: float) -> FoldSplit:
-    """Rank-ordered split: the ``round(n * val_ratio)`` lowest ranks (at least 1, at most n - 1) are val."""
-    # Equal ranks mean equal bytes (sha256 of the line), so the rank alone orders deterministically.
-    ordered = sorted(rows, key=attrgetter("rank"))
-    n = len(ordered)
-    n_val = 0
-    if val_ratio > 0 and n >= 2:
-        n_val = min(max(round(n * val_ratio), 1), n - 1)
-    return FoldSplit(train=ordered[n_val:], val=ordered[:n_val])
+    def artifact_key(self, kind: str) -> str:
+        """``<name>-<kind>``, e.g. ``games-epochs``."""
+        return artifact_key(self.name, kind)
 
+    @property
+    def train(self) -> Path:
+        return self.directory / TRAIN_FILE
 
-def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
-    """Write both files atomically: temporary names first, renamed only once both are complete.
+    @property
+    def val(self) -> Path:
+        return self.directory / VAL_FILE
 
-    Every row was validated in memory by `map_records` and serialised by orjson (one JSON object per
-    line, UTF-8), so together's structural ``check_file`` is not re-run here; `epochwise validate` and
-    the upload step run it.
-    """
-    fold_dir = Path(fold_dir)
-    if not split.val:  # checked before the directory is made: bad input leaves nothing behind
-        raise InputError([Problem(display_path(fold_dir), None, "validation split is empty: need at least 2 records and val_ratio > 0")])
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(fold_dir / TRAIN_FILE) as train_out, atomic_write(fold_dir / VAL_FILE) as val_out:
-        for handle, rows in ((train_out, split.train), (val_out, split.val)):
-            handle.write(b"\n".join(row.line for row in rows) + b"\n")
+    @property
+    def jsonl(self) -> list[str]:
+        """``[train.jsonl, val.jsonl]`` as strings (what the validate task takes)."""
+        return [str(self.train), str(self.val)]
+
+    @property
+    def harmony(self) -> dict[str, Path]:
+        """``{"train": ..., "val": ...}``: the Harmony token parquet a gpt-oss fold trains on."""
+        out = self.directory / HARMONY_DIR
+        return {"train": out / TRAIN_PARQUET, "val": out / VAL_PARQUET}
+
+    def __str__(self) -> str:
+        return str(self.directory)
 
 
-def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfig) -> PrepareSummary:
-    """Map, split and write a fold; raises `InputError` (nothing written) when the input is unusable."""
-    rows, skipped = map_records(records, config)
-    if skipped and config.strict:
-        raise InputError(skipped)
-    if not rows:
-        raise InputError(skipped + [Problem(display_path(fold_dir), None, "no usable records: every record was skipped")])
-    split = split_rows(rows, config.val_ratio)
-    write_fold(fold_dir, split)
-    return PrepareSummary(
-        fold=display_path(fold_dir),
-        records_read=len(records),
-        train_written=len(split.train),
-        val_written=len(split.val),
-        skipped=skipped,
+def discover_folds(folds_root: Path | str) -> list[Path]:
+    """Absolute fold directories under ``folds_root`` (each direct sub-directory holding a ``train.jsonl``),
+    sorted by name; hidden directories are ignored."""
+    root = Path(folds_root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"folds root is not a directory: {root}")
+    return sorted(
+        child
+        for child in root.iterdir()
+        if child.is_dir() and not child.name.startswith(".") and (child / TRAIN_FILE).is_file()
     )
-
-
-def source_sha256(source: Path | str) -> str:
-    """sha256 of the record files' bytes under ``source`` (the files `read_records` reads), independent of
-    their names and order: the first link of a run report's lineage."""
-    digests = sorted(bytes.fromhex(sha256_file(path)) for path in record_files(Path(source)))
-    return hashlib.sha256(b"".join(digests)).hexdigest()

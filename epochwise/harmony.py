@@ -67,6 +67,7 @@ from openai_harmony import (
 )
 
 from epochwise.config.harmony import HarmonyConfig
+from epochwise.fold import TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET, Fold
 from epochwise.io import DEFAULT_MAX_LINE_BYTES, atomic_write, atomic_write_bytes, jsonl_lines, sha256_file
 from epochwise.problems import InputError, Problem, display_path
 from epochwise.records import parse_json_object
@@ -79,11 +80,8 @@ O200K_FILE = "o200k_base.tiktoken"
 # sha256 of the unpacked o200k_base vocab (3,613,922 bytes); openai-harmony checks the same value.
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
-HARMONY_DIR = "harmony"
-TRAIN_PARQUET = "train_harmony.parquet"
-VAL_PARQUET = "val_harmony.parquet"
 MANIFEST = "manifest.json"
-SOURCES = {"train": "train.jsonl", "val": "val.jsonl"}
+SOURCES = {"train": TRAIN_FILE, "val": VAL_FILE}
 OUTPUTS = {"train": TRAIN_PARQUET, "val": VAL_PARQUET}
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross-entropy's ignore_index)
@@ -423,8 +421,8 @@ def cache_key(source_hashes: dict[str, str | None], config: HarmonyConfig) -> st
 
 def harmony_paths(fold_dir: Path | str) -> dict[str, Path]:
     """Where `convert_fold` writes: ``train``, ``val`` and ``manifest`` under ``<fold>/harmony``."""
-    out = Path(fold_dir) / HARMONY_DIR
-    return {"train": out / TRAIN_PARQUET, "val": out / VAL_PARQUET, "manifest": out / MANIFEST}
+    paths = Fold.of(fold_dir).harmony
+    return {**paths, "manifest": paths["train"].parent / MANIFEST}
 
 
 def convert_fold(

@@ -24,6 +24,7 @@ from together import APIConnectionError, APIStatusError, NotFoundError, Together
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams
 from epochwise.credentials import TogetherAccess, WandbAccess
+from epochwise.fold import fold_slug
 
 # Terminal job states (the status literal of together's types/finetune_response.py); jobs in the last three never count as "existing".
 TERMINAL = ("completed", "cancelled", "error", "user_error")
@@ -252,12 +253,6 @@ def file_exists(client: Together, file_id: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fold_slug(fold: str) -> str:
-    """Fold name as it appears in suffixes: lowercase letters, digits and dashes, at most 20 characters."""
-    slug = re.sub(r"[^a-z0-9]+", "-", fold.lower()).strip("-")
-    return slug[:20].strip("-") or "fold"
-
-
 def epoch_suffix(fold: str, epoch: int, key: str) -> str:
     """``ew-<fold>-e<k>-<8 hex of the epoch key>``: the same epoch of the same inputs always gets the same
     suffix, so a job created by a run that crashed is found again in Together's list."""
@@ -471,16 +466,19 @@ def create_job(
     cfg: TogetherConfig,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
+    listed: bool = False,
 ) -> tuple[JobInfo, bool]:
     """Find the epoch's live job by suffix, else create it. Returns ``(job, created)``.
 
     The create call itself runs without SDK retries: a 5xx or a dropped connection may come after
     Together created the job, so each retry starts by looking for the job in the list again.
+    ``listed``: the caller has just looked for the job (and holds the fold's lock), so the first
+    attempt creates without reading the list again.
     """
     once = client.with_options(max_retries=0)
     last: Exception | None = None
     for attempt in range(cfg.create_attempts):
-        existing = find_job(client, request.suffix)
+        existing = None if listed and attempt == 0 else find_job(client, request.suffix)
         if existing is not None:
             log(f"re-attaching to {existing.id} ({existing.status}), suffix {request.suffix}")
             return existing, False

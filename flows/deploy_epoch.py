@@ -22,8 +22,6 @@ Running it again for the same epoch creates nothing: the same endpoint and deplo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.transactions import transaction
@@ -32,6 +30,7 @@ from epochwise import endpoints_api as ea
 from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
+from epochwise.fold import Fold
 from tasks.endpoints import (
     deploy_local,
     deploy_model,
@@ -52,7 +51,7 @@ def deploy_epoch(
     together: TogetherConfig = TogetherConfig(),
 ) -> dict[str, str]:
     """Deploy ``epoch`` (``best`` or a number) of ``fold`` (its directory or name); returns its table row."""
-    name = Path(fold).name
+    name = Fold.of(fold).name
     record = pick_epoch(fold, epoch, job_id, together)
     print(f"deploying {name} epoch {record.epoch} ({record.job_id or record.model}, val loss {record.val_loss})")
     if record.backend == "local":

@@ -25,6 +25,7 @@ from prefect.context import get_run_context
 
 from epochwise.artifacts import artifact_key
 from epochwise.config.ops import OpsConfig
+from epochwise.fold import Fold
 from tasks.fan_out import list_folds, run_fold_deployment
 
 
@@ -36,7 +37,7 @@ def nightly_folds(
 ) -> list[dict[str, str]]:
     """Train every fold under ``folds_root`` with ``flow_name``'s deployments, bounded by the limit ``limit``."""
     folds = list_folds(folds_root)
-    print(f"{len(folds)} fold(s) under {folds_root}: {', '.join(Path(f).name for f in folds) or 'none'}")
+    print(f"{len(folds)} fold(s) under {folds_root}: {', '.join(Fold.of(f).name for f in folds) or 'none'}")
     run = get_run_context().flow_run
     parent_key = f"nightly-folds:{run.id}:{run.run_count}"
     results = run_fold_deployment.map(folds, unmapped(flow_name), unmapped(limit), unmapped(parent_key)).result()

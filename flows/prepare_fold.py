@@ -12,15 +12,13 @@ Nothing is written unless every step passed; rerunning on the same input writes 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from epochwise.artifacts import artifact_key
 from epochwise.config.data import DataConfig
 from epochwise.config.presets import with_records_mapping
-from epochwise.fold import PrepareSummary, source_sha256
+from epochwise.fold import Fold
+from epochwise.prepare import PrepareSummary, source_sha256
 from tasks.data import build_fold, load_records
 
 
@@ -34,7 +32,7 @@ def prepare_fold(records: str, fold: str, data: DataConfig = DataConfig()) -> Pr
     loaded = load_records(records, data.max_line_bytes)
     summary = build_fold(loaded, fold, data)
     create_table_artifact(
-        key=artifact_key(Path(fold).name, "prepare"),
+        key=Fold.of(fold).artifact_key("prepare"),
         table=[
             {"records read": summary.records_read, "train": summary.train_written, "val": summary.val_written,
              "skipped": len(summary.skipped), "records sha256": source_sha256(records)}

@@ -1,6 +1,6 @@
 """Prefect tasks for the data steps: read records, build a fold, validate files.
 
-Thin wrappers over the pure functions in `epochwise.records`, `epochwise.fold` and `epochwise.validate`.
+Thin wrappers over the pure functions in `epochwise.records`, `epochwise.prepare` and `epochwise.validate`.
 They hold records in memory and are cheap to recompute, so they are not cached (``NO_CACHE``: hashing
 100k records for a cache key would cost more than the work).
 """
@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from epochwise.config.data import MAX_LINE_BYTES, DataConfig
-from epochwise.fold import PrepareSummary, prepare
+from epochwise.prepare import PrepareSummary, prepare
 from epochwise.problems import InputError, Problem
 from epochwise.records import SourceRecord, read_records
 from epochwise.validate import validate_file

@@ -1,4 +1,4 @@
-"""Prefect tasks for dedicated endpoints: pick the epoch, deploy, wait, smoke-test, stop, reap.
+"""Prefect tasks for dedicated endpoints: pick the epoch (`epochwise.epochs.choose_epoch`), deploy, wait, smoke-test, stop, reap.
 
 Thin wrappers over `epochwise.endpoints_api`. What keeps the bill under control:
 
@@ -20,12 +20,14 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
@@ -38,7 +40,8 @@ from epochwise import together_api
 from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.epochs import EpochRecord, read_epochs, records_from_table
+from epochwise.epochs import EpochRecord, choose_epoch, read_epochs, records_from_table
+from epochwise.fold import Fold
 from epochwise.io import atomic_dir
 from tasks.locks import exclusive_lock
 
@@ -62,7 +65,7 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     """The epochs of ``fold`` (its directory): the latest ``<fold>-epochs`` artifact of ``epoch-train``;
     without one (a new Prefect database), the local epochs on disk, else Together's own job list for
     the fold with losses from each job's metrics."""
-    name = Path(fold).name
+    name = Fold.of(fold).name
     rows = read_epochs(name)
     if rows:
         return records_from_table(name, rows)
@@ -86,6 +89,19 @@ def read_epoch_records(fold: str, together: TogetherConfig) -> list[EpochRecord]
     return list(by_epoch.values())
 
 
+def read_evaluation_rows(fold: str) -> list[dict[str, Any]]:
+    """The latest ``<fold>-evaluation`` table of ``epochwise evaluate`` (for ``--epoch best-eval``)."""
+    from epochwise.evaluate import EvaluationError
+
+    name = Fold.of(fold).name
+    artifact = Artifact.get(artifact_key(name, "evaluation"))
+    if artifact is None or not artifact.data:
+        raise EvaluationError(
+            f"no {artifact_key(name, 'evaluation')} table: run `epochwise evaluate {fold} --on ...` first"
+        )
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
 @task(cache_policy=NO_CACHE)
 def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
     """The epoch to deploy: ``best``/``best-eval``/``N`` from the fold's records, or the given job (its epoch from its
@@ -93,12 +109,11 @@ def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: Togeth
     if job_id is None:
         if str(epoch).lower() == "best-eval":  # the best mean score over eval folds (`epochwise evaluate`)
             from epochwise.evaluate import best_eval_epoch
-            from tasks.evaluate import read_evaluation_rows
 
             epoch = best_eval_epoch(read_evaluation_rows(fold))
-            get_run_logger().info(f"best-eval: epoch {epoch} of {Path(fold).name}'s evaluation table")
-        return ea.choose_epoch(read_epoch_records(fold, together), epoch)
-    name = Path(fold).name
+            get_run_logger().info(f"best-eval: epoch {epoch} of {Fold.of(fold).name}'s evaluation table")
+        return choose_epoch(read_epoch_records(fold, together), epoch)
+    name = Fold.of(fold).name
     client = together_client(together)
     job = together_api.get_job(client, job_id)
     number = int(epoch) if str(epoch).isdigit() else together_api.parse_suffix(name, job.suffix)

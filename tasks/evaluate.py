@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import orjson
 from prefect import get_run_logger, task
-from prefect.artifacts import Artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import CommitMode, transaction
 
@@ -34,6 +34,7 @@ from epochwise.config.deploy import DeployConfig
 from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord, best_epoch
+from epochwise.fold import Fold
 from epochwise.io import atomic_write_bytes
 from tasks.endpoints import (
     DeploymentRef,
@@ -75,7 +76,7 @@ class EvalEndpoint:
 @task(cache_policy=NO_CACHE)
 def find_eval_folds(patterns: list[str]) -> list[str]:
     """Fold directories (with a ``val.jsonl``) matching the globs or paths, sorted by name."""
-    found = {str(Path(p)) for pattern in patterns for p in glob.glob(pattern) if (Path(p) / "val.jsonl").is_file()}
+    found = {str(Path(p)) for pattern in patterns for p in glob.glob(pattern) if Fold.of(p).val.is_file()}
     if not found:
         raise ev.EvaluationError(f"--on {' '.join(patterns)}: no fold directory with a val.jsonl")
     names: dict[str, str] = {}
@@ -318,7 +319,7 @@ def publish_evaluation(fold: str, results: list[dict[str, Any]]) -> dict[str, An
     and the ``<fold>-evaluation-heatmap`` markdown artifact; returns the rows, the best-eval epoch and paths."""
     from epochwise.evaluation_report import heatmap_png, markdown
 
-    name = Path(fold).name
+    name = Fold.of(fold).name
     rows = ev.table_rows(results)
     best = ev.best_eval_epoch(rows)
     out = Path(fold) / "evaluation"
@@ -344,14 +345,3 @@ def publish_evaluation(fold: str, results: list[dict[str, Any]]) -> dict[str, An
         "table": str(out / "table.json"),
         "results": results,
     }
-
-
-def read_evaluation_rows(fold: str) -> list[dict[str, Any]]:
-    """The latest ``<fold>-evaluation`` table (for ``--epoch best-eval``)."""
-    name = Path(fold).name
-    artifact = Artifact.get(artifact_key(name, "evaluation"))
-    if artifact is None or not artifact.data:
-        raise ev.EvaluationError(
-            f"no {artifact_key(name, 'evaluation')} table: run `epochwise evaluate {fold} --on ...` first"
-        )
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data

@@ -6,16 +6,14 @@ its own process, logs, retries and per-fold concurrency limit, shown under the p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from deployments.folds import discover_folds
-from deployments.names import ANY_FOLD
+from epochwise.fold import Fold, discover_folds
+from epochwise.names import ANY_FOLD
 
 
 @task(cache_policy=NO_CACHE)
@@ -26,7 +24,7 @@ def list_folds(folds_root: str) -> list[str]:
 
 def fold_deployment(flow_name: str, fold: str) -> str:
     """``<flow>/<fold>`` when that deployment exists (it carries the per-fold limit), else ``<flow>/any-fold``."""
-    name = f"{flow_name}/{Path(fold).name}"
+    name = f"{flow_name}/{Fold.of(fold).name}"
     with get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(name)
@@ -50,6 +48,6 @@ def run_fold_deployment(fold: str, flow_name: str, limit: str, parent_key: str) 
             idempotency_key=f"{parent_key}:{fold}",
             poll_interval=5,  # seconds between state checks of the child run
         )
-    return {"fold": Path(fold).name, "deployment": deployment,
+    return {"fold": Fold.of(fold).name, "deployment": deployment,
             "state": child.state.name if child.state else "unknown", "flow run": child.name,
             "flow run id": str(child.id)}

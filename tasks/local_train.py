@@ -12,7 +12,6 @@ torch is imported inside the task only: importing this module (and the flows) st
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -28,6 +27,7 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
+from epochwise.fold import Fold
 from epochwise.local.keys import finished_metrics, run_dir, run_epoch_cache_key, run_key
 from tasks.locks import fold_guard
 
@@ -91,7 +91,8 @@ class EpochProgress:
 @task(cache_key_fn=local_epoch_key, persist_result=True)
 def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalConfig, parent: str | None) -> EpochRecord:
     """Train epoch ``epoch`` of ``fold`` locally from ``parent`` (previous adapter dir; None = base model)."""
-    name = Path(fold).resolve().name
+    where = Fold.of(fold)
+    name = where.name
     context = TaskRunContext.get()
     key = _RUN_KEYS.pop(context.task_run.id, None) if context else None
     key = key or run_key(fold, train.local_model, train.hyper, local)
@@ -100,8 +101,7 @@ def train_local_epoch(fold: str, epoch: int, train: TrainConfig, local: LocalCon
     # One trainer per run directory: a file lock in the directory itself (any PREFECT_HOME, any host
     # sharing the disk) and a lease on the Prefect server (its other workers). A second run waits here,
     # then finds the epoch finished and reuses it.
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:20]
-    guard = fold_guard(f"local-{slug}-{key}", local.lock_wait_s, local.lock_lease_s, busy, run_dir(fold, key))
+    guard = fold_guard(f"local-{where.slug}-{key}", local.lock_wait_s, local.lock_lease_s, busy, run_dir(fold, key))
     with guard:
         return _train_locked(fold, epoch, train, local, parent, name, key)
 

@@ -39,7 +39,7 @@ from blocks.credentials import resolve_together, resolve_wandb, together_client,
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.config.train import TrainConfig
+from epochwise.config.train import HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from tasks.cancellation import record_job_owner
@@ -141,12 +141,13 @@ class EpochSpec:
     base_model: str
     parent: str | None  # job id of the previous epoch; None for epoch 1
     file_hashes: tuple[str, ...]
-    hyper: dict
+    hyper: HyperParams
     api_base: str  # jobs of one Together account are not models of another
 
     @property
     def key(self) -> str:
-        return epoch_key([*self.file_hashes, self.api_base], self.base_model, self.epoch, self.hyper, self.parent)
+        hyper = self.hyper.model_dump(mode="json")
+        return epoch_key([*self.file_hashes, self.api_base], self.base_model, self.epoch, hyper, self.parent)
 
     @property
     def suffix(self) -> str:
@@ -199,7 +200,7 @@ def launch_epoch_job(
         base_model=spec.base_model,
         parent_job=spec.parent,
         suffix=spec.suffix,
-        hyper=train.hyper,
+        hyper=spec.hyper,
         wandb=wandb,
         wandb_project=train.wandb_project,
         wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
@@ -216,7 +217,7 @@ def launch_epoch_job(
             raise api.BudgetExceeded(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
-        job, created = api.create_job(client, request, together, log=log.info)
+        job, created = api.create_job(client, request, together, log=log.info, listed=True)  # listed just above
         record_job_owner(job.id, log)  # before anything else can fail or be interrupted
         if created:  # a run on another machine (another lock) may have created one at the same time
             kept = api.settle_duplicates(client, job, spec.suffix, together, log=log.warning)

@@ -16,7 +16,7 @@ from epochwise.config.deploy import DeployConfig
 from epochwise.config.local import LocalConfig, TinyModel
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
-from epochwise.fold import prepare
+from epochwise.prepare import prepare
 from epochwise.records import read_records
 
 REPO = Path(__file__).resolve().parent.parent

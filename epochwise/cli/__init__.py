@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import config, convert, data, deploy, evaluate, local, ops, plan, train
+from epochwise.cli import common, config, convert, data, deploy, evaluate, local, ops, plan, train
 
 app = typer.Typer(
     name="epochwise",
@@ -18,6 +18,7 @@ app.command()(data.prepare)
 app.command()(data.validate)
 for module in (convert, train, plan, local, deploy, ops, evaluate, config):
     module.register(app)
+common.APP = app  # for flag names in config errors
 
 
 def main() -> None:

@@ -223,6 +223,9 @@ def settings(
     return resolve_settings(config, presets, records, **flags).settings
 
 
+# The app, set by `epochwise.cli` once its commands are registered (this module does not import it back).
+APP: Any = None
+
 # Settings fields whose flag's parameter is not named like the field's last part.
 FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": "inactive_timeout"}
 
@@ -279,11 +282,8 @@ def flag_name(dotted: str) -> str:
     """
     import typer.main
 
-    from epochwise.cli import app
-
     parameter = FLAG_PARAMETERS.get(dotted, dotted.rsplit(".", 1)[-1])
-    root = typer.main.get_command(app)
-    commands = [root]
+    commands = [typer.main.get_command(APP)] if APP is not None else []
     while commands:
         command = commands.pop()
         commands.extend(getattr(command, "commands", {}).values())

@@ -51,12 +51,13 @@ def _deploy_errors() -> Iterator[None]:
 
     from epochwise.credentials import MissingCredentials
     from epochwise.endpoints_api import EndpointFailure
+    from epochwise.epochs import EpochChoiceError
     from epochwise.problems import UserError
 
     try:
         with quiet_user_errors():
             yield
-    except (EndpointFailure, MissingCredentials, UserError) as exc:
+    except (EndpointFailure, EpochChoiceError, MissingCredentials, UserError) as exc:
         fail_lines([f"error: {exc}"])
     except APIError as exc:
         fail_lines([f"error: Together answered {getattr(exc, 'status_code', '')}: {exc}"])
@@ -119,7 +120,9 @@ def endpoints(
         fail_lines(["error: --older-than only applies to --reap"])
     if deployment and not stop:
         fail_lines(["error: --deployment only applies to --stop"])
-    _fold_endpoints(cfg, Path(fold).name, stop, deployment, as_json)
+    from epochwise.fold import Fold
+
+    _fold_endpoints(cfg, Fold.of(fold).name, stop, deployment, as_json)
 
 
 def _fold_endpoints(cfg: Settings, name: str, stop: bool, only: str | None = None, as_json: bool = False) -> None:

@@ -28,6 +28,7 @@ from epochwise.cli.common import (
     report_problems,
     settings,
 )
+from epochwise.fold import Fold
 from epochwise.problems import UserError
 
 if TYPE_CHECKING:
@@ -114,11 +115,11 @@ def train(
     # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
     # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
     _check_backend(cfg)
-    from epochwise.fold import TRAIN_FILE, VAL_FILE
     from epochwise.validate import validate_file
 
     limit = cfg.data.max_line_bytes
-    problems = [p for name in (TRAIN_FILE, VAL_FILE) for p in validate_file(fold / name, max_line_bytes=limit)]
+    where = Fold.of(fold)
+    problems = [p for path in (where.train, where.val) for p in validate_file(path, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     from epochwise.cli.plan import show_plan
@@ -136,11 +137,11 @@ def train(
             try:
                 state.result()
             except Exception as exc:  # the flow's own failure, e.g. Together's job error message
-                fail_lines([f"epoch-train {fold.name} {state.name.lower()}: {exc}"])
+                fail_lines([f"epoch-train {Fold.of(fold).name} {state.name.lower()}: {exc}"])
         records = state.result()
     from epochwise.epochs import epoch_table
 
-    _print_table(f"{fold.name}: {len(records)} epoch(s)", epoch_table(records))
+    _print_table(f"{Fold.of(fold).name}: {len(records)} epoch(s)", epoch_table(records))
     _print_next_steps(fold, records)
 
 
@@ -150,7 +151,7 @@ def _print_next_steps(fold: Path, records: list[Any]) -> None:
     if records and all(r.backend == "local" for r in records):
         steps += [
             f'epochwise sample {fold} --epoch best --prompt "..."',
-            f"epochwise export {fold} --epoch best --out exports/{fold.name}",
+            f"epochwise export {fold} --epoch best --out exports/{Fold.of(fold).name}",
         ]
     else:
         steps += [f"epochwise deploy-info {fold}", f"epochwise deploy {fold} --epoch best"]
@@ -212,7 +213,7 @@ def recorded_epochs(fold: Path) -> list[dict[str, Any]]:
     prefect_defaults()
     from epochwise.epochs import read_epochs
 
-    return read_epochs(fold.name)
+    return read_epochs(Fold.of(fold).name)
 
 
 def status(
@@ -226,14 +227,14 @@ def status(
     _require_fold(fold)
     rows = recorded_epochs(fold)
     if as_json and not sync:
-        print_json({"fold": fold.name, "epochs": rows})
+        print_json({"fold": Fold.of(fold).name, "epochs": rows})
         return
     if not as_json:
         if rows:
-            _print_table(f"{fold.name}: epochs recorded by Prefect", rows)
+            _print_table(f"{Fold.of(fold).name}: epochs recorded by Prefect", rows)
         else:
             console.print(
-                f"{fold.name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
+                f"{Fold.of(fold).name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
             )
     if not sync:
         return
@@ -247,7 +248,7 @@ def status(
     except MissingCredentials as exc:
         fail_lines([str(exc)])
     recorded = {row.get("job") for row in rows}
-    jobs = api.fold_jobs(client, fold.name)
+    jobs = api.fold_jobs(client, Fold.of(fold).name)
     table = [
         {
             "epoch": epoch,
@@ -260,12 +261,12 @@ def status(
         for epoch, job in jobs
     ]
     if as_json:
-        print_json({"fold": fold.name, "epochs": rows, "together": table})
+        print_json({"fold": Fold.of(fold).name, "epochs": rows, "together": table})
         return
     if table:
-        _print_table(f"{fold.name}: jobs at Together", table)
+        _print_table(f"{Fold.of(fold).name}: jobs at Together", table)
     else:
-        console.print(f"{fold.name}: no jobs at Together")
+        console.print(f"{Fold.of(fold).name}: no jobs at Together")
     live = [job.id for _, job in jobs if job.status not in api.TERMINAL]
     if live:
         console.print(f"running at Together: {', '.join(live)} (rerun `epochwise train {fold}` to re-attach)")
@@ -282,11 +283,11 @@ def abort(fold: Path = FoldArgument, config: Path = ConfigOption, preset: list[s
         client = together_client(cfg)
     except MissingCredentials as exc:
         fail_lines([str(exc)])
-    live = [(epoch, job) for epoch, job in api.fold_jobs(client, fold.name) if job.status not in api.TERMINAL]
+    live = [(epoch, job) for epoch, job in api.fold_jobs(client, Fold.of(fold).name) if job.status not in api.TERMINAL]
     for epoch, job in live:
         console.print(f"epoch {epoch}: {job.id} {job.status} -> {api.cancel_job(client, job.id)}")
     if not live:
-        console.print(f"{fold.name}: no unfinished jobs at Together")
+        console.print(f"{Fold.of(fold).name}: no unfinished jobs at Together")
 
 
 def deploy_info(
@@ -298,22 +299,23 @@ def deploy_info(
     _require_fold(fold)
     rows = [r for r in recorded_epochs(fold) if r.get("status") == "completed"]
     if not rows:
-        fail_lines([f"{fold.name}: no completed epochs recorded (run `epochwise train {fold}` first)"])
-    if epoch == "best":
-        chosen = next((r for r in rows if r.get("best")), rows[-1])
-    else:
-        chosen = next((r for r in rows if str(r.get("epoch")) == epoch), None)
-        if chosen is None:
-            fail_lines(
-                [
-                    f"{fold.name}: epoch {epoch} is not among the completed epochs "
-                    f"{', '.join(str(r['epoch']) for r in rows)}"
-                ]
-            )
+        fail_lines([f"{Fold.of(fold).name}: no completed epochs recorded (run `epochwise train {fold}` first)"])
+    from epochwise.epochs import EpochChoiceError, choose_epoch, records_from_table
+
+    try:
+        number = choose_epoch(records_from_table(Fold.of(fold).name, rows), epoch).epoch
+    except EpochChoiceError:
+        fail_lines(
+            [
+                f"{Fold.of(fold).name}: epoch {epoch} is not among the completed epochs "
+                f"{', '.join(str(r['epoch']) for r in rows)}"
+            ]
+        )
+    chosen = next(r for r in rows if int(r["epoch"]) == number)
     if as_json:
-        print_json({"fold": fold.name, **chosen})
+        print_json({"fold": Fold.of(fold).name, **chosen})
         return
-    _print_table(f"{fold.name}: models per epoch", rows)
+    _print_table(f"{Fold.of(fold).name}: models per epoch", rows)
     loss = f"val loss {chosen.get('val loss') or '?'}"
     if chosen.get("job"):
         line = f"deploy epoch {chosen['epoch']}: model {chosen['model']} (job {chosen['job']}, {loss})"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from epochwise.epochs import EpochRecord, best_epoch
+from epochwise.epochs import EpochChoiceError, EpochRecord, choose_epoch
 from epochwise.local.keys import METRICS_FILE
 
 
@@ -26,21 +26,17 @@ def find_epochs(fold: Path | str, run: str | None = None) -> list[dict]:
 
 
 def pick_epoch(fold: Path | str, epoch: str, run: str | None = None) -> dict:
-    """``epoch`` is a number or ``best`` (lowest validation loss; see `epochwise.epochs.best_epoch`)."""
+    """``epoch`` is a number or ``best`` (`epochwise.epochs.choose_epoch`) among the finished epochs on disk."""
     epochs = find_epochs(fold, run)
-    if epoch == "best":
-        records = [
-            EpochRecord(fold=m["fold"], epoch=m["epoch"], backend="local", val_loss=m["val_loss"]) for m in epochs
-        ]
-        chosen = best_epoch(records)
-        return next(m for m in epochs if m["epoch"] == chosen.epoch)
-    if not epoch.isdigit():
-        raise ValueError(f"--epoch must be a number or 'best', not {epoch!r}")
-    for metrics in epochs:
-        if metrics["epoch"] == int(epoch):
-            return metrics
-    done = ", ".join(str(m["epoch"]) for m in sorted(epochs, key=lambda m: m["epoch"]))
-    raise FileNotFoundError(f"{fold}: epoch {epoch} is not finished (finished: {done})")
+    records = [EpochRecord(fold=m["fold"], epoch=m["epoch"], backend="local", val_loss=m["val_loss"]) for m in epochs]
+    try:
+        chosen = choose_epoch(records, epoch)
+    except EpochChoiceError as exc:
+        if exc.missing is None:
+            raise
+        done = ", ".join(map(str, exc.known))
+        raise FileNotFoundError(f"{fold}: epoch {exc.missing} is not finished (finished: {done})") from None
+    return next(m for m in epochs if m["epoch"] == chosen.epoch)
 
 
 def load_epoch(metrics: dict):

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
+from epochwise.fold import HARMONY_DIR, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
 from epochwise.io import sha256_file
 
 # Bump when the trainer changes what it produces for the same inputs (tokenisation, loss, packing).
@@ -32,8 +33,8 @@ METRICS_FILE = "metrics.json"
 # Files per LocalConfig.data: ChatML written by `epochwise prepare`, or the Harmony parquet written by
 # `epochwise convert --format harmony` (already tokenised and labelled; gpt-oss vocabulary).
 DATA_FILES = {
-    "chatml": {"train": "train.jsonl", "val": "val.jsonl"},
-    "harmony": {"train": "harmony/train_harmony.parquet", "val": "harmony/val_harmony.parquet"},
+    "chatml": {"train": TRAIN_FILE, "val": VAL_FILE},
+    "harmony": {"train": f"{HARMONY_DIR}/{TRAIN_PARQUET}", "val": f"{HARMONY_DIR}/{VAL_PARQUET}"},
 }
 
 

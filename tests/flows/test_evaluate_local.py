@@ -17,7 +17,7 @@ from epochwise.config import DataConfig, load_settings
 from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.train import HyperParams, TrainConfig
 from epochwise.evaluate import EvaluationError, best_eval_epoch
-from epochwise.fold import prepare
+from epochwise.prepare import prepare
 from epochwise.records import read_records
 from flows.epoch_train import epoch_train
 from flows.evaluate_epochs import evaluate_epochs

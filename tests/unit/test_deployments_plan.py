@@ -10,9 +10,9 @@ from prefect.utilities.importtools import import_object
 from typer.testing import CliRunner
 
 from deployments.definitions import plan_deployments
-from deployments.folds import discover_folds
 from epochwise.cli import app
 from epochwise.config import load_settings
+from epochwise.fold import discover_folds
 
 ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
        "deploy-epoch/any-fold", "evaluate-epochs/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}

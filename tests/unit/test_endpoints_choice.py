@@ -11,7 +11,7 @@ from together.types.models.config import Config
 from epochwise import endpoints_api as ea
 from epochwise.cli.deploy import parse_age
 from epochwise.config.deploy import DeployConfig
-from epochwise.epochs import EpochRecord, epoch_table, records_from_table
+from epochwise.epochs import EpochChoiceError, EpochRecord, choose_epoch, epoch_table, records_from_table
 
 
 def config(cid: str, count: str | None = None, accelerator: str | None = None, **extra: str) -> Config:
@@ -81,16 +81,16 @@ def test_epochs_read_back_from_the_epoch_table_artifact_rows():
 
 
 def test_best_is_the_lowest_validation_loss_and_n_must_be_a_completed_epoch():
-    assert ea.choose_epoch(records(), "best").epoch == 2
-    assert ea.choose_epoch(records(), "3").job_id == "ft-3"
-    with pytest.raises(ea.EndpointFailure, match=r"epoch 7 was not trained \(epochs: 1, 2, 3, 4\)"):
-        ea.choose_epoch(records(), "7")
-    with pytest.raises(ea.EndpointFailure, match="epoch 4 is error"):
-        ea.choose_epoch(records(), 4)
-    with pytest.raises(ea.EndpointFailure, match="'best' or a number"):
-        ea.choose_epoch(records(), "last")
-    with pytest.raises(ea.EndpointFailure, match="no completed epoch"):
-        ea.choose_epoch([], "best")
+    assert choose_epoch(records(), "best").epoch == 2
+    assert choose_epoch(records(), "3").job_id == "ft-3"
+    with pytest.raises(EpochChoiceError, match=r"epoch 7 was not trained \(epochs: 1, 2, 3, 4\)"):
+        choose_epoch(records(), "7")
+    with pytest.raises(EpochChoiceError, match="epoch 4 is error"):
+        choose_epoch(records(), 4)
+    with pytest.raises(EpochChoiceError, match="'best' or a number"):
+        choose_epoch(records(), "last")
+    with pytest.raises(EpochChoiceError, match="no completed epoch"):
+        choose_epoch([], "best")
 
 
 def test_deploy_config_rejects_what_together_would():

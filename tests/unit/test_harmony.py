@@ -1,6 +1,6 @@
 """Harmony conversion of whole folds: labels over the example fold, parquet shape, reuse, length policy, errors.
 
-Real files throughout: the example fold is built from examples/records/games with `epochwise.fold.prepare`,
+Real files throughout: the example fold is built from examples/records/games with `epochwise.prepare.prepare`,
 converted, and read back with pyarrow; together's own ``check_file`` judges the parquet.
 """
 
@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from epochwise.cli import app
 from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
-from epochwise.fold import prepare
 from epochwise.harmony import (
     IGNORE_INDEX,
     O200K_FILE,
@@ -31,6 +30,7 @@ from epochwise.harmony import (
 )
 from epochwise.harmony import convert_fold as convert
 from epochwise.io import sha256_file
+from epochwise.prepare import prepare
 from epochwise.problems import InputError
 from epochwise.records import read_records
 from tests.helpers import EXAMPLE_RECORDS, STORY

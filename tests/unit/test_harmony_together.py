@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 
 from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
-from epochwise.fold import prepare
 from epochwise.harmony import convert_fold
+from epochwise.prepare import prepare
 from epochwise.records import read_records
 from tests.helpers import EXAMPLE_RECORDS, STORY
 

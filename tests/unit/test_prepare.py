@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from epochwise.config.data import DataConfig, RecordMapping
-from epochwise.fold import TRAIN_FILE, VAL_FILE, prepare
+from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.prepare import prepare
 from epochwise.problems import InputError
 from epochwise.records import MappingError, read_records, to_conversation
 from epochwise.validate import validate_file

@@ -77,7 +77,7 @@ def test_loss_png_and_data_uri_and_files(tmp_path):
 
 
 def test_source_hash_depends_on_record_bytes_not_file_names(tmp_path):
-    from epochwise.fold import source_sha256
+    from epochwise.prepare import source_sha256
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

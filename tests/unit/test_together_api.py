@@ -204,6 +204,22 @@ def test_create_whose_reply_is_lost_is_found_in_the_list_not_created_twice(fake_
     assert job.id == next(iter(fake_together.state.jobs))
 
 
+def test_create_after_the_callers_own_listing_lists_again_only_after_a_failed_attempt(
+    fake_together, together_client, files
+):
+    lists = fake_together.counts["GET /v1/fine-tunes"]
+    job, created = api.create_job(
+        together_client, request(files, "ew-games-e1-66666666"), CFG, log=no_sleep(), sleep=no_sleep(), listed=True
+    )
+    assert created and fake_together.counts["GET /v1/fine-tunes"] == lists  # the caller's listing is not repeated
+    fake_together.script.create_then_500 = 1
+    again, created = api.create_job(
+        together_client, request(files, "ew-games-e2-77777777"), CFG, log=no_sleep(), sleep=no_sleep(), listed=True
+    )
+    assert not created and fake_together.counts["GET /v1/fine-tunes"] == lists + 1  # one look after the 500
+    assert fake_together.counts["POST /v1/fine-tunes"] == 2 and again.id != job.id
+
+
 def test_create_refused_by_together_raises_its_message(fake_together, together_client, files):
     bad = request(files, "ew-games-e2-44444444", parent="ft-does-not-exist")
     with pytest.raises(api.TogetherFailure, match="no such job"):
