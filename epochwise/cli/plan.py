@@ -10,20 +10,21 @@ uploaded and nothing is created: with Together it only lists files, reads the mo
 the fold's files are already uploaded, asks Together's ``estimate-price``. ``epochwise train`` prints
 the same plan before the flow's first paid call.
 
-``plan`` takes exactly the options of ``train`` (same declarations, same settings), by running the
-train command in dry-run mode.
+``plan`` takes exactly the options of ``train`` (same declarations, same settings): the command is
+declared beside ``train`` in `epochwise.cli.train` and runs it under `dry_run`; this module computes and
+prints the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from epochwise.cli import train as train_command
 from epochwise.cli.common import console, err_console, fail_lines, friendly_errors
 
 if TYPE_CHECKING:
@@ -32,17 +33,14 @@ if TYPE_CHECKING:
 _DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("epochwise_plan_dry_run", default=False)
 
 
-def plan(**params) -> None:
-    """Dry run of `train`: tokens and price per epoch against the budget; nothing uploaded or created."""
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """While active, `show_plan` tells the train command to stop after printing the plan."""
     token = _DRY_RUN.set(True)
     try:
-        train_command.train(**params)
+        yield
     finally:
         _DRY_RUN.reset(token)
-
-
-# The same parameters (options, defaults, help) as `train`: typer reads them from this signature.
-plan.__signature__ = inspect.signature(train_command.train, eval_str=True)  # type: ignore[attr-defined]
 
 
 def show_plan(fold: Path, cfg: Settings) -> bool:
@@ -98,7 +96,3 @@ def print_plan(found) -> None:
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
-
-
-def register(app) -> None:
-    app.command()(plan)

@@ -9,6 +9,7 @@ epochwise deploy-info folds/games       # the model to deploy (best epoch by val
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -341,9 +342,22 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
             console.print(f"epoch {row.get('epoch')}: {row['model']}{job}", markup=False, soft_wrap=True)
 
 
+def plan(**params: Any) -> None:
+    """Dry run of `train`: tokens and price per epoch against the budget; nothing uploaded or created."""
+    from epochwise.cli.plan import dry_run
+
+    with dry_run():
+        train(**params)
+
+
+# `epochwise plan` takes the same parameters (options, defaults, help) as `train`: typer reads this signature.
+plan.__signature__ = inspect.signature(train, eval_str=True)  # type: ignore[attr-defined]
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command()(train)
+    app.command()(plan)
     app.command()(status)
     app.command()(abort)
     app.command(name="deploy-info")(deploy_info)
