@@ -154,28 +154,21 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
         )
     )
 
-    together_block = settings.together.credentials_block
-    plan.deployments.append(
-        deployment(
-            endpoint_reaper,
-            "hourly",
-            "Stop epochwise endpoints past their time, so nothing keeps billing.",
-            # Without Together credentials there is nothing to reap, and every hourly run would fail.
-            schedules=[Cron(ops.reaper_cron, timezone=ops.timezone, slug="hourly",
-                            active=ops.schedule != "none" and together_configured(together_block))],
-            tags=[TAG],
-            concurrency_limit=one_at_a_time(),
+    # Reapers: without Together credentials there is nothing to reap, and every scheduled run would fail.
+    reapers_active = ops.schedule != "none" and together_configured(settings.together.credentials_block)
+    for flow, slug, cron, description in (
+        (endpoint_reaper, "hourly", ops.reaper_cron, "Stop epochwise endpoints past their time, so nothing keeps billing."),
+        (job_reaper, "frequent", ops.job_reaper_cron,
+         "Cancel Together jobs whose epoch-train run was cancelled, so nothing keeps billing."),
+    ):
+        plan.deployments.append(
+            deployment(
+                flow,
+                slug,
+                description,
+                schedules=[Cron(cron, timezone=ops.timezone, slug=slug, active=reapers_active)],
+                tags=[TAG],
+                concurrency_limit=one_at_a_time(),
+            )
         )
-    )
-    plan.deployments.append(
-        deployment(
-            job_reaper,
-            "frequent",
-            "Cancel Together jobs whose epoch-train run was cancelled, so nothing keeps billing.",
-            schedules=[Cron(ops.job_reaper_cron, timezone=ops.timezone, slug="frequent",
-                            active=ops.schedule != "none" and together_configured(together_block))],
-            tags=[TAG],
-            concurrency_limit=one_at_a_time(),
-        )
-    )
     return plan
