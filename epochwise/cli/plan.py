@@ -46,10 +46,14 @@ def dry_run() -> Iterator[None]:
 def show_plan(fold: Path, cfg: Settings) -> bool:
     """Print the plan of training ``fold`` with ``cfg``; True when this is ``epochwise plan`` (stop here).
 
-    Under ``epochwise train`` a plan that cannot be computed is reported in one line and training goes
-    on (the flow checks files and prices again before paying); under ``plan`` it is the error.
+    Under ``epochwise train`` the plan is shown before paid work only, so a local run (free, and whose
+    tokenizing for the plan costs seconds on every rerun) goes straight to training; a plan that cannot
+    be computed is reported in one line and training goes on (the flow checks files and prices again
+    before paying). Under ``plan`` it is the error.
     """
     dry = _DRY_RUN.get()
+    if not dry and _backend(cfg) != "together":
+        return False
     try:
         with friendly_errors():
             print_plan(compute_plan(fold, cfg))
@@ -60,6 +64,15 @@ def show_plan(fold: Path, cfg: Settings) -> bool:
     return dry
 
 
+def _backend(cfg: Settings) -> str:
+    """``train.backend`` with ``auto`` resolved: Together when a key is configured, else local."""
+    from epochwise.credentials import together_configured
+
+    if cfg.train.backend != "auto":
+        return cfg.train.backend
+    return "together" if together_configured(cfg.together.credentials_block) else "local"
+
+
 def _is_exit(exc: BaseException) -> bool:
     import click
 
@@ -68,13 +81,9 @@ def _is_exit(exc: BaseException) -> bool:
 
 def compute_plan(fold: Path, cfg: Settings):
     """The `epochwise.plan.Plan` for ``fold``: Together (read-only client when a key is configured) or local."""
-    from blocks.credentials import together_configured
     from epochwise.plan import build_plan
 
-    block = cfg.together.credentials_block
-    backend = cfg.train.backend
-    if backend == "auto":
-        backend = "together" if together_configured(block) else "local"
+    backend = _backend(cfg)
     client = None
     if backend == "together":
         from blocks.credentials import MissingCredentials, together_client
