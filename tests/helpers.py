@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from epochwise.config import load_settings
@@ -150,3 +152,29 @@ def labelled_spans(row) -> list[list[int]]:
             spans.append(current)
             current = []
     return spans + ([current] if current else [])
+
+
+def epoch_train_child(fold: Path, epochs: int) -> subprocess.Popen:
+    """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
+    result storage, so a test can SIGKILL or SIGTERM it mid-run."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    params = {
+        "fold": str(fold),
+        "train": train_cfg(epochs).model_dump(mode="json"),
+        "together": FAST.model_dump(mode="json"),
+    }
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        "PYTHONPATH": str(REPO),
+    }
+    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(params)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -8,7 +8,6 @@ must be killed run in a child process.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 from prefect.states import Cancelled, Cancelling, Crashed, Running
 from together import Together
 
@@ -29,7 +27,7 @@ from flows.epoch_train import epoch_train
 from flows.job_reaper import job_reaper
 from tasks.cancellation import cancel_owned_jobs
 from tests.fake_together.server import FakeJob, FakeTogether
-from tests.helpers import BASE, FAST, REPO, make_fold, train_cfg
+from tests.helpers import BASE, FAST, epoch_train_child, make_fold, train_cfg
 
 START_S = 180  # hang guard for a child process to reach a running job, not a speed assertion
 
@@ -101,28 +99,6 @@ def test_on_cancellation_hook_cancels_the_runs_live_jobs(fake_together, tmp_path
     assert fake_together.counts["POST /v1/fine-tunes/{id}/cancel"] == 1
 
 
-def run_flow_in_child(fold: Path) -> subprocess.Popen:
-    params = {
-        "fold": str(fold),
-        "train": train_cfg(1).model_dump(mode="json"),
-        "together": FAST.model_dump(mode="json"),
-    }
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
-        "PYTHONPATH": str(REPO),
-    }
-    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(params)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def running_job(fake: FakeTogether, child: subprocess.Popen) -> tuple[FakeJob, str]:
     """The child's job once it is running and recorded on its flow run; returns (job, flow run id)."""
     deadline = time.monotonic() + START_S
@@ -146,7 +122,7 @@ def running_job(fake: FakeTogether, child: subprocess.Popen) -> tuple[FakeJob, s
 def test_sigterm_cancels_the_job_only_when_the_run_was_cancelled(fake_together, tmp_path, cancelled: bool):
     fold = make_fold(tmp_path, "termed", f"sigterm-{cancelled}")
     fake_together.script.hold_jobs = True
-    child = run_flow_in_child(fold)
+    child = epoch_train_child(fold, 1)
     try:
         job, flow_run_id = running_job(fake_together, child)
         if cancelled:  # what `prefect flow-run cancel` does before the worker's SIGTERM

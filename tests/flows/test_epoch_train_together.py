@@ -24,7 +24,7 @@ from prefect.settings import (
 
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.helpers import BASE, FAST, OUTAGE_S, REPO, make_fold, run_logs, train_cfg
+from tests.helpers import BASE, FAST, OUTAGE_S, REPO, epoch_train_child, make_fold, run_logs, train_cfg
 
 
 def progress_artifacts() -> list:
@@ -179,25 +179,7 @@ def test_no_api_key_under_prefect_home_or_result_storage(fake_together, tmp_path
 def test_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_together, tmp_path):
     fold = make_fold(tmp_path, "killed", "sigkill")
     fake_together.script.hold_jobs = True  # epoch 1 stays "running" until released
-    params = {
-        "fold": str(fold),
-        "train": train_cfg(2).model_dump(mode="json"),
-        "together": FAST.model_dump(mode="json"),
-    }
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
-        "PYTHONPATH": str(REPO),
-    }
-    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(params)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    child = epoch_train_child(fold, 2)
     try:
         deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
         while fake_together.counts["GET /v1/fine-tunes/{id}"] < 5:
