@@ -23,12 +23,17 @@ class EpochRecord(BaseModel):
     fold: str
     epoch: int = Field(ge=1)
     backend: Literal["together", "local"]
+    method: Literal["sft", "dpo", "grpo"] = "sft"
     status: str = "completed"
     job_id: str | None = None
     model: str | None = None
     parent: str | None = Field(None, description="What this epoch continued from (job id, adapter dir or base).")
     train_loss: float | None = None
     val_loss: float | None = None
+    val_reward: float | None = Field(None, description="GRPO: mean reward of the val prompts' completions.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="What the method measures besides losses (DPO margin, GRPO KL, ...)."
+    )
     price_usd: float | None = None
     tokens_per_s: float | None = None
     sample: str | None = None
@@ -37,8 +42,20 @@ class EpochRecord(BaseModel):
 
 
 def best_epoch(records: list[EpochRecord]) -> EpochRecord | None:
-    """The completed epoch with the lowest validation loss (the latest one when none has a loss)."""
+    """The completed epoch with the lowest validation loss (the latest one when none has a loss).
+
+    Only epochs of the latest epoch's method compete: a DPO loss or a GRPO reward is not on the scale
+    of an SFT loss, so after ``sft -> dpo`` the best is the best DPO epoch. GRPO epochs are ranked by
+    their validation reward (highest first).
+    """
     done = [r for r in records if r.status == "completed"]
+    if done:
+        method = max(done, key=lambda r: r.epoch).method
+        done = [r for r in done if r.method == method]
+        if method == "grpo":
+            rewarded = [r for r in done if r.val_reward is not None]
+            if rewarded:
+                return max(rewarded, key=lambda r: (r.val_reward, -r.epoch))
     scored = [r for r in done if r.val_loss is not None]
     if scored:
         return min(scored, key=lambda r: (r.val_loss, r.epoch))
@@ -77,16 +94,19 @@ def choose_epoch(records: list[EpochRecord], which: str | int) -> EpochRecord:
 def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
     """Rows for the ``<fold>-epochs`` table artifact and the CLI, one per epoch in order."""
     best = best_epoch(records)
+    methods = any(r.method != "sft" for r in records)  # SFT-only tables keep their columns
     rows = []
     for r in sorted(records, key=lambda r: r.epoch):
         rows.append(
             {
                 "epoch": r.epoch,
+                **({"method": r.method} if methods else {}),
                 "status": r.status,
                 "model": r.model or "",
                 "job": r.job_id or "",
                 "train loss": _fmt(r.train_loss),
                 "val loss": _fmt(r.val_loss),
+                **({"val reward": _fmt(r.val_reward)} if methods else {}),
                 "price $": "" if r.price_usd is None else f"{r.price_usd:.2f}",
                 "tok/s": "" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
                 "best": "*" if best is not None and r.epoch == best.epoch else "",
@@ -105,16 +125,19 @@ def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecor
     for row in rows:
         loss = str(row.get("val loss") or "").strip()
         train = str(row.get("train loss") or "").strip()
+        reward = str(row.get("val reward") or "").strip()
         records.append(
             EpochRecord(
                 fold=fold,
                 epoch=int(row["epoch"]),
                 backend="together" if row.get("job") else "local",
+                method=row.get("method") or "sft",
                 status=str(row.get("status") or "completed"),
                 job_id=row.get("job") or None,
                 model=row.get("model") or None,
                 val_loss=float(loss) if loss else None,
                 train_loss=float(train) if train else None,
+                val_reward=float(reward) if reward else None,
             )
         )
     return records

@@ -135,8 +135,9 @@ METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT]] = {
 }
 
 
-def training_method(ctx: TrainContext, backend: str, method: str = "sft") -> TrainingMethod:
-    """The method for ``(backend, method)``, constructed for this run."""
+def training_method(ctx: TrainContext, backend: str, method: str | None = None) -> TrainingMethod:
+    """The method for ``(backend, method)`` (default: ``train.method``), constructed for this run."""
+    method = method or ctx.train.method
     try:
         chosen = METHODS[(backend, method)]
     except KeyError:

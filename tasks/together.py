@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -143,10 +143,11 @@ class EpochSpec:
     file_hashes: tuple[str, ...]
     hyper: HyperParams
     api_base: str  # jobs of one Together account are not models of another
+    method: dict = field(default_factory=dict)  # `TrainConfig.method_fields`: empty for SFT (keys unchanged)
 
     @property
     def key(self) -> str:
-        hyper = self.hyper.model_dump(mode="json")
+        hyper = {**self.hyper.model_dump(mode="json"), **self.method}
         return epoch_key([*self.file_hashes, self.api_base], self.base_model, self.epoch, hyper, self.parent)
 
     @property

@@ -47,6 +47,8 @@ def train(
         help=field_help("train.backend", "auto | together | local; 'auto' = Together when a key is configured."),
     ),
     epochs: int = typer.Option(None, "--epochs", "-n", help=field_help("train.epochs")),
+    method: str = typer.Option(None, "--method", "-m", help=field_help("train.method")),
+    reward: list[str] = typer.Option(None, "--reward", help=field_help("train.rewards")),
     base_model: str = typer.Option(None, "--base-model", help=field_help("train.base_model")),
     model: str = typer.Option(None, "--model", help=field_help("train.local_model")),
     learning_rate: float = typer.Option(None, "--lr", "--learning-rate", help=field_help("train.hyper.learning_rate")),
@@ -89,6 +91,8 @@ def train(
         **{
             "train.backend": backend,
             "train.epochs": epochs,
+            "train.method": method,
+            "train.rewards": reward or None,
             "train.base_model": base_model,
             "train.local_model": model,
             "train.budget_usd": budget_usd,
@@ -235,7 +239,9 @@ def status(
             _print_table(f"{Fold.of(fold).name}: epochs recorded by Prefect", rows)
         else:
             console.print(
-                f"{Fold.of(fold).name}: no epochs recorded yet (run `epochwise train {fold}`)", markup=False, soft_wrap=True
+                f"{Fold.of(fold).name}: no epochs recorded yet (run `epochwise train {fold}`)",
+                markup=False,
+                soft_wrap=True,
             )
     if not sync:
         return

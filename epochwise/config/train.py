@@ -41,6 +41,30 @@ class HyperParams(Section):
         return self.lora_alpha or 2 * self.lora_r
 
 
+class DPOParams(Section):
+    """Direct preference optimisation (``train.method: dpo``); names follow Together's ``fine_tuning.create``."""
+
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference.")
+    rpo_alpha: float | None = Field(None, ge=0, description="Weight of an added NLL loss on the preferred reply.")
+    simpo_gamma: float | None = Field(
+        None, ge=0, description="SimPO margin; above 0 it trains reference-free with length-normalised log-ratios."
+    )
+    normalize_logratios_by_length: bool = Field(False, description="Divide each log-ratio by the reply's length.")
+
+
+class GRPOParams(Section):
+    """Group relative policy optimisation (``train.method: grpo``): G completions per prompt, scored by the
+    ``train.rewards`` functions, advantages relative to the group's mean."""
+
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group size G).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest completion in tokens.")
+    prompts_per_step: int = Field(2, gt=0, description="Prompts per optimizer step (x num_generations rows).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    beta: float = Field(0.0, ge=0, description="KL weight against the base model (0 = no reference model).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio.")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
+
+
 class TrainConfig(Section):
     """What ``epoch-train`` trains and how; a flow parameter, a CLI target and a deployment parameter."""
 
@@ -54,9 +78,34 @@ class TrainConfig(Section):
         "tiny", description="Local model: 'tiny' (offline, random init), 'smollm2', an HF id or a path."
     )
     epochs: int = Field(3, ge=1, le=100, description="Total epochs; finished epochs are never redone.")
+    method: Literal["sft", "dpo", "grpo"] = Field(
+        "sft",
+        description="sft (chat rows), dpo (preference rows) or grpo (prompt rows + rewards); epochs of one "
+        "chain may switch method, each continuing from the previous epoch's model.",
+    )
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="GRPO reward functions, 'module:function' or 'path/to/file.py:function'; each is called "
+        "as fn(prompts, completions, **columns) -> list[float | None].",
+    )
     hyper: HyperParams = Field(default_factory=HyperParams)
+    dpo: DPOParams = Field(default_factory=DPOParams)
+    grpo: GRPOParams = Field(default_factory=GRPOParams)
     stop_when_val_worsens: int | None = Field(
         None, ge=1, description="Stop the chain after N epochs without a better validation loss."
     )
     budget_usd: float | None = Field(None, gt=0, description="Stop before a Together epoch that would exceed it.")
     wandb_project: str | None = Field(None, description="W&B project; runs are grouped per fold.")
+
+    def method_fields(self) -> dict[str, object]:
+        """What the method adds to an epoch's key: nothing for SFT (so SFT keys stay what they were),
+        the method's name and its own parameters otherwise (the rewards' specs for GRPO)."""
+        if self.method == "sft":
+            return {}
+        fields: dict[str, object] = {"method": self.method}
+        if self.method == "dpo":
+            fields["dpo"] = self.dpo.model_dump(mode="json")
+        if self.method == "grpo":
+            fields["grpo"] = self.grpo.model_dump(mode="json")
+            fields["rewards"] = list(self.rewards)
+        return fields

@@ -126,15 +126,22 @@ def model_identity(model: str) -> str | dict[str, Any]:
     return {"path": str(directory), "files": [(name, st.st_size, st.st_mtime_ns) for name, st in stats]}
 
 
-def run_key(fold: Path | str, model: str, hyper: HyperParams, local: LocalConfig) -> str:
-    """16 hex digits naming the run directory; equal only for equal data, model and recipe."""
-    payload = {
+def run_key(
+    fold: Path | str, model: str, hyper: HyperParams, local: LocalConfig, method: dict[str, Any] | None = None
+) -> str:
+    """16 hex digits naming the run directory; equal only for equal data, model and recipe.
+
+    ``method`` is `TrainConfig.method_fields`: empty for SFT, so SFT run keys are what they always were.
+    """
+    payload: dict[str, Any] = {
         "trainer": TRAINER_VERSION,
         "data": fold_hashes(fold, local.data),
         "model": model_identity(model),
         "hyper": hyper.model_dump(mode="json"),
         "local": local.training_fields(),
     }
+    if method:
+        payload["method"] = method
     return _digest(payload)[:16]
 
 
