@@ -30,11 +30,19 @@ def prepare(
         help=field_help("data.mapping.user_template", "User message with {field} placeholders filled from the record."),
     ),
     assistant_field: str = typer.Option(None, "--assistant-field", help=field_help("data.mapping.assistant_field")),
+    mapping_format: str = typer.Option(None, "--format", help=field_help("data.mapping.format")),
+    chosen_field: str = typer.Option(None, "--chosen-field", help=field_help("data.mapping.chosen_field")),
+    rejected_field: str = typer.Option(None, "--rejected-field", help=field_help("data.mapping.rejected_field")),
+    column: list[str] = typer.Option(None, "--column", help=field_help("data.mapping.columns", "Record field copied into each GRPO prompt row (repeatable).")),
     strict: bool = typer.Option(None, "--strict/--skip-bad-records", help=field_help("data.strict")),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
     """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated.
+
+    ``--format preference`` writes DPO rows (train_dpo.jsonl + val_dpo.jsonl) from --chosen-field and
+    --rejected-field; ``--format prompt`` writes GRPO prompt rows (train_grpo.jsonl + val_grpo.jsonl)
+    with the --column fields for the reward functions.
 
     The records' own ``epochwise.yaml`` (in RECORDS, or beside a single records file) supplies
     ``data.mapping`` when present; the config file, presets, EPOCHWISE_* and flags override it.
@@ -50,6 +58,10 @@ def prepare(
             "data.mapping.system_prompt": system_prompt,
             "data.mapping.user_template": user_template,
             "data.mapping.assistant_field": assistant_field,
+            "data.mapping.format": mapping_format,
+            "data.mapping.chosen_field": chosen_field,
+            "data.mapping.rejected_field": rejected_field,
+            "data.mapping.columns": column or None,
         },
     ).data
     from epochwise.records import read_records
@@ -68,8 +80,9 @@ def prepare(
 
     table = Table(title=f"prepared {summary.fold}", show_header=False)
     table.add_row("records read", str(summary.records_read))
-    table.add_row("train.jsonl", str(summary.train_written))
-    table.add_row("val.jsonl", str(summary.val_written))
+    train_name, val_name = summary.files
+    table.add_row(train_name, str(summary.train_written))
+    table.add_row(val_name, str(summary.val_written))
     table.add_row("skipped", str(len(summary.skipped)))
     for reason, count in summary.skipped_by_reason().items():
         table.add_row(f"  {reason}", str(count))
