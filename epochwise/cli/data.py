@@ -93,14 +93,21 @@ def prepare(
 
 def validate(
     files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
+    method: str = typer.Option(
+        None, "--method", "-m", help=field_help("train.method", "sft (chat rows) | dpo (preference rows) | grpo (prompt rows).")
+    ),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
-    """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
-    from epochwise.validate import validate_file
+    """Check JSONL files against Together's rules and its check_file; prints path:line: reason.
 
-    limit = settings(config, preset).data.max_line_bytes
-    problems = [p for path in files for p in validate_file(path, max_line_bytes=limit)]
+    ``--method dpo`` checks Together's preference rows, ``--method grpo`` GRPO prompt rows.
+    """
+    from epochwise.validate import validate_method_file
+
+    cfg = settings(config, preset, **{"train.method": method})
+    limit = cfg.data.max_line_bytes
+    problems = [p for path in files for p in validate_method_file(path, cfg.train.method, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     for path in files:
