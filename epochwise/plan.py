@@ -85,6 +85,7 @@ class Plan:
     budget_usd: float | None
     files: list[FileCount]
     epochs: list[EpochPlan] = field(default_factory=list)
+    kept: int = 0  # epochs 1..kept are recorded with another method; the run continues after them
 
     @property
     def stops_before(self) -> int | None:
@@ -125,6 +126,8 @@ class Plan:
             f"tokens: {self.tokenizer}",
             f"price: {self.price_source}",
         ]
+        if self.kept:
+            lines.append(f"epochs 1-{self.kept} are recorded with another method; this run continues after them")
         uploaded = [f"{Path(f.path).name} {f.file_id}" for f in self.files if f.file_id]
         if uploaded:
             lines.append("already uploaded (found by content, reused): " + ", ".join(uploaded))
@@ -136,7 +139,7 @@ class Plan:
             )
         total = self.epochs[-1].total_usd if self.epochs else None
         if total is not None:
-            lines.append(f"total for {len(self.epochs)} epoch(s): ${total:.2f}")
+            lines.append(f"total for {len(self.epochs) + self.kept} epoch(s): ${total:.2f}")
         stop = self.stops_before
         if stop is not None:
             lines.append(f"the ${self.budget_usd:.2f} budget stops the chain before epoch {stop}")
@@ -154,13 +157,17 @@ def plan_epochs(
     n_evals: int,
     price_per_epoch: float | None,
     budget_usd: float | None,
+    kept: int = 0,
+    kept_usd: float = 0.0,
 ) -> list[EpochPlan]:
     """Per-epoch rows: each epoch trains ``train_tokens`` once and evaluates ``n_evals`` times.
 
     The budget rule is the flow's: an epoch runs only when the spend so far plus its price fits.
+    ``kept``: epochs 1..kept are already trained with another method (a switched chain, see
+    `epochwise.epochs.chain_before`), costing ``kept_usd``: the rows start after them, the spend with them.
     """
-    rows, total, fits = [], 0.0, True
-    for epoch in range(1, epochs + 1):
+    rows, total, fits = [], kept_usd, True
+    for epoch in range(kept + 1, epochs + 1):
         if price_per_epoch is not None:
             total += price_per_epoch
             fits = fits and (budget_usd is None or total <= budget_usd + 1e-9)
@@ -251,16 +258,17 @@ def count_tokenized(role: str, path: Path | str, sha256: str, lengths: Iterable[
 # --- building a plan ------------------------------------------------------------------------------
 
 
-def build_plan(fold: Path | str, backend: str, train, local, harmony, client=None) -> Plan:
+def build_plan(fold: Path | str, backend: str, train, local, harmony, client=None, kept=()) -> Plan:
     """The plan of ``epochwise train`` for ``fold`` with these settings (``TrainConfig``, ``LocalConfig``,
     ``HarmonyConfig``). ``client`` (a ``together.Together``) is only read from: the file list, the model's
-    limits and, for files already uploaded, ``estimate-price``; None plans offline."""
+    limits and, for files already uploaded, ``estimate-price``; None plans offline. ``kept``: the
+    recorded epochs of another method that the run continues (`epochwise.epochs.chain_before`)."""
     if backend == "local":
         return _local_plan(Path(fold), train, local)
-    return _together_plan(Path(fold), train, harmony, client)
+    return _together_plan(Path(fold), train, harmony, client, list(kept))
 
 
-def _together_plan(fold: Path, train, harmony, client) -> Plan:
+def _together_plan(fold: Path, train, harmony, client, kept=None) -> Plan:
     from epochwise import together_api as api
     from epochwise.fold import TRAIN_FILE, VAL_FILE
     from epochwise.io import sha256_file
@@ -345,7 +353,17 @@ def _together_plan(fold: Path, train, harmony, client) -> Plan:
         price_source=source,
         budget_usd=train.budget_usd,
         files=files,
-        epochs=plan_epochs(train.epochs, train_file.billed_tokens, val_billed, n_evals, price, train.budget_usd),
+        epochs=plan_epochs(
+            train.epochs,
+            train_file.billed_tokens,
+            val_billed,
+            n_evals,
+            price,
+            train.budget_usd,
+            len(kept or []),
+            sum(r.price_usd or 0.0 for r in kept or []),
+        ),
+        kept=len(kept or []),
     )
 
 

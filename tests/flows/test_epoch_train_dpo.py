@@ -71,6 +71,13 @@ def test_sft_then_dpo_continues_from_the_last_sft_job(fake_together, tmp_path):
     sft = epoch_train(str(fold), train_cfg(3), FAST)
     add_preference_files(fold, "sft-dpo")
 
+    planned = CliRunner().invoke(app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "-n", "5",
+                                       "--base-model", BASE])
+    assert planned.exit_code == 0, planned.output
+    assert "epochs 1-3 are recorded with another method" in planned.output
+    epoch_rows = [line for line in planned.output.splitlines() if line.startswith("│ ") and "yes" in line]
+    assert [row.split("│")[1].strip() for row in epoch_rows] == ["4", "5"]  # only the DPO epochs are priced
+
     records = epoch_train(str(fold), dpo_cfg(5), FAST)
 
     jobs = fake_together.state.jobs_in_order()
