@@ -25,7 +25,7 @@ from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
-from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.fold import Fold
 from epochwise.io import sha256_file
 from tasks.together import api_tagged
 
@@ -49,9 +49,7 @@ def publish_report(
     if uploads:
         files = [rp.FileLineage(u.filename, u.sha256, u.id) for u in uploads]
     else:
-        files = [
-            rp.FileLineage(n, sha256_file(Path(fold) / n)) for n in (TRAIN_FILE, VAL_FILE) if (Path(fold) / n).is_file()
-        ]
+        files = [rp.FileLineage(p.name, sha256_file(p)) for p in Fold.of(fold).files(train.method) if p.is_file()]
     lineage = rp.Lineage(_records_sha256(name), files, _endpoints(name))
     png = rp.loss_png(name, curves)
     model = train.base_model if records and records[0].backend == "together" else train.local_model

@@ -144,7 +144,7 @@ def test_dpo_sigkill_while_polling_then_rerun_reattaches_without_a_new_job(fake_
     assert len(fake_together.state.jobs) == 2 and fake_together.state.uploads == 2
 
 
-def test_a_dpo_epoch_deploys_like_an_sft_epoch(fake_together, tmp_path):
+def test_a_dpo_epoch_deploys_like_an_sft_epoch(fake_together, tmp_path, monkeypatch):
     fold = make_fold(tmp_path, "dpodeploy", "dpo-deploy")
     epoch_train(str(fold), train_cfg(1), FAST)
     add_preference_files(fold, "dpo-deploy")
@@ -156,3 +156,12 @@ def test_a_dpo_epoch_deploys_like_an_sft_epoch(fake_together, tmp_path):
     assert row["endpoint"] == "me/ew-dpodeploy-e2"
     assert dep["model"] == f"projects/proj_1/models/ml_{records[1].job_id}"
     assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
+
+    monkeypatch.setenv("EPOCHWISE_DEPLOY__POLL_S", "0.001")
+    runner = CliRunner()
+    best = runner.invoke(app, ["deploy", str(fold), "--epoch", "best"])  # best of the latest method: a DPO epoch
+    assert best.exit_code == 0, best.output
+    assert "me/ew-dpodeploy-e" in best.output and "me/ew-dpodeploy-e1" not in best.output
+    status = runner.invoke(app, ["status", str(fold)])
+    assert status.exit_code == 0, status.output
+    assert "dpo" in status.output and "sft" in status.output
