@@ -165,3 +165,17 @@ def test_a_dpo_epoch_deploys_like_an_sft_epoch(fake_together, tmp_path, monkeypa
     status = runner.invoke(app, ["status", str(fold)])
     assert status.exit_code == 0, status.output
     assert "dpo" in status.output and "sft" in status.output
+
+
+def test_the_budget_counts_the_sft_epochs_and_the_dearer_dpo_estimate(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "dbudget", "dpo-budget")
+    epoch_train(str(fold), train_cfg(3), FAST)  # 3 x $1.50 at the fake's SFT price
+    add_preference_files(fold, "dpo-budget")
+
+    records = epoch_train(str(fold), dpo_cfg(5, budget_usd=9.0), FAST)
+
+    # $4.50 spent; epoch 4 adds $3.75 (fits: $8.25), epoch 5 would reach $12.00: not submitted.
+    assert [(r.epoch, r.method, r.price_usd) for r in records] == [
+        (1, "sft", 1.5), (2, "sft", 1.5), (3, "sft", 1.5), (4, "dpo", 3.75)
+    ]
+    assert len(fake_together.state.jobs) == 4
