@@ -268,7 +268,7 @@ def preference_row_problems(row: dict[str, Any]) -> list[str]:
     if missing:
         fmt, _ = detect_format(row)
         if fmt == "conversation":
-            return [f"a chat row ('messages'), but DPO trains on {METHOD_ROWS['dpo']}"]
+            return [CHAT_IN_DPO]
         return [f"missing {', '.join(repr(k) for k in missing)}: a DPO row is {PREFERENCE_SHAPE}"]
     reasons = []
     extra = sorted(k for k in row if k not in PREFERENCE_KEYS)
@@ -317,7 +317,7 @@ def prompt_row_problems(row: dict[str, Any]) -> list[str]:
     if "messages" not in row:
         fmt, _ = detect_format(row)
         if fmt == "preference":
-            return [f"a preference row, but GRPO trains on {METHOD_ROWS['grpo']}"]
+            return [PREFERENCE_IN_GRPO]
         return [f"no 'messages': GRPO trains on {METHOD_ROWS['grpo']}"]
     messages = row["messages"]
     reasons = message_problems(messages, require_assistant=False)
@@ -326,14 +326,18 @@ def prompt_row_problems(row: dict[str, Any]) -> list[str]:
         if "user" not in roles:
             reasons.append("no user message: a prompt row needs the user's turn to answer")
         if roles and roles[-1] == "assistant":
-            reasons.append(
-                "ends with an assistant message (a chat row?); a GRPO prompt ends with the user's turn "
-                "and the model writes the reply"
-            )
+            reasons.append(CHAT_IN_GRPO)
     return reasons
 
 
 ROW_CHECKS = {"dpo": preference_row_problems, "grpo": prompt_row_problems}
+CHAT_IN_DPO = f"a chat row ('messages'), but DPO trains on {METHOD_ROWS['dpo']}"
+PREFERENCE_IN_GRPO = f"a preference row, but GRPO trains on {METHOD_ROWS['grpo']}"
+CHAT_IN_GRPO = (
+    "ends with an assistant message (a chat row?); a GRPO prompt ends with the user's turn and the model writes the reply"
+)
+# Reasons that mean "a row of another method": a file holding nothing else is reported once.
+WRONG_FORMAT = {CHAT_IN_DPO, PREFERENCE_IN_GRPO, CHAT_IN_GRPO}
 
 
 def validate_method_file(
@@ -373,6 +377,11 @@ def validate_method_file(
         return [Problem(shown, None, f"cannot read file: {exc.strerror or exc}")]
     if count == 0 and not problems:
         problems.append(Problem(shown, None, "file is empty: at least 1 sample is needed"))
+    wrong = {p.reason for p in problems}
+    if count > 1 and len(problems) == count and len(wrong) == 1 and wrong <= WRONG_FORMAT:
+        # A whole file of another method's rows (chat rows given to --method dpo) is one problem, not N.
+        first = min(p.line or 0 for p in problems)
+        return [Problem(shown, first, f"{next(iter(wrong))} (every line, {count} of {count})")]
     if run_together_check and not problems and method == "dpo":  # the check the SDK runs on upload
         problems.extend(together_check(path, shown))
     return sorted(problems, key=lambda p: p.line or 0)

@@ -78,6 +78,16 @@ def test_a_chat_file_given_to_dpo_says_which_format_was_expected(tmp_path):
     assert "DPO trains on preference rows" in problem.reason and '"preferred_output"' in problem.reason
 
 
+def test_a_whole_file_of_another_methods_rows_is_one_problem_a_mixed_file_one_per_line(tmp_path):
+    chat = {"messages": [USER, GOOD]}
+    (whole,) = validate_method_file(write(tmp_path, [chat] * 5, "train.jsonl"), "dpo")
+    assert whole.line == 1 and whole.reason.endswith("(every line, 5 of 5)") and "DPO trains on preference rows" in whole.reason
+    (as_grpo,) = validate_method_file(write(tmp_path, [chat] * 3, "train.jsonl"), "grpo")
+    assert "ends with an assistant message (a chat row?)" in as_grpo.reason and "(every line, 3 of 3)" in as_grpo.reason
+    mixed = validate_method_file(write(tmp_path, [pref(), chat, chat], "mixed.jsonl"), "dpo")
+    assert [p.line for p in mixed] == [2, 3] and all("a chat row" in p.reason for p in mixed)
+
+
 def test_a_preference_file_given_to_sft_names_method_dpo(tmp_path):
     path = write(tmp_path, [pref(), pref()], "train.jsonl")
     (problem,) = validate_method_file(path, "sft", run_together_check=False)
