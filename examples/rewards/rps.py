@@ -69,3 +69,6 @@ def correctness_reward(prompts: list, completions: list, answer: list, **kwargs:
         else:
             scores.append(1.0 if first_choice(completion_text(completion)) == str(expected).lower() else 0.0)
     return scores
+
+
+correct = correctness_reward  # the short name: --reward examples/rewards/rps.py:correct
