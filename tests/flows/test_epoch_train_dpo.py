@@ -71,8 +71,9 @@ def test_sft_then_dpo_continues_from_the_last_sft_job(fake_together, tmp_path):
     sft = epoch_train(str(fold), train_cfg(3), FAST)
     add_preference_files(fold, "sft-dpo")
 
-    planned = CliRunner().invoke(app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "-n", "5",
-                                       "--base-model", BASE])
+    planned = CliRunner().invoke(
+        app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "-n", "5", "--base-model", BASE]
+    )
     assert planned.exit_code == 0, planned.output
     assert "epochs 1-3 are recorded with another method" in planned.output
     epoch_rows = [line for line in planned.output.splitlines() if line.startswith("│ ") and "yes" in line]
@@ -89,7 +90,13 @@ def test_sft_then_dpo_continues_from_the_last_sft_job(fake_together, tmp_path):
     assert [j.request["training_method"]["method"] for j in jobs] == ["sft"] * 3 + ["dpo"] * 2
     assert all("train_on_inputs" not in j.request["training_method"] for j in jobs[3:])
     table = json.loads(Artifact.get("switch-epochs").data)
-    assert [(row["epoch"], row["method"]) for row in table] == [(1, "sft"), (2, "sft"), (3, "sft"), (4, "dpo"), (5, "dpo")]
+    assert [(row["epoch"], row["method"]) for row in table] == [
+        (1, "sft"),
+        (2, "sft"),
+        (3, "sft"),
+        (4, "dpo"),
+        (5, "dpo"),
+    ]
     assert [row["best"] for row in table].index("*") >= 3  # the best epoch is a DPO one (latest method)
 
     creates = fake_together.counts["POST /v1/fine-tunes"]
@@ -112,8 +119,9 @@ def test_dpo_on_chat_rows_fails_before_any_upload_naming_the_expected_format(fak
 
 def test_cli_train_dpo_on_chat_rows_is_a_clear_error_before_prefect_starts(fake_together, tmp_path):
     fold = make_fold(tmp_path, "clichat", "cli-dpo-chat")
-    result = CliRunner().invoke(app, ["train", str(fold), "--backend", "together", "--method", "dpo",
-                                      "--base-model", BASE])
+    result = CliRunner().invoke(
+        app, ["train", str(fold), "--backend", "together", "--method", "dpo", "--base-model", BASE]
+    )
     assert result.exit_code != 0
     assert "but DPO trains on preference rows" in result.output and "Traceback" not in result.output
     assert fake_together.counts["POST /v1/files"] == 0
@@ -176,6 +184,9 @@ def test_the_budget_counts_the_sft_epochs_and_the_dearer_dpo_estimate(fake_toget
 
     # $4.50 spent; epoch 4 adds $3.75 (fits: $8.25), epoch 5 would reach $12.00: not submitted.
     assert [(r.epoch, r.method, r.price_usd) for r in records] == [
-        (1, "sft", 1.5), (2, "sft", 1.5), (3, "sft", 1.5), (4, "dpo", 3.75)
+        (1, "sft", 1.5),
+        (2, "sft", 1.5),
+        (3, "sft", 1.5),
+        (4, "dpo", 3.75),
     ]
     assert len(fake_together.state.jobs) == 4

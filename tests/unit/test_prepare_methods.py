@@ -22,7 +22,9 @@ from epochwise.rewards import as_completions, check_rewards, load_rewards, score
 from epochwise.validate import validate_method_file
 
 REPO = Path(__file__).resolve().parents[2]
-PREFS = RecordMapping(format="preference", system_prompt="sys", user_template="Q: {q}", chosen_field="good", rejected_field="bad")
+PREFS = RecordMapping(
+    format="preference", system_prompt="sys", user_template="Q: {q}", chosen_field="good", rejected_field="bad"
+)
 PROMPTS = RecordMapping(format="prompt", system_prompt="sys", user_template="Q: {q}", columns=["answer"])
 
 
@@ -41,7 +43,9 @@ def test_preference_row_from_template_and_reply_fields():
 
 def test_preference_row_from_the_records_own_messages():
     mapping = RecordMapping(format="preference", system_prompt="sys", chosen_field="good", rejected_field="bad")
-    row = orjson.loads(preference_line({"messages": [{"role": "user", "content": "hi"}], "good": "a", "bad": "b"}, mapping))
+    row = orjson.loads(
+        preference_line({"messages": [{"role": "user", "content": "hi"}], "good": "a", "bad": "b"}, mapping)
+    )
     assert row["input"]["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]
 
 
@@ -53,9 +57,16 @@ def test_preference_row_from_the_records_own_messages():
         ({"q": "x", "good": "", "bad": "b"}, PREFS, "chosen field 'good' is empty"),
         ({"q": "x", "good": "same", "bad": "same"}, PREFS, "hold the same reply"),
         ({"good": "a", "bad": "b"}, PREFS, "missing field 'q' used by the user template"),
-        ({"q": "x", "good": "a", "bad": "b"}, RecordMapping(format="preference", user_template="{q}"), "needs data.mapping.chosen_field"),
-        ({"good": "a", "bad": "b"}, RecordMapping(format="preference", chosen_field="good", rejected_field="bad"),
-         "configure data.mapping.user_template"),
+        (
+            {"q": "x", "good": "a", "bad": "b"},
+            RecordMapping(format="preference", user_template="{q}"),
+            "needs data.mapping.chosen_field",
+        ),
+        (
+            {"good": "a", "bad": "b"},
+            RecordMapping(format="preference", chosen_field="good", rejected_field="bad"),
+            "configure data.mapping.user_template",
+        ),
         ({"q": "x"}, PROMPTS, "missing column 'answer' (data.mapping.columns)"),
     ],
 )
@@ -67,7 +78,10 @@ def test_mapping_errors_name_the_missing_field(record, mapping, reason):
 
 def test_prompt_row_carries_the_named_columns_as_they_are():
     row = orjson.loads(prompt_line({"q": "2+2", "answer": 4, "unused": "x"}, PROMPTS))
-    assert row == {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Q: 2+2"}], "answer": 4}
+    assert row == {
+        "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Q: 2+2"}],
+        "answer": 4,
+    }
 
 
 def test_columns_must_be_plain_names_other_than_messages():
@@ -86,7 +100,12 @@ def test_prepare_writes_method_files_beside_the_chat_files_and_skips_bad_records
     assert [(p.line, p.reason) for p in summary.skipped] == [(11, "missing rejected field 'bad'")]
     prepare(records(rows), fold, DataConfig(mapping=PROMPTS))
     assert sorted(p.name for p in fold.iterdir()) == [
-        "train.jsonl", "train_dpo.jsonl", "train_grpo.jsonl", "val.jsonl", "val_dpo.jsonl", "val_grpo.jsonl"
+        "train.jsonl",
+        "train_dpo.jsonl",
+        "train_grpo.jsonl",
+        "val.jsonl",
+        "val_dpo.jsonl",
+        "val_grpo.jsonl",
     ]
     for method in ("sft", "dpo", "grpo"):
         assert Fold.of(fold).files(method)[0].name == {"sft": "train.jsonl"}.get(method, f"train_{method}.jsonl")
@@ -95,7 +114,10 @@ def test_prepare_writes_method_files_beside_the_chat_files_and_skips_bad_records
 
 def test_records_with_their_own_messages_ending_with_the_assistant_are_skipped(tmp_path):
     mapping = RecordMapping(format="prompt")
-    rows = [{"messages": [{"role": "user", "content": "q"}]}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
     with pytest.raises(InputError, match=r"recs.jsonl:2: ends with an assistant message"):
         prepare(records(rows), tmp_path / "f", DataConfig(mapping=mapping, strict=True))
 
@@ -108,8 +130,23 @@ def test_a_method_fold_falls_back_to_train_jsonl(tmp_path):
 def test_cli_prepare_format_flags(tmp_path):
     src = tmp_path / "recs.jsonl"
     src.write_text("".join(json.dumps({"q": f"{i}", "good": "yes", "bad": f"no {i}"}) + "\n" for i in range(6)))
-    result = CliRunner().invoke(app, ["prepare", str(src), "--fold", str(tmp_path / "f"), "--format", "preference",
-                                      "--user-template", "Q: {q}", "--chosen-field", "good", "--rejected-field", "bad"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(src),
+            "--fold",
+            str(tmp_path / "f"),
+            "--format",
+            "preference",
+            "--user-template",
+            "Q: {q}",
+            "--chosen-field",
+            "good",
+            "--rejected-field",
+            "bad",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "train_dpo.jsonl" in result.output and (tmp_path / "f" / "val_dpo.jsonl").is_file()
 

@@ -38,7 +38,9 @@ def prefs(together_client, tmp_path):
 
 
 def dpo_request(files, dpo: DPOParams, parent: str | None = None, **hyper) -> api.EpochRequest:
-    return api.EpochRequest(files[0].id, files[1].id, BASE, parent, "ew-unit-e1-00000000", HyperParams(**hyper), dpo=dpo)
+    return api.EpochRequest(
+        files[0].id, files[1].id, BASE, parent, "ew-unit-e1-00000000", HyperParams(**hyper), dpo=dpo
+    )
 
 
 def test_dpo_create_kwargs_name_the_method_and_leave_out_train_on_inputs():
@@ -56,8 +58,11 @@ def test_dpo_job_wire_body_and_simpo_forces_reference_free(fake_together, togeth
     assert created
     body = fake_together.state.jobs[job.id].request
     assert body["training_method"] == {
-        "method": "dpo", "dpo_beta": 0.3, "dpo_normalize_logratios_by_length": False,
-        "dpo_reference_free": False, "rpo_alpha": 1.0,
+        "method": "dpo",
+        "dpo_beta": 0.3,
+        "dpo_normalize_logratios_by_length": False,
+        "dpo_reference_free": False,
+        "rpo_alpha": 1.0,
     }
     assert body["model"] == BASE and body["n_epochs"] == 1 and body["validation_file"] == prefs[1].id
 
@@ -71,7 +76,9 @@ def test_dpo_job_wire_body_and_simpo_forces_reference_free(fake_together, togeth
 
 def test_dpo_estimate_asks_for_a_dpo_job_and_costs_more_than_sft(fake_together, together_client, prefs):
     dpo = api.estimate_price(together_client, dpo_request(prefs, DPOParams()))
-    sft = api.estimate_price(together_client, api.EpochRequest(prefs[0].id, prefs[1].id, BASE, None, "s", HyperParams()))
+    sft = api.estimate_price(
+        together_client, api.EpochRequest(prefs[0].id, prefs[1].id, BASE, None, "s", HyperParams())
+    )
     assert (sft, dpo) == (1.5, 3.75)  # the fake's DPO factor: 2.5
 
 
@@ -82,12 +89,18 @@ def test_the_fake_refuses_what_together_refuses_for_dpo(fake_together, together_
     with pytest.raises(BadRequestError, match="DPO training needs a preference dataset"):
         together_client.fine_tuning.create(training_file=chat_file.id, model=BASE, lora=True, training_method="dpo")
     with pytest.raises(ValueError, match="train_on_inputs is only supported for SFT"):  # the SDK's own rule
-        together_client.fine_tuning.create(training_file=prefs[0].id, model=BASE, training_method="dpo", train_on_inputs=True)
+        together_client.fine_tuning.create(
+            training_file=prefs[0].id, model=BASE, training_method="dpo", train_on_inputs=True
+        )
 
     def raw(method: dict) -> tuple[int, str]:
         body = json.dumps({"training_file": prefs[0].id, "model": BASE, "training_method": method}).encode()
-        req = urllib.request.Request(f"{fake_together.base_url}/v1/fine-tunes", body, method="POST",
-                                     headers={"Authorization": f"Bearer {fake_together.api_key}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{fake_together.base_url}/v1/fine-tunes",
+            body,
+            method="POST",
+            headers={"Authorization": f"Bearer {fake_together.api_key}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req) as answer:
                 return answer.status, answer.read().decode()
@@ -105,8 +118,9 @@ def test_a_dpo_job_may_continue_an_sft_job(fake_together, together_client, prefs
     fake_together.script.job_polls_per_state = 0
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps(CONVO) + "\n")
-    sft = together_client.fine_tuning.create(training_file=upload(together_client, chat).id, model=BASE, lora=True,
-                                             train_on_inputs=False)
+    sft = together_client.fine_tuning.create(
+        training_file=upload(together_client, chat).id, model=BASE, lora=True, train_on_inputs=False
+    )
     dpo, _ = api.create_job(together_client, dpo_request(prefs, DPOParams(), parent=sft.id), CFG)
     assert fake_together.state.jobs[dpo.id].request["from_checkpoint"] == sft.id
     assert fake_together.state.jobs[dpo.id].depth == 2
@@ -115,10 +129,27 @@ def test_a_dpo_job_may_continue_an_sft_job(fake_together, together_client, prefs
 @pytest.mark.parametrize(
     "rows, reason",
     [
-        ([{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": [], "non_preferred_output": []}],
-         "preferred_output must hold exactly one assistant message"),
-        ([{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": [{"role": "assistant", "content": "a"}],
-           "non_preferred_output": [{"role": "assistant", "content": "b"}]}, CONVO], "mixed dataset formats"),
+        (
+            [
+                {
+                    "input": {"messages": [{"role": "user", "content": "q"}]},
+                    "preferred_output": [],
+                    "non_preferred_output": [],
+                }
+            ],
+            "preferred_output must hold exactly one assistant message",
+        ),
+        (
+            [
+                {
+                    "input": {"messages": [{"role": "user", "content": "q"}]},
+                    "preferred_output": [{"role": "assistant", "content": "a"}],
+                    "non_preferred_output": [{"role": "assistant", "content": "b"}],
+                },
+                CONVO,
+            ],
+            "mixed dataset formats",
+        ),
     ],
 )
 def test_uploaded_preference_files_are_checked_by_the_server(fake_together, together_client, tmp_path, rows, reason):
@@ -131,7 +162,9 @@ def test_uploaded_preference_files_are_checked_by_the_server(fake_together, toge
 # --- plan ------------------------------------------------------------------------------------------
 
 
-def test_plan_prices_dpo_offline_as_a_labelled_estimate_and_with_togethers_dpo_estimate(fake_together, together_client, tmp_path):
+def test_plan_prices_dpo_offline_as_a_labelled_estimate_and_with_togethers_dpo_estimate(
+    fake_together, together_client, tmp_path
+):
     fold = add_preference_files(tmp_path / "dplan", "plan")
     train = TrainConfig(base_model=BASE, epochs=2, method="dpo")
     offline = pl.build_plan(fold, "together", train, None, HarmonyConfig(), None)
@@ -147,7 +180,9 @@ def test_plan_prices_dpo_offline_as_a_labelled_estimate_and_with_togethers_dpo_e
     assert [e.price_usd for e in online.epochs] == [3.75, 3.75]
     assert "DPO estimate-price" in online.price_source
 
-    result = CliRunner().invoke(app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "--base-model", BASE, "-n", "2"])
+    result = CliRunner().invoke(
+        app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "--base-model", BASE, "-n", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "7.50" in result.output and "train_dpo.jsonl" in result.output
 
@@ -172,6 +207,9 @@ def test_chain_before_keeps_the_earlier_methods_epochs_only():
 
 
 def test_the_epochs_table_round_trips_method_and_price():
-    records = [rec(1, "sft").model_copy(update={"price_usd": 1.5}), rec(2, "dpo").model_copy(update={"price_usd": 3.75})]
+    records = [
+        rec(1, "sft").model_copy(update={"price_usd": 1.5}),
+        rec(2, "dpo").model_copy(update={"price_usd": 3.75}),
+    ]
     back = records_from_table("f", epoch_table(records))
     assert [(r.method, r.price_usd, r.job_id) for r in back] == [("sft", 1.5, "ft-1"), ("dpo", 3.75, "ft-2")]

@@ -48,10 +48,16 @@ def test_valid_preference_rows_pass_including_together_check(tmp_path):
         (pref(preferred_output=[GOOD, GOOD]), "'preferred_output' holds 2 messages; it must hold exactly one"),
         (pref(preferred_output=[]), "'preferred_output' holds 0 messages"),
         (pref(non_preferred_output=[USER]), "non_preferred_output[0] has role 'user'; it must be 'assistant'"),
-        (pref(non_preferred_output=GOOD), "'non_preferred_output' must be a list holding one assistant message, got dict"),
+        (
+            pref(non_preferred_output=GOOD),
+            "'non_preferred_output' must be a list holding one assistant message, got dict",
+        ),
         (pref(preferred_output=[{"role": "assistant"}]), "preferred_output[0] has no 'content'"),
         (pref(preferred_output=[{"role": "assistant", "content": ""}]), "preferred_output[0] content is empty"),
-        (pref(preferred_output=[{"role": "assistant", "content": 3}]), "preferred_output[0] content must be a string, got int"),
+        (
+            pref(preferred_output=[{"role": "assistant", "content": 3}]),
+            "preferred_output[0] content must be a string, got int",
+        ),
         (pref(preferred_output=["yes"]), "preferred_output[0] is not an object"),
         (pref(score=1.0), "extra column(s) 'score': a preference row holds only"),
         ({"input": {"messages": [USER]}, "preferred_output": [GOOD]}, "missing 'non_preferred_output'"),
@@ -81,7 +87,11 @@ def test_a_chat_file_given_to_dpo_says_which_format_was_expected(tmp_path):
 def test_a_whole_file_of_another_methods_rows_is_one_problem_a_mixed_file_one_per_line(tmp_path):
     chat = {"messages": [USER, GOOD]}
     (whole,) = validate_method_file(write(tmp_path, [chat] * 5, "train.jsonl"), "dpo")
-    assert whole.line == 1 and whole.reason.endswith("(every line, 5 of 5)") and "DPO trains on preference rows" in whole.reason
+    assert (
+        whole.line == 1
+        and whole.reason.endswith("(every line, 5 of 5)")
+        and "DPO trains on preference rows" in whole.reason
+    )
     (as_grpo,) = validate_method_file(write(tmp_path, [chat] * 3, "train.jsonl"), "grpo")
     assert "ends with an assistant message (a chat row?)" in as_grpo.reason and "(every line, 3 of 3)" in as_grpo.reason
     mixed = validate_method_file(write(tmp_path, [pref(), chat, chat], "mixed.jsonl"), "dpo")
@@ -91,11 +101,16 @@ def test_a_whole_file_of_another_methods_rows_is_one_problem_a_mixed_file_one_pe
 def test_a_preference_file_given_to_sft_names_method_dpo(tmp_path):
     path = write(tmp_path, [pref(), pref()], "train.jsonl")
     (problem,) = validate_method_file(path, "sft", run_together_check=False)
-    assert (problem.line, problem.reason) == (1, "preference rows: train them with --method dpo (SFT trains on chat rows)")
+    assert (problem.line, problem.reason) == (
+        1,
+        "preference rows: train them with --method dpo (SFT trains on chat rows)",
+    )
 
 
 def test_missing_empty_and_non_jsonl_files(tmp_path):
-    assert "no such file (dpo trains on preference rows" in validate_method_file(tmp_path / "none.jsonl", "dpo")[0].reason
+    assert (
+        "no such file (dpo trains on preference rows" in validate_method_file(tmp_path / "none.jsonl", "dpo")[0].reason
+    )
     (tmp_path / "empty.jsonl").write_text("")
     assert validate_method_file(tmp_path / "empty.jsonl", "dpo")[0].reason.startswith("file is empty")
     (tmp_path / "rows.json").write_text("{}")
