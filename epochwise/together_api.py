@@ -278,6 +278,7 @@ class JobInfo:
     created_at: str | None
     from_checkpoint: str | None = None
     model_object_id: str | None = None
+    method: str = "sft"  # the job's training_method ("sft" when Together lists none)
 
     @property
     def progress(self) -> float:
@@ -295,7 +296,16 @@ def _info(job: Any) -> JobInfo:
         created_at=str(data.get("created_at") or ""),
         from_checkpoint=data.get("from_checkpoint"),
         model_object_id=data.get("model_object_id"),
+        method=_method_name(data.get("training_method")),
     )
+
+
+def _method_name(value: Any) -> str:
+    """``training_method`` of a listed job: an object ``{"method": "dpo", ...}`` (together 3.1.1's
+    TrainingMethodSFT / TrainingMethodDPO), a bare name, or absent (SFT)."""
+    if isinstance(value, dict):
+        value = value.get("method")
+    return str(value) if value else "sft"
 
 
 def list_jobs(client: Together) -> list[JobInfo]:
@@ -369,6 +379,24 @@ def settle_duplicates(
 def _has_suffix(job: JobInfo, suffix: str) -> bool:
     # Output names look like "<user>/<base>-<suffix>-<hash>"; older listings may omit the suffix field.
     return job.suffix == suffix or (job.suffix is None and f"-{suffix}-" in (job.model_output_name or ""))
+
+
+def latest_chain(jobs: list[tuple[int, JobInfo]]) -> list[JobInfo]:
+    """The chain of completed jobs ending at the newest completed job of ``jobs`` (`fold_jobs`): that
+    job, its ``from_checkpoint`` parent (epoch - 1), ... back to epoch 1. [] when the links break (a
+    parent not listed, not completed or not the epoch before), so nothing is guessed."""
+    done = {j.id: (e, j) for e, j in jobs if j.status == "completed"}
+    if not done:
+        return []
+    epoch, job = max(done.values(), key=lambda p: age_order(p[1]))
+    chain = [job]
+    while epoch > 1:
+        parent = done.get((job.from_checkpoint or "").split(":")[0])
+        if parent is None or parent[0] != epoch - 1:
+            return []
+        epoch, job = parent
+        chain.append(job)
+    return chain[::-1]
 
 
 def fold_jobs(client: Together, fold: str) -> list[tuple[int, JobInfo]]:

@@ -36,6 +36,7 @@ from tasks.together import (
     ensure_uploaded,
     fetch_epoch_metrics,
     launch_epoch_job,
+    listed_chain,
     wait_for_job,
 )
 
@@ -177,10 +178,14 @@ def earlier_epochs(ctx: TrainContext, backend: str) -> list[EpochRecord]:
 
     Why the table and not the cache: an earlier method's epoch keys hash that method's files (the chat
     rows of SFT epochs), which a DPO run does not read, so the run takes those epochs as recorded and
-    trains the rest from the last of them. Without the table (another Prefect server) the chain starts
-    over at epoch 1 with the current method.
+    trains the rest from the last of them. Without the table (another Prefect server), a DPO run on
+    Together reads the fold's latest chain of completed jobs from Together's own list (`listed_chain`:
+    the newest completed job and its ``from_checkpoint`` parents, each job's ``training_method``), so a
+    switched chain continues there too instead of paying for a DPO chain from the base model.
     """
     recorded = records_from_table(ctx.fold.name, read_epochs(ctx.fold.name))
+    if not recorded and backend == "together" and ctx.train.method != "sft":
+        recorded = api_tagged(listed_chain, ctx.ops)(ctx.fold.name, ctx.together)
     return chain_before([r for r in recorded if r.backend == backend], ctx.train.method)
 
 

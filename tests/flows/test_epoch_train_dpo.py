@@ -190,3 +190,36 @@ def test_the_budget_counts_the_sft_epochs_and_the_dearer_dpo_estimate(fake_toget
         (4, "dpo", 3.75),
     ]
     assert len(fake_together.state.jobs) == 4
+
+
+def test_without_an_epochs_table_a_switched_chain_continues_from_togethers_job_list(fake_together, tmp_path):
+    from together import Together
+
+    from epochwise.together_api import epoch_suffix
+
+    fake_together.script.file_polls, fake_together.script.job_polls_per_state = 0, 0
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
+    file_id = client.files.upload(chat).id
+    parent = None
+    for epoch in (1, 2):  # two SFT epochs of fold "listed" made elsewhere: no <fold>-epochs table here
+        start = {"from_checkpoint": parent} if parent else {"model": BASE}
+        parent = client.fine_tuning.create(
+            training_file=file_id,
+            suffix=epoch_suffix("listed", epoch, f"{epoch}" * 64),
+            lora=True,
+            train_on_inputs=False,
+            **start,
+        ).id
+        client.fine_tuning.retrieve(parent)
+    assert Artifact.get("listed-epochs") is None
+
+    records = epoch_train(str(add_preference_files(tmp_path / "listed", "listed")), dpo_cfg(3), FAST)
+
+    assert [(r.epoch, r.method) for r in records] == [(1, "sft"), (2, "sft"), (3, "dpo")]
+    (dpo_job,) = [j for j in fake_together.state.jobs.values() if j.request["training_method"]["method"] == "dpo"]
+    assert dpo_job.request["from_checkpoint"] == parent and dpo_job.suffix.startswith("ew-listed-e3-")
+    assert len(fake_together.state.jobs) == 3

@@ -213,3 +213,22 @@ def test_the_epochs_table_round_trips_method_and_price():
     ]
     back = records_from_table("f", epoch_table(records))
     assert [(r.method, r.price_usd, r.job_id) for r in back] == [("sft", 1.5, "ft-1"), ("dpo", 3.75, "ft-2")]
+
+
+def job(
+    jid: str, created: str, parent: str | None = None, status: str = "completed", method: str = "sft"
+) -> api.JobInfo:
+    return api.JobInfo(jid, status, None, f"me/m-{jid}", created, from_checkpoint=parent, method=method)
+
+
+def test_latest_chain_follows_from_checkpoint_back_to_epoch_1_or_gives_nothing():
+    jobs = [
+        (1, job("a", "2026-01-01T00:00:00Z")),
+        (2, job("b", "2026-01-02T00:00:00Z", "a")),
+        (3, job("c", "2026-01-03T00:00:00Z", "b:10", method="dpo")),
+        (3, job("d", "2026-01-04T00:00:00Z", "b", status="error")),  # a failed retry is not the chain's end
+    ]
+    assert [j.id for j in api.latest_chain(jobs)] == ["a", "b", "c"]
+    assert api.latest_chain([(2, job("b", "2026-01-02T00:00:00Z", "gone"))]) == []  # a broken link: no guess
+    assert api.latest_chain([(1, job("a", "x", status="running"))]) == []
+    assert api._method_name({"method": "dpo", "dpo_beta": 0.1}) == "dpo" and api._method_name(None) == "sft"
