@@ -24,6 +24,7 @@ from together import APIConnectionError, APIStatusError, NotFoundError, Together
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import DPOParams, HyperParams
 from epochwise.credentials import TogetherAccess, WandbAccess
+from epochwise.epochs import EpochRecord
 from epochwise.fold import fold_slug
 
 # Terminal job states (the status literal of together's types/finetune_response.py); jobs in the last three never count as "existing".
@@ -397,6 +398,24 @@ def latest_chain(jobs: list[tuple[int, JobInfo]]) -> list[JobInfo]:
         epoch, job = parent
         chain.append(job)
     return chain[::-1]
+
+
+def chain_records(client: Together, fold: str) -> list[EpochRecord]:
+    """`latest_chain` of the fold's listed jobs as epoch records, each with its job's method (losses
+    are not read: a run continuing the chain needs jobs and methods only)."""
+    chain = latest_chain(fold_jobs(client, fold))
+    return [
+        EpochRecord(
+            fold=fold,
+            epoch=epoch,
+            backend="together",
+            method=job.method if job.method in ("sft", "dpo") else "sft",
+            job_id=job.id,
+            model=job.model_output_name,
+            parent=job.from_checkpoint,
+        )
+        for epoch, job in enumerate(chain, 1)
+    ]
 
 
 def fold_jobs(client: Together, fold: str) -> list[tuple[int, JobInfo]]:

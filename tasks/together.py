@@ -267,22 +267,9 @@ def wait_for_job(job: EpochJob, together: TogetherConfig) -> api.JobInfo:
 
 @task(cache_policy=NO_CACHE)
 def listed_chain(fold: str, together: TogetherConfig) -> list[EpochRecord]:
-    """The fold's latest chain of completed epochs as Together lists it (`together_api.latest_chain`),
-    each with its job's method: what a switched chain continues when Prefect has no ``<fold>-epochs``
-    table (a new machine or database). Losses are not read (the run only needs jobs and methods)."""
-    chain = api.latest_chain(api.fold_jobs(_client(together), fold))
-    return [
-        EpochRecord(
-            fold=fold,
-            epoch=epoch,
-            backend="together",
-            method=job.method if job.method in ("sft", "dpo") else "sft",
-            job_id=job.id,
-            model=job.model_output_name,
-            parent=job.from_checkpoint,
-        )
-        for epoch, job in enumerate(chain, 1)
-    ]
+    """The fold's latest chain of completed epochs as Together lists it (`together_api.chain_records`):
+    what a switched chain continues when Prefect has no ``<fold>-epochs`` table (a new machine)."""
+    return api.chain_records(_client(together), fold)
 
 
 def metrics_key(ctx: TaskRunContext, params: dict) -> str:

@@ -92,20 +92,26 @@ def compute_plan(fold: Path, cfg: Settings):
             client = together_client(cfg.together)
         except MissingCredentials as exc:
             fail_lines([f"error: {exc}"])
-    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client, _kept_epochs(fold, backend, cfg))
+    kept = _kept_epochs(fold, backend, cfg, client)
+    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client, kept)
 
 
-def _kept_epochs(fold: Path, backend: str, cfg: Settings) -> list:
+def _kept_epochs(fold: Path, backend: str, cfg: Settings, client) -> list:
     """The recorded epochs of another method that a DPO or GRPO run continues (the flow's rule,
-    `epochwise.epochs.chain_before`), from the fold's ``<fold>-epochs`` table; [] for SFT runs."""
+    `tasks.methods.earlier_epochs`): from the fold's ``<fold>-epochs`` table, else (Together) from
+    Together's job list; [] for SFT runs."""
     if cfg.train.method == "sft":
         return []
     from epochwise.epochs import chain_before, read_epochs, records_from_table
     from epochwise.fold import Fold
 
     name = Fold.of(fold).name
-    recorded = [r for r in records_from_table(name, read_epochs(name)) if r.backend == backend]
-    return chain_before(recorded, cfg.train.method)
+    recorded = records_from_table(name, read_epochs(name))
+    if not recorded and backend == "together" and client is not None:
+        from epochwise.together_api import chain_records
+
+        recorded = chain_records(client, name)
+    return chain_before([r for r in recorded if r.backend == backend], cfg.train.method)
 
 
 def print_plan(found) -> None:

@@ -217,7 +217,13 @@ def test_without_an_epochs_table_a_switched_chain_continues_from_togethers_job_l
         client.fine_tuning.retrieve(parent)
     assert Artifact.get("listed-epochs") is None
 
-    records = epoch_train(str(add_preference_files(tmp_path / "listed", "listed")), dpo_cfg(3), FAST)
+    fold = add_preference_files(tmp_path / "listed", "listed")
+    planned = CliRunner().invoke(
+        app, ["plan", str(fold), "--backend", "together", "--method", "dpo", "-n", "3", "--base-model", BASE]
+    )
+    assert planned.exit_code == 0 and "epochs 1-2 are recorded with another method" in planned.output
+
+    records = epoch_train(str(fold), dpo_cfg(3), FAST)
 
     assert [(r.epoch, r.method) for r in records] == [(1, "sft"), (2, "sft"), (3, "dpo")]
     (dpo_job,) = [j for j in fake_together.state.jobs.values() if j.request["training_method"]["method"] == "dpo"]
