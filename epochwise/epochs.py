@@ -200,11 +200,14 @@ def epoch_key(fold_hashes: list[str], base_model: str, epoch: int, hyper: dict[s
 def val_stalled(records: list[EpochRecord], patience: int | None) -> bool:
     """True when the last ``patience`` completed epochs brought no validation loss below the best before them.
 
-    Epochs without a validation loss count as not improving; ``None`` disables the rule.
+    Epochs without a validation loss count as not improving; ``None`` disables the rule. Only the
+    latest method's epochs are compared (like `best_epoch`): after ``sft -> dpo`` a DPO loss is not on
+    the scale of the SFT losses before it.
     """
     if not patience:
         return False
     done = sorted((r for r in records if r.status == "completed"), key=lambda r: r.epoch)
+    done = [r for r in done if r.method == done[-1].method] if done else done
     if len(done) <= patience:
         return False
     before = [r.val_loss for r in done[:-patience] if r.val_loss is not None]

@@ -260,6 +260,13 @@ METHOD_ROWS = {
     "dpo": f"preference rows {PREFERENCE_SHAPE}",
     "grpo": f"prompt rows {PROMPT_SHAPE}",
 }
+CHAT_IN_DPO = f"a chat row ('messages'), but DPO trains on {METHOD_ROWS['dpo']}"
+PREFERENCE_IN_GRPO = f"a preference row, but GRPO trains on {METHOD_ROWS['grpo']}"
+CHAT_IN_GRPO = (
+    "ends with an assistant message (a chat row?); a GRPO prompt ends with the user's turn and the model writes the reply"
+)
+# Reasons that mean "a row of another method": a file holding nothing else is reported once.
+WRONG_FORMAT = {CHAT_IN_DPO, PREFERENCE_IN_GRPO, CHAT_IN_GRPO}
 
 
 def preference_row_problems(row: dict[str, Any]) -> list[str]:
@@ -331,13 +338,6 @@ def prompt_row_problems(row: dict[str, Any]) -> list[str]:
 
 
 ROW_CHECKS = {"dpo": preference_row_problems, "grpo": prompt_row_problems}
-CHAT_IN_DPO = f"a chat row ('messages'), but DPO trains on {METHOD_ROWS['dpo']}"
-PREFERENCE_IN_GRPO = f"a preference row, but GRPO trains on {METHOD_ROWS['grpo']}"
-CHAT_IN_GRPO = (
-    "ends with an assistant message (a chat row?); a GRPO prompt ends with the user's turn and the model writes the reply"
-)
-# Reasons that mean "a row of another method": a file holding nothing else is reported once.
-WRONG_FORMAT = {CHAT_IN_DPO, PREFERENCE_IN_GRPO, CHAT_IN_GRPO}
 
 
 def validate_method_file(

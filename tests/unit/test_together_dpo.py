@@ -232,3 +232,16 @@ def test_latest_chain_follows_from_checkpoint_back_to_epoch_1_or_gives_nothing()
     assert api.latest_chain([(2, job("b", "2026-01-02T00:00:00Z", "gone"))]) == []  # a broken link: no guess
     assert api.latest_chain([(1, job("a", "x", status="running"))]) == []
     assert api._method_name({"method": "dpo", "dpo_beta": 0.1}) == "dpo" and api._method_name(None) == "sft"
+
+
+def test_val_stalled_compares_only_the_latest_methods_epochs():
+    from epochwise.epochs import val_stalled
+
+    def scored(epoch: int, method: str, loss: float) -> EpochRecord:
+        return rec(epoch, method).model_copy(update={"val_loss": loss})
+
+    sft = [scored(1, "sft", 1.0), scored(2, "sft", 0.5)]
+    assert not val_stalled([*sft, scored(3, "dpo", 0.69)], 1)  # one DPO epoch: nothing to compare with yet
+    assert not val_stalled([*sft, scored(3, "dpo", 0.69), scored(4, "dpo", 0.6)], 1)
+    assert val_stalled([*sft, scored(3, "dpo", 0.69), scored(4, "dpo", 0.7)], 1)
+    assert val_stalled([scored(1, "sft", 1.0), scored(2, "sft", 1.1)], 1)  # SFT chains: unchanged
