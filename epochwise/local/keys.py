@@ -36,11 +36,21 @@ DATA_FILES = {
     "chatml": {"train": TRAIN_FILE, "val": VAL_FILE},
     "harmony": {"train": f"{HARMONY_DIR}/{TRAIN_PARQUET}", "val": f"{HARMONY_DIR}/{VAL_PARQUET}"},
 }
+# DPO preference rows and GRPO prompt rows sit beside the chat rows under their own names, so one fold can
+# hold an SFT -> DPO chain; a fold written by hand for one method may use train.jsonl / val.jsonl instead.
+METHOD_FILES = {
+    "dpo": {"train": "train_dpo.jsonl", "val": "val_dpo.jsonl"},
+    "grpo": {"train": "train_grpo.jsonl", "val": "val_grpo.jsonl"},
+}
 
 
-def fold_files(fold: Path | str, data: str = "chatml") -> dict[str, Path]:
-    """The training files of a fold (``train`` and, when present, ``val``)."""
+def fold_files(fold: Path | str, data: str = "chatml", method: str = "sft") -> dict[str, Path]:
+    """The training files of a fold (``train`` and, when present, ``val``) for ``method``: DPO and GRPO
+    read their own files (`METHOD_FILES`) when the fold has them, else ``train.jsonl`` / ``val.jsonl``."""
     fold = Path(fold)
+    own = METHOD_FILES.get(method)
+    if own is not None and (fold / own["train"]).is_file():
+        return {split: fold / name for split, name in own.items() if (fold / name).is_file()}
     found = {split: fold / name for split, name in DATA_FILES[data].items() if (fold / name).is_file()}
     if "train" not in found:
         hint = "epochwise prepare" if data == "chatml" else "epochwise convert --format harmony"
@@ -48,9 +58,9 @@ def fold_files(fold: Path | str, data: str = "chatml") -> dict[str, Path]:
     return found
 
 
-def fold_hashes(fold: Path | str, data: str = "chatml") -> dict[str, str]:
-    """``{"train.jsonl": sha256, ...}`` of the files the trainer reads."""
-    return {split: sha256_file(path) for split, path in fold_files(fold, data).items()}
+def fold_hashes(fold: Path | str, data: str = "chatml", method: str = "sft") -> dict[str, str]:
+    """``{"train": sha256, ...}`` of the files the trainer reads."""
+    return {split: sha256_file(path) for split, path in fold_files(fold, data, method).items()}
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -135,7 +145,7 @@ def run_key(
     """
     payload: dict[str, Any] = {
         "trainer": TRAINER_VERSION,
-        "data": fold_hashes(fold, local.data),
+        "data": fold_hashes(fold, local.data, str((method or {}).get("method", "sft"))),
         "model": model_identity(model),
         "hyper": hyper.model_dump(mode="json"),
         "local": local.training_fields(),
