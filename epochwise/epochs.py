@@ -126,6 +126,7 @@ def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecor
         loss = str(row.get("val loss") or "").strip()
         train = str(row.get("train loss") or "").strip()
         reward = str(row.get("val reward") or "").strip()
+        price = str(row.get("price $") or "").strip()
         records.append(
             EpochRecord(
                 fold=fold,
@@ -138,6 +139,7 @@ def records_from_table(fold: str, rows: list[dict[str, Any]]) -> list[EpochRecor
                 val_loss=float(loss) if loss else None,
                 train_loss=float(train) if train else None,
                 val_reward=float(reward) if reward else None,
+                price_usd=float(price) if price else None,
             )
         )
     return records
@@ -164,6 +166,24 @@ def read_epochs(fold: str) -> list[dict[str, Any]]:
 
     data = latest_artifact_data(artifact_key(fold, "epochs"))
     return list(data) if data else []
+
+
+def chain_before(records: list[EpochRecord], method: str) -> list[EpochRecord]:
+    """The recorded epochs that a run of ``method`` keeps as they are and continues from.
+
+    A chain may switch method (``sft`` epochs 1-3, then ``dpo`` from epoch 3's model): the leading
+    completed epochs 1, 2, ... up to the last one trained with another method are kept; the run
+    trains from the epoch after it. A chain of one method keeps nothing (its own epochs resume by their
+    keys), so SFT runs are unchanged. ``records``: one fold's epochs of one backend.
+    """
+    by_epoch = {r.epoch: r for r in records}
+    kept: list[EpochRecord] = []
+    last_other = 0
+    while (r := by_epoch.get(len(kept) + 1)) is not None and r.status == "completed":
+        kept.append(r)
+        if r.method != method:
+            last_other = r.epoch
+    return kept[:last_other]
 
 
 def epoch_key(fold_hashes: list[str], base_model: str, epoch: int, hyper: dict[str, object], parent: str | None) -> str:

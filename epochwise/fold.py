@@ -22,6 +22,15 @@ from epochwise.artifacts import artifact_key
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"
+# The (train, val) files of each training method. DPO and GRPO rows have their own names so that one
+# fold can hold the chat rows of its SFT epochs beside the preference or prompt rows of the epochs that
+# continue the same chain with another method (``sft -> dpo``); `Fold.files` falls back to
+# train.jsonl / val.jsonl when a method's own files are absent (a fold of one method only).
+METHOD_FILES: dict[str, tuple[str, str]] = {
+    "sft": (TRAIN_FILE, VAL_FILE),
+    "dpo": ("train_dpo.jsonl", "val_dpo.jsonl"),
+    "grpo": ("train_grpo.jsonl", "val_grpo.jsonl"),
+}
 HARMONY_DIR = "harmony"
 TRAIN_PARQUET = "train_harmony.parquet"
 VAL_PARQUET = "val_harmony.parquet"
@@ -75,6 +84,18 @@ class Fold:
     def jsonl(self) -> list[str]:
         """``[train.jsonl, val.jsonl]`` as strings (what the validate task takes)."""
         return [str(self.train), str(self.val)]
+
+    def files(self, method: str = "sft") -> tuple[Path, Path]:
+        """``(train, val)`` that ``method`` trains on: its own files (`METHOD_FILES`, e.g.
+        ``train_dpo.jsonl``) when the train one exists, else ``train.jsonl`` / ``val.jsonl``."""
+        train, val = (self.directory / name for name in METHOD_FILES[method])
+        if method != "sft" and not train.is_file():
+            return self.train, self.val
+        return train, val
+
+    def jsonl_for(self, method: str = "sft") -> list[str]:
+        """`files` as strings (what the validate task takes)."""
+        return [str(p) for p in self.files(method)]
 
     @property
     def harmony(self) -> dict[str, Path]:

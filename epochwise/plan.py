@@ -14,6 +14,12 @@ Price per epoch: Together's ``estimate-price`` when both fold files are already 
 content in Together's file list, nothing uploaded), else tokens x a per-million-token rate by model size
 (Together's published LoRA/full SFT rates; labelled as an estimate). Together bills a job
 ``n_epochs x train tokens + n_evals x validation tokens``; each epoch here is its own 1-epoch job.
+
+DPO (``train.method: dpo``): the fold's preference files (`epochwise.fold.Fold.files`), always JSONL.
+Together prices DPO per token apart from SFT (https://docs.together.ai/docs/fine-tuning/pricing: the
+rate depends on the model size, the training method, SFT or DPO, and LoRA or full). Together's
+``estimate-price`` is asked with ``training_method={"method": "dpo", ...}``, as the SDK's own create
+asks it; offline, the SFT rate x `DPO_RATE_FACTOR`, labelled as an estimate.
 """
 
 from __future__ import annotations
@@ -177,6 +183,12 @@ def model_size_b(model: str) -> float | None:
     return max(sizes) if sizes else None
 
 
+# DPO's rate as a multiple of the SFT rate of the same model size and training type: an estimate (the
+# DPO column of https://together.ai/pricing as remembered, 2.5x SFT, not re-checked against the page),
+# so DPO plans built from it say so; Together's estimate-price is asked before every paid DPO epoch.
+DPO_RATE_FACTOR = 2.5
+
+
 def rate_per_mtok(model: str, lora: bool) -> float | None:
     """Together's published SFT rate in USD per million tokens for ``model``'s size; None when unknown."""
     size = model_size_b(model)
@@ -254,7 +266,8 @@ def _together_plan(fold: Path, train, harmony, client) -> Plan:
     from epochwise.io import sha256_file
 
     hyper = train.hyper
-    if "gpt-oss" in train.base_model:
+    dpo = train.method == "dpo"
+    if "gpt-oss" in train.base_model and not dpo:  # DPO uploads preference JSONL for every model
         from epochwise.harmony import convert_fold, harmony_paths
 
         convert_fold(fold, harmony)  # local parquet only (reused while its manifest matches)
@@ -266,9 +279,10 @@ def _together_plan(fold: Path, train, harmony, client) -> Plan:
             f"row is billed as max_seq_length={max_seq} tokens"
         )
     else:
-        paths = {
-            role: fold / name for role, name in (("train", TRAIN_FILE), ("val", VAL_FILE)) if (fold / name).is_file()
-        }
+        from epochwise.fold import Fold
+
+        names = (TRAIN_FILE, VAL_FILE) if not dpo else tuple(p.name for p in Fold.of(fold).files("dpo"))
+        paths = {role: fold / name for role, name in zip(("train", "val"), names, strict=True) if (fold / name).is_file()}
         files = [count_estimate(role, p, sha256_file(p)) for role, p in paths.items()]
         tokenizer = (
             f"estimate, bytes/{ESTIMATE_BYTES_PER_TOKEN} (Together tokenizes JSONL with {train.base_model}'s "
@@ -297,16 +311,26 @@ def _together_plan(fold: Path, train, harmony, client) -> Plan:
             parent_job=None,
             suffix="plan",
             hyper=hyper,
+            dpo=train.dpo if dpo else None,
         )
         price = api.estimate_price(client, request)
         if price is not None:
-            source = "Together's estimate-price, per epoch, for the fold files already uploaded"
+            kind = "DPO " if dpo else ""
+            source = f"Together's {kind}estimate-price, per epoch, for the fold files already uploaded"
     if price is None:
         rate = rate_per_mtok(train.base_model, hyper.lora)
+        if rate is not None and dpo:
+            rate *= DPO_RATE_FACTOR
         price = price_from_rate(train_file.billed_tokens, val_billed, n_evals, rate)
         method = "LoRA" if hyper.lora else "full"
         if price is None:
             source = f"unknown: no published rate for {train.base_model!r} (Together prices it before each epoch)"
+        elif dpo:
+            source = (
+                f"estimate: (train + {n_evals} x val) billed tokens x ${rate:.2f} per 1M tokens (Together's "
+                f"published {method} SFT rate for a {model_size_b(train.base_model):g}B model x {DPO_RATE_FACTOR:g}, "
+                "an estimate of its DPO rate); Together's own DPO estimate needs the files uploaded"
+            )
         else:
             source = (
                 f"estimate: (train + {n_evals} x val) billed tokens x ${rate:.2f} per 1M tokens (Together's "

@@ -1,5 +1,10 @@
 """Build a fold (``train.jsonl`` + ``val.jsonl``) from records: map, split, validate, write atomically.
 
+The mapping's format picks the rows and the files (`epochwise.fold.METHOD_FILES`): chat rows go to
+``train.jsonl`` / ``val.jsonl``, ``format: preference`` rows (DPO) to ``train_dpo.jsonl`` /
+``val_dpo.jsonl``, ``format: prompt`` rows (GRPO) to ``train_grpo.jsonl`` / ``val_grpo.jsonl``, so
+preparing preference rows into a fold that already holds chat rows keeps those (an ``sft -> dpo`` chain).
+
 The split depends only on the seed and each conversation's content: every conversation is ranked by
 ``sha256(seed, canonical JSON)`` and the lowest ranks go to validation. Input file order and paths do
 not matter, and rerunning on identical input writes byte-identical files.
@@ -16,11 +21,14 @@ from pathlib import Path
 import orjson
 
 from epochwise.config.data import DataConfig
-from epochwise.fold import TRAIN_FILE, VAL_FILE
+from epochwise.fold import METHOD_FILES, TRAIN_FILE, VAL_FILE
 from epochwise.io import atomic_write, gc_paused, sha256_file
 from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import MappingError, SourceRecord, conversation_line, record_files
-from epochwise.validate import message_problems
+from epochwise.records import MappingError, SourceRecord, conversation_line, record_files, row_line
+from epochwise.validate import ROW_CHECKS, message_problems
+
+# The training method whose rows each mapping format writes (chat formats: sft).
+FORMAT_METHOD = {"preference": "dpo", "prompt": "grpo"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,7 @@ class PrepareSummary:
     train_written: int
     val_written: int
     skipped: list[Problem] = field(default_factory=list)
+    files: tuple[str, str] = (TRAIN_FILE, VAL_FILE)  # the (train, val) file names written
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(p.reason for p in self.skipped).most_common())
@@ -58,6 +67,9 @@ def map_records(records: list[SourceRecord], config: DataConfig) -> tuple[list[R
     seed = str(config.seed).encode() + b"\0"
     rows: list[Row] = []
     skipped: list[Problem] = []
+    method = FORMAT_METHOD.get(config.mapping.format)
+    if method is not None:
+        return _map_method_rows(records, config, seed, ROW_CHECKS[method])
     with gc_paused():
         for record in records:
             try:
@@ -76,6 +88,26 @@ def map_records(records: list[SourceRecord], config: DataConfig) -> tuple[list[R
     return rows, skipped
 
 
+def _map_method_rows(records: list[SourceRecord], config: DataConfig, seed: bytes, check) -> tuple[list[Row], list[Problem]]:
+    """`map_records` for preference and prompt rows: each mapped row is checked by the method's own
+    row rules (`epochwise.validate.ROW_CHECKS`), a record breaking them is skipped with the reasons."""
+    rows: list[Row] = []
+    skipped: list[Problem] = []
+    with gc_paused():
+        for record in records:
+            try:
+                line = row_line(record.data, config.mapping)
+            except MappingError as exc:
+                skipped.append(Problem(record.path, record.line, str(exc)))
+                continue
+            reasons = check(orjson.loads(line))
+            if reasons:
+                skipped.append(Problem(record.path, record.line, "; ".join(reasons)))
+                continue
+            rows.append(Row(hashlib.sha256(seed + line).digest(), line))
+    return rows, skipped
+
+
 def split_rows(rows: list[Row], val_ratio: float) -> FoldSplit:
     """Rank-ordered split: the ``round(n * val_ratio)`` lowest ranks (at least 1, at most n - 1) are val."""
     # Equal ranks mean equal bytes (sha256 of the line), so the rank alone orders deterministically.
@@ -87,7 +119,7 @@ def split_rows(rows: list[Row], val_ratio: float) -> FoldSplit:
     return FoldSplit(train=ordered[n_val:], val=ordered[:n_val])
 
 
-def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
+def write_fold(fold_dir: Path | str, split: FoldSplit, names: tuple[str, str] = (TRAIN_FILE, VAL_FILE)) -> None:
     """Write both files atomically: temporary names first, renamed only once both are complete.
 
     Every row was validated in memory by `map_records` and serialised by orjson (one JSON object per
@@ -98,7 +130,8 @@ def write_fold(fold_dir: Path | str, split: FoldSplit) -> None:
     if not split.val:  # checked before the directory is made: bad input leaves nothing behind
         raise InputError([Problem(display_path(fold_dir), None, "validation split is empty: need at least 2 records and val_ratio > 0")])
     fold_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(fold_dir / TRAIN_FILE) as train_out, atomic_write(fold_dir / VAL_FILE) as val_out:
+    train_name, val_name = names
+    with atomic_write(fold_dir / train_name) as train_out, atomic_write(fold_dir / val_name) as val_out:
         for handle, rows in ((train_out, split.train), (val_out, split.val)):
             handle.write(b"\n".join(row.line for row in rows) + b"\n")
 
@@ -111,13 +144,15 @@ def prepare(records: list[SourceRecord], fold_dir: Path | str, config: DataConfi
     if not rows:
         raise InputError(skipped + [Problem(display_path(fold_dir), None, "no usable records: every record was skipped")])
     split = split_rows(rows, config.val_ratio)
-    write_fold(fold_dir, split)
+    names = METHOD_FILES[FORMAT_METHOD.get(config.mapping.format, "sft")]
+    write_fold(fold_dir, split, names)
     return PrepareSummary(
         fold=display_path(fold_dir),
         records_read=len(records),
         train_written=len(split.train),
         val_written=len(split.val),
         skipped=skipped,
+        files=names,
     )
 
 

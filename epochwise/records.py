@@ -267,3 +267,91 @@ def _from_template(record: dict[str, Any], mapping: RecordMapping) -> tuple[str,
         raise MappingError(f"assistant field '{mapping.assistant_field}' is empty")
     user = mapping.user_template.format_map({name: as_text(record[name]) for name in fields})
     return user, as_text(reply)
+
+
+# --- preference (DPO) and prompt (GRPO) rows ------------------------------------------------------
+
+
+def row_line(record: dict[str, Any], mapping: RecordMapping) -> bytes:
+    """Map one record to its fold row under ``mapping.format``: a chat row (`conversation_line`), a
+    preference row (`preference_line`) or a prompt row (`prompt_line`)."""
+    if mapping.format == "preference":
+        return preference_line(record, mapping)
+    if mapping.format == "prompt":
+        return prompt_line(record, mapping)
+    return conversation_line(record, mapping)
+
+
+def input_messages(record: dict[str, Any], mapping: RecordMapping) -> list[Any]:
+    """The prompt of a preference or prompt row: the record's own ``messages`` when it has them (with
+    the system prompt put first when they have none), else the system prompt and the user template
+    filled from the record. The caller validates the result (it must not end with the assistant)."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise MappingError("'messages' must be a non-empty list")
+        has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        if mapping.system_prompt and not has_system:
+            return [{"role": "system", "content": mapping.system_prompt}, *messages]
+        return list(messages)
+    if not mapping.user_template:
+        raise MappingError(
+            f"record has no 'messages'; configure data.mapping.user_template to build the {mapping.format} "
+            "row's prompt from its fields"
+        )
+    fields = template_fields(mapping.user_template)
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise MappingError(f"missing field '{missing[0]}' used by the user template")
+    user = mapping.user_template.format_map({name: as_text(record[name]) for name in fields})
+    system = [{"role": "system", "content": mapping.system_prompt}] if mapping.system_prompt else []
+    return [*system, {"role": "user", "content": user}]
+
+
+def _reply(record: dict[str, Any], name: str | None, what: str) -> str:
+    if not name:
+        raise MappingError(
+            "format: preference needs data.mapping.chosen_field and data.mapping.rejected_field "
+            "(the record fields holding the preferred and the rejected reply)"
+        )
+    if name not in record:
+        raise MappingError(f"missing {what} field '{name}'")
+    value = record[name]
+    if value is None or value == "":
+        raise MappingError(f"{what} field '{name}' is empty")
+    return as_text(value)
+
+
+def preference_line(record: dict[str, Any], mapping: RecordMapping) -> bytes:
+    """One record as Together's preference row (compact JSON, no newline)::
+
+        {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": chosen}],
+         "non_preferred_output": [{"role": "assistant", "content": rejected}]}
+    """
+    messages = input_messages(record, mapping)
+    chosen = _reply(record, mapping.chosen_field, "chosen")
+    rejected = _reply(record, mapping.rejected_field, "rejected")
+    if chosen == rejected:
+        raise MappingError(
+            f"chosen field '{mapping.chosen_field}' and rejected field '{mapping.rejected_field}' hold the same "
+            "reply: DPO learns nothing from the pair"
+        )
+    return orjson.dumps(
+        {
+            "input": {"messages": messages},
+            "preferred_output": [{"role": "assistant", "content": chosen}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}],
+        }
+    )
+
+
+def prompt_line(record: dict[str, Any], mapping: RecordMapping) -> bytes:
+    """One record as a GRPO prompt row (compact JSON, no newline): ``{"messages": [...], <columns>}``;
+    each column named in ``mapping.columns`` is copied from the record as it is."""
+    messages = input_messages(record, mapping)
+    row: dict[str, Any] = {"messages": messages}
+    for name in mapping.columns:
+        if name not in record:
+            raise MappingError(f"missing column '{name}' (data.mapping.columns)")
+        row[name] = record[name]
+    return orjson.dumps(row)

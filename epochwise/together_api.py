@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from together import APIConnectionError, APIStatusError, NotFoundError, Together
 
 from epochwise.config.together import TogetherConfig
-from epochwise.config.train import HyperParams
+from epochwise.config.train import DPOParams, HyperParams
 from epochwise.credentials import TogetherAccess, WandbAccess
 from epochwise.fold import fold_slug
 
@@ -391,9 +391,17 @@ class EpochRequest:
     wandb_project: str | None = None
     wandb_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    dpo: DPOParams | None = None  # a DPO job (training_method="dpo"); None: SFT
 
     def create_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``client.fine_tuning.create``: one epoch, ``lora`` always explicit."""
+        """Keyword arguments for ``client.fine_tuning.create``: one epoch, ``lora`` always explicit.
+
+        DPO (``dpo`` set): ``training_method="dpo"`` with ``dpo_beta``, ``rpo_alpha``, ``simpo_gamma`` and
+        ``dpo_normalize_logratios_by_length``; ``train_on_inputs`` is left out, since together 3.1.1's
+        ``create_finetune_request`` (together/lib/resources/fine_tuning.py) refuses it for any method but
+        SFT. The SDK sends them as ``training_method={"method": "dpo", ...}``; a ``simpo_gamma`` above 0
+        makes it train reference-free with length-normalised log-ratios.
+        """
         h = self.hyper
         kwargs: dict[str, Any] = {
             "training_file": self.training_file,
@@ -421,6 +429,17 @@ class EpochRequest:
             )
         if h.max_seq_length is not None:
             kwargs["max_seq_length"] = h.max_seq_length
+        if self.dpo is not None:
+            del kwargs["train_on_inputs"]
+            kwargs.update(
+                training_method="dpo",
+                dpo_beta=self.dpo.beta,
+                dpo_normalize_logratios_by_length=self.dpo.normalize_logratios_by_length,
+            )
+            if self.dpo.rpo_alpha is not None:
+                kwargs["rpo_alpha"] = self.dpo.rpo_alpha
+            if self.dpo.simpo_gamma is not None:
+                kwargs["simpo_gamma"] = self.dpo.simpo_gamma
         if self.validation_file:
             # Without at least one evaluation there is no validation loss to pick the best epoch by.
             kwargs.update(validation_file=self.validation_file, n_evals=max(h.n_evals, 1))
@@ -454,10 +473,26 @@ def estimate_price(client: Together, request: EpochRequest) -> float | None:
         args["model"] = request.base_model
     if request.validation_file:
         args["validation_file"] = request.validation_file
+    if request.dpo is not None:  # Together prices DPO apart from SFT; the object the SDK's create sends
+        args["training_method"] = dpo_price_method(request.dpo)
     answer = client.fine_tuning.estimate_price(**args)
     if not getattr(answer, "estimation_available", False):
         return None
     return float(answer.estimated_total_price)
+
+
+def dpo_price_method(dpo: DPOParams) -> dict[str, Any]:
+    """The ``training_method`` of an estimate-price call for a DPO job, built as together 3.1.1's
+    ``create_price_estimation_params`` builds it (together/lib/resources/fine_tuning.py)."""
+    reference_free = (dpo.simpo_gamma or 0) > 0
+    return {
+        "method": "dpo",
+        "dpo_beta": dpo.beta,
+        "dpo_normalize_logratios_by_length": dpo.normalize_logratios_by_length or reference_free,
+        "dpo_reference_free": reference_free,
+        "rpo_alpha": dpo.rpo_alpha or 0,
+        "simpo_gamma": dpo.simpo_gamma or 0,
+    }
 
 
 def create_job(

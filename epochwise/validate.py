@@ -238,3 +238,157 @@ def together_check(path: Path, shown: str) -> list[Problem]:
         return []
     detail = report.get("load_parquet") or report.get("message") or "failed"
     return [Problem(shown, report.get("line_number"), f"together check_file: {detail}")]
+
+
+# --- DPO preference rows and GRPO prompt rows ----------------------------------------------------
+#
+# together 3.1.1's ``check_file`` checks a JSONL file's structure only (UTF-8, one JSON object per line,
+# at least one sample: together/lib/utils/files.py ``_check_jsonl``); its preference column map
+# (together/lib/constants.py) is not used by any check. The rules below are the ones the earlier SDKs'
+# ``validate_preference_openai`` enforced (together-python PR #262) and Together's preference-tuning
+# guide states (https://docs.together.ai/docs/fine-tuning/preference-tuning).
+
+PREFERENCE_KEYS = FORMAT_KEYS["preference"]
+PREFERENCE_SHAPE = (
+    '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}], '
+    '"non_preferred_output": [{"role": "assistant", "content": ...}]}'
+)
+PROMPT_SHAPE = '{"messages": [system?, user, ...], <columns for the rewards>} ending with a user turn'
+# What each method trains on, for the messages of a file given to the wrong method.
+METHOD_ROWS = {
+    "sft": "chat rows ({\"messages\": [..., assistant]}, prompt/completion or text)",
+    "dpo": f"preference rows {PREFERENCE_SHAPE}",
+    "grpo": f"prompt rows {PROMPT_SHAPE}",
+}
+
+
+def preference_row_problems(row: dict[str, Any]) -> list[str]:
+    """Reasons one line breaks Together's preference (DPO) format; empty when it is a valid row."""
+    missing = [k for k in PREFERENCE_KEYS if k not in row]
+    if missing:
+        fmt, _ = detect_format(row)
+        if fmt == "conversation":
+            return [f"a chat row ('messages'), but DPO trains on {METHOD_ROWS['dpo']}"]
+        return [f"missing {', '.join(repr(k) for k in missing)}: a DPO row is {PREFERENCE_SHAPE}"]
+    reasons = []
+    extra = sorted(k for k in row if k not in PREFERENCE_KEYS)
+    if extra:
+        reasons.append(
+            f"extra column(s) {', '.join(repr(k) for k in extra)}: a preference row holds only "
+            "'input', 'preferred_output' and 'non_preferred_output'"
+        )
+    inp = row["input"]
+    if not isinstance(inp, dict) or "messages" not in inp:
+        reasons.append("'input' must be an object with 'messages'")
+    else:
+        messages = inp["messages"]
+        reasons += [f"input: {r}" for r in message_problems(messages, require_assistant=False)]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            if messages[-1].get("role") == "assistant":
+                reasons.append("input.messages ends with an assistant message; the replies to compare are the outputs")
+    for key in ("preferred_output", "non_preferred_output"):
+        reasons += _output_problems(key, row[key])
+    return reasons
+
+
+def _output_problems(key: str, out: Any) -> list[str]:
+    """One preference output: a list of exactly one assistant message with non-empty content."""
+    if not isinstance(out, list):
+        return [f"'{key}' must be a list holding one assistant message, got {_type_name(out)}"]
+    if len(out) != 1:
+        return [f"'{key}' holds {len(out)} messages; it must hold exactly one assistant message"]
+    message = out[0]
+    if not isinstance(message, dict):
+        return [f"{key}[0] is not an object"]
+    if message.get("role") != "assistant":
+        return [f"{key}[0] has role {message.get('role')!r}; it must be 'assistant'"]
+    if "content" not in message:
+        return [f"{key}[0] has no 'content'"]
+    content = message["content"]
+    if content is None or content == "" or content == []:
+        return [f"{key}[0] content is empty"]
+    problems, _ = _content_problems(f"{key}[0]", content, "assistant")
+    return problems
+
+
+def prompt_row_problems(row: dict[str, Any]) -> list[str]:
+    """Reasons one line is not a GRPO prompt row; empty when it is valid. Columns besides ``messages``
+    are free (they reach the reward functions by name)."""
+    if "messages" not in row:
+        fmt, _ = detect_format(row)
+        if fmt == "preference":
+            return [f"a preference row, but GRPO trains on {METHOD_ROWS['grpo']}"]
+        return [f"no 'messages': GRPO trains on {METHOD_ROWS['grpo']}"]
+    messages = row["messages"]
+    reasons = message_problems(messages, require_assistant=False)
+    if isinstance(messages, list) and messages:
+        roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        if "user" not in roles:
+            reasons.append("no user message: a prompt row needs the user's turn to answer")
+        if roles and roles[-1] == "assistant":
+            reasons.append(
+                "ends with an assistant message (a chat row?); a GRPO prompt ends with the user's turn "
+                "and the model writes the reply"
+            )
+    return reasons
+
+
+ROW_CHECKS = {"dpo": preference_row_problems, "grpo": prompt_row_problems}
+
+
+def validate_method_file(
+    path: Path | str,
+    method: str = "sft",
+    *,
+    run_together_check: bool = True,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[Problem]:
+    """All problems of one fold file for ``method`` (``train.method``): chat rows for ``sft``
+    (`validate_file`, plus: a preference file is refused, it needs ``--method dpo``), preference rows for
+    ``dpo``, prompt rows for ``grpo``; every line's problems as ``path:line: reason``."""
+    if method == "sft":
+        problems = validate_file(path, run_together_check=run_together_check, max_line_bytes=max_line_bytes)
+        return problems or _not_preference(Path(path), max_line_bytes)
+    check = ROW_CHECKS[method]
+    path = Path(path)
+    shown = display_path(path)
+    if path.suffix != ".jsonl":
+        return [Problem(shown, None, f"expected a .jsonl file, got '{path.suffix or path.name}'")]
+    problems: list[Problem] = []
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
+                count += 1
+                row, reason = parse_json_object(raw)
+                if reason is not None:
+                    problems.append(Problem(shown, number, reason))
+                    continue
+                problems.extend(Problem(shown, number, r) for r in check(row))
+    except FileNotFoundError:
+        return [Problem(shown, None, f"no such file ({method} trains on {METHOD_ROWS[method]})")]
+    except IsADirectoryError:
+        return [Problem(shown, None, "is a directory, not a file")]
+    except OSError as exc:
+        return [Problem(shown, None, f"cannot read file: {exc.strerror or exc}")]
+    if count == 0 and not problems:
+        problems.append(Problem(shown, None, "file is empty: at least 1 sample is needed"))
+    if run_together_check and not problems and method == "dpo":  # the check the SDK runs on upload
+        problems.extend(together_check(path, shown))
+    return sorted(problems, key=lambda p: p.line or 0)
+
+
+def _not_preference(path: Path, max_line_bytes: int) -> list[Problem]:
+    """A valid file of preference rows is not SFT data: one problem naming ``--method dpo``."""
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in jsonl_lines(handle, display_path(path), [], max_line_bytes):
+                row, _ = parse_json_object(raw)
+                if isinstance(row, dict) and detect_format(row)[0] == "preference":
+                    return [
+                        Problem(display_path(path), number, "preference rows: train them with --method dpo (SFT trains on chat rows)")
+                    ]
+                return []
+    except OSError:
+        return []
+    return []

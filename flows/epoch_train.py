@@ -12,6 +12,11 @@ Steps:
 3. after each epoch: the ``<fold>-epochs`` table and the ``<fold>-progress`` artifacts; stop early when
    the validation loss stopped improving (``stop_when_val_worsens``).
 
+Switching method: a run of another method than the fold's recorded epochs (``--method dpo`` after
+three SFT epochs) keeps those epochs as the ``<fold>-epochs`` table recorded them and trains epochs 4..N
+from epoch 3's model (`tasks.methods.earlier_epochs`); ``train.dpo`` reads the fold's preference rows
+(``train_dpo.jsonl`` / ``val_dpo.jsonl``) beside the chat rows of the SFT epochs.
+
 Resume rule: an epoch is done when its launch committed with a completed job (Prefect cache record keyed
 on fold hashes, base model, epoch, hyper-parameters and parent). A rerun skips done epochs without any
 upload or job, re-attaches to a job that was still running (found by its suffix in Together's list),
@@ -36,7 +41,7 @@ from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
-from tasks.methods import TrainContext, training_method
+from tasks.methods import TrainContext, earlier_epochs, training_method
 from tasks.report import publish_report
 from tasks.together import resolve_backend
 
@@ -54,12 +59,17 @@ def epoch_train(
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
     ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
     name = ctx.fold.name
-    method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
-    validate_files(ctx.fold.jsonl, data.max_line_bytes)
+    backend = resolve_backend(train.backend, together)
+    method = training_method(ctx, backend)  # Together: the key first
+    validate_files(ctx.fold.jsonl_for(train.method), data.max_line_bytes, train.method)
+    ctx.records = earlier_epochs(ctx, backend)  # a switched chain (sft -> dpo): the earlier method's epochs
+    if len(ctx.records) >= train.epochs:
+        print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
+        return ctx.records
     progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
     method.prepare(ctx)
     records = ctx.records
-    for epoch in range(1, train.epochs + 1):
+    for epoch in range(len(records) + 1, train.epochs + 1):
         parent = (records[-1].job_id or records[-1].model) if records else None
         record = method.run_epoch(ctx, epoch, parent)
         if record is None:

@@ -23,7 +23,7 @@ from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
-from epochwise.epochs import EpochRecord, publish_epochs
+from epochwise.epochs import EpochRecord, chain_before, publish_epochs, read_epochs, records_from_table
 from epochwise.fold import Fold
 from epochwise.problems import UserError
 from epochwise.together_api import BudgetExceeded, JobFailed, RemoteFile
@@ -69,16 +69,22 @@ class TrainingMethod(Protocol):
 class TogetherSFT:
     """Supervised fine-tuning on Together: one job per epoch, ``from_checkpoint`` = the previous epoch's job."""
 
+    method = "sft"
+
     def __init__(self, ctx: TrainContext) -> None:
         self.api_base = api_base(ctx.together)  # credentials first: a missing key fails before validation
         self.train_file: RemoteFile | None = None
         self.val_file: RemoteFile | None = None
 
-    def prepare(self, ctx: TrainContext) -> None:
-        files = ctx.fold.jsonl
+    def fold_files(self, ctx: TrainContext) -> list[str]:
+        """The files this method uploads: the fold's chat rows, as Harmony parquet for gpt-oss."""
         if "gpt-oss" in ctx.train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
             parquet = convert_fold_to_harmony(ctx.path, ctx.harmony, ctx.data.max_line_bytes)
-            files = [parquet["train"], parquet["val"]]
+            return [parquet["train"], parquet["val"]]
+        return ctx.fold.jsonl
+
+    def prepare(self, ctx: TrainContext) -> None:
+        files = self.fold_files(ctx)
         self.train_file, self.val_file = (ensure_uploaded(path, ctx.together, ctx.ops) for path in files)
         ctx.uploads = [self.train_file, self.val_file]
 
@@ -90,14 +96,24 @@ class TogetherSFT:
         """
         assert self.train_file is not None and self.val_file is not None, "prepare() first"
         hashes = (self.train_file.sha256, self.val_file.sha256)
-        spec = EpochSpec(ctx.fold.name, epoch, ctx.train.base_model, parent, hashes, ctx.train.hyper, self.api_base)
+        spec = EpochSpec(
+            ctx.fold.name,
+            epoch,
+            ctx.train.base_model,
+            parent,
+            hashes,
+            ctx.train.hyper,
+            self.api_base,
+            ctx.train.method_fields(),  # empty for SFT: SFT keys are what they always were
+        )
         spent = sum(r.price_usd or 0.0 for r in ctx.records)
         try:  # Ctrl-C, or the SIGTERM of a cancel, cancels the job at Together (a crash leaves it to re-attach)
             with cancel_jobs_on_interrupt(ctx.together), transaction():
                 launch = api_tagged(launch_epoch_job, ctx.ops)
                 job = launch(spec, self.train_file.id, self.val_file.id, ctx.train, ctx.together, spent)
                 info = wait_for_job(job, ctx.together)
-                return api_tagged(fetch_epoch_metrics, ctx.ops)(job, info, ctx.together)
+                record = api_tagged(fetch_epoch_metrics, ctx.ops)(job, info, ctx.together)
+                return record.model_copy(update={"method": self.method})
         except BudgetExceeded as stop:
             print(f"stopping before epoch {epoch}: {stop}")
             return None
@@ -106,12 +122,31 @@ class TogetherSFT:
                 fold=spec.fold,
                 epoch=epoch,
                 backend="together",
+                method=self.method,
                 status=failed.status,
                 job_id=failed.job_id,
                 parent=parent,
             )
             publish_epochs(ctx.fold.name, [*ctx.records, row])
             raise
+
+
+class TogetherDPO(TogetherSFT):
+    """Direct preference optimisation on Together: `TogetherSFT`'s epochs (cached uploads, one job per
+    epoch found again by its suffix, re-attach, budget, losses from the job's metrics), each job created
+    with ``training_method="dpo"`` and ``train.dpo``'s parameters, on the fold's preference rows
+    (``train_dpo.jsonl`` / ``val_dpo.jsonl``, else ``train.jsonl`` / ``val.jsonl``: `Fold.files`).
+
+    The epoch key adds the method and its parameters (`TrainConfig.method_fields`). Epoch 1 trains the
+    base model; a chain switched from SFT continues from the last SFT epoch's job (`earlier_epochs`),
+    which Together allows: a DPO job may start ``from_checkpoint`` an SFT job
+    (https://docs.together.ai/docs/fine-tuning/preference-tuning).
+    """
+
+    method = "dpo"
+
+    def fold_files(self, ctx: TrainContext) -> list[str]:
+        return ctx.fold.jsonl_for("dpo")  # JSONL for every model: Harmony parquet holds SFT tokens only
 
 
 class LocalSFT:
@@ -131,8 +166,22 @@ class LocalSFT:
 
 METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT]] = {
     ("together", "sft"): TogetherSFT,
+    ("together", "dpo"): TogetherDPO,
     ("local", "sft"): LocalSFT,
 }
+
+
+def earlier_epochs(ctx: TrainContext, backend: str) -> list[EpochRecord]:
+    """The epochs of another method that a run of ``train.method`` continues (``sft -> dpo``), read from
+    the fold's ``<fold>-epochs`` table (`epochwise.epochs.chain_before`); [] for a chain of one method.
+
+    Why the table and not the cache: an earlier method's epoch keys hash that method's files (the chat
+    rows of SFT epochs), which a DPO run does not read, so the run takes those epochs as recorded and
+    trains the rest from the last of them. Without the table (another Prefect server) the chain starts
+    over at epoch 1 with the current method.
+    """
+    recorded = records_from_table(ctx.fold.name, read_epochs(ctx.fold.name))
+    return chain_before([r for r in recorded if r.backend == backend], ctx.train.method)
 
 
 def training_method(ctx: TrainContext, backend: str, method: str | None = None) -> TrainingMethod:

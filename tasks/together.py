@@ -39,7 +39,7 @@ from blocks.credentials import resolve_together, resolve_wandb, together_client,
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.config.train import HyperParams, TrainConfig
+from epochwise.config.train import DPOParams, HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from tasks.cancellation import record_job_owner
@@ -154,6 +154,13 @@ class EpochSpec:
     def suffix(self) -> str:
         return api.epoch_suffix(self.fold, self.epoch, self.key)
 
+    @property
+    def dpo(self) -> DPOParams | None:
+        """The DPO parameters of a DPO epoch (from ``method``, so the job is what its key says); None: SFT."""
+        if self.method.get("method") != "dpo":
+            return None
+        return DPOParams.model_validate(self.method["dpo"])
+
 
 @dataclass(frozen=True)
 class EpochJob:
@@ -205,6 +212,7 @@ def launch_epoch_job(
         wandb=wandb,
         wandb_project=train.wandb_project,
         wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
+        dpo=spec.dpo,
     )
     with fold_lock(spec.fold, together):
         existing = api.find_job(client, spec.suffix)

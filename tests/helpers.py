@@ -72,6 +72,25 @@ def make_fold(root: Path, name: str, tag: str, n_train: int = 6, n_val: int = 2)
     return fold
 
 
+def add_preference_files(fold: Path, tag: str, n_train: int = 6, n_val: int = 2) -> Path:
+    """Write DPO preference rows (``train_dpo.jsonl`` / ``val_dpo.jsonl``) into ``fold`` (made with or
+    without chat rows); ``tag`` makes their content unique to one test."""
+    fold.mkdir(parents=True, exist_ok=True)
+
+    def pair(i: int) -> str:
+        return json.dumps(
+            {
+                "input": {"messages": [{"role": "system", "content": f"prefs {tag}"}, {"role": "user", "content": f"{i} + {i}?"}]},
+                "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+                "non_preferred_output": [{"role": "assistant", "content": f"maybe {2 * i + 1}, hard to say"}],
+            }
+        )
+
+    (fold / "train_dpo.jsonl").write_text("".join(pair(i) + "\n" for i in range(n_train)))
+    (fold / "val_dpo.jsonl").write_text("".join(pair(100 + i) + "\n" for i in range(n_val)))
+    return fold
+
+
 def run_logs(state) -> list[str]:
     """Every log line of a flow run (its task runs included), read back from the Prefect API."""
     from prefect.client.orchestration import get_client
@@ -154,14 +173,14 @@ def labelled_spans(row) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
-def epoch_train_child(fold: Path, epochs: int) -> subprocess.Popen:
+def epoch_train_child(fold: Path, epochs: int, **train_kw) -> subprocess.Popen:
     """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
-    result storage, so a test can SIGKILL or SIGTERM it mid-run."""
+    result storage, so a test can SIGKILL or SIGTERM it mid-run (``train_kw``: e.g. ``method="dpo"``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     params = {
         "fold": str(fold),
-        "train": train_cfg(epochs).model_dump(mode="json"),
+        "train": train_cfg(epochs, **train_kw).model_dump(mode="json"),
         "together": FAST.model_dump(mode="json"),
     }
     env = {

@@ -227,7 +227,12 @@ def settings(
 APP: Any = None
 
 # Settings fields whose flag's parameter is not named like the field's last part.
-FLAG_PARAMETERS = {"train.local_model": "model", "deploy.inactive_timeout_min": "inactive_timeout"}
+FLAG_PARAMETERS = {
+    "train.local_model": "model",
+    "deploy.inactive_timeout_min": "inactive_timeout",
+    "data.mapping.format": "mapping_format",
+    "data.mapping.columns": "column",
+}
 
 
 def config_problem(

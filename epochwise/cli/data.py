@@ -30,11 +30,19 @@ def prepare(
         help=field_help("data.mapping.user_template", "User message with {field} placeholders filled from the record."),
     ),
     assistant_field: str = typer.Option(None, "--assistant-field", help=field_help("data.mapping.assistant_field")),
+    mapping_format: str = typer.Option(None, "--format", help=field_help("data.mapping.format")),
+    chosen_field: str = typer.Option(None, "--chosen-field", help=field_help("data.mapping.chosen_field")),
+    rejected_field: str = typer.Option(None, "--rejected-field", help=field_help("data.mapping.rejected_field")),
+    column: list[str] = typer.Option(None, "--column", help=field_help("data.mapping.columns", "Record field copied into each GRPO prompt row (repeatable).")),
     strict: bool = typer.Option(None, "--strict/--skip-bad-records", help=field_help("data.strict")),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
     """Turn JSON records into a fold: ChatML train.jsonl + val.jsonl, seeded split, strictly validated.
+
+    ``--format preference`` writes DPO rows (train_dpo.jsonl + val_dpo.jsonl) from --chosen-field and
+    --rejected-field; ``--format prompt`` writes GRPO prompt rows (train_grpo.jsonl + val_grpo.jsonl)
+    with the --column fields for the reward functions.
 
     The records' own ``epochwise.yaml`` (in RECORDS, or beside a single records file) supplies
     ``data.mapping`` when present; the config file, presets, EPOCHWISE_* and flags override it.
@@ -50,6 +58,10 @@ def prepare(
             "data.mapping.system_prompt": system_prompt,
             "data.mapping.user_template": user_template,
             "data.mapping.assistant_field": assistant_field,
+            "data.mapping.format": mapping_format,
+            "data.mapping.chosen_field": chosen_field,
+            "data.mapping.rejected_field": rejected_field,
+            "data.mapping.columns": column or None,
         },
     ).data
     from epochwise.records import read_records
@@ -68,8 +80,9 @@ def prepare(
 
     table = Table(title=f"prepared {summary.fold}", show_header=False)
     table.add_row("records read", str(summary.records_read))
-    table.add_row("train.jsonl", str(summary.train_written))
-    table.add_row("val.jsonl", str(summary.val_written))
+    train_name, val_name = summary.files
+    table.add_row(train_name, str(summary.train_written))
+    table.add_row(val_name, str(summary.val_written))
     table.add_row("skipped", str(len(summary.skipped)))
     for reason, count in summary.skipped_by_reason().items():
         table.add_row(f"  {reason}", str(count))
@@ -80,14 +93,21 @@ def prepare(
 
 def validate(
     files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
+    method: str = typer.Option(
+        None, "--method", "-m", help=field_help("train.method", "sft (chat rows) | dpo (preference rows) | grpo (prompt rows).")
+    ),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
-    """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
-    from epochwise.validate import validate_file
+    """Check JSONL files against Together's rules and its check_file; prints path:line: reason.
 
-    limit = settings(config, preset).data.max_line_bytes
-    problems = [p for path in files for p in validate_file(path, max_line_bytes=limit)]
+    ``--method dpo`` checks Together's preference rows, ``--method grpo`` GRPO prompt rows.
+    """
+    from epochwise.validate import validate_method_file
+
+    cfg = settings(config, preset, **{"train.method": method})
+    limit = cfg.data.max_line_bytes
+    problems = [p for path in files for p in validate_method_file(path, cfg.train.method, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     for path in files:

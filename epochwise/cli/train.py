@@ -120,11 +120,13 @@ def train(
     # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
     # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
     _check_backend(cfg)
-    from epochwise.validate import validate_file
+    from epochwise.validate import validate_method_file
 
     limit = cfg.data.max_line_bytes
-    where = Fold.of(fold)
-    problems = [p for path in (where.train, where.val) for p in validate_file(path, max_line_bytes=limit)]
+    method = cfg.train.method
+    problems = [
+        p for path in Fold.of(fold).files(method) for p in validate_method_file(path, method, max_line_bytes=limit)
+    ]
     if problems:
         report_problems(problems)
     from epochwise.cli.plan import show_plan

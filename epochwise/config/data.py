@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from epochwise.config.base import Section
 
@@ -15,14 +15,22 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
 class RecordMapping(Section):
-    """Maps one input record to ChatML ``messages``.
+    """Maps one input record to a fold row: ChatML ``messages`` (SFT), a preference row (DPO) or a
+    prompt row (GRPO).
 
     ``auto`` uses a record's own ``messages`` or ``prompt``/``completion`` when it has them and the
-    template otherwise; the other formats force one reading.
+    template otherwise; ``template``, ``messages`` and ``prompt_completion`` force one reading of a chat
+    row. ``preference`` writes Together's preference rows (``train_dpo.jsonl``): the input is the system
+    prompt and the user template (or the record's own ``messages``), the preferred and rejected replies
+    come from ``chosen_field`` and ``rejected_field``. ``prompt`` writes GRPO prompt rows
+    (``train_grpo.jsonl``): the same input as ``messages`` plus the record fields named in ``columns``,
+    which reach the reward functions by name.
     """
 
-    format: Literal["auto", "template", "messages", "prompt_completion"] = Field(
-        "auto", description="How to read each record."
+    format: Literal["auto", "template", "messages", "prompt_completion", "preference", "prompt"] = Field(
+        "auto",
+        description="How to read each record: auto | template | messages | prompt_completion (chat rows), "
+        "preference (DPO rows) or prompt (GRPO prompt rows).",
     )
     system_prompt: str | None = Field(None, description="System message put first in every conversation.")
     user_template: str | None = Field(
@@ -33,6 +41,27 @@ class RecordMapping(Section):
     assistant_field: str | None = Field(
         None, description="Record field holding the reply; a dict or list is written as compact JSON."
     )
+    chosen_field: str | None = Field(
+        None, description="format: preference: record field holding the preferred reply (compact JSON if not text)."
+    )
+    rejected_field: str | None = Field(
+        None, description="format: preference: record field holding the rejected reply (compact JSON if not text)."
+    )
+    columns: list[str] = Field(
+        default_factory=list,
+        description="format: prompt: record fields copied into each prompt row as columns; GRPO reward "
+        "functions receive them by name (e.g. [answer]).",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _plain_columns(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name == "messages" or not name.isidentifier():
+                raise ValueError(f"column {name!r}: a column is a plain field name other than 'messages'")
+        if len(set(value)) != len(value):
+            raise ValueError("columns are named twice")
+        return value
 
 
 class DataConfig(Section):

@@ -118,6 +118,9 @@ class Script:
     hold_jobs: bool = False  # jobs stop at "running" until this is set back to False
     dedup_uploads: bool = False  # answer 409 {"file_id"} for a checksum already uploaded
     price_per_epoch_usd: float = 1.5
+    # Together prices DPO per token apart from SFT (docs.together.ai/docs/fine-tuning/pricing: the rate
+    # depends on the training method); the fake's DPO estimate is the SFT one times this (a test knob).
+    dpo_price_factor: float = 2.5
     failures: list[JobFailure] = field(default_factory=list)
     # Loss per chain depth (1 = job on the base model): (train loss, validation loss).
     losses: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -158,11 +161,12 @@ class FakeFile:
     error: str | None = None
     polls: int = 0
     nlines: int = 0
+    dataset_format: str | None = None  # set by the server check: CONVERSATION, PREFERENCE_OPENAI, ...
 
     def to_json(self) -> dict[str, Any]:
         report: dict[str, Any] = {
             "valid": self.final_status == "COMPLETED",
-            "dataset_format": "CONVERSATION" if self.file_type == "jsonl" else "TOKENIZED",
+            "dataset_format": self.dataset_format or ("CONVERSATION" if self.file_type == "jsonl" else "TOKENIZED"),
             "nlines": self.nlines, "file_id": self.id, "error": None, "error_type": None,
             "dataset_has_tools": False,
         }
@@ -602,15 +606,47 @@ def _server_check(f: FakeFile) -> tuple[str, str | None, int]:
         return "INVALID_FORMAT", str(detail), int(report.get("num_samples") or 0)
     if f.file_type == "jsonl":
         lines = [line for line in f.data.decode().splitlines() if line.strip()]
+        formats = set()
         for number, line in enumerate(lines, 1):
             row = json.loads(line)
-            if not any(all(k in row for k in keys) for keys in (("messages",), ("prompt", "completion"), ("text",))):
+            if all(k in row for k in PREFERENCE_KEYS):
+                formats.add("PREFERENCE_OPENAI")
+                reason = _preference_rule_broken(row)
+            elif any(all(k in row for k in keys) for keys in (("messages",), ("prompt", "completion"), ("text",))):
+                formats.add("CONVERSATION" if "messages" in row else "INSTRUCTION" if "prompt" in row else "GENERAL")
+                reason = _message_rule_broken(row.get("messages"))
+            else:
                 return "INVALID_FORMAT", f"line {number}: no known dataset format", len(lines)
-            reason = _message_rule_broken(row.get("messages"))
+            if len(formats) > 1:
+                return "INVALID_FORMAT", f"line {number}: mixed dataset formats ({', '.join(sorted(formats))})", len(lines)
             if reason:
                 return "INVALID_FORMAT", f"line {number}: {reason}", len(lines)
+        f.dataset_format = next(iter(formats), None)
         return "COMPLETED", None, len(lines)
     return "COMPLETED", None, int(report.get("num_samples") or 0)
+
+
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def _preference_rule_broken(row: dict[str, Any]) -> str | None:
+    """Together's preference format (docs.together.ai/docs/fine-tuning/preference-tuning; the rules of the
+    SDK's former ``validate_preference_openai``, together-python PR #262): ``input.messages`` not ending
+    with the assistant, each output exactly one assistant message with content, no other columns."""
+    extra = sorted(set(row) - set(PREFERENCE_KEYS))
+    if extra:
+        return f"unexpected columns {extra} in a preference row"
+    messages = row["input"].get("messages") if isinstance(row["input"], dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "input.messages must be a non-empty list"
+    if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        return "input.messages must not end with an assistant message"
+    for key in ("preferred_output", "non_preferred_output"):
+        out = row[key]
+        if not (isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
+                and out[0].get("role") == "assistant" and out[0].get("content")):
+            return f"{key} must hold exactly one assistant message with content"
+    return None
 
 
 def _message_rule_broken(messages: Any) -> str | None:
@@ -688,9 +724,11 @@ def estimate_price(fake: FakeTogether, _: dict[str, str], req: Request):
         return 200, {"estimation_available": False, "unavailable_reason": "train_file_not_validated"}
     n_epochs = int(body.get("n_epochs") or 1)
     tokens = len(f.data) // 4 * n_epochs
+    method = (body.get("training_method") or {}).get("method", "sft")
+    factor = fake.script.dpo_price_factor if method == "dpo" else 1.0
     return 200, {
         "estimation_available": True, "allowed_to_proceed": True,
-        "estimated_total_price": round(fake.script.price_per_epoch_usd * n_epochs, 4),
+        "estimated_total_price": round(fake.script.price_per_epoch_usd * n_epochs * factor, 4),
         "estimated_train_token_count": tokens, "estimated_eval_token_count": 0, "user_limit": 1000.0,
     }
 
@@ -706,13 +744,42 @@ def _parent(fake: FakeTogether, ref: str) -> FakeJob:
     return job
 
 
+def _training_method(body: dict[str, Any], files: list[FakeFile]) -> None:
+    """The ``training_method`` object of a create (together/lib/types/fine_tuning.py TrainingMethodSFT /
+    TrainingMethodDPO; the SDK's create_finetune_request refuses other methods and train_on_inputs for
+    DPO). A DPO job trains on preference files (docs.together.ai/docs/fine-tuning/preference-tuning);
+    ``from_checkpoint`` may name an SFT job (SFT first, then DPO from its checkpoint, same guide)."""
+    method = body.get("training_method")
+    if method is None:
+        return  # SFT, the default
+    if not isinstance(method, dict) or method.get("method") not in ("sft", "dpo"):
+        raise ApiError(400, f"training_method must be an object with method 'sft' or 'dpo', got {method!r}")
+    if method["method"] == "sft":
+        unknown = set(method) - {"method", "train_on_inputs"}
+    else:
+        unknown = set(method) - {"method", "dpo_beta", "dpo_normalize_logratios_by_length", "dpo_reference_free",
+                                 "rpo_alpha", "simpo_gamma"}
+        if "train_on_inputs" in method:
+            raise ApiError(400, "train_on_inputs is only supported for SFT training")
+        for key in ("rpo_alpha", "simpo_gamma"):  # the SDK's own checks, repeated for a raw request
+            value = method.get(key)
+            if value is not None and (not isinstance(value, int | float) or value < 0):
+                raise ApiError(400, f"{key} should be non-negative (got {value!r})")
+        for f in files:
+            if f.dataset_format != "PREFERENCE_OPENAI":
+                raise ApiError(400, f"DPO training needs a preference dataset; file {f.id} is {f.dataset_format}")
+    if unknown:
+        raise ApiError(400, f"unknown training_method fields {sorted(unknown)} for {method['method']}")
+
+
 def jobs_create(fake: FakeTogether, _: dict[str, str], req: Request):
     body = req.json()
-    _ready_file(fake, body.get("training_file", ""), "training")
+    files = [_ready_file(fake, body.get("training_file", ""), "training")]
     if body.get("validation_file"):
-        _ready_file(fake, body["validation_file"], "validation")
+        files.append(_ready_file(fake, body["validation_file"], "validation"))
     elif int(body.get("n_evals") or 0) > 0:
         raise ApiError(400, "n_evals > 0 needs a validation_file")
+    _training_method(body, files)
     if bool(body.get("model")) == bool(body.get("from_checkpoint")):
         raise ApiError(400, "exactly one of model and from_checkpoint is required")
     suffix = body.get("suffix") or ""
