@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
-from epochwise.fold import HARMONY_DIR, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
+from epochwise.fold import HARMONY_DIR, METHOD_FILES, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
 from epochwise.io import sha256_file
 
 # Bump when the trainer changes what it produces for the same inputs (tokenisation, loss, packing).
@@ -36,21 +36,16 @@ DATA_FILES = {
     "chatml": {"train": TRAIN_FILE, "val": VAL_FILE},
     "harmony": {"train": f"{HARMONY_DIR}/{TRAIN_PARQUET}", "val": f"{HARMONY_DIR}/{VAL_PARQUET}"},
 }
-# DPO preference rows and GRPO prompt rows sit beside the chat rows under their own names, so one fold can
-# hold an SFT -> DPO chain; a fold written by hand for one method may use train.jsonl / val.jsonl instead.
-METHOD_FILES = {
-    "dpo": {"train": "train_dpo.jsonl", "val": "val_dpo.jsonl"},
-    "grpo": {"train": "train_grpo.jsonl", "val": "val_grpo.jsonl"},
-}
 
 
 def fold_files(fold: Path | str, data: str = "chatml", method: str = "sft") -> dict[str, Path]:
     """The training files of a fold (``train`` and, when present, ``val``) for ``method``: DPO and GRPO
-    read their own files (`METHOD_FILES`) when the fold has them, else ``train.jsonl`` / ``val.jsonl``."""
+    read their own files (`epochwise.fold.METHOD_FILES`, as `Fold.files` does) when the fold has them, else
+    ``train.jsonl`` / ``val.jsonl``."""
     fold = Path(fold)
-    own = METHOD_FILES.get(method)
-    if own is not None and (fold / own["train"]).is_file():
-        return {split: fold / name for split, name in own.items() if (fold / name).is_file()}
+    if method != "sft" and (fold / METHOD_FILES[method][0]).is_file():
+        named = zip(("train", "val"), METHOD_FILES[method], strict=True)
+        return {split: fold / name for split, name in named if (fold / name).is_file()}
     found = {split: fold / name for split, name in DATA_FILES[data].items() if (fold / name).is_file()}
     if "train" not in found:
         hint = "epochwise prepare" if data == "chatml" else "epochwise convert --format harmony"
