@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import orjson
@@ -104,6 +106,51 @@ def prompt_ids(tokenizer, messages: list[dict], max_len: int) -> list[int]:
     return ids[-max_len:]  # the end of a long prompt (the generation prompt) matters most
 
 
+@contextmanager
+def merged_lora(model) -> Iterator[None]:
+    """While sampling, every LoRA linear runs as one plain linear with ``W + scaling * B @ A``.
+
+    Generation calls each layer once per new token, and on a small model the LoRA wrapper's two extra
+    matmuls and calls cost more than the layer itself. The merged weight is a new tensor computed from the
+    unchanged base weight and the current LoRA weights at every step (peft's ``merge_adapter`` adds into
+    the base weight in place and ``unmerge_adapter`` subtracts again, which drifts by rounding; a drifting
+    base would break the bitwise match of a resumed run).
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    swapped = []
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+                continue
+            adapters = module.active_adapters
+            if (
+                len(adapters) != 1
+                or adapters[0] in module.lora_variant
+                or not isinstance(module.base_layer, torch.nn.Linear)
+            ):
+                continue
+            name = adapters[0]
+            base = module.base_layer
+            weight = torch.addmm(
+                base.weight, module.lora_B[name].weight, module.lora_A[name].weight, alpha=module.scaling[name]
+            )
+
+            def forward(self, x, *args, _weight=weight, _bias=base.bias, **kwargs):
+                return torch.nn.functional.linear(x, _weight, _bias)
+
+            swapped.append((module, module.__dict__.get("forward")))
+            module.forward = MethodType(forward, module)
+    try:
+        yield
+    finally:
+        for module, previous in swapped:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 @torch.no_grad()
 def sample_completions(policy: Policy, prompts: list[list[int]], grpo: GRPOParams) -> list[list[int]]:
     """One sampled completion per prompt (token ids, with the end-of-turn token when it was reached)."""
@@ -117,18 +164,19 @@ def sample_completions(policy: Policy, prompts: list[list[int]], grpo: GRPOParam
         mask[i, width - len(p) :] = 1
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=ids.to(policy.device),
-        attention_mask=mask.to(policy.device),
-        max_new_tokens=grpo.max_new_tokens,
-        do_sample=True,
-        temperature=grpo.temperature,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        use_cache=True,
-    )
+    with merged_lora(model):
+        out = model.generate(
+            input_ids=ids.to(policy.device),
+            attention_mask=mask.to(policy.device),
+            max_new_tokens=grpo.max_new_tokens,
+            do_sample=True,
+            temperature=grpo.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            use_cache=True,
+        )
     model.train(was_training)
     completions = []
     for row in out[:, width:].tolist():
