@@ -16,6 +16,7 @@ import pytest
 from prefect import flow
 
 from epochwise.config.train import GRPOParams, HyperParams, TrainConfig
+from epochwise.epochs import epoch_table
 from epochwise.local import keys
 from epochwise.problems import UserError
 from flows.epoch_train import epoch_train
@@ -111,6 +112,8 @@ def test_local_dpo_val_reward_accuracy_rises(tmp_path: Path):
     assert accuracy[2] > accuracy[0] and accuracy[2] >= 0.9, accuracy
     assert margin[0] < margin[1] < margin[2], margin
     assert records[0].val_loss > records[1].val_loss > records[2].val_loss  # the DPO loss on val
+    row = epoch_table(records)[2]
+    assert row["method"] == "dpo" and row["metrics"].startswith(f"val acc {accuracy[2]:.2f}, val margin")
     metrics = orjson.loads((Path(records[1].model) / keys.METRICS_FILE).read_bytes())
     assert metrics["reference"] is None  # the chain's reference stays the base model for all its epochs
 
