@@ -106,13 +106,29 @@ def epoch_table(records: list[EpochRecord]) -> list[dict[str, object]]:
                 "job": r.job_id or "",
                 "train loss": _fmt(r.train_loss),
                 "val loss": _fmt(r.val_loss),
-                **({"val reward": _fmt(r.val_reward)} if methods else {}),
+                **({"val reward": _fmt(r.val_reward), "metrics": metrics_cell(r)} if methods else {}),
                 "price $": "" if r.price_usd is None else f"{r.price_usd:.2f}",
                 "tok/s": "" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
                 "best": "*" if best is not None and r.epoch == best.epoch else "",
             }
         )
     return rows
+
+
+# The per-epoch metrics a table row shows (the full set is in each record's ``metrics``): DPO's validation
+# reward accuracy and margin, GRPO's training reward, the share of prompt groups with equal rewards, the KL.
+TABLE_METRICS = {
+    "val_reward_accuracy": "val acc",
+    "val_reward_margin": "val margin",
+    "reward_mean": "reward",
+    "zero_std_share": "equal groups",
+    "val_kl": "kl",
+}
+
+
+def metrics_cell(record: EpochRecord) -> str:
+    """``val acc 0.95, val margin 0.41`` (DPO) or ``reward 0.29, equal groups 0.00, kl 0.03`` (GRPO)."""
+    return ", ".join(f"{label} {record.metrics[key]:.2f}" for key, label in TABLE_METRICS.items() if key in record.metrics)
 
 
 def _fmt(value: float | None) -> str:

@@ -165,10 +165,49 @@ class LocalSFT:
         return train_local_epoch(ctx.path, epoch, ctx.train, ctx.local, parent)
 
 
+class LocalDPO(LocalSFT):
+    """DPO on the local trainer (`epochwise.local.dpo`): one adapter per epoch from the previous one (an SFT
+    epoch's adapter may be the parent), on the fold's preference rows (`Fold.files`)."""
+
+    def __init__(self, ctx: TrainContext) -> None:
+        if not ctx.train.hyper.lora:
+            raise UserError("the local backend trains LoRA adapters only (set train.hyper.lora=true)")
+
+    def run_epoch(self, ctx: TrainContext, epoch: int, parent: str | None) -> EpochRecord:
+        from tasks.local_rl import train_local_rl_epoch
+
+        return train_local_rl_epoch(ctx.path, epoch, ctx.train, ctx.local, parent)
+
+
+class LocalGRPO(LocalDPO):
+    """GRPO on the local trainer (`epochwise.local.grpo`) with the user's reward functions.
+
+    Checked before any model loads: the batch constraints (`prompts_per_step`), and every reward imported
+    and called on the first prompt row of the fold (`epochwise.rewards.check_rewards`).
+    """
+
+    def __init__(self, ctx: TrainContext) -> None:
+        super().__init__(ctx)
+        from epochwise.local.grpo import prompts_per_step
+        from epochwise.rewards import load_rewards
+
+        prompts_per_step(ctx.train)
+        self.rewards = load_rewards(ctx.train.rewards)
+
+    def prepare(self, ctx: TrainContext) -> None:
+        from epochwise.local.grpo import read_prompt_rows
+        from epochwise.rewards import check_rewards
+
+        train_file, _ = ctx.fold.files("grpo")
+        check_rewards(self.rewards, read_prompt_rows(train_file)[:1], str(train_file))
+
+
 METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT]] = {
     ("together", "sft"): TogetherSFT,
     ("together", "dpo"): TogetherDPO,
     ("local", "sft"): LocalSFT,
+    ("local", "dpo"): LocalDPO,
+    ("local", "grpo"): LocalGRPO,
 }
 
 

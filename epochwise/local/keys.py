@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
-from epochwise.fold import HARMONY_DIR, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
+from epochwise.fold import HARMONY_DIR, METHOD_FILES, TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET
 from epochwise.io import sha256_file
 
 # Bump when the trainer changes what it produces for the same inputs (tokenisation, loss, packing).
@@ -38,9 +38,14 @@ DATA_FILES = {
 }
 
 
-def fold_files(fold: Path | str, data: str = "chatml") -> dict[str, Path]:
-    """The training files of a fold (``train`` and, when present, ``val``)."""
+def fold_files(fold: Path | str, data: str = "chatml", method: str = "sft") -> dict[str, Path]:
+    """The training files of a fold (``train`` and, when present, ``val``) for ``method``: DPO and GRPO
+    read their own files (`epochwise.fold.METHOD_FILES`, as `Fold.files` does) when the fold has them, else
+    ``train.jsonl`` / ``val.jsonl``."""
     fold = Path(fold)
+    if method != "sft" and (fold / METHOD_FILES[method][0]).is_file():
+        named = zip(("train", "val"), METHOD_FILES[method], strict=True)
+        return {split: fold / name for split, name in named if (fold / name).is_file()}
     found = {split: fold / name for split, name in DATA_FILES[data].items() if (fold / name).is_file()}
     if "train" not in found:
         hint = "epochwise prepare" if data == "chatml" else "epochwise convert --format harmony"
@@ -48,9 +53,9 @@ def fold_files(fold: Path | str, data: str = "chatml") -> dict[str, Path]:
     return found
 
 
-def fold_hashes(fold: Path | str, data: str = "chatml") -> dict[str, str]:
-    """``{"train.jsonl": sha256, ...}`` of the files the trainer reads."""
-    return {split: sha256_file(path) for split, path in fold_files(fold, data).items()}
+def fold_hashes(fold: Path | str, data: str = "chatml", method: str = "sft") -> dict[str, str]:
+    """``{"train": sha256, ...}`` of the files the trainer reads."""
+    return {split: sha256_file(path) for split, path in fold_files(fold, data, method).items()}
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -135,7 +140,7 @@ def run_key(
     """
     payload: dict[str, Any] = {
         "trainer": TRAINER_VERSION,
-        "data": fold_hashes(fold, local.data),
+        "data": fold_hashes(fold, local.data, str((method or {}).get("method", "sft"))),
         "model": model_identity(model),
         "hyper": hyper.model_dump(mode="json"),
         "local": local.training_fields(),

@@ -39,10 +39,11 @@ def resolve_device(local: LocalConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def base_model_path(name: str, fold: Path | str, local: LocalConfig) -> str:
-    """The stable path or HF id of the base for ``name``, building and caching it first when needed."""
+def base_model_path(name: str, fold: Path | str, local: LocalConfig, method: str = "sft") -> str:
+    """The stable path or HF id of the base for ``name``, building and caching it first when needed
+    (``method``: whose files the ``tiny`` tokenizer is trained on, `keys.fold_files`)."""
     if name == "tiny":
-        return str(build_tiny(fold, local))
+        return str(build_tiny(fold, local, method))
     if name == "smollm2":
         return str(build_smollm2(local))
     directory = local_model_dir(name)
@@ -67,18 +68,21 @@ def load_base(path: str, device: torch.device) -> tuple[torch.nn.Module, PreTrai
 # --- tiny: random-init Llama + byte-level BPE trained on the fold ---------------------------------
 
 
-def fold_texts(fold: Path | str) -> Iterator[str]:
-    """Every message content and role of the fold's ChatML files (the tokenizer's training text)."""
-    for path in fold_files(fold).values():
+def fold_texts(fold: Path | str, method: str = "sft") -> Iterator[str]:
+    """Every message content and role of the fold's files for ``method`` (the tokenizer's training text):
+    chat and prompt rows' ``messages``, preference rows' ``input.messages`` and both outputs."""
+    for path in fold_files(fold, method=method).values():
         with open(path, "rb") as handle:
             for line in handle:
                 if line.strip():
-                    for message in orjson.loads(line)["messages"]:
+                    row = orjson.loads(line)
+                    messages = row.get("messages") or row.get("input", {}).get("messages", [])
+                    for message in [*messages, *row.get("preferred_output", []), *row.get("non_preferred_output", [])]:
                         yield message["role"]
                         yield message["content"]
 
 
-def build_tiny(fold: Path | str, local: LocalConfig) -> Path:
+def build_tiny(fold: Path | str, local: LocalConfig, method: str = "sft") -> Path:
     """Build (once) the tiny base for this fold and return its cache directory."""
     if local.data != "chatml":
         raise ValueError(
@@ -86,7 +90,7 @@ def build_tiny(fold: Path | str, local: LocalConfig) -> Path:
             "Harmony parquet needs a gpt-oss model (--model)"
         )
     spec = local.tiny
-    hashes = {p.name: sha256_file(p) for p in fold_files(fold).values()}
+    hashes = {p.name: sha256_file(p) for p in fold_files(fold, method=method).values()}
     key = hashlib.sha256(
         json.dumps({"v": TINY_VERSION, "tiny": spec.model_dump(), "data": hashes}, sort_keys=True).encode()
     ).hexdigest()[:16]
@@ -108,7 +112,7 @@ def build_tiny(fold: Path | str, local: LocalConfig) -> Path:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        bpe.train_from_iterator(fold_texts(fold), trainer)
+        bpe.train_from_iterator(fold_texts(fold, method), trainer)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
         )
