@@ -41,6 +41,7 @@ from epochwise.config.local import LocalConfig
 from epochwise.config.train import HyperParams
 from epochwise.io import atomic_dir, atomic_write, atomic_write_bytes
 from epochwise.local import keys
+from epochwise.local.attention import segments_enabled, segments_of, using_segments
 from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
 from epochwise.local.lora import building_peft_model, fuse_lora_updates
 from epochwise.local.models import base_model_path, load_base, resolve_device
@@ -140,15 +141,22 @@ def attention_bias(position_ids: torch.Tensor, padding: torch.Tensor | None, dty
 
 
 def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the labelled tokens of ``batch`` and their count (sparse head)."""
+    """Summed cross-entropy over the labelled tokens of ``batch`` and their count (sparse head).
+
+    Plain causal decoders (`attention.segments_enabled`) attend one conversation at a time
+    (`attention.segment_attention`); others get the shared float mask of `attention_bias`.
+    """
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     embeddings = causal.get_input_embeddings().weight
-    hidden = causal.get_decoder()(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=attention_bias(batch.position_ids, batch.attention_mask, embeddings.dtype),
-        use_cache=False,
-    ).last_hidden_state
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    if segments_enabled(causal):
+        with using_segments(causal):
+            hidden = causal.get_decoder()(
+                **inputs, segments=segments_of(batch.position_ids, batch.attention_mask)
+            ).last_hidden_state
+    else:
+        mask = attention_bias(batch.position_ids, batch.attention_mask, embeddings.dtype)
+        hidden = causal.get_decoder()(**inputs, attention_mask=mask).last_hidden_state
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
     logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
