@@ -44,6 +44,7 @@ from epochwise.local import keys
 from epochwise.local.attention import segments_enabled, segments_of, using_segments
 from epochwise.local.data import IGNORE, Batch, micro_batches, pack, read_rows, shuffled, truncate
 from epochwise.local.lora import building_peft_model, fuse_lora_updates
+from epochwise.local.loss import linear_cross_entropy
 from epochwise.local.models import base_model_path, load_base, resolve_device
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -143,6 +144,7 @@ def attention_bias(position_ids: torch.Tensor, padding: torch.Tensor | None, dty
 def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the labelled tokens of ``batch`` and their count (sparse head).
 
+    The LM head and cross-entropy run in chunks of positions (`loss.linear_cross_entropy`).
     Plain causal decoders (`attention.segments_enabled`) attend one conversation at a time
     (`attention.segment_attention`); others get the shared float mask of `attention_bias`.
     """
@@ -159,8 +161,11 @@ def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
         hidden = causal.get_decoder()(**inputs, attention_mask=mask).last_hidden_state
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
-    logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    head = causal.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:  # chunked: the full logits never exist at once
+        loss = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])
+    else:
+        loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="sum")
     return loss, int(keep.sum())
 
 
