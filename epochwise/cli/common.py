@@ -108,9 +108,9 @@ def _help_fields() -> dict[str, tuple[str, str | None]]:
     """The generated help table when it was built from the current config sources, else ``{}``."""
     global _HELP_FIELDS
     if _HELP_FIELDS is None:
-        from epochwise.cli import _help_fields
+        import epochwise.cli._help_fields as table  # the module alone: `from epochwise.cli` is the package
 
-        _HELP_FIELDS = _help_fields.FIELDS if _help_fields.DIGEST == config_digest() else {}
+        _HELP_FIELDS = table.FIELDS if table.DIGEST == config_digest() else {}
     return _HELP_FIELDS
 
 
