@@ -244,6 +244,15 @@ def resolve_settings(
     return resolved
 
 
+def defaults_apply(config: Path | None, presets: list[str] | None = None) -> bool:
+    """Whether nothing can set a setting: no config file (`config_path`), no preset, no ``EPOCHWISE_*``
+    variable. `settings` would then return the defaults in code, so a command that needs one default
+    may read it directly and skip pydantic-settings and YAML (a tenth of ``epochwise validate``)."""
+    if config_path(config) is not None or presets:
+        return False
+    return not any(name.upper().startswith(ENV_PREFIX_) for name in os.environ)
+
+
 def settings(
     config: Path | None, presets: list[str] | None = None, records: Path | None = None, **flags: Any
 ) -> Settings:

@@ -11,6 +11,7 @@ from epochwise.cli.common import (
     PresetOption,
     before_flow_run,
     console,
+    defaults_apply,
     field_help,
     friendly_errors,
     report_problems,
@@ -80,14 +81,30 @@ def prepare(
 
 def validate(
     files: list[Path] = typer.Argument(..., help="Fine-tuning JSONL files (e.g. a fold's train.jsonl val.jsonl)."),
+    together_check: bool = typer.Option(
+        False,
+        "--together-check",
+        help="Also run together's own check_file (it runs anyway before every upload; it loads the whole SDK).",
+    ),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
-    """Check JSONL files against Together's rules and its check_file; prints path:line: reason."""
+    """Check JSONL files against Together's rules; prints path:line: reason.
+
+    These rules hold every rule together's check_file applies to JSONL (UTF-8, one JSON object per
+    non-blank line, at least one sample) and the server-side ones it leaves out; check_file itself runs
+    where a file is uploaded (the SDK's files.upload and the flows' validation task) or with
+    --together-check.
+    """
     from epochwise.validate import validate_file
 
-    limit = settings(config, preset).data.max_line_bytes
-    problems = [p for path in files for p in validate_file(path, max_line_bytes=limit)]
+    if defaults_apply(config, preset):
+        from epochwise.io import DEFAULT_MAX_LINE_BYTES as limit  # data.max_line_bytes's one default
+    else:
+        limit = settings(config, preset).data.max_line_bytes
+    problems = [
+        p for path in files for p in validate_file(path, run_together_check=together_check, max_line_bytes=limit)
+    ]
     if problems:
         report_problems(problems)
     for path in files:
