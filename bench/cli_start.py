@@ -3,16 +3,19 @@
     python bench/cli_start.py [--runs 7] [--root PATH] [--large-mb 100] [--no-large]
 
 Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
-rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file; the figures are medians
-over the rounds, so a busy machine slows both sides alike. Targets: ``--help`` <= 2x the baseline,
-``validate`` <= 3x. Two floor rows show what the commands cannot avoid: typer's help renderer with
-pydantic (option help is built from the config fields), and ``together.lib`` (``validate`` runs
-together's ``check_file``, and importing it loads the whole SDK). ``--root`` (repeatable, rounds alternate between roots) measures another checkout of the code
-(e.g. a worktree of an older commit) with this same interpreter. Then ``python -X importtime`` lists which heavy packages (prefect, together,
-torch, pyarrow, ...) each command imports at all.
+rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file (with and without
+``--together-check``); the figures are medians over the rounds, so a busy machine slows both sides
+alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Two floor rows show what the
+commands cannot avoid: typer's help renderer (``typer.rich_utils``, which loads rich's markdown,
+traceback and syntax modules), and, for any command that runs, pydantic (typer 0.29 converts every
+parameter through a pydantic ``TypeAdapter``). ``--root`` (repeatable, rounds alternate between roots)
+measures another checkout of the code (e.g. a worktree of an older commit) with this same interpreter;
+a command that fails there (an option it lacks) shows n/a. Then ``python -X importtime`` lists which
+heavy packages (prefect, together, torch, pyarrow, ...) each command imports at all.
 
 Last, in this process: ``validate_file`` of a generated ~100 MB ChatML JSONL against a bare
-``orjson.loads`` loop over the same file (target <= 1.2x), with and without together's ``check_file``.
+``orjson.loads`` loop over the same file (target <= 1.2x), with and without together's ``check_file``;
+wall and CPU seconds, best of ``--repeat``.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) 
     return rows
 
 
-def timed(argv: list[str], root: Path) -> tuple[float, float]:
-    """Wall-clock and CPU (user + system) seconds of one run; CPU time is far less sensitive to load."""
+def timed(argv: list[str], root: Path) -> tuple[float, float] | None:
+    """Wall-clock and CPU (user + system) seconds of one run (None when it fails); CPU time is far
+    less sensitive to load."""
     env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", "COLUMNS": "120"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -70,7 +74,8 @@ def timed(argv: list[str], root: Path) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[2:3])} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        print(f"{root}: {' '.join(argv[3:])} failed ({done.returncode}): {(done.stdout + done.stderr)[-300:]}")
+        return None
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -91,37 +96,38 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
     """Median start times per root; rounds alternate between the roots so load hits them alike."""
     commands = {
         BASELINE: [sys.executable, "-c", "import typer, rich"],
-        # What any help screen needs: typer's rich renderer, and pydantic for the config fields' defaults.
-        "floor: + rich_utils, pydantic": [
+        # What any help screen needs: typer's rich renderer.
+        "floor: + typer.rich_utils": [sys.executable, "-c", "import typer.rich_utils, rich"],
+        "epochwise --help": [sys.executable, "-c", CLI, "--help"],
+        # What running any command needs: typer converts each parameter with a pydantic TypeAdapter.
+        "floor: + pydantic TypeAdapter": [
             sys.executable,
             "-c",
-            "import typer.rich_utils, rich; from pydantic import BaseModel, Field",
+            "import typer, rich; from pathlib import Path; from pydantic import TypeAdapter; TypeAdapter(list[Path])",
         ],
-        "epochwise --help": [sys.executable, "-c", CLI, "--help"],
-        # validate runs together's own check_file, and importing it loads the whole SDK.
-        "floor: + together.lib": [sys.executable, "-c", "import typer, rich; from together.lib import check_file"],
         "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
+        "  --together-check (whole SDK)": [sys.executable, "-c", CLI, "validate", "--together-check", str(small)],
     }
     times = {(root, name): [] for root in roots for name in commands}
-    for root in roots:  # warm the page cache and the .pyc files once
-        for argv in commands.values():
-            timed(argv, root)
+    works = {(root, name) for root in roots for name, argv in commands.items() if timed(argv, root)}  # warm-up
     for _ in range(runs):
         for root in roots:
             for name, argv in commands.items():
-                times[root, name].append(timed(argv, root))
+                if (root, name) in works:
+                    times[root, name].append(timed(argv, root) or (float("nan"), float("nan")))
     for root in roots:
-        wall = {name: statistics.median(t[0] for t in times[root, name]) for name in commands}
-        cpu = {name: statistics.median(t[1] for t in times[root, name]) for name in commands}
-        base_wall, base_cpu = wall[BASELINE], cpu[BASELINE]
         print(f"\nCLI start, {root}, median of {runs} rounds")
         print(f"{'command':32} {'wall s':>7} {'x base':>7} {'cpu s':>6} {'x base':>7}  heavy imports")
+        base_wall = statistics.median(t[0] for t in times[root, BASELINE])
+        base_cpu = statistics.median(t[1] for t in times[root, BASELINE])
         for name, argv in commands.items():
+            if (root, name) not in works:
+                print(f"{name:32} {'n/a':>7}")
+                continue
+            wall = statistics.median(t[0] for t in times[root, name])
+            cpu = statistics.median(t[1] for t in times[root, name])
             heavy = ", ".join(imported_heavy(argv, root)) or "-"
-            print(
-                f"{name:32} {wall[name]:7.3f} {wall[name] / base_wall:7.2f} {cpu[name]:6.3f} "
-                f"{cpu[name] / base_cpu:7.2f}  {heavy}"
-            )
+            print(f"{name:32} {wall:7.3f} {wall / base_wall:7.2f} {cpu:6.3f} {cpu / base_cpu:7.2f}  {heavy}")
 
 
 def large_validate(megabytes: int, repeat: int) -> None:
@@ -139,13 +145,15 @@ def large_validate(megabytes: int, repeat: int) -> None:
                 for line in handle:
                     orjson.loads(line)
 
-        def best(fn) -> float:
-            times = []
+        def best(fn) -> tuple[float, float]:
+            """Best wall and best CPU seconds of ``repeat`` runs."""
+            walls, cpus = [], []
             for _ in range(repeat):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
+                walls.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - cpu)
+            return min(walls), min(cpus)
 
         floor = best(parse_loop)
         ours = best(lambda: validate_file(path, run_together_check=False))
@@ -153,14 +161,15 @@ def large_validate(megabytes: int, repeat: int) -> None:
         problems = validate_file(path)
         assert not problems, problems[:3]
         print(f"\nvalidate of {size / 1e6:.0f} MB, {rows:,} rows (best of {repeat})")
-        print(f"{'':34} {'s':>7} {'MB/s':>7} {'x parse':>8}")
-        for label, seconds in (
+        print(f"{'':34} {'wall s':>7} {'MB/s':>7} {'x parse':>8} {'cpu s':>7} {'x parse':>8}")
+        for label, (wall, cpu) in (
             ("bare orjson.loads loop", floor),
             ("validate_file, epochwise rules", ours),
             ("validate_file + together check", full),
         ):
-            print(f"{label:34} {seconds:7.2f} {size / 1e6 / seconds:7.0f} {seconds / floor:8.2f}")
-
+            print(
+                f"{label:34} {wall:7.2f} {size / 1e6 / wall:7.0f} {wall / floor[0]:8.2f} {cpu:7.2f} {cpu / floor[1]:8.2f}"
+            )
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

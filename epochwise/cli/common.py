@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from epochwise.config import SECTIONS
 from epochwise.problems import InputError, Problem, UserError
 
 if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
     from epochwise.config import Settings
     from epochwise.config.settings import Resolved
 
@@ -43,6 +43,8 @@ PresetOption = typer.Option(
 
 def config_field(dotted: str) -> FieldInfo:
     """The pydantic field behind a settings path such as ``"train.hyper.learning_rate"``."""
+    from epochwise.config import SECTIONS
+
     section, *parents, leaf = dotted.split(".")
     model: Any = SECTIONS[section]
     for part in parents:
@@ -71,13 +73,45 @@ def field_help(dotted: str, text: str | None = None) -> str:
     """Help of the option that sets ``dotted``: ``text`` (default: the field's description) followed by
     the field's own default and path, e.g. ``Peak learning rate. (default: 0.0001; train.hyper.learning_rate)``.
 
-    The default and the description are read from the config models, so the help never restates them.
+    The default and the description are read from the config models, so the help never restates them:
+    from the table `epochwise.cli.help_table` generates from them while it matches their sources
+    (``--help`` then imports no pydantic), else from the models themselves.
     """
-    field = config_field(dotted)
-    words = text or field.description or ""
-    default = show_default(field_default(dotted))
+    entry = _help_fields().get(dotted)
+    if entry is None:
+        entry = (config_field(dotted).description or "", show_default(field_default(dotted)))
+    description, default = entry
+    words = text or description
     where = dotted if default is None else f"default: {default}; {dotted}"
     return f"{words} ({where})".strip()
+
+
+# The config model sources the generated help table is keyed by (settings.py and presets.py only load them).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+NOT_MODELS = {"settings.py", "presets.py"}
+_HELP_FIELDS: dict[str, tuple[str, str | None]] | None = None
+
+
+def config_digest() -> str:
+    """CRC-32 of the config model sources (file names and bytes), the key the table is valid for.
+
+    A change detector, not a security check: zlib loads in a fraction of the time hashlib (OpenSSL) takes.
+    """
+    digest = 0
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.name not in NOT_MODELS:
+            digest = zlib.crc32(path.name.encode() + b"\0" + path.read_bytes() + b"\0", digest)
+    return f"{digest:08x}"
+
+
+def _help_fields() -> dict[str, tuple[str, str | None]]:
+    """The generated help table when it was built from the current config sources, else ``{}``."""
+    global _HELP_FIELDS
+    if _HELP_FIELDS is None:
+        import epochwise.cli._help_fields as table  # the module alone: `from epochwise.cli` is the package
+
+        _HELP_FIELDS = table.FIELDS if table.DIGEST == config_digest() else {}
+    return _HELP_FIELDS
 
 
 def prefect_defaults() -> None:
@@ -183,6 +217,7 @@ def resolve_settings(
     option (``config show --set``).
     """
     import yaml
+    from pydantic import ValidationError
 
     from epochwise.config.presets import find_preset, records_config
     from epochwise.config.settings import UnknownSettingError, read_layers, validate_layers
@@ -207,6 +242,15 @@ def resolve_settings(
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([str(exc)])
     return resolved
+
+
+def defaults_apply(config: Path | None, presets: list[str] | None = None) -> bool:
+    """Whether nothing can set a setting: no config file (`config_path`), no preset, no ``EPOCHWISE_*``
+    variable. `settings` would then return the defaults in code, so a command that needs one default
+    may read it directly and skip pydantic-settings and YAML (a tenth of ``epochwise validate``)."""
+    if config_path(config) is not None or presets:
+        return False
+    return not any(name.upper().startswith(ENV_PREFIX_) for name in os.environ)
 
 
 def settings(

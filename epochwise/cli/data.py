@@ -11,6 +11,7 @@ from epochwise.cli.common import (
     PresetOption,
     before_flow_run,
     console,
+    defaults_apply,
     field_help,
     friendly_errors,
     report_problems,
@@ -96,18 +97,35 @@ def validate(
     method: str = typer.Option(
         None, "--method", "-m", help=field_help("train.method", "sft (chat rows) | dpo (preference rows) | grpo (prompt rows).")
     ),
+    together_check: bool = typer.Option(
+        False,
+        "--together-check",
+        help="Also run together's own check_file (it runs anyway before every upload; it loads the whole SDK).",
+    ),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:
-    """Check JSONL files against Together's rules and its check_file; prints path:line: reason.
+    """Check JSONL files against Together's rules; prints path:line: reason.
 
-    ``--method dpo`` checks Together's preference rows, ``--method grpo`` GRPO prompt rows.
+    ``--method dpo`` checks Together's preference rows, ``--method grpo`` GRPO prompt rows. These rules
+    hold every rule together's check_file applies to JSONL (UTF-8, one JSON object per non-blank line, at
+    least one sample) and the server-side ones it leaves out; check_file itself runs where a file is
+    uploaded (the SDK's files.upload and the flows' validation task) or with --together-check.
     """
     from epochwise.validate import validate_method_file
 
-    cfg = settings(config, preset, **{"train.method": method})
-    limit = cfg.data.max_line_bytes
-    problems = [p for path in files for p in validate_method_file(path, cfg.train.method, max_line_bytes=limit)]
+    if method is None and defaults_apply(config, preset):
+        from epochwise.io import DEFAULT_MAX_LINE_BYTES as limit  # data.max_line_bytes's one default
+
+        chosen = "sft"
+    else:
+        cfg = settings(config, preset, **{"train.method": method})
+        limit, chosen = cfg.data.max_line_bytes, cfg.train.method
+    problems = [
+        p
+        for path in files
+        for p in validate_method_file(path, chosen, run_together_check=together_check, max_line_bytes=limit)
+    ]
     if problems:
         report_problems(problems)
     for path in files:

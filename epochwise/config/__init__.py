@@ -12,17 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from epochwise.config.data import DataConfig, RecordMapping
-from epochwise.config.deploy import DeployConfig
-from epochwise.config.evaluate import EvaluateConfig
-from epochwise.config.harmony import HarmonyConfig
-from epochwise.config.local import LocalConfig
-from epochwise.config.ops import OpsConfig
-from epochwise.config.together import TogetherConfig
-from epochwise.config.train import HyperParams, TrainConfig
-
 if TYPE_CHECKING:
+    from epochwise.config.data import DataConfig, RecordMapping
+    from epochwise.config.deploy import DeployConfig
+    from epochwise.config.evaluate import EvaluateConfig
+    from epochwise.config.harmony import HarmonyConfig
+    from epochwise.config.local import LocalConfig
+    from epochwise.config.ops import OpsConfig
     from epochwise.config.settings import Settings, deep_merge, load_settings
+    from epochwise.config.together import TogetherConfig
+    from epochwise.config.train import HyperParams, TrainConfig
 
 __all__ = [
     "DataConfig",
@@ -41,17 +40,37 @@ __all__ = [
     "load_settings",
 ]
 
-# The sections of `Settings`, by name (the help of the CLI reads field defaults here, without Settings).
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "train": TrainConfig,
-    "local": LocalConfig,
-    "together": TogetherConfig,
-    "deploy": DeployConfig,
-    "harmony": HarmonyConfig,
-    "ops": OpsConfig,
-    "evaluate": EvaluateConfig,
-}
+
+def _sections() -> dict[str, Any]:
+    """The section models, and `SECTIONS`: the sections of `Settings` by name (the CLI reads field
+    defaults here, without Settings).
+
+    Loaded on first use, not when the package is: ``epochwise validate`` reads only
+    ``epochwise.config.data``, and importing the other sections cost a tenth of its start-up
+    (bench/cli_start.py)."""
+    from epochwise.config.data import DataConfig, RecordMapping
+    from epochwise.config.deploy import DeployConfig
+    from epochwise.config.evaluate import EvaluateConfig
+    from epochwise.config.harmony import HarmonyConfig
+    from epochwise.config.local import LocalConfig
+    from epochwise.config.ops import OpsConfig
+    from epochwise.config.together import TogetherConfig
+    from epochwise.config.train import HyperParams, TrainConfig
+
+    sections: dict[str, type] = {
+        "data": DataConfig,
+        "train": TrainConfig,
+        "local": LocalConfig,
+        "together": TogetherConfig,
+        "deploy": DeployConfig,
+        "harmony": HarmonyConfig,
+        "ops": OpsConfig,
+        "evaluate": EvaluateConfig,
+    }
+    return {model.__name__: model for model in (*sections.values(), RecordMapping, HyperParams)} | {
+        "SECTIONS": sections
+    }
+
 
 _LAZY = ("Settings", "deep_merge", "load_settings")
 
@@ -62,4 +81,7 @@ def __getattr__(name: str) -> Any:
         from epochwise.config import settings
 
         return getattr(settings, name)
+    if name in __all__:
+        globals().update(_sections())
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

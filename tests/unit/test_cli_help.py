@@ -116,8 +116,8 @@ def test_sections_are_the_settings_sections():
 
 
 def test_starting_the_cli_imports_no_heavy_package():
-    """``epochwise --help`` and the command table load neither Prefect, together, torch, pyarrow nor
-    pydantic-settings: each command imports what it needs when it runs (speed itself lives in bench/)."""
+    """``epochwise --help`` and the command table load neither Prefect, together, torch, pyarrow nor pydantic
+    (option help comes from the generated table): each command imports what it needs when it runs (speed in bench/)."""
     import subprocess
     import sys
 
@@ -125,8 +125,34 @@ def test_starting_the_cli_imports_no_heavy_package():
         "import sys; sys.argv = ['epochwise', '--help']\n"
         "from epochwise.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = ('prefect', 'together', 'torch', 'pyarrow', 'transformers', 'wandb', 'pydantic_settings', 'blocks')\n"
+        "heavy = ('prefect', 'together', 'torch', 'pyarrow', 'transformers', 'wandb', 'pydantic', 'blocks')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_the_generated_help_table_is_current_and_used():
+    """``--help`` reads option help from epochwise/cli/_help_fields.py (no pydantic import); that table must
+    be what the config models give today (regenerate: ``python -m epochwise.cli.help_table``)."""
+    from epochwise.cli import _help_fields, help_table
+    from epochwise.cli.common import _help_fields as loaded
+
+    assert _help_fields.DIGEST == help_table.config_digest(), "run: python -m epochwise.cli.help_table"
+    assert help_table.TABLE.read_text(encoding="utf-8") == help_table.render()
+    assert loaded() is _help_fields.FIELDS
+    assert "train.hyper.learning_rate" in _help_fields.FIELDS
+
+
+def test_field_help_reads_the_models_when_the_table_is_stale(monkeypatch):
+    """A table built from other config sources is ignored: the help is read off the models, never stale."""
+    from epochwise.cli import _help_fields, common
+
+    stale = {path: ("stale text", "stale") for path in _help_fields.FIELDS}
+    monkeypatch.setattr(_help_fields, "FIELDS", stale)
+    monkeypatch.setattr(_help_fields, "DIGEST", "00000000")
+    monkeypatch.setattr(common, "_HELP_FIELDS", None)
+    text = common.field_help("train.hyper.learning_rate")
+    assert "stale" not in text
+    assert text == f"{real_description('train.hyper.learning_rate')} (default: {real_default('train.hyper.learning_rate')!r}; train.hyper.learning_rate)"
+    monkeypatch.setattr(common, "_HELP_FIELDS", None)

@@ -1,0 +1,123 @@
+"""`validate_file` reads a file in chunks and accepts chunks of plain conversation rows in bulk; every
+file must still get exactly the problems a line-by-line check gives (the algorithm it replaced, written
+out here from the public pieces: `jsonl_lines`, `parse_json_object`, `validate_rows`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import epochwise.validate as validate
+from epochwise.io import jsonl_lines
+from epochwise.problems import Problem, display_path
+from epochwise.records import parse_json_object
+from epochwise.validate import validate_file, validate_rows
+
+
+def line_by_line(path: Path, max_line_bytes: int) -> list[Problem]:
+    shown = display_path(path)
+    problems: list[Problem] = []
+    rows = []
+    with open(path, "rb") as handle:
+        for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
+            row, reason = parse_json_object(raw)
+            if reason is not None:
+                problems.append(Problem(shown, number, reason))
+            else:
+                rows.append((number, row))
+    issues, count, _ = validate_rows(shown, rows)
+    problems += issues
+    if count == 0 and not problems:
+        problems.append(Problem(shown, None, "file is empty: at least 1 sample is needed"))
+    return sorted(problems, key=lambda p: p.line or 0)
+
+
+def msg(role: object, content: object = "x") -> dict:
+    return {"role": role, "content": content}
+
+
+GOOD = [
+    {"messages": [msg("user"), msg("assistant")]},
+    {"messages": [msg("system"), msg("user"), msg("assistant"), msg("user"), msg("assistant")]},
+    {"messages": [msg("user"), msg("assistant"), msg("tool"), msg("assistant")]},
+]
+BAD = [
+    {"messages": [msg("assistant"), msg("user")]},
+    {"messages": [msg("user"), msg("user"), msg("assistant")]},
+    {"messages": [msg("user")]},
+    {"messages": []},
+    {"messages": [msg("user"), msg("bot")]},
+    {"messages": [msg("user"), msg("assistant", 3)]},
+    {"messages": [msg("user"), {"role": "assistant"}]},
+    {"messages": [msg("user"), {"role": "assistant", "content": "a", "weight": 2}]},
+    {"messages": [msg("user"), msg("assistant")], "tools": 3},
+    {"messages": [msg("user"), msg(["x"])]},
+    {"messages": [msg("user"), msg(None)]},
+    {"messages": [msg("user"), [1, 2]]},
+    {"messages": "hi"},
+    {"prompt": "a", "completion": "b"},
+    {"text": "t"},
+    {"messages": [msg("user"), msg("assistant")], "text": "x"},
+]
+RAW = [b"", b"  ", b"[1]", b"nope", b"\xff\xfe", b'{"messages": [', b"\r", b"null", b'{"text": "' + b"y" * 400 + b'"}']
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_validation_matches_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "train.jsonl"
+    for case in range(60):
+
+        def line() -> bytes:
+            x = rng.random()
+            if x < 0.8:
+                return json.dumps(rng.choice(GOOD)).encode() + (b"\r" if rng.random() < 0.05 else b"")
+            return json.dumps(rng.choice(BAD)).encode() if x < 0.93 else rng.choice(RAW)
+
+        data = b"\n".join(line() for _ in range(rng.choice([0, 1, 3, 40, 200])))
+        path.write_bytes(data + (b"\n" if data and rng.random() < 0.7 else b""))
+        monkeypatch.setattr(validate, "CHUNK_BYTES", rng.choice([1, 50, 300, 4096, 2**20]))
+        limit = rng.choice([150, 300, 10**6])
+        assert validate_file(path, run_together_check=False, max_line_bytes=limit) == line_by_line(path, limit), case
+
+
+def test_rows_split_across_lines_are_never_read_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two halves of a row on two lines, and two rows on a third: as a chunk they would parse as three
+    rows; each line is judged on its own instead."""
+    row = json.dumps(GOOD[0])
+    half = row.index('{"role": "assistant"')
+    path = tmp_path / "train.jsonl"
+    path.write_text(f"{row[:half]}\n{row[half:]}\n{row}]], [[{row}\n{row}\n", encoding="utf-8")
+    problems = validate_file(path, run_together_check=False)
+    assert problems == line_by_line(path, 10**6)
+    assert [p.line for p in problems] == [1, 2, 3]
+
+
+def test_a_giant_line_between_plain_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validate, "CHUNK_BYTES", 256)
+    good = json.dumps(GOOD[1])
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([good] * 5 + ['{"text": "' + "z" * 5000 + '"}'] + [good] * 5) + "\n", encoding="utf-8")
+    assert [(p.line, p.reason) for p in validate_file(path, run_together_check=False, max_line_bytes=1000)] == [
+        (6, "line is 5013 bytes, over the limit of 1000")
+    ]
+
+
+def test_another_format_after_plain_chunks_names_the_first_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validate, "CHUNK_BYTES", 128)
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps(GOOD[0])] * 20 + ['{"text": "t"}']) + "\n", encoding="utf-8")
+    assert [str(p) for p in validate_file(path, run_together_check=False)] == [
+        f"{display_path(path)}:21: general row in a conversation file (line 1); one format per file"
+    ]
+
+
+def test_plain_chunks_are_accepted_in_bulk_and_others_are_not() -> None:
+    plain = "\n".join(json.dumps(row) for row in GOOD)
+    assert validate._plain_conversations(bytearray(plain.encode() + b"\n"), 10**6) == 3
+    assert validate._plain_conversations(bytearray(plain.encode()), 10**6) == 3  # no final newline
+    for other in (*BAD, GOOD[0] | {"tools": []}):
+        assert validate._plain_conversations(bytearray(f"{plain}\n{json.dumps(other)}\n".encode()), 10**6) is None
