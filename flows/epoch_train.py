@@ -10,7 +10,9 @@ Steps:
    ``from_checkpoint`` = job of epoch k-1) -> wait (one polling task) -> losses;
    local: ``train_local_epoch``, continuing from the previous adapter;
 3. after each epoch: the ``<fold>-epochs`` table and the ``<fold>-progress`` artifacts; stop early when
-   the validation loss stopped improving (``stop_when_val_worsens``).
+   the validation loss stopped improving (``stop_when_val_worsens``). A sweep's trial (``trial``, see
+   `flows.sweep`) reports each epoch to its sweep instead, whose pruner may stop the chain before the
+   next epoch is submitted; its tables are its own (``<fold>-<sweep>-t<n>-epochs``), not the fold's.
 
 Resume rule: an epoch is done when its launch committed with a completed job (Prefect cache record keyed
 on fold hashes, base model, epoch, hyper-parameters and parent). A rerun skips done epochs without any
@@ -26,6 +28,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from epochwise.artifacts import artifact_key
 from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
@@ -34,10 +37,12 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
+from epochwise.sweep import TrialLink
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.methods import TrainContext, training_method
 from tasks.report import publish_report
+from tasks.sweep import keep_training
 from tasks.together import resolve_backend
 
 
@@ -50,13 +55,14 @@ def epoch_train(
     harmony: HarmonyConfig = HarmonyConfig(),
     ops: OpsConfig = OpsConfig(),
     data: DataConfig = DataConfig(),
+    trial: TrialLink | None = None,
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
     ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
-    name = ctx.fold.name
+    name = ctx.fold.name if trial is None else trial.label
     method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
     validate_files(ctx.fold.jsonl, data.max_line_bytes)
-    progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
+    progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     method.prepare(ctx)
     records = ctx.records
     for epoch in range(1, train.epochs + 1):
@@ -66,9 +72,13 @@ def epoch_train(
             break
         records.append(record)
         publish_epochs(name, records)
-        publish_report(fold, records, train, together, ctx.uploads, ops)
+        if trial is None:  # a sweep draws one picture of all its trials
+            publish_report(fold, records, train, together, ctx.uploads, ops)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
+        if trial is not None and not keep_training(trial, record, train.epochs):
+            print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
+            break
         if val_stalled(records, train.stop_when_val_worsens):
             print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
             break

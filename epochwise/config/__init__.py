@@ -18,6 +18,7 @@ from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
+from epochwise.config.sweep import SweepConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
 
@@ -35,6 +36,7 @@ __all__ = [
     "RecordMapping",
     "SECTIONS",
     "Settings",
+    "SweepConfig",
     "TogetherConfig",
     "TrainConfig",
     "deep_merge",
@@ -51,6 +53,7 @@ SECTIONS: dict[str, type] = {
     "harmony": HarmonyConfig,
     "ops": OpsConfig,
     "evaluate": EvaluateConfig,
+    "sweep": SweepConfig,
 }
 
 _LAZY = ("Settings", "deep_merge", "load_settings")
