@@ -28,12 +28,12 @@ chain leaves its trial RUNNING (the rerun retries it) and fails the sweep after 
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect import flow
 
 from epochwise import sweep as sw
 from epochwise.config.data import DataConfig
@@ -120,38 +120,44 @@ def sweep(
 
 def _run_trials(ref: SweepRef, resume: list[int], parallel: int, limit: str, estimate: float | None,
                 *sections: Any) -> dict[int, str]:
-    """Resume unfinished trials, then ask for new ones while there is room, the count and the budget."""
+    """Resume unfinished trials, then ask for new ones while there is room, the count and the budget.
+
+    Each trial's chain runs in a thread of its own as a subflow of this run (the context copied, as
+    Prefect's thread pool task runner does), not inside a task: a task's transaction would hold back
+    the commits (and upload locks) of every task of the chain until the whole chain ended.
+    """
     started = len(ref.open().trials())
-    active: dict[int, Any] = {}
+    active: dict[Future, int] = {}
     states: dict[int, str] = {}
     budget_stop = False
-    while True:
-        while len(active) < parallel and (resume or (started < ref.cfg.trials and not budget_stop)):
-            if resume:
-                number = resume.pop(0)
-            else:
-                number = admit_trial(ref, estimate)
-                if number is None:  # the next chain would not fit in the budget
-                    budget_stop = True
-                    break
-                started += 1
-            active[number] = run_trial.submit(ref, number, limit, estimate, *sections)
-        if not active:
-            return states
-        done = next(iter(as_completed(list(active.values()))))
-        number = next(n for n, f in active.items() if f is done)
-        del active[number]
-        try:
-            states[number] = done.result()
-        except Exception as exc:  # the chain failed: its trial stays RUNNING for the next run
-            states[number] = f"failed: {exc}"
-        budget_stop = False  # a finished trial may have left room (a pruned chain spends less)
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trial") as pool:
+        while True:
+            while len(active) < parallel and (resume or (started < ref.cfg.trials and not budget_stop)):
+                if resume:
+                    number = resume.pop(0)
+                else:
+                    number = admit_trial(ref, estimate)
+                    if number is None:  # the next chain would not fit in the budget
+                        budget_stop = True
+                        break
+                    started += 1
+                args = (ref, number, limit, estimate, *sections)
+                active[pool.submit(contextvars.copy_context().run, _trial, *args)] = number
+            if not active:
+                return states
+            done, _ = wait(active, return_when=FIRST_COMPLETED)
+            for future in done:
+                number = active.pop(future)
+                try:
+                    states[number] = future.result()
+                except Exception as exc:  # the chain failed: its trial stays RUNNING for the next run
+                    states[number] = f"failed: {exc}"
+            budget_stop = False  # a finished trial may have left room (a pruned chain spends less)
 
 
-@task(cache_policy=NO_CACHE, task_run_name="trial-{number}")
-def run_trial(ref: SweepRef, number: int, limit: str, estimate: float | None, train: TrainConfig,
-              together: TogetherConfig, local: LocalConfig, harmony: HarmonyConfig, ops: OpsConfig,
-              data: DataConfig) -> str:
+def _trial(ref: SweepRef, number: int, limit: str, estimate: float | None, train: TrainConfig,
+           together: TogetherConfig, local: LocalConfig, harmony: HarmonyConfig, ops: OpsConfig,
+           data: DataConfig) -> str:
     """One trial: its settings, one slot of the sweep's limit, its epoch chain as a subflow."""
     trial_train, trial_local = trial_settings(ref, number, train, local, estimate)
     link = ref.link(number)
