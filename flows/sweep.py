@@ -23,7 +23,7 @@ suffix) and takes the pruning decisions already recorded, so it creates no dupli
 chain leaves its trial RUNNING (the rerun retries it) and fails the sweep after the other trials.
 
     epochwise sweep folds/games --space sweep.yaml --trials 6 --budget 20
-    prefect deployment run sweep/games --param space=/srv/folds/games/sweep.yaml
+    prefect deployment run sweep/games           # the space in <fold>/sweep.yaml; --param space=... for another
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from tasks.sweep import (
 )
 from tasks.together import resolve_backend
 
+SPACE_FILE = "sweep.yaml"  # the search space the `sweep/<fold>` deployment reads from the fold by default
 SWEEP_LOCK_WAIT_S = 10.0  # a second run of the same sweep fails after this, instead of training twice
 
 

@@ -18,9 +18,10 @@ from prefect.artifacts import Artifact
 
 from epochwise import sweep as sw
 from epochwise.config.sweep import SweepConfig
+from flows.deploy_epoch import deploy_epoch
 from flows.sweep import sweep
 from tests.fake_together.server import FakeTogether
-from tests.helpers import FAST, REPO, make_fold, train_cfg
+from tests.helpers import DEPLOY, FAST, REPO, make_fold, train_cfg
 
 RATES = [1e-4, 3e-4, 3e-5, 1e-3, 1e-5, 5e-5]
 SPACE = {"train.hyper.learning_rate": RATES, "train.epochs": 3}
@@ -71,6 +72,15 @@ def test_median_pruner_stops_bad_chains_before_their_next_job(fake_together, tmp
     assert (fold / "sweeps" / "lr" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     plot = Artifact.get("swp-sweep-plot").data
     assert "data:image/png;base64," in plot
+
+    # deploy: `--epoch best` is the sweep's best (the fold has no chain of its own), `--trial T --epoch N` one epoch
+    deploy_epoch(str(fold), "best", deploy=DEPLOY, together=FAST)
+    deployed = [d["model"] for d in fake_together.state.deployments.values()]
+    assert deployed == [f"projects/proj_1/models/ml_{result['best']['job_id']}"]
+    loser = next(t for t in trials if t.number == pruned[0])
+    deploy_epoch(str(fold), 1, trial=loser.number, deploy=DEPLOY, together=FAST)
+    job = sw.trial_epochs(loser, "swp")[0].job_id
+    assert [d["model"] for d in fake_together.state.deployments.values()][-1] == f"projects/proj_1/models/ml_{job}"
 
 
 def test_budget_admits_no_trial_whose_chain_would_exceed_it(fake_together, tmp_path):
