@@ -11,6 +11,7 @@ installed ``epochwise`` distribution (a virtual environment or the docker image)
 |------------------------------|---------------------------------|----------------------------------------|
 | ``epoch-train/<fold>``       | ``fold`` = that fold's path     | nightly cron, active for ``per-fold``; one run at a time |
 | ``epoch-train/any-fold``     | pass ``--param fold=...``       | none                                   |
+| ``sweep/<fold>``             | ``fold``, ``space`` = ``<fold>/sweep.yaml`` | none; one run at a time    |
 | ``nightly-folds/nightly``    | ``folds_root``                  | nightly cron, active for ``nightly-folds`` |
 | ``prepare-fold/any``         | ``records``, ``fold``           | none                                   |
 | ``deploy-epoch/any-fold``    | pass ``--param fold=...``       | none                                   |
@@ -45,6 +46,7 @@ from flows.evaluate_epochs import evaluate_epochs
 from flows.job_reaper import job_reaper
 from flows.nightly_folds import nightly_folds
 from flows.prepare_fold import prepare_fold
+from flows.sweep import SPACE_FILE, sweep
 
 
 @dataclass
@@ -103,6 +105,17 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
                 f"Train the fold {fold} epoch by epoch (nightly: {ops.cron} {ops.timezone}).",
                 parameters={"fold": str(fold)},
                 schedules=nightly(ops.cron, ops.schedule == "per-fold"),
+                tags=[TAG, f"fold:{fold.name}"],
+                concurrency_limit=one_at_a_time(),
+            )
+        )
+    for fold in folds:
+        plan.deployments.append(
+            deployment(
+                sweep,
+                fold.name,
+                f"Sweep the fold {fold} over {fold / SPACE_FILE} (or --param space=...; --param sweep='{{\"trials\": 6}}').",
+                parameters={"fold": str(fold), "space": str(fold / SPACE_FILE)},
                 tags=[TAG, f"fold:{fold.name}"],
                 concurrency_limit=one_at_a_time(),
             )

@@ -2,7 +2,8 @@
 
 Steps:
 1. pick the epoch: ``best`` (lowest validation loss in the fold's ``<fold>-epochs`` records; without
-   them, the local epochs on disk or Together's job list), epoch ``N``, or a given ``job_id``;
+   them, the local epochs on disk or Together's job list; when the fold has a sweep, its trials' epochs
+   compete too), epoch ``N``, a sweep trial's epoch (``trial``, ``sweep``), or a given ``job_id``;
    a local epoch is exported as a merged model and smoke-tested by generating locally instead;
 2. in one transaction: deploy the job's model on the endpoint ``ew-<fold>-e<k>`` (endpoint and
    deployment reused when Together lists them; hardware from the model's deploy configs; autoscaling
@@ -17,6 +18,7 @@ Steps:
 Running it again for the same epoch creates nothing: the same endpoint and deployment are found.
 
     epochwise deploy folds/games --epoch best
+    epochwise deploy folds/games --trial 3 --epoch 2      # one epoch of one trial of the latest sweep
     prefect deployment run deploy-epoch/any-fold --param fold=/srv/folds/games --param epoch=3
 """
 
@@ -49,10 +51,13 @@ def deploy_epoch(
     job_id: str | None = None,
     deploy: DeployConfig = DeployConfig(),
     together: TogetherConfig = TogetherConfig(),
+    trial: int | None = None,
+    sweep: str | None = None,
 ) -> dict[str, str]:
-    """Deploy ``epoch`` (``best`` or a number) of ``fold`` (its directory or name); returns its table row."""
+    """Deploy ``epoch`` (``best`` or a number) of ``fold`` (its directory or name), or of its sweep's
+    ``trial``; returns its table row."""
     name = Fold.of(fold).name
-    record = pick_epoch(fold, epoch, job_id, together)
+    record = pick_epoch(fold, epoch, job_id, together, trial, sweep)
     print(f"deploying {name} epoch {record.epoch} ({record.job_id or record.model}, val loss {record.val_loss})")
     if record.backend == "local":
         row = deploy_local(fold, record, deploy)

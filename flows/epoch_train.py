@@ -10,7 +10,9 @@ Steps:
    ``from_checkpoint`` = job of epoch k-1) -> wait (one polling task) -> losses;
    local: ``train_local_epoch``, continuing from the previous adapter;
 3. after each epoch: the ``<fold>-epochs`` table and the ``<fold>-progress`` artifacts; stop early when
-   the validation loss stopped improving (``stop_when_val_worsens``).
+   the validation loss stopped improving (``stop_when_val_worsens``). A sweep's trial (``trial``, see
+   `flows.sweep`) reports each epoch to its sweep instead, whose pruner may stop the chain before the
+   next epoch is submitted; its tables are its own (``<fold>-<sweep>-t<n>-epochs``), not the fold's.
 
 Switching method: a run of another method than the fold's recorded epochs (``--method dpo`` after
 three SFT epochs) keeps those epochs as the ``<fold>-epochs`` table recorded them and trains epochs 4..N
@@ -31,6 +33,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from epochwise.artifacts import artifact_key
 from epochwise.config.data import DataConfig
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
@@ -39,10 +42,12 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
+from epochwise.sweep import TrialLink
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.methods import TrainContext, earlier_epochs, training_method
 from tasks.report import publish_report
+from tasks.sweep import keep_training
 from tasks.together import resolve_backend
 
 
@@ -55,10 +60,11 @@ def epoch_train(
     harmony: HarmonyConfig = HarmonyConfig(),
     ops: OpsConfig = OpsConfig(),
     data: DataConfig = DataConfig(),
+    trial: TrialLink | None = None,
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
     ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
-    name = ctx.fold.name
+    name = ctx.fold.name if trial is None else trial.label
     backend = resolve_backend(train.backend, together)
     method = training_method(ctx, backend)  # Together: the key first
     validate_files(ctx.fold.jsonl_for(train.method), data.max_line_bytes, train.method)
@@ -66,7 +72,7 @@ def epoch_train(
     if len(ctx.records) >= train.epochs:
         print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
         return ctx.records
-    progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
+    progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
     method.prepare(ctx)
     records = ctx.records
     for epoch in range(len(records) + 1, train.epochs + 1):
@@ -76,9 +82,13 @@ def epoch_train(
             break
         records.append(record)
         publish_epochs(name, records)
-        publish_report(fold, records, train, together, ctx.uploads, ops)
+        if trial is None:  # a sweep draws one picture of all its trials
+            publish_report(fold, records, train, together, ctx.uploads, ops)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
         print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
+        if trial is not None and not keep_training(trial, record, train.epochs):
+            print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
+            break
         if val_stalled(records, train.stop_when_val_worsens):
             print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
             break

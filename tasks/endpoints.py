@@ -103,9 +103,18 @@ def read_evaluation_rows(fold: str) -> list[dict[str, Any]]:
 
 
 @task(cache_policy=NO_CACHE)
-def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig) -> EpochRecord:
+def pick_epoch(
+    fold: str, epoch: str | int, job_id: str | None, together: TogetherConfig, trial: int | None = None,
+    sweep: str | None = None,
+) -> EpochRecord:
     """The epoch to deploy: ``best``/``best-eval``/``N`` from the fold's records, or the given job (its epoch from its
-    ``ew-<fold>-e<k>-...`` suffix, or ``N``)."""
+    ``ew-<fold>-e<k>-...`` suffix, or ``N``). With ``trial`` (or ``sweep``): that sweep trial's epoch ``N`` or
+    best (`epochwise.sweep`). ``best`` alone is the lowest validation loss over the fold's own epochs and
+    every epoch of every trial of its latest sweep, when it has one."""
+    if job_id is None and (trial is not None or sweep is not None or str(epoch).lower() == "best"):
+        picked = _pick_sweep_epoch(fold, epoch, trial, sweep)
+        if picked is not None:
+            return picked
     if job_id is None:
         if str(epoch).lower() == "best-eval":  # the best mean score over eval folds (`epochwise evaluate`)
             from epochwise.evaluate import best_eval_epoch
@@ -121,6 +130,36 @@ def pick_epoch(fold: str, epoch: str | int, job_id: str | None, together: Togeth
         raise ea.EndpointFailure(f"job {job_id} is not an epoch of {name} (suffix {job.suffix!r}); pass --epoch N")
     return EpochRecord(fold=name, epoch=number, backend="together", status=job.status, job_id=job_id,
                        model=job.model_output_name)
+
+
+def _pick_sweep_epoch(fold: str, epoch: str | int, trial: int | None, sweep: str | None) -> EpochRecord | None:
+    """A sweep's epoch (``--trial``/``--sweep``), or for plain ``best`` the better of the fold's own best
+    and its latest sweep's best; None when ``best`` finds no sweep (the fold's own records decide)."""
+    from epochwise import sweep as sw
+    from epochwise.epochs import EpochChoiceError, best_epoch
+
+    name = Fold.of(fold).name
+    loaded = sw.load_trials(fold, sweep)
+    if loaded is None:
+        if trial is None and sweep is None:
+            return None
+        known = ", ".join(sw.sweep_names(fold)) or "none"
+        raise EpochChoiceError(f"{name} has no sweep {sweep or ''} (sweeps: {known}); run `epochwise sweep` first")
+    study, trials = loaded
+    found = sw.candidates(trials, name)
+    log = get_run_logger()
+    if trial is not None or sweep is not None:
+        chosen = sw.choose_trial_epoch(found, trial, epoch)
+        log.info(f"sweep {study}: trial {chosen.trial} epoch {chosen.record.epoch} (val loss {chosen.record.val_loss})")
+        return chosen.record
+    best = sw.best_trial_epoch(found)
+    rows = read_epochs(name)
+    own = best_epoch(records_from_table(name, rows)) if rows else None
+    if best is None or (own is not None and own.val_loss is not None and own.val_loss <= (best.record.val_loss or 0)):
+        return None  # the fold's own chain holds the best epoch
+    log.info(f"best: sweep {study} trial {best.trial} epoch {best.record.epoch} (val loss {best.record.val_loss})"
+             + ("" if own is None else f"; the fold's own best epoch {own.epoch} has val loss {own.val_loss}"))
+    return best.record
 
 
 @task(cache_policy=NO_CACHE)

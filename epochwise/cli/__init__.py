@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from epochwise.cli import common, config, convert, data, deploy, evaluate, local, ops, train
+from epochwise.cli import common, config, convert, data, deploy, evaluate, local, ops, sweep, train
 
 app = typer.Typer(
     name="epochwise",
@@ -16,7 +16,7 @@ app = typer.Typer(
 
 app.command()(data.prepare)
 app.command()(data.validate)
-for module in (convert, train, local, deploy, ops, evaluate, config):
+for module in (convert, train, sweep, local, deploy, ops, evaluate, config):
     module.register(app)
 common.APP = app  # for flag names in config errors
 

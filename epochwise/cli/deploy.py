@@ -1,6 +1,7 @@
 """``epochwise deploy`` and ``epochwise endpoints``: serve an epoch, show, stop and reap endpoints.
 
-    epochwise deploy folds/games --epoch best        # or --epoch 3, or --job-id ft-...
+    epochwise deploy folds/games --epoch best        # or --epoch 3, or --job-id ft-...; best includes sweeps
+    epochwise deploy folds/games --trial 3 --epoch 2 # an epoch of a trial of the fold's latest sweep
     epochwise endpoints folds/games                  # state of this fold's endpoints
     epochwise endpoints folds/games --stop           # scale them to zero replicas
     epochwise endpoints folds/games --stop --deployment me/ew-games-e2/d-ml-...   # only that one
@@ -67,6 +68,8 @@ def deploy(
     fold: Path = typer.Argument(..., help="Fold directory (or name) whose epoch to deploy."),
     epoch: str = typer.Option("best", "--epoch", help="'best' (lowest validation loss), 'best-eval' (best `epochwise evaluate` mean) or an epoch number."),
     job_id: str = typer.Option(None, "--job-id", help="Deploy this Together job's model instead of a recorded epoch."),
+    trial: int = typer.Option(None, "--trial", help="A trial of the fold's sweep (with --epoch N or best)."),
+    sweep: str = typer.Option(None, "--sweep", help="Which sweep of the fold --trial is in (default: the latest)."),
     hardware: str = typer.Option(None, "--hardware", help=field_help("deploy.hardware")),
     min_replicas: int = typer.Option(None, "--min-replicas", help=field_help("deploy.min_replicas")),
     max_replicas: int = typer.Option(None, "--max-replicas", help=field_help("deploy.max_replicas")),
@@ -81,7 +84,7 @@ def deploy(
     from flows.deploy_epoch import deploy_epoch
 
     with _deploy_errors():
-        state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, return_state=True)
+        state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, trial, sweep, return_state=True)
         row = state.result()
     if row["state"] == "EXPORTED":  # local backend: a merged model on disk, smoke-tested locally
         console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}", soft_wrap=True)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from epochwise.config.local import LocalConfig
     from epochwise.config.ops import OpsConfig
     from epochwise.config.settings import Settings, deep_merge, load_settings
+    from epochwise.config.sweep import SweepConfig
     from epochwise.config.together import TogetherConfig
     from epochwise.config.train import HyperParams, TrainConfig
 
@@ -34,6 +35,7 @@ __all__ = [
     "RecordMapping",
     "SECTIONS",
     "Settings",
+    "SweepConfig",
     "TogetherConfig",
     "TrainConfig",
     "deep_merge",
@@ -54,6 +56,7 @@ def _sections() -> dict[str, Any]:
     from epochwise.config.harmony import HarmonyConfig
     from epochwise.config.local import LocalConfig
     from epochwise.config.ops import OpsConfig
+    from epochwise.config.sweep import SweepConfig
     from epochwise.config.together import TogetherConfig
     from epochwise.config.train import HyperParams, TrainConfig
 
@@ -66,6 +69,7 @@ def _sections() -> dict[str, Any]:
         "harmony": HarmonyConfig,
         "ops": OpsConfig,
         "evaluate": EvaluateConfig,
+        "sweep": SweepConfig,
     }
     return {model.__name__: model for model in (*sections.values(), RecordMapping, HyperParams)} | {
         "SECTIONS": sections

@@ -26,6 +26,7 @@ from epochwise.config.harmony import HarmonyConfig
 from epochwise.config.local import LocalConfig
 from epochwise.config.ops import OpsConfig
 from epochwise.config.presets import read_yaml
+from epochwise.config.sweep import SweepConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
     harmony: HarmonyConfig = Field(default_factory=HarmonyConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @classmethod
     def settings_customise_sources(

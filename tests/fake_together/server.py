@@ -124,6 +124,8 @@ class Script:
     failures: list[JobFailure] = field(default_factory=list)
     # Loss per chain depth (1 = job on the base model): (train loss, validation loss).
     losses: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Loss of one job from its create body and chain depth, e.g. by learning rate (sweeps); overrides losses.
+    loss_for: Callable[[dict[str, Any], int], tuple[float, float]] | None = None
     create_then_500: int = 0  # POST /v1/fine-tunes calls that create the job but answer 500 (lost reply)
     # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
     # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
@@ -907,7 +909,8 @@ def jobs_metrics(fake: FakeTogether, p: dict[str, str], _: Request):
     job = _job(fake, p["id"])
     if job.status not in ("compressing", "uploading", "completed"):
         return 200, {"metrics": []}
-    train, val = fake.script.loss_at(job.depth)
+    loss_for = fake.script.loss_for
+    train, val = loss_for(job.request, job.depth) if loss_for else fake.script.loss_at(job.depth)
     rows: list[dict[str, float]] = [
         {"train/global_step": float(step), "train/loss": round(train + 0.05 * (10 - step), 4)} for step in range(1, 11)
     ]

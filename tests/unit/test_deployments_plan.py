@@ -14,7 +14,7 @@ from epochwise.cli import app
 from epochwise.config import load_settings
 from epochwise.fold import discover_folds
 
-ALL = {"epoch-train/games", "epoch-train/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
+ALL = {"epoch-train/games", "epoch-train/chess", "sweep/games", "sweep/chess", "epoch-train/any-fold", "nightly-folds/nightly", "prepare-fold/any",
        "deploy-epoch/any-fold", "evaluate-epochs/any-fold", "endpoint-reaper/hourly", "job-reaper/frequent"}
 
 
@@ -52,6 +52,10 @@ def test_plan_has_one_deployment_per_fold_plus_generic_ones(folds_root: Path):
     assert {"epochwise", "fold:games"} <= set(games.tags)
     assert import_object(games.entrypoint).name == "epoch-train"  # workers import it from the install
     assert plan["epoch-train/any-fold"].parameters == {}
+    sweep = plan["sweep/games"]
+    assert sweep.parameters == {"fold": str(folds_root.resolve() / "games"),
+                                "space": str(folds_root.resolve() / "games" / "sweep.yaml")}
+    assert sweep.concurrency_limit == 1 and import_object(sweep.entrypoint).name == "sweep"
     assert plan["nightly-folds/nightly"].parameters == {"folds_root": str(folds_root.resolve()),
                                                         "limit": "nightly-folds"}
 
