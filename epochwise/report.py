@@ -12,8 +12,10 @@ name -> endpoint (when deployed).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from epochwise.epochs import EpochRecord, epoch_table
@@ -22,6 +24,9 @@ from epochwise.io import atomic_write_bytes
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 PICTURE_FILE = "loss.png"
+# What the files in report/ were drawn from (`ReportState`): a rerun that would draw the same report,
+# or an older part of it, leaves them alone instead of rendering the picture again.
+STATE_FILE = ".report.json"
 
 
 @dataclass
@@ -193,3 +198,61 @@ def write_report(fold_dir: Path | str, markdown: str, png: bytes) -> Path:
     atomic_write_bytes(out / PICTURE_FILE, png)
     atomic_write_bytes(out / REPORT_FILE, markdown.encode("utf-8"))
     return out / REPORT_FILE
+
+
+@dataclass(frozen=True)
+class ReportState:
+    """What ``report/`` holds: the inputs' key, the epochs drawn (epoch -> model) and the files' sha256."""
+
+    key: str
+    context: str  # settings, hyper-parameters and files: a report of other ones is another report
+    epochs: dict[str, str]
+    markdown_sha256: str
+    picture_sha256: str
+
+
+def report_state(markdown: str, curves: dict[int, EpochCurve], records: list[EpochRecord], context: object) -> dict:
+    """The key material of one report: its file markdown, its curves and the epochs it shows."""
+    material = json.dumps({"markdown": markdown, "curves": {k: asdict(c) for k, c in sorted(curves.items())}})
+    return {
+        "key": hashlib.sha256(material.encode()).hexdigest(),
+        "context": hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest(),
+        "epochs": {str(r.epoch): r.model or r.job_id or "" for r in records if r.status == "completed"},
+    }
+
+
+def read_report_state(fold_dir: Path | str) -> ReportState | None:
+    """The state of ``<fold>/report/`` when its files are still the ones it describes, else None."""
+    out = Path(fold_dir) / REPORT_DIR
+    try:
+        state = ReportState(**json.loads((out / STATE_FILE).read_bytes()))
+        intact = (
+            hashlib.sha256((out / REPORT_FILE).read_bytes()).hexdigest() == state.markdown_sha256
+            and hashlib.sha256((out / PICTURE_FILE).read_bytes()).hexdigest() == state.picture_sha256
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if intact else None
+
+
+def already_reported(state: ReportState | None, wanted: dict) -> bool:
+    """Whether ``report/`` already shows this report, or a later one of the same chain (more epochs,
+    the shared ones the same models), so writing ``wanted`` would redraw it or set it back."""
+    if state is None or state.context != wanted["context"]:
+        return False
+    if state.key == wanted["key"]:
+        return True
+    shown, asked = state.epochs, wanted["epochs"]
+    return len(shown) > len(asked) and all(shown.get(epoch) == model for epoch, model in asked.items())
+
+
+def write_report_state(fold_dir: Path | str, wanted: dict, markdown: str, png: bytes) -> None:
+    """Record what `write_report` just wrote (after it, so a crash in between only costs a redraw)."""
+    state = ReportState(
+        key=wanted["key"],
+        context=wanted["context"],
+        epochs=wanted["epochs"],
+        markdown_sha256=hashlib.sha256(markdown.encode("utf-8")).hexdigest(),
+        picture_sha256=hashlib.sha256(png).hexdigest(),
+    )
+    atomic_write_bytes(Path(fold_dir) / REPORT_DIR / STATE_FILE, json.dumps(asdict(state), indent=2).encode())

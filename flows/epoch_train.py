@@ -34,6 +34,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
+from epochwise.io import hashes_once
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.methods import TrainContext, training_method
@@ -52,27 +53,28 @@ def epoch_train(
     data: DataConfig = DataConfig(),
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
-    ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
-    name = ctx.fold.name
-    method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
-    validate_files(ctx.fold.jsonl, data.max_line_bytes)
-    progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
-    method.prepare(ctx)
-    records = ctx.records
-    for epoch in range(1, train.epochs + 1):
-        parent = (records[-1].job_id or records[-1].model) if records else None
-        record = method.run_epoch(ctx, epoch, parent)
-        if record is None:
-            break
-        records.append(record)
-        publish_epochs(name, records)
-        publish_report(fold, records, train, together, ctx.uploads, ops)
-        update_progress_artifact(progress, 100 * epoch / train.epochs)
-        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
-        if val_stalled(records, train.stop_when_val_worsens):
-            print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
-            break
-    return records
+    with hashes_once():  # each fold file is read for its sha256 once in this run, whatever keys need it
+        ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
+        name = ctx.fold.name
+        method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
+        validate_files(ctx.fold.jsonl, data.max_line_bytes)
+        progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
+        method.prepare(ctx)
+        records = ctx.records
+        for epoch in range(1, train.epochs + 1):
+            parent = (records[-1].job_id or records[-1].model) if records else None
+            record = method.run_epoch(ctx, epoch, parent)
+            if record is None:
+                break
+            records.append(record)
+            publish_epochs(name, records)
+            publish_report(fold, records, train, together, ctx.uploads, ops)
+            update_progress_artifact(progress, 100 * epoch / train.epochs)
+            print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
+            if val_stalled(records, train.stop_when_val_worsens):
+                print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
+                break
+        return records
 
 
 def _loss(value: float | None) -> str:

@@ -16,7 +16,7 @@ from epochwise.config.data import MAX_LINE_BYTES, DataConfig
 from epochwise.prepare import PrepareSummary, prepare
 from epochwise.problems import InputError, Problem
 from epochwise.records import SourceRecord, read_records
-from epochwise.validate import validate_file
+from epochwise.validation_record import validate_file_once
 
 
 @task(cache_policy=NO_CACHE)
@@ -36,8 +36,12 @@ def build_fold(records: list[SourceRecord], fold: str, config: DataConfig) -> Pr
 
 @task(cache_policy=NO_CACHE)
 def validate_files(paths: list[str], max_line_bytes: int = MAX_LINE_BYTES) -> list[Problem]:
-    """Validate fine-tuning JSONL files with Together's rules; raises when any problem is found."""
-    problems = [p for path in paths for p in validate_file(path, max_line_bytes=max_line_bytes)]
+    """Validate fine-tuning JSONL files with Together's rules; raises when any problem is found.
+
+    Bytes that already passed (same sha256, validator version and options) are not parsed again
+    (`epochwise.validation_record`).
+    """
+    problems = [p for path in paths for p in validate_file_once(path, max_line_bytes=max_line_bytes)]
     if problems:
         raise InputError(problems)
     return problems
