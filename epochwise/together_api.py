@@ -163,10 +163,13 @@ def upload_file(
     cfg: TogetherConfig,
     purpose: str = "fine-tune",
     log: Callable[[str], None] = print,
+    check: bool = True,
 ) -> RemoteFile:
     """The validated Together file holding ``path``'s bytes: one found in ``files.list()`` (`find_uploaded`),
     else a 3-step presigned upload under `remote_filename`, then a wait for Together's validation.
 
+    ``check``: let the SDK run its ``check_file`` over the bytes before sending them; False when that
+    very check already passed for these bytes (`epochwise.validation_record.together_checked`).
     Raises `TogetherFailure` with Together's validation report on INVALID_FORMAT / FAILED.
     """
     path = Path(path)
@@ -183,7 +186,7 @@ def upload_file(
             os.link(path, named)
         except OSError:
             shutil.copyfile(path, named)
-        uploaded = client.files.upload(named, purpose=purpose, check=True)  # type: ignore[arg-type]
+        uploaded = client.files.upload(named, purpose=purpose, check=check)  # type: ignore[arg-type]
     log(f"uploaded {path.name} ({size} bytes) as {uploaded.id} ({name}); waiting for validation")
     wait_for_file(client, uploaded.id, cfg, label=str(path))
     return RemoteFile(uploaded.id, sha256, purpose, name, size)

@@ -86,6 +86,16 @@ def is_recorded(path: Path | str, sha256: str, max_line_bytes: int, together_che
     return _entry(sha256, max_line_bytes, together_check) in _read(record_path(path))
 
 
+def together_checked(path: Path | str, sha256: str) -> bool:
+    """Whether these bytes passed a validation that included together's ``check_file`` (any line limit),
+    by this validator: the check the SDK would run again before uploading them."""
+    version = validator_version()
+    return any(
+        e.get("sha256") == sha256 and e.get("validator") == version and e.get("together_check") is True
+        for e in _read(record_path(path))
+    )
+
+
 def record_pass(path: Path | str, sha256: str, max_line_bytes: int, together_check: bool = True) -> None:
     """Record that the bytes with ``sha256`` passed; best effort (a read-only fold records nothing)."""
     record = record_path(path)

@@ -42,6 +42,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
+from epochwise.validation_record import together_checked
 from tasks.cancellation import record_job_owner
 from tasks.locks import fold_guard, locks_dir
 
@@ -108,7 +109,10 @@ def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.
     """Upload one fold file and wait for Together's validation; cached on its content. Without a cache
     record (new machine, wiped result storage) the file is first looked for in Together's own list."""
     client = _client(together)
-    return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
+    sha256 = sha256_file(path)
+    # The SDK's own check_file before sending: skipped for bytes it already passed in our validation.
+    check = not together_checked(path, sha256)
+    return api.upload_file(client, path, sha256, together, purpose, log=get_run_logger().info, check=check)
 
 
 @task(cache_policy=NO_CACHE)
