@@ -24,7 +24,9 @@ def test_a_pass_is_recorded_and_reused_for_the_same_bytes(tmp_path: Path, monkey
     assert checked == ["train.jsonl"]
     [entry] = json.loads((fold / RECORD_FILE).read_text())["passed"]
     assert entry["sha256"] == hashlib.sha256((fold / "train.jsonl").read_bytes()).hexdigest()
-    assert entry["validator"] == validator_version() and validator_version().startswith(validate.VALIDATOR_VERSION + "+")
+    assert entry["validator"] == validator_version() and validator_version().startswith(
+        validate.VALIDATOR_VERSION + "+"
+    )
     assert validate_file_once(fold / "train.jsonl") == []
     assert checked == ["train.jsonl"]  # answered from the record: not parsed, not checked again
 
