@@ -97,7 +97,7 @@ class TogetherSFT:
                 launch = api_tagged(launch_epoch_job, ctx.ops)
                 job = launch(spec, self.train_file.id, self.val_file.id, ctx.train, ctx.together, spent)
                 info = wait_for_job(job, ctx.together)
-                return api_tagged(fetch_epoch_metrics, ctx.ops)(job, info, ctx.together)
+                return fetch_epoch_metrics(job, info, ctx.together)
         except BudgetExceeded as stop:
             print(f"stopping before epoch {epoch}: {stop}")
             return None

@@ -28,7 +28,6 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.io import sha256_file
-from tasks.together import api_tagged
 
 
 @task(cache_policy=NO_CACHE)
@@ -46,7 +45,7 @@ def publish_report(
     """
     log = get_run_logger()
     name = Path(fold).name
-    curves = {r.epoch: _curve(r, together, ops, log) for r in records if r.status == "completed"}
+    curves = {r.epoch: _curve(r, together, log) for r in records if r.status == "completed"}
     if uploads:
         files = [rp.FileLineage(u.filename, u.sha256, u.id) for u in uploads]
     else:
@@ -79,7 +78,7 @@ def publish_report(
     return str(path)
 
 
-def _curve(record: EpochRecord, together: TogetherConfig, ops: OpsConfig, log) -> rp.EpochCurve:
+def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
     if record.backend == "local":
         metrics = Path(record.model or "") / "metrics.json"
         try:
@@ -94,7 +93,7 @@ def _curve(record: EpochRecord, together: TogetherConfig, ops: OpsConfig, log) -
     if key in _SEEN:  # a completed job's losses never change: one task run per job and process
         return _SEEN[key]
     try:
-        train, val = api_tagged(fetch_step_losses, ops)(record.job_id or "", together)
+        train, val = fetch_step_losses(record.job_id or "", together)
     except Exception as exc:  # a gap in the report, not a failed run: the epoch itself is done and paid
         log.warning(f"epoch {record.epoch}: per-step losses of {record.job_id} unavailable ({exc})")
         return rp.EpochCurve()
@@ -111,7 +110,7 @@ def steps_key(ctx, params: dict) -> str:
     return "together-steps-" + params["job_id"]
 
 
-@task(cache_key_fn=steps_key, persist_result=True)  # tagged by the caller (api_tagged)
+@task(cache_key_fn=steps_key, persist_result=True)  # a read: not under the together-api limit
 def fetch_step_losses(job_id: str, together: TogetherConfig) -> tuple[list, list]:
     """A completed job's per-step (train, validation) losses; cached per job, since they never change."""
     return api.job_step_losses(together_client(together), job_id)
