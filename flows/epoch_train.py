@@ -16,6 +16,9 @@ Resume rule: an epoch is done when its launch committed with a completed job (Pr
 on fold hashes, base model, epoch, hyper-parameters and parent). A rerun skips done epochs without any
 upload or job, re-attaches to a job that was still running (found by its suffix in Together's list),
 and resubmits only a failed epoch, from the previous epoch's model. More ``epochs`` trains only the new ones.
+A rerun with nothing to do costs one sha256 pass per fold file (shared by every key of the run,
+`epochwise.io.hashes_once`) and one flow run: bytes that already passed validation are not parsed
+again (``<fold>/.validated.json``), and a report that already shows these epochs is not redrawn.
 
     epochwise train folds/games --backend together --epochs 5
     prefect deployment run epoch-train/games

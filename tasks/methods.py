@@ -28,7 +28,6 @@ from epochwise.fold import Fold
 from epochwise.problems import UserError
 from epochwise.together_api import BudgetExceeded, JobFailed, RemoteFile
 from tasks.cancellation import cancel_jobs_on_interrupt
-from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
     EpochSpec,
     api_base,
@@ -77,6 +76,9 @@ class TogetherSFT:
     def prepare(self, ctx: TrainContext) -> None:
         files = ctx.fold.jsonl
         if "gpt-oss" in ctx.train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
+            # Imported here: pyarrow and openai-harmony cost every other fold's process ~0.5 s to load.
+            from tasks.harmony import convert_fold_to_harmony
+
             parquet = convert_fold_to_harmony(ctx.path, ctx.harmony, ctx.data.max_line_bytes)
             files = [parquet["train"], parquet["val"]]
         self.train_file, self.val_file = (ensure_uploaded(path, ctx.together, ctx.ops) for path in files)
