@@ -211,14 +211,20 @@ class ReportState:
     picture_sha256: str
 
 
-def report_state(markdown: str, curves: dict[int, EpochCurve], records: list[EpochRecord], context: object) -> dict:
-    """The key material of one report: its file markdown, its curves and the epochs it shows."""
+def report_context(context: object) -> str:
+    """Digest of what a report is about beyond its epochs (settings, hyper-parameters, files)."""
+    return hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reported_epochs(records: list[EpochRecord]) -> dict[str, str]:
+    """``{epoch: model}`` of the completed epochs a report shows."""
+    return {str(r.epoch): r.model or r.job_id or "" for r in records if r.status == "completed"}
+
+
+def report_key(markdown: str, curves: dict[int, EpochCurve]) -> str:
+    """The key of one report's content: its file markdown and its curves."""
     material = json.dumps({"markdown": markdown, "curves": {k: asdict(c) for k, c in sorted(curves.items())}})
-    return {
-        "key": hashlib.sha256(material.encode()).hexdigest(),
-        "context": hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest(),
-        "epochs": {str(r.epoch): r.model or r.job_id or "" for r in records if r.status == "completed"},
-    }
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
 def read_report_state(fold_dir: Path | str) -> ReportState | None:
@@ -235,23 +241,24 @@ def read_report_state(fold_dir: Path | str) -> ReportState | None:
     return state if intact else None
 
 
-def already_reported(state: ReportState | None, wanted: dict) -> bool:
-    """Whether ``report/`` already shows this report, or a later one of the same chain (more epochs,
-    the shared ones the same models), so writing ``wanted`` would redraw it or set it back."""
-    if state is None or state.context != wanted["context"]:
+def shows_later_report(state: ReportState | None, records: list[EpochRecord], context: str) -> bool:
+    """Whether ``report/`` shows a later report of the same chain: same context, more epochs, the shared
+    ones the same models. Writing this one would set it back (a rerun replaying cached epochs)."""
+    if state is None or state.context != context:
         return False
-    if state.key == wanted["key"]:
-        return True
-    shown, asked = state.epochs, wanted["epochs"]
+    asked = reported_epochs(records)
+    shown = state.epochs
     return len(shown) > len(asked) and all(shown.get(epoch) == model for epoch, model in asked.items())
 
 
-def write_report_state(fold_dir: Path | str, wanted: dict, markdown: str, png: bytes) -> None:
+def write_report_state(
+    fold_dir: Path | str, key: str, context: str, records: list[EpochRecord], markdown: str, png: bytes
+) -> None:
     """Record what `write_report` just wrote (after it, so a crash in between only costs a redraw)."""
     state = ReportState(
-        key=wanted["key"],
-        context=wanted["context"],
-        epochs=wanted["epochs"],
+        key=key,
+        context=context,
+        epochs=reported_epochs(records),
         markdown_sha256=hashlib.sha256(markdown.encode("utf-8")).hexdigest(),
         picture_sha256=hashlib.sha256(png).hexdigest(),
     )

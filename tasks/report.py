@@ -45,30 +45,31 @@ def publish_report(
     """
     log = get_run_logger()
     name = Path(fold).name
-    curves = {r.epoch: _curve(r, together, log) for r in records if r.status == "completed"}
     if uploads:
         files = [rp.FileLineage(u.filename, u.sha256, u.id) for u in uploads]
     else:
         files = [
             rp.FileLineage(n, sha256_file(Path(fold) / n)) for n in (TRAIN_FILE, VAL_FILE) if (Path(fold) / n).is_file()
         ]
-    lineage = rp.Lineage(_records_sha256(name), files, _endpoints(name))
     model = train.base_model if records and records[0].backend == "together" else train.local_model
     settings = {"backend": records[0].backend if records else train.backend, "model": model, "epochs": train.epochs}
     hyper = train.hyper.model_dump(mode="json")
-    markdown = rp.report_markdown(name, records, hyper, lineage, rp.PICTURE_FILE, settings)
-    wanted = rp.report_state(markdown, curves, records, [settings, hyper, [asdict(f) for f in files]])
+    context = rp.report_context([settings, hyper, [asdict(f) for f in files]])
     state = rp.read_report_state(fold)
     path = Path(fold) / rp.REPORT_DIR / rp.REPORT_FILE
-    if state is not None and rp.already_reported(state, wanted):
-        if state.key != wanted["key"]:  # a rerun replaying cached epochs: report/ shows a later report
-            log.info(f"{name}: report at {path} already covers epochs {', '.join(state.epochs)}")
-            return str(path)
-        png = (path.parent / rp.PICTURE_FILE).read_bytes()  # the same report: published, not redrawn
+    if rp.shows_later_report(state, records, context):  # a rerun replaying cached epochs
+        log.info(f"{name}: report at {path} already covers epochs {', '.join(state.epochs)}")
+        return str(path)
+    curves = {r.epoch: _curve(r, together, log) for r in records if r.status == "completed"}
+    lineage = rp.Lineage(_records_sha256(name), files, _endpoints(name))
+    markdown = rp.report_markdown(name, records, hyper, lineage, rp.PICTURE_FILE, settings)
+    key = rp.report_key(markdown, curves)
+    if state is not None and state.key == key and state.context == context:  # the same report: not redrawn
+        png = (path.parent / rp.PICTURE_FILE).read_bytes()
     else:
         png = rp.loss_png(name, curves)
         rp.write_report(fold, markdown, png)
-        rp.write_report_state(fold, wanted, markdown, png)
+        rp.write_report_state(fold, key, context, records, markdown, png)
     create_markdown_artifact(
         rp.report_markdown(name, records, hyper, lineage, rp.data_uri(png), settings),
         key=artifact_key(name, "report"),
