@@ -4,6 +4,7 @@ hostile input."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import hashlib
 import os
@@ -77,8 +78,53 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         handle.write(data)
 
 
+# File identity -> sha256, while a `hashes_once` block is open (one flow run); None outside one.
+_RUN_HASHES: contextvars.ContextVar[dict[tuple, str] | None] = contextvars.ContextVar("run_hashes", default=None)
+
+
+@contextlib.contextmanager
+def hashes_once() -> Iterator[None]:
+    """Inside the block, `sha256_file` hashes each file once however many keys need it.
+
+    A file is the same file while its resolved path, device, inode, size and modification time (ns) are
+    unchanged; an atomic replace (new inode) or any write in place (new mtime or size) hashes it again.
+    Meant to span one flow run, which reads its fold but does not rewrite it: the upload key, the
+    epoch keys, the validation record, the Harmony manifest check and the report then share one pass
+    over each file. Outside the block every call hashes (a long-lived process never trusts a stat
+    from an earlier run). Nested blocks share the outer block's memo.
+    """
+    if _RUN_HASHES.get() is not None:
+        yield
+        return
+    token = _RUN_HASHES.set({})
+    try:
+        yield
+    finally:
+        _RUN_HASHES.reset(token)
+
+
+def file_identity(path: Path | str) -> tuple:
+    """``(resolved path, device, inode, size, mtime_ns)``: what `hashes_once` keys a file's hash on."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file's bytes (about 1.5 GB/s here, so cheap next to any upload)."""
+    """Hex sha256 of a file's bytes (about 1.5 GB/s here, so cheap next to any upload); inside
+    `hashes_once`, computed once per file and then answered from the memo."""
+    memo = _RUN_HASHES.get()
+    if memo is None:
+        return _sha256_bytes_of(path)
+    identity = file_identity(path)
+    found = memo.get(identity)
+    if found is None:
+        found = _sha256_bytes_of(path)
+        if file_identity(path) == identity:  # not written to while it was read
+            memo[identity] = found
+    return found
+
+
+def _sha256_bytes_of(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):

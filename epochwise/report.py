@@ -12,8 +12,10 @@ name -> endpoint (when deployed).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from epochwise.epochs import EpochRecord, epoch_table
@@ -22,6 +24,9 @@ from epochwise.io import atomic_write_bytes
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 PICTURE_FILE = "loss.png"
+# What the files in report/ were drawn from (`ReportState`): a rerun that would draw the same report,
+# or an older part of it, leaves them alone instead of rendering the picture again.
+STATE_FILE = ".report.json"
 
 
 @dataclass
@@ -193,3 +198,68 @@ def write_report(fold_dir: Path | str, markdown: str, png: bytes) -> Path:
     atomic_write_bytes(out / PICTURE_FILE, png)
     atomic_write_bytes(out / REPORT_FILE, markdown.encode("utf-8"))
     return out / REPORT_FILE
+
+
+@dataclass(frozen=True)
+class ReportState:
+    """What ``report/`` holds: the inputs' key, the epochs drawn (epoch -> model) and the files' sha256."""
+
+    key: str
+    context: str  # settings, hyper-parameters and files: a report of other ones is another report
+    epochs: dict[str, str]
+    markdown_sha256: str
+    picture_sha256: str
+
+
+def report_context(context: object) -> str:
+    """Digest of what a report is about beyond its epochs (settings, hyper-parameters, files)."""
+    return hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reported_epochs(records: list[EpochRecord]) -> dict[str, str]:
+    """``{epoch: model}`` of the completed epochs a report shows."""
+    return {str(r.epoch): r.model or r.job_id or "" for r in records if r.status == "completed"}
+
+
+def report_key(markdown: str, curves: dict[int, EpochCurve]) -> str:
+    """The key of one report's content: its file markdown and its curves."""
+    material = json.dumps({"markdown": markdown, "curves": {k: asdict(c) for k, c in sorted(curves.items())}})
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def read_report_state(fold_dir: Path | str) -> ReportState | None:
+    """The state of ``<fold>/report/`` when its files are still the ones it describes, else None."""
+    out = Path(fold_dir) / REPORT_DIR
+    try:
+        state = ReportState(**json.loads((out / STATE_FILE).read_bytes()))
+        intact = (
+            hashlib.sha256((out / REPORT_FILE).read_bytes()).hexdigest() == state.markdown_sha256
+            and hashlib.sha256((out / PICTURE_FILE).read_bytes()).hexdigest() == state.picture_sha256
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if intact else None
+
+
+def shows_later_report(state: ReportState | None, records: list[EpochRecord], context: str) -> bool:
+    """Whether ``report/`` shows a later report of the same chain: same context, more epochs, the shared
+    ones the same models. Writing this one would set it back (a rerun replaying cached epochs)."""
+    if state is None or state.context != context:
+        return False
+    asked = reported_epochs(records)
+    shown = state.epochs
+    return len(shown) > len(asked) and all(shown.get(epoch) == model for epoch, model in asked.items())
+
+
+def write_report_state(
+    fold_dir: Path | str, key: str, context: str, records: list[EpochRecord], markdown: str, png: bytes
+) -> None:
+    """Record what `write_report` just wrote (after it, so a crash in between only costs a redraw)."""
+    state = ReportState(
+        key=key,
+        context=context,
+        epochs=reported_epochs(records),
+        markdown_sha256=hashlib.sha256(markdown.encode("utf-8")).hexdigest(),
+        picture_sha256=hashlib.sha256(png).hexdigest(),
+    )
+    atomic_write_bytes(Path(fold_dir) / REPORT_DIR / STATE_FILE, json.dumps(asdict(state), indent=2).encode())

@@ -8,6 +8,7 @@ retried (the job may exist although the reply was lost), the list is checked aga
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -124,14 +125,20 @@ def _reason(exc: BaseException) -> str:
 
 
 def make_client(access: TogetherAccess, cfg: TogetherConfig) -> Together:
-    """A client for ``access`` with the configured SDK retries and read timeout."""
-    return Together(
-        api_key=access.api_key.get_secret_value(),
-        base_url=access.base_url,
-        project_id=access.project_id,
-        max_retries=cfg.max_retries,
-        timeout=cfg.request_timeout_s,
+    """A client for ``access`` with the configured SDK retries and read timeout.
+
+    One client per (key, API base, project, retries, timeout) and process: building one loads the CA
+    bundle into a new SSL context (~60 ms here), and every task of a run asks for one. The SDK's
+    client holds an httpx connection pool, which is safe to share between threads.
+    """
+    return _client_for(
+        access.api_key.get_secret_value(), access.base_url, access.project_id, cfg.max_retries, cfg.request_timeout_s
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _client_for(api_key: str, base_url: str, project_id: str | None, max_retries: int, timeout: float) -> Together:
+    return Together(api_key=api_key, base_url=base_url, project_id=project_id, max_retries=max_retries, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,10 +164,13 @@ def upload_file(
     cfg: TogetherConfig,
     purpose: str = "fine-tune",
     log: Callable[[str], None] = print,
+    check: bool = True,
 ) -> RemoteFile:
     """The validated Together file holding ``path``'s bytes: one found in ``files.list()`` (`find_uploaded`),
     else a 3-step presigned upload under `remote_filename`, then a wait for Together's validation.
 
+    ``check``: let the SDK run its ``check_file`` over the bytes before sending them; False when that
+    very check already passed for these bytes (`epochwise.validation_record.together_checked`).
     Raises `TogetherFailure` with Together's validation report on INVALID_FORMAT / FAILED.
     """
     path = Path(path)
@@ -177,7 +187,7 @@ def upload_file(
             os.link(path, named)
         except OSError:
             shutil.copyfile(path, named)
-        uploaded = client.files.upload(named, purpose=purpose, check=True)  # type: ignore[arg-type]
+        uploaded = client.files.upload(named, purpose=purpose, check=check)  # type: ignore[arg-type]
     log(f"uploaded {path.name} ({size} bytes) as {uploaded.id} ({name}); waiting for validation")
     wait_for_file(client, uploaded.id, cfg, label=str(path))
     return RemoteFile(uploaded.id, sha256, purpose, name, size)

@@ -24,6 +24,9 @@ from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
 from epochwise.problems import Problem, display_path
 from epochwise.records import parse_json_object
 
+# Bump when a rule changes what passes: recorded passes (`epochwise.validation_record`) name this version.
+VALIDATOR_VERSION = "1"
+
 ROLES = ("system", "user", "assistant", "tool")
 # Chain-of-thought fields of an assistant turn: Together reads ``reasoning`` / ``reasoning_content``,
 # the Harmony converter also ``thinking``. Each must be a string.

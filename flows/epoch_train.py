@@ -23,6 +23,9 @@ Resume rule: an epoch is done when its launch committed with a completed job (Pr
 on fold hashes, base model, epoch, hyper-parameters and parent). A rerun skips done epochs without any
 upload or job, re-attaches to a job that was still running (found by its suffix in Together's list),
 and resubmits only a failed epoch, from the previous epoch's model. More ``epochs`` trains only the new ones.
+A rerun with nothing to do costs one sha256 pass per fold file (shared by every key of the run,
+`epochwise.io.hashes_once`) and one flow run: bytes that already passed validation are not parsed
+again (``<fold>/.validated.json``), and a report that already shows these epochs is not redrawn.
 
     epochwise train folds/games --backend together --epochs 5
     prefect deployment run epoch-train/games
@@ -42,6 +45,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
+from epochwise.io import hashes_once
 from epochwise.sweep import TrialLink
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
@@ -63,36 +67,37 @@ def epoch_train(
     trial: TrialLink | None = None,
 ) -> list[EpochRecord]:
     """Train ``fold`` (a directory with train.jsonl and val.jsonl) for ``train.epochs`` epochs."""
-    ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
-    name = ctx.fold.name if trial is None else trial.label
-    backend = resolve_backend(train.backend, together)
-    method = training_method(ctx, backend)  # Together: the key first
-    validate_files(ctx.fold.jsonl_for(train.method), data.max_line_bytes, train.method)
-    ctx.records = earlier_epochs(ctx, backend)  # a switched chain (sft -> dpo): the earlier method's epochs
-    if len(ctx.records) >= train.epochs:
-        print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
-        return ctx.records
-    progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
-    method.prepare(ctx)
-    records = ctx.records
-    for epoch in range(len(records) + 1, train.epochs + 1):
-        parent = (records[-1].job_id or records[-1].model) if records else None
-        record = method.run_epoch(ctx, epoch, parent)
-        if record is None:
-            break
-        records.append(record)
-        publish_epochs(name, records)
-        if trial is None:  # a sweep draws one picture of all its trials
-            publish_report(fold, records, train, together, ctx.uploads, ops)
-        update_progress_artifact(progress, 100 * epoch / train.epochs)
-        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
-        if trial is not None and not keep_training(trial, record, train.epochs):
-            print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
-            break
-        if val_stalled(records, train.stop_when_val_worsens):
-            print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
-            break
-    return records
+    with hashes_once():  # each fold file is read for its sha256 once in this run, whatever keys need it
+        ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
+        name = ctx.fold.name if trial is None else trial.label
+        backend = resolve_backend(train.backend, together)
+        method = training_method(ctx, backend)  # Together: the key first
+        validate_files(ctx.fold.jsonl_for(train.method), data.max_line_bytes, train.method)
+        ctx.records = earlier_epochs(ctx, backend)  # a switched chain (sft -> dpo): the earlier method's epochs
+        if len(ctx.records) >= train.epochs:
+            print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
+            return ctx.records
+        progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
+        method.prepare(ctx)
+        records = ctx.records
+        for epoch in range(len(records) + 1, train.epochs + 1):
+            parent = (records[-1].job_id or records[-1].model) if records else None
+            record = method.run_epoch(ctx, epoch, parent)
+            if record is None:
+                break
+            records.append(record)
+            publish_epochs(name, records)
+            if trial is None:  # a sweep draws one picture of all its trials
+                publish_report(fold, records, train, together, ctx.uploads, ops)
+            update_progress_artifact(progress, 100 * epoch / train.epochs)
+            print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
+            if trial is not None and not keep_training(trial, record, train.epochs):
+                print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
+                break
+            if val_stalled(records, train.stop_when_val_worsens):
+                print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
+                break
+        return records
 
 
 def _loss(value: float | None) -> str:

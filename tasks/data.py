@@ -16,7 +16,7 @@ from epochwise.config.data import MAX_LINE_BYTES, DataConfig
 from epochwise.prepare import PrepareSummary, prepare
 from epochwise.problems import InputError, Problem
 from epochwise.records import SourceRecord, read_records
-from epochwise.validate import validate_method_file
+from epochwise.validation_record import validate_file_once
 
 
 @task(cache_policy=NO_CACHE)
@@ -37,8 +37,12 @@ def build_fold(records: list[SourceRecord], fold: str, config: DataConfig) -> Pr
 @task(cache_policy=NO_CACHE)
 def validate_files(paths: list[str], max_line_bytes: int = MAX_LINE_BYTES, method: str = "sft") -> list[Problem]:
     """Validate fold files for ``method`` (``train.method``: chat rows for sft, preference rows for dpo,
-    prompt rows for grpo) with Together's rules; raises when any problem is found."""
-    problems = [p for path in paths for p in validate_method_file(path, method, max_line_bytes=max_line_bytes)]
+    prompt rows for grpo) with Together's rules; raises when any problem is found.
+
+    Bytes that already passed (same sha256, validator version, options and method) are not parsed again
+    (`epochwise.validation_record`).
+    """
+    problems = [p for path in paths for p in validate_file_once(path, max_line_bytes=max_line_bytes, method=method)]
     if problems:
         raise InputError(problems)
     return problems

@@ -46,7 +46,7 @@ def run_fold_deployment(fold: str, flow_name: str, limit: str, parent_key: str) 
             deployment,
             parameters={"fold": fold},
             idempotency_key=f"{parent_key}:{fold}",
-            poll_interval=5,  # seconds between state checks of the child run
+            poll_interval=2,  # seconds between state checks of the child run: a finished fold frees its slot
         )
     return {"fold": Fold.of(fold).name, "deployment": deployment,
             "state": child.state.name if child.state else "unknown", "flow run": child.name,

@@ -28,7 +28,6 @@ from epochwise.fold import Fold
 from epochwise.problems import UserError
 from epochwise.together_api import BudgetExceeded, JobFailed, RemoteFile
 from tasks.cancellation import cancel_jobs_on_interrupt
-from tasks.harmony import convert_fold_to_harmony
 from tasks.together import (
     EpochSpec,
     api_base,
@@ -80,6 +79,9 @@ class TogetherSFT:
     def fold_files(self, ctx: TrainContext) -> list[str]:
         """The files this method uploads: the fold's chat rows, as Harmony parquet for gpt-oss."""
         if "gpt-oss" in ctx.train.base_model:  # gpt-oss trains on Harmony token parquet, not ChatML
+            # Imported here: pyarrow and openai-harmony cost every other fold's process ~0.5 s to load.
+            from tasks.harmony import convert_fold_to_harmony
+
             parquet = convert_fold_to_harmony(ctx.path, ctx.harmony, ctx.data.max_line_bytes)
             return [parquet["train"], parquet["val"]]
         return ctx.fold.jsonl
@@ -113,7 +115,7 @@ class TogetherSFT:
                 launch = api_tagged(launch_epoch_job, ctx.ops)
                 job = launch(spec, self.train_file.id, self.val_file.id, ctx.train, ctx.together, spent)
                 info = wait_for_job(job, ctx.together)
-                record = api_tagged(fetch_epoch_metrics, ctx.ops)(job, info, ctx.together)
+                record = fetch_epoch_metrics(job, info, ctx.together)
                 return record.model_copy(update={"method": self.method})
         except BudgetExceeded as stop:
             print(f"stopping before epoch {epoch}: {stop}")

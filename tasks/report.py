@@ -10,6 +10,7 @@ never fail the training run.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import orjson
@@ -27,7 +28,6 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
 from epochwise.fold import Fold
 from epochwise.io import sha256_file
-from tasks.together import api_tagged
 
 
 @task(cache_policy=NO_CACHE)
@@ -45,17 +45,29 @@ def publish_report(
     """
     log = get_run_logger()
     name = Path(fold).name
-    curves = {r.epoch: _curve(r, together, ops, log) for r in records if r.status == "completed"}
     if uploads:
         files = [rp.FileLineage(u.filename, u.sha256, u.id) for u in uploads]
     else:
         files = [rp.FileLineage(p.name, sha256_file(p)) for p in Fold.of(fold).files(train.method) if p.is_file()]
-    lineage = rp.Lineage(_records_sha256(name), files, _endpoints(name))
-    png = rp.loss_png(name, curves)
     model = train.base_model if records and records[0].backend == "together" else train.local_model
     settings = {"backend": records[0].backend if records else train.backend, "model": model, "epochs": train.epochs}
     hyper = train.hyper.model_dump(mode="json")
-    path = rp.write_report(fold, rp.report_markdown(name, records, hyper, lineage, rp.PICTURE_FILE, settings), png)
+    context = rp.report_context([settings, hyper, [asdict(f) for f in files]])
+    state = rp.read_report_state(fold)
+    path = Path(fold) / rp.REPORT_DIR / rp.REPORT_FILE
+    if rp.shows_later_report(state, records, context):  # a rerun replaying cached epochs
+        log.info(f"{name}: report at {path} already covers epochs {', '.join(state.epochs)}")
+        return str(path)
+    curves = {r.epoch: _curve(r, together, log) for r in records if r.status == "completed"}
+    lineage = rp.Lineage(_records_sha256(name), files, _endpoints(name))
+    markdown = rp.report_markdown(name, records, hyper, lineage, rp.PICTURE_FILE, settings)
+    key = rp.report_key(markdown, curves)
+    if state is not None and state.key == key and state.context == context:  # the same report: not redrawn
+        png = (path.parent / rp.PICTURE_FILE).read_bytes()
+    else:
+        png = rp.loss_png(name, curves)
+        rp.write_report(fold, markdown, png)
+        rp.write_report_state(fold, key, context, records, markdown, png)
     create_markdown_artifact(
         rp.report_markdown(name, records, hyper, lineage, rp.data_uri(png), settings),
         key=artifact_key(name, "report"),
@@ -65,7 +77,7 @@ def publish_report(
     return str(path)
 
 
-def _curve(record: EpochRecord, together: TogetherConfig, ops: OpsConfig, log) -> rp.EpochCurve:
+def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
     if record.backend == "local":
         metrics = Path(record.model or "") / "metrics.json"
         try:
@@ -80,7 +92,7 @@ def _curve(record: EpochRecord, together: TogetherConfig, ops: OpsConfig, log) -
     if key in _SEEN:  # a completed job's losses never change: one task run per job and process
         return _SEEN[key]
     try:
-        train, val = api_tagged(fetch_step_losses, ops)(record.job_id or "", together)
+        train, val = fetch_step_losses(record.job_id or "", together)
     except Exception as exc:  # a gap in the report, not a failed run: the epoch itself is done and paid
         log.warning(f"epoch {record.epoch}: per-step losses of {record.job_id} unavailable ({exc})")
         return rp.EpochCurve()
@@ -97,7 +109,7 @@ def steps_key(ctx, params: dict) -> str:
     return "together-steps-" + params["job_id"]
 
 
-@task(cache_key_fn=steps_key, persist_result=True)  # tagged by the caller (api_tagged)
+@task(cache_key_fn=steps_key, persist_result=True)  # a read: not under the together-api limit
 def fetch_step_losses(job_id: str, together: TogetherConfig) -> tuple[list, list]:
     """A completed job's per-step (train, validation) losses; cached per job, since they never change."""
     return api.job_step_losses(together_client(together), job_id)

@@ -42,6 +42,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.config.train import DPOParams, HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
+from epochwise.validation_record import together_checked
 from tasks.cancellation import record_job_owner
 from tasks.locks import fold_guard, locks_dir
 
@@ -51,8 +52,13 @@ R = TypeVar("R")
 
 def api_tagged(short: Task[P, R], ops: OpsConfig) -> Task[P, R]:
     """``short`` carrying the run's ``ops.together_api_tag``, so the tag limit `epochwise deployments apply`
-    registers for that same tag caps it across flows and workers. Only short Together calls get it:
-    wait_for_job holds its slot for the whole job (hours) and would starve every other fold's uploads."""
+    registers for that same tag caps it across flows and workers.
+
+    Only the calls that create something at Together (uploads, job launches) get it. wait_for_job
+    would hold its slot for the whole job (hours) and starve every other fold's uploads; one-shot reads
+    (a file still there, a finished job's metrics) are a single GET each, fewer than the pollers make,
+    while taking a slot costs each task run about 2 s with Prefect 3.8 (measured in
+    bench/many_folds.py: 10 such runs per 2-epoch fold)."""
     return short.with_options(tags={*short.tags, ops.together_api_tag})
 
 
@@ -108,7 +114,10 @@ def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.
     """Upload one fold file and wait for Together's validation; cached on its content. Without a cache
     record (new machine, wiped result storage) the file is first looked for in Together's own list."""
     client = _client(together)
-    return api.upload_file(client, path, sha256_file(path), together, purpose, log=get_run_logger().info)
+    sha256 = sha256_file(path)
+    # The SDK's own check_file before sending: skipped for bytes it already passed in our validation.
+    check = not together_checked(path, sha256)
+    return api.upload_file(client, path, sha256, together, purpose, log=get_run_logger().info, check=check)
 
 
 @task(cache_policy=NO_CACHE)
@@ -121,7 +130,7 @@ def ensure_uploaded(path: str, together: TogetherConfig, ops: OpsConfig, purpose
     """The cached upload of ``path``, uploaded again if Together no longer has the cached file id."""
     upload = api_tagged(upload_if_missing, ops).with_options(cache_policy=upload_policy(together.upload_lock_hold_s))
     remote = upload(path, purpose, together)
-    if api_tagged(file_is_live, ops)(remote, together):
+    if file_is_live(remote, together):
         return remote
     get_run_logger().warning(f"{remote.id} is gone at Together; uploading {path} again")
     return upload.with_options(refresh_cache=True)(path, purpose, together)

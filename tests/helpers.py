@@ -197,3 +197,65 @@ def epoch_train_child(fold: Path, epochs: int, **train_kw) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+# --- Counting work at a library boundary ----------------------------------------------------------
+
+
+class FileHashCounter:
+    """Counts how often each of ``paths`` had its bytes run through ``hashlib.sha256``, by wrapping
+    hashlib itself (the boundary), not the project's code: a digest equal to a file's sha256 is a hash
+    of that file's bytes, whoever computed it. ``counter.of(path)``."""
+
+    def __init__(self, monkeypatch, *paths: Path) -> None:
+        import hashlib
+
+        real = hashlib.sha256
+        self.digests: list[str] = []
+        self.wanted = {str(p): real(Path(p).read_bytes()).hexdigest() for p in paths}
+        seen = self.digests
+
+        class Counting:
+            def __init__(self, data: bytes = b"", **kwargs) -> None:
+                self._inner = real(data, **kwargs)
+
+            def update(self, data) -> None:
+                self._inner.update(data)
+
+            def hexdigest(self) -> str:
+                digest = self._inner.hexdigest()
+                seen.append(digest)
+                return digest
+
+            def digest(self) -> bytes:
+                digest = self._inner.digest()
+                seen.append(digest.hex())
+                return digest
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        monkeypatch.setattr(hashlib, "sha256", Counting)
+
+    def reset(self) -> None:
+        self.digests.clear()
+
+    def of(self, path: Path) -> int:
+        """Hashes of ``path``'s bytes (as they were when the counter was made) since the last reset."""
+        return self.digests.count(self.wanted[str(path)])
+
+
+def count_check_file(monkeypatch) -> list[str]:
+    """Paths passed to the together SDK's ``check_file`` (the last step of a full validation), by
+    wrapping the SDK's function; the real check still runs."""
+    import together.lib
+
+    real = together.lib.check_file
+    calls: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(together.lib, "check_file", counting)
+    return calls

@@ -115,6 +115,9 @@ class Script:
 
     file_polls: int = 1  # retrieves answered PENDING before a file's final status
     job_polls_per_state: int = 1  # retrieves per job state step; 0 = completed on the first retrieve
+    # Wall-clock jobs (benchmarks): a job is completed this many seconds after its creation, however
+    # often it is polled; None = poll-driven (job_polls_per_state), as tests want it.
+    job_duration_s: float | None = None
     hold_jobs: bool = False  # jobs stop at "running" until this is set back to False
     dedup_uploads: bool = False  # answer 409 {"file_id"} for a checksum already uploaded
     price_per_epoch_usd: float = 1.5
@@ -197,6 +200,7 @@ class FakeJob:
     updated_at: str = ""
     cancelled_at: float | None = None  # time.time() of the first cancel request (tests measure from it)
     listed_from: float = 0.0  # time.monotonic() from which GET /v1/fine-tunes shows the job
+    created_mono: float = field(default_factory=time.monotonic)  # for Script.job_duration_s
 
     @property
     def suffix(self) -> str | None:
@@ -825,6 +829,10 @@ def _advance(fake: FakeTogether, job: FakeJob, to_end: bool = False) -> None:
     job.polls += 1
     per_state = fake.script.job_polls_per_state
     target = len(JOB_STATES) - 1 if to_end or per_state == 0 else min(job.polls // per_state, len(JOB_STATES) - 1)
+    duration = fake.script.job_duration_s
+    if duration is not None and not to_end:  # by the clock: running until the duration is over
+        elapsed = time.monotonic() - job.created_mono
+        target = len(JOB_STATES) - 1 if elapsed >= duration else JOB_STATES.index("running")
     if fake.script.hold_jobs:
         target = min(target, JOB_STATES.index("running"))
     current = JOB_STATES.index(job.status)

@@ -89,3 +89,36 @@ def test_source_hash_depends_on_record_bytes_not_file_names(tmp_path):
     assert source_sha256(a) == source_sha256(b)
     (b / "y.jsonl").write_text('{"x": 3}\n')
     assert source_sha256(a) != source_sha256(b)
+
+
+def _epochs(*models: str) -> list[EpochRecord]:
+    return [EpochRecord(fold="games", epoch=i, backend="together", model=m, job_id=f"ft-{i}") for i, m in enumerate(models, 1)]
+
+
+def test_report_state_describes_the_files_it_was_written_with(tmp_path):
+    fold, png = tmp_path / "games", rp.loss_png("games", CURVES)
+    records, context = _epochs("m1", "m2"), rp.report_context(["settings"])
+    key = rp.report_key("# report\n", CURVES)
+    rp.write_report(fold, "# report\n", png)
+    rp.write_report_state(fold, key, context, records, "# report\n", png)
+
+    state = rp.read_report_state(fold)
+    assert state is not None and (state.key, state.context, state.epochs) == (key, context, {"1": "m1", "2": "m2"})
+    assert rp.report_key("# report\n", {1: CURVES[1]}) != key  # other curves: another report
+
+    (fold / rp.REPORT_DIR / rp.PICTURE_FILE).write_bytes(png + b"x")  # the picture changed behind its back
+    assert rp.read_report_state(fold) is None
+
+
+def test_a_replayed_prefix_of_the_chain_does_not_set_the_report_back(tmp_path):
+    fold, png = tmp_path / "games", rp.loss_png("games", CURVES)
+    context = rp.report_context(["settings"])
+    rp.write_report(fold, "# report\n", png)
+    rp.write_report_state(fold, "k", context, _epochs("m1", "m2"), "# report\n", png)
+    state = rp.read_report_state(fold)
+
+    assert rp.shows_later_report(state, _epochs("m1"), context)  # epoch 1 replayed from the cache
+    assert not rp.shows_later_report(state, _epochs("m1", "m2"), context)  # the same epochs: compare keys
+    assert not rp.shows_later_report(state, _epochs("other"), context)  # another chain (retrained epoch 1)
+    assert not rp.shows_later_report(state, _epochs("m1"), rp.report_context(["other settings"]))
+    assert not rp.shows_later_report(None, _epochs("m1"), context)
