@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HEAVY = ("prefect", "together", "torch", "pyarrow", "transformers", "wandb", "openai_harmony", "httpx", "sqlalchemy")
+HEAVY = ("prefect", "together", "torch", "pyarrow", "transformers", "wandb", "openai_harmony", "httpx", "sqlalchemy", "pydantic_settings", "yaml")
 BASELINE = "baseline (import typer, rich)"
 CLI = "import sys; sys.argv[0] = 'epochwise'; from epochwise.cli import main; main()"
 WORDS = "alice bob stones pile table turn takes wins rock paper scissors board move first last player".split()
@@ -64,13 +64,13 @@ def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) 
     return rows
 
 
-def timed(argv: list[str], root: Path) -> tuple[float, float] | None:
+def timed(argv: list[str], root: Path, cwd: Path | None = None) -> tuple[float, float] | None:
     """Wall-clock and CPU (user + system) seconds of one run (None when it fails); CPU time is far
     less sensitive to load."""
     env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", "COLUMNS": "120"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run(argv, cwd=cwd or root, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -79,10 +79,10 @@ def timed(argv: list[str], root: Path) -> tuple[float, float] | None:
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def imported_heavy(argv: list[str], root: Path) -> list[str]:
+def imported_heavy(argv: list[str], root: Path, cwd: Path | None = None) -> list[str]:
     """Top-level packages among HEAVY that ``argv`` imports (from ``-X importtime``'s report)."""
     env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1"}
-    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=cwd or root, env=env, capture_output=True, text=True)
     found = set()
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -105,16 +105,20 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
             "-c",
             "import typer, rich; from pathlib import Path; from pydantic import TypeAdapter; TypeAdapter(list[Path])",
         ],
+        # In the checkout, whose ./epochwise.yaml is loaded and checked (pydantic-settings, YAML).
         "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
+        # Beside the file, with no config file: data.max_line_bytes's default, no settings loader.
+        "  in a directory without config": [sys.executable, "-c", CLI, "validate", small.name],
         "  --together-check (whole SDK)": [sys.executable, "-c", CLI, "validate", "--together-check", str(small)],
     }
     times = {(root, name): [] for root in roots for name in commands}
-    works = {(root, name) for root in roots for name, argv in commands.items() if timed(argv, root)}  # warm-up
+    cwd = {name: small.parent if name == "  in a directory without config" else None for name in commands}
+    works = {(root, name) for root in roots for name, argv in commands.items() if timed(argv, root, cwd[name])}
     for _ in range(runs):
         for root in roots:
             for name, argv in commands.items():
                 if (root, name) in works:
-                    times[root, name].append(timed(argv, root) or (float("nan"), float("nan")))
+                    times[root, name].append(timed(argv, root, cwd[name]) or (float("nan"), float("nan")))
     for root in roots:
         print(f"\nCLI start, {root}, median of {runs} rounds")
         print(f"{'command':32} {'wall s':>7} {'x base':>7} {'cpu s':>6} {'x base':>7}  heavy imports")
@@ -126,7 +130,7 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
                 continue
             wall = statistics.median(t[0] for t in times[root, name])
             cpu = statistics.median(t[1] for t in times[root, name])
-            heavy = ", ".join(imported_heavy(argv, root)) or "-"
+            heavy = ", ".join(imported_heavy(argv, root, cwd[name])) or "-"
             print(f"{name:32} {wall:7.3f} {wall / base_wall:7.2f} {cpu:6.3f} {cpu / base_cpu:7.2f}  {heavy}")
 
 

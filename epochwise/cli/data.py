@@ -108,9 +108,10 @@ def validate(
     """Check JSONL files against Together's rules; prints path:line: reason.
 
     ``--method dpo`` checks Together's preference rows, ``--method grpo`` GRPO prompt rows. These rules
-    hold every rule together's check_file applies to JSONL (UTF-8, one JSON object per non-blank line, at
-    least one sample) and the server-side ones it leaves out; check_file itself runs where a file is
-    uploaded (the SDK's files.upload and the flows' validation task) or with --together-check.
+    hold the ones together's check_file applies to JSONL (UTF-8, one JSON object per non-blank line, at
+    least one sample; not its 50.1 GB size cap) and the server-side ones it leaves out; check_file itself
+    runs where a file is uploaded (the SDK's files.upload and the flows' validation task) or with
+    --together-check.
     """
     from epochwise.validate import validate_method_file
 
