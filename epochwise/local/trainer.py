@@ -12,12 +12,14 @@ the same data order, so the loss curve of a killed-and-resumed run equals an uni
 A finished epoch is a directory ``epoch-<k>/`` (renamed into place when complete) holding the
 adapter, the optimizer state for epoch k+1 and ``metrics.json``; a rerun returns it untouched.
 
-Logits are computed only at labelled positions ("sparse head"): on small models most time and
-memory go to the LM head over the whole vocabulary, and only those positions count in the loss.
-The attention mask is built once per batch as a float mask that every layer shares
-(`attention_bias`), instead of a boolean one that SDPA converts and keeps once per layer, and each
-LoRA linear adds its low-rank update to the base output in one GEMM (`fuse_lora_updates`), and
-gated-SiLU MLPs keep two activations instead of four for the backward pass (`fuse_swiglu`).
+Logits are computed only at labelled positions ("sparse head"), in chunks whose gradient is taken
+in the same pass (`loss.linear_cross_entropy`): on small models most time and memory go to the LM
+head over the whole vocabulary, and only those positions count in the loss. Packed rows of plain
+causal decoders attend one conversation at a time (`attention.segment_attention`: causal SDPA per
+conversation, no mask, about ``sum(len^2)/2`` scores instead of ``T^2``); other models get one float
+mask built per batch and shared by every layer (`attention_bias`). Each LoRA linear adds its
+low-rank update to the base output in one GEMM (`fuse_lora_updates`), and gated-SiLU MLPs keep two
+activations instead of four for the backward pass (`mlp.fuse_swiglu`).
 Not supported: full fine-tuning (``lora=False``), several GPUs.
 """
 
