@@ -103,7 +103,7 @@ def test_local_grpo_mean_reward_rises_over_three_epochs(tmp_path: Path):
 
 def test_local_dpo_val_reward_accuracy_rises(tmp_path: Path):
     fold = dpo_fold(tmp_path, "yesno-rise")
-    train = TrainConfig(backend="local", method="dpo", epochs=3, hyper=DPO_HYPER)
+    train = TrainConfig(backend="local", method="dpo", epochs=3, hyper=DPO_HYPER, wandb_project="epochwise-test")
     records = epoch_train(str(fold), train=train, local=local_config(tmp_path))
 
     assert [(r.epoch, r.method) for r in records] == [(1, "dpo"), (2, "dpo"), (3, "dpo")]
@@ -114,6 +114,7 @@ def test_local_dpo_val_reward_accuracy_rises(tmp_path: Path):
     assert records[0].val_loss > records[1].val_loss > records[2].val_loss  # the DPO loss on val
     row = epoch_table(records)[2]
     assert row["method"] == "dpo" and row["metrics"].startswith(f"val acc {accuracy[2]:.2f}, val margin")
+    assert len(sorted((fold / "local" / "wandb").glob("offline-run-*"))) == 3  # one W&B run per epoch (offline)
     metrics = orjson.loads((Path(records[1].model) / keys.METRICS_FILE).read_bytes())
     assert metrics["reference"] is None  # the chain's reference stays the base model for all its epochs
 
