@@ -181,6 +181,8 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _is_leaf(path: str) -> bool:
+    if path in SPACE_SECTIONS:
+        return False
     try:
         return _field_model(path)[1] is None
     except UserError:
