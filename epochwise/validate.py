@@ -238,3 +238,31 @@ def together_check(path: Path, shown: str) -> list[Problem]:
         return []
     detail = report.get("load_parquet") or report.get("message") or "failed"
     return [Problem(shown, report.get("line_number"), f"together check_file: {detail}")]
+
+
+def validate_prompt_file(path: Path | str, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Problem]:
+    """GRPO prompt rows: ``{"messages": [system?, user, ...], ...extra columns}``, the messages valid and
+    not ending with the assistant (the model writes that turn); an empty list means usable."""
+    path = Path(path)
+    shown = display_path(path)
+    problems: list[Problem] = []
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in jsonl_lines(handle, shown, problems, max_line_bytes):
+                row, reason = parse_json_object(raw)
+                count += 1
+                if reason is None and not isinstance(row.get("messages"), list):
+                    reason = "a prompt row needs 'messages': a list of chat messages"
+                if reason is not None:
+                    problems.append(Problem(shown, number, reason))
+                    continue
+                problems += [Problem(shown, number, r) for r in message_problems(row["messages"], require_assistant=False)]
+                last = row["messages"][-1] if row["messages"] else None
+                if isinstance(last, dict) and last.get("role") == "assistant":
+                    problems.append(Problem(shown, number, "a prompt must not end with an assistant message"))
+    except OSError as exc:
+        return [Problem(shown, None, f"cannot read file: {exc.strerror or exc}")]
+    if count == 0 and not problems:
+        problems.append(Problem(shown, None, "file is empty: at least 1 prompt row is needed"))
+    return problems

@@ -55,8 +55,19 @@ def epoch_train(
     ctx = TrainContext(Fold.of(fold), fold, train, together, local, harmony, ops, data)
     name = ctx.fold.name
     method = training_method(ctx, resolve_backend(train.backend, together))  # Together: the key first
-    validate_files(ctx.fold.jsonl, data.max_line_bytes)
+    validate_files(ctx.fold.jsonl, data.max_line_bytes, train.method)
     progress = create_progress_artifact(0.0, key=ctx.fold.artifact_key("progress"), description=f"{name}: epochs done")
+    try:  # a method holding a paid resource for the run (GRPO's model resource) releases it in close()
+        return _train_epochs(ctx, method, progress)
+    finally:
+        close = getattr(method, "close", None)
+        if close is not None:
+            close()
+
+
+def _train_epochs(ctx: TrainContext, method, progress) -> list[EpochRecord]:
+    train, name, fold = ctx.train, ctx.fold.name, ctx.path
+    together, ops = ctx.together, ctx.ops
     method.prepare(ctx)
     records = ctx.records
     for epoch in range(1, train.epochs + 1):

@@ -16,7 +16,7 @@ from epochwise.config.data import MAX_LINE_BYTES, DataConfig
 from epochwise.prepare import PrepareSummary, prepare
 from epochwise.problems import InputError, Problem
 from epochwise.records import SourceRecord, read_records
-from epochwise.validate import validate_file
+from epochwise.validate import validate_file, validate_prompt_file
 
 
 @task(cache_policy=NO_CACHE)
@@ -35,9 +35,10 @@ def build_fold(records: list[SourceRecord], fold: str, config: DataConfig) -> Pr
 
 
 @task(cache_policy=NO_CACHE)
-def validate_files(paths: list[str], max_line_bytes: int = MAX_LINE_BYTES) -> list[Problem]:
-    """Validate fine-tuning JSONL files with Together's rules; raises when any problem is found."""
-    problems = [p for path in paths for p in validate_file(path, max_line_bytes=max_line_bytes)]
+def validate_files(paths: list[str], max_line_bytes: int = MAX_LINE_BYTES, method: str = "sft") -> list[Problem]:
+    """Validate fine-tuning JSONL files with Together's rules (GRPO: prompt rows); raises when any problem is found."""
+    check = validate_prompt_file if method == "grpo" else validate_file
+    problems = [p for path in paths for p in check(path, max_line_bytes=max_line_bytes)]
     if problems:
         raise InputError(problems)
     return problems

@@ -129,9 +129,64 @@ class LocalSFT:
         return train_local_epoch(ctx.path, epoch, ctx.train, ctx.local, parent)
 
 
-METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT]] = {
+class TogetherGRPO:
+    """GRPO on Together's post-training API: one model resource (with a generator replica) for the run,
+    one training session per epoch resumed from the previous epoch's training checkpoint; per step G
+    completions per prompt are sampled, scored locally by ``train.rewards`` and trained on with the GRPO
+    loss (`tasks.post_training`). Each epoch ends with a training checkpoint (``job_id``: what the next
+    epoch resumes from) and an inference checkpoint registered in the model registry (``model``: what
+    ``epochwise deploy FOLD --epoch N`` deploys). `close` stops the resource; the flow calls it in a
+    ``finally``.
+    """
+
+    def __init__(self, ctx: TrainContext) -> None:
+        from tasks.post_training import ResourceLease, register_lease
+
+        self.api_base = api_base(ctx.together)  # credentials first: a missing key fails before validation
+        self.lease = ResourceLease(ctx.fold.name, ctx.train, ctx.together)
+        self.lease_name = register_lease(self.lease)
+
+    def prepare(self, ctx: TrainContext) -> None:
+        """Every reward imported and called on the first train row before anything is provisioned."""
+        from epochwise.rewards import check_rewards, load_rewards
+        from tasks.post_training import read_rows
+
+        train_path = ctx.fold.jsonl[0]
+        check_rewards(load_rewards(ctx.train.rewards), read_rows(train_path), train_path)
+        if ctx.train.grpo.beta > 0:
+            raise UserError(
+                "GRPO on Together trains with train.grpo.beta = 0 only: a KL term needs reference logprobs "
+                "of the base model for every sampled token, which epochwise does not compute yet"
+            )
+
+    def run_epoch(self, ctx: TrainContext, epoch: int, parent: str | None) -> EpochRecord | None:
+        from epochwise.io import sha256_file
+        from tasks.post_training import train_grpo_epoch
+
+        if parent is not None and ctx.records and ctx.records[-1].method != "grpo":
+            raise UserError(
+                f"GRPO on Together continues only from a GRPO epoch; epoch {epoch - 1} is {ctx.records[-1].method}"
+            )
+        train_path, val_path = ctx.fold.jsonl
+        hashes = (sha256_file(train_path), sha256_file(val_path))
+        spec = EpochSpec(ctx.fold.name, epoch, ctx.train.base_model, parent, hashes, ctx.train.hyper, self.api_base,
+                         method=ctx.train.method_fields())
+        spent = sum(r.price_usd or 0.0 for r in ctx.records)
+        try:
+            train = api_tagged(train_grpo_epoch, ctx.ops)
+            return train(spec, self.lease_name, train_path, val_path, ctx.train, ctx.together, spent)
+        except BudgetExceeded as stop:
+            print(f"stopping before epoch {epoch}: {stop}")
+            return None
+
+    def close(self) -> None:
+        self.lease.close()
+
+
+METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT] | type[TogetherGRPO]] = {
     ("together", "sft"): TogetherSFT,
     ("local", "sft"): LocalSFT,
+    ("together", "grpo"): TogetherGRPO,
 }
 
 
