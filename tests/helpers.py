@@ -154,15 +154,17 @@ def labelled_spans(row) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
-def epoch_train_child(fold: Path, epochs: int) -> subprocess.Popen:
+def epoch_train_child(
+    fold: Path, epochs: int, train: TrainConfig | None = None, together: TogetherConfig | None = None
+) -> subprocess.Popen:
     """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
-    result storage, so a test can SIGKILL or SIGTERM it mid-run."""
+    result storage, so a test can SIGKILL or SIGTERM it mid-run (``train``/``together``: other settings)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     params = {
         "fold": str(fold),
-        "train": train_cfg(epochs).model_dump(mode="json"),
-        "together": FAST.model_dump(mode="json"),
+        "train": (train or train_cfg(epochs)).model_dump(mode="json"),
+        "together": (together or FAST).model_dump(mode="json"),
     }
     env = {
         **os.environ,

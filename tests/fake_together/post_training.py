@@ -72,6 +72,12 @@ class PTScript:
     stop_token: int | None = None  # ends a sequence early when drawn (STOP_REASON_STOP)
     policy_gain: float = 2.5e4  # bias moved per unit of learning_rate x gradient
     fail_ops: dict[str, str] = field(default_factory=dict)  # kind -> error code: the next op of it fails
+    # kind -> N: operations of that kind after the N-th one applied stay PENDING (applied, not reported
+    # done) until the entry is removed: a run can be killed while it waits on an applied operation.
+    hold_after: dict[str, int] = field(default_factory=dict)
+    # kind -> N: the next N operations of that kind are applied but answered 500 (a lost reply); the SDK
+    # retries with the same Idempotency-Key.
+    lose_replies: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -145,6 +151,7 @@ class Operation:
     kind: str
     session_id: str
     body_hash: str
+    ordinal: int = 0  # how many operations of this kind were applied up to this one
     polls: int = 0
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -416,7 +423,7 @@ def operation_create(kind: str):
             op = pt.operations[known]
             if op.body_hash != digest:
                 raise ApiError(422, f"Idempotency-Key {key} was used for a different {kind} request")
-            return 200, op.to_json(op.polls >= pt.script.op_polls)
+            return 200, op.to_json(_done(pt, op))
         if sess.status != RUNNING:
             raise ApiError(400, f"training session {sess.id} is {sess.status}, not RUNNING")
         op = Operation(fake.new_id("op"), kind, sess.id, digest)
@@ -429,15 +436,27 @@ def operation_create(kind: str):
             op.output = APPLY[kind](fake, sess, body, key)
             pt.applied[kind] += 1
             pt.applied_keys.append((kind, key))
+            op.ordinal = pt.applied[kind]
         except InvalidInput as exc:
             code = str(exc) if str(exc).startswith("TRAINING_OPERATION_ERROR_CODE_") else "TRAINING_OPERATION_ERROR_CODE_INVALID_INPUT"
             op.error = {"code": code, "message": str(exc)}
         res = pt.resources.get(sess.resource_id)
         if res is not None:
             _touch(res)
+        if pt.script.lose_replies[kind] > 0:
+            pt.script.lose_replies[kind] -= 1
+            error = {"error": {"message": f"scripted lost reply for {kind}", "type": "server_error"}}
+            return 500, error, {"Retry-After-Ms": "1"}
         return 200, op.to_json(False)
 
     return handler
+
+
+def _done(pt: PTState, op: Operation) -> bool:
+    held = pt.script.hold_after.get(op.kind)
+    if held is not None and op.ordinal > held:
+        return False
+    return op.polls >= pt.script.op_polls
 
 
 def operation_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
@@ -447,7 +466,7 @@ def operation_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
     if op is None or op.session_id != sess.id or op.kind != p["kind"]:
         raise ApiError(404, f"{p['kind']} operation {p['op']} not found", "not_found")
     op.polls += 1
-    payload = op.to_json(op.polls >= pt.script.op_polls)
+    payload = op.to_json(_done(pt, op))
     if op.kind == "sample" and payload.get("output") and len(json.dumps(payload["output"])) > LARGE_PAYLOAD:
         pid = fake.new_id("pl")
         pt.payloads[pid] = json.dumps(payload["output"]).encode()

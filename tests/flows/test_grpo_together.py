@@ -5,6 +5,8 @@ provisioning, the resource stopped after a failure and by the reaper, deploy of 
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from epochwise.config.together import PostTrainingConfig
 from epochwise.config.train import GRPOParams, HyperParams
 from flows.epoch_train import epoch_train
 from tests.fake_together import post_training as fake_pt
-from tests.helpers import BASE, FAST, train_cfg
+from tests.helpers import FAST, epoch_train_child, train_cfg
 
 PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
 REWARDS = '''
@@ -65,3 +67,79 @@ def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_
     again = epoch_train(str(fold), grpo_cfg(reward), PT)
     assert [r.job_id for r in again] == [r.job_id for r in records]
     assert len(pt.resources) == 1 and pt.applied["optim-step"] == 8
+
+
+def epoch_sessions(pt, fold: str, epoch: int) -> list:
+    return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
+
+
+def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gk", "kill")
+    pt = fake_pt.state(fake_together)
+    pt.script.hold_after = {"optim-step": 2}  # the 3rd optim step is applied, then never reported done
+    child = epoch_train_child(fold, 2, grpo_cfg(reward), PT)
+    try:
+        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
+        while fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] < 1 or pt.applied["optim-step"] < 3:
+            assert child.poll() is None, "the flow process ended before it waited on the held step"
+            assert time.monotonic() < deadline, "the flow process never reached the third step"
+            time.sleep(0.05)
+        time.sleep(0.2)  # it is polling the held operation now
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert pt.applied["optim-step"] == 3 and pt.billing()  # killed: nothing stopped the resource
+    pt.script.hold_after = {}
+
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+
+    assert [r.epoch for r in records] == [1, 2]
+    assert len(pt.resources) == 1  # the killed run's resource was found again, not a second one
+    assert len(epoch_sessions(pt, "gk", 1)) == 1  # re-attached to the epoch's running session
+    assert pt.applied["optim-step"] == 8 and pt.applied["forward-backward"] == 8  # 4 steps x 2 epochs, none twice
+    assert len(set(pt.applied_keys)) == len(pt.applied_keys)
+    assert pt.billing() == []
+
+
+def test_a_lost_operation_reply_is_retried_with_the_same_key_and_applied_once(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gl", "lost", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.lose_replies.update({"forward-backward": 1, "optim-step": 1, "inference-checkpoint": 1})
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    assert len(records) == 1
+    posts = fake_together.counts["POST /v1/rl/training-sessions/{id}/operations/optim-step"]
+    assert posts == 3 and pt.applied["optim-step"] == 2  # 2 steps, one retried POST
+    assert pt.applied["forward-backward"] == 2 and pt.applied["inference-checkpoint"] == 1
+    assert len(fake_together.state.models) == 1  # one registered model, not two
+
+
+def test_budget_stops_before_any_resource_is_provisioned(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gb", "budget")
+    records = epoch_train(str(fold), grpo_cfg(reward, budget_usd=5.0), PT)  # the fake: $12/h, 1 h per epoch
+    pt = fake_pt.state(fake_together)
+    assert records == [] and pt.resources == {} and pt.cost_estimates == 1
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 0
+
+
+def test_a_failed_step_fails_the_run_and_stops_the_resource(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gf", "fail")
+    pt = fake_pt.state(fake_together)
+    pt.script.fail_ops["forward-backward"] = "TRAINING_OPERATION_ERROR_CODE_NON_FINITE_LOSS"
+    with pytest.raises(Exception, match="NON_FINITE_LOSS"):
+        epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(pt.resources) == 1 and pt.billing() == []
+    assert all(s.status == "TRAINING_SESSION_STATUS_STOPPED" for s in pt.sessions.values())
+    # the rerun trains on a new resource (the old one is stopped) and finishes
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(records) == 2 and len(pt.resources) == 2 and pt.billing() == []
+
+
+def test_a_broken_reward_fails_before_anything_is_paid(fake_together, tmp_path):
+    fold, _ = grpo_fold(tmp_path, "gr", "reward")
+    (tmp_path / "bad.py").write_text("def bad(prompts, completions, **kw):\n    return [1.0]\n")
+    with pytest.raises(Exception, match="returned 1 values for 2 completions"):
+        epoch_train(str(fold), grpo_cfg(f"{tmp_path / 'bad.py'}:bad"), PT)
+    assert fake_pt.state(fake_together).resources == {}
+    assert fake_pt.state(fake_together).cost_estimates == 0
