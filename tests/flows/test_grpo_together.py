@@ -143,3 +143,26 @@ def test_a_broken_reward_fails_before_anything_is_paid(fake_together, tmp_path):
         epoch_train(str(fold), grpo_cfg(f"{tmp_path / 'bad.py'}:bad"), PT)
     assert fake_pt.state(fake_together).resources == {}
     assert fake_pt.state(fake_together).cost_estimates == 0
+
+
+def test_the_reaper_stops_a_leftover_resource_no_live_run_owns_and_leaves_others(fake_together, tmp_path):
+    from together import Together
+
+    from flows.job_reaper import job_reaper
+
+    fold, reward = grpo_fold(tmp_path, "gz", "reap", n_train=2)
+    pt = fake_pt.state(fake_together)
+    fake_together.burst("POST /v1/rl/model-resources/{id}/stop", [503] * 12)  # the run's own stop fails
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    fake_together.clear_bursts()
+    assert len(records) == 1 and len(pt.billing()) == 1  # the finished run left its resource billing
+    leftover = pt.billing()[0]
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    foreign = client.post_training.model_resources.create(base_model="someone/else", compute_config={"num_generator_replicas": 1})
+    client.post_training.model_resources.retrieve(foreign.id)
+    client.post_training.model_resources.retrieve(foreign.id)  # READY, not epochwise's
+
+    job_reaper(PT)
+
+    assert pt.resources[leftover].status == "MODEL_RESOURCES_STATUS_STOPPED"
+    assert pt.billing() == [foreign.id]
