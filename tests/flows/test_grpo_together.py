@@ -166,3 +166,19 @@ def test_the_reaper_stops_a_leftover_resource_no_live_run_owns_and_leaves_others
 
     assert pt.resources[leftover].status == "MODEL_RESOURCES_STATUS_STOPPED"
     assert pt.billing() == [foreign.id]
+
+
+def test_deploy_of_a_grpo_epoch_deploys_its_registered_inference_checkpoint(fake_together, tmp_path):
+    from flows.deploy_epoch import deploy_epoch
+    from tests.helpers import DEPLOY
+
+    fold, reward = grpo_fold(tmp_path, "gd", "deploy", n_train=4)
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+
+    row = deploy_epoch(str(fold), 1, deploy=DEPLOY, together=PT)  # epoch 1 from the fold's epoch table
+
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["model"] == records[0].model  # projects/proj_1/models/ml_.../revisions/rv_...
+    assert dep["modelRevisionId"] == records[0].model.rsplit("/", 1)[-1]
+    assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
+    assert row["endpoint"] == "me/ew-gd-e1" and row["smoke reply"] == "pong"
