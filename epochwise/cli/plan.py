@@ -92,7 +92,7 @@ def compute_plan(fold: Path, cfg: Settings):
             client = together_client(cfg.together)
         except MissingCredentials as exc:
             fail_lines([f"error: {exc}"])
-    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client)
+    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client, cfg.together.post_training)
 
 
 def print_plan(found) -> None:

@@ -120,11 +120,12 @@ def train(
     # What the user can fix is reported before any work and before Prefect starts (its ephemeral API
     # takes seconds to boot): a missing key or an unknown --model first, then the fold's data.
     _check_backend(cfg)
-    from epochwise.validate import validate_file
+    from epochwise.validate import validate_file, validate_prompt_file
 
     limit = cfg.data.max_line_bytes
     where = Fold.of(fold)
-    problems = [p for path in (where.train, where.val) for p in validate_file(path, max_line_bytes=limit)]
+    check = validate_prompt_file if cfg.train.method == "grpo" else validate_file  # GRPO trains on prompt rows
+    problems = [p for path in (where.train, where.val) for p in check(path, max_line_bytes=limit)]
     if problems:
         report_problems(problems)
     from epochwise.cli.plan import show_plan

@@ -182,3 +182,30 @@ def test_deploy_of_a_grpo_epoch_deploys_its_registered_inference_checkpoint(fake
     assert dep["modelRevisionId"] == records[0].model.rsplit("/", 1)[-1]
     assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
     assert row["endpoint"] == "me/ew-gd-e1" and row["smoke reply"] == "pong"
+
+
+def test_cli_plan_then_train_a_grpo_fold_on_together_shows_the_price_first(fake_together, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+    from tests.helpers import BASE
+
+    env = {"TOGETHER__POST_TRAINING__POLL_S": "0.001", "TRAIN__GRPO__TOKENIZER": "bytes",
+           "TRAIN__GRPO__MAX_NEW_TOKENS": "4", "TOGETHER__FOLD_LOCK_WAIT_S": "30"}
+    for name, value in env.items():
+        monkeypatch.setenv(f"EPOCHWISE_{name}", value)
+    fold, reward = grpo_fold(tmp_path, "gc", "cli", n_train=2)
+    args = [str(fold), "--backend", "together", "--base-model", BASE, "--method", "grpo", "--reward", reward,
+            "--epochs", "2", "--budget", "30"]
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", *args])
+    assert planned.exit_code == 0, planned.output
+    assert "estimate-cost" in planned.output and "12.00/hour" in planned.output
+    assert "total for 2 epoch(s): $24.00" in planned.output
+    assert fake_pt.state(fake_together).resources == {}  # the plan provisions nothing
+
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("estimate-cost") < result.output.index("epoch 1: projects/proj_1/models/")
+    pt = fake_pt.state(fake_together)
+    assert len(pt.resources) == 1 and pt.applied["optim-step"] == 2 and pt.billing() == []
