@@ -184,6 +184,12 @@ class PTState:
         return [r.id for r in self.resources.values() if r.billing()]
 
 
+def token_probability(policy: dict[int, float], token: int, vocab: tuple[int, ...], temperature: float = 1.0) -> float:
+    """The probability that the fake samples ``token`` under ``policy`` (a bias per token id)."""
+    weights = _weights(policy, vocab, temperature)
+    return weights[vocab.index(token)] / sum(weights)
+
+
 def state(fake: FakeTogether) -> PTState:
     """The fake's post-training state, created on first use."""
     pt = getattr(fake, "post_training", None)
@@ -497,7 +503,8 @@ def apply_sample(fake: FakeTogether, sess: Session, body: dict[str, Any], key: s
     vocab = script.vocab
     weights = _weights(sess.sampler_bias, vocab, temperature)
     total = sum(weights)
-    rng = random.Random(f"{sess.id}|{key}|{params.get('seed')}")
+    # Same key, seed and policy version -> same tokens (session ids are random, so they are left out).
+    rng = random.Random(f"{key}|{params.get('seed')}|{sess.weights_version}")
     results = []
     for model_input in body["model_inputs"]:
         _tokens(model_input)
