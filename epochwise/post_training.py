@@ -130,7 +130,10 @@ def create_resource(client: Together, spec: ResourceSpec) -> ResourceInfo:
 
 
 def wait_ready(
-    client: Together, resource_id: str, cfg: PostTrainingConfig, log: Callable[[str], None] = print,
+    client: Together,
+    resource_id: str,
+    cfg: PostTrainingConfig,
+    log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ResourceInfo:
     """Poll until READY; raise on ERROR/STOPPED or after ``cfg.ready_deadline_s``."""
@@ -141,7 +144,9 @@ def wait_ready(
         info = _resource(r)
         if info.status != last:
             queue = getattr(r.status_details, "queue_position", None)
-            log(f"model resource {resource_id}: {info.status}" + ("" if queue is None else f" (queue position {queue})"))
+            log(
+                f"model resource {resource_id}: {info.status}" + ("" if queue is None else f" (queue position {queue})")
+            )
             last = info.status
         if info.status == READY:
             return info
@@ -149,7 +154,9 @@ def wait_ready(
             error = getattr(r, "error", None)
             raise PostTrainingFailure(f"model resource {resource_id} is {info.status}: {getattr(error, 'message', '')}")
         if time.monotonic() > deadline:
-            raise PostTrainingFailure(f"model resource {resource_id} still {info.status} after {cfg.ready_deadline_s:.0f} s")
+            raise PostTrainingFailure(
+                f"model resource {resource_id} still {info.status} after {cfg.ready_deadline_s:.0f} s"
+            )
         sleep(cfg.poll_s)
 
 
@@ -208,12 +215,22 @@ def resource_sessions(client: Together, resource_id: str) -> list[SessionInfo]:
 
 
 def create_session(
-    client: Together, resource_id: str, name: str, hyper: HyperParams, resume_from: str | None,
-    cfg: PostTrainingConfig, sleep: Callable[[float], None] = time.sleep,
+    client: Together,
+    resource_id: str,
+    name: str,
+    hyper: HyperParams,
+    resume_from: str | None,
+    cfg: PostTrainingConfig,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> SessionInfo:
     """A LoRA training session on the READY resource, resumed from ``resume_from`` (a training
     checkpoint, with its optimizer state) when given; waits until RUNNING."""
-    lora = {"rank": hyper.lora_r, "alpha": hyper.effective_lora_alpha, "dropout": hyper.lora_dropout, "seed": hyper.seed}
+    lora = {
+        "rank": hyper.lora_r,
+        "alpha": hyper.effective_lora_alpha,
+        "dropout": hyper.lora_dropout,
+        "seed": hyper.seed,
+    }
     extra: dict[str, Any] = {}
     if resume_from:
         extra = {"resume_from_checkpoint_id": resume_from, "load_optimizer": True}
@@ -223,7 +240,9 @@ def create_session(
             model_resources_id=resource_id, display_name=name, lora_config=lora, **extra
         )
     except APIStatusError as exc:
-        raise PostTrainingFailure(f"Together refused the training session ({exc.status_code}): {_message(exc)}") from None
+        raise PostTrainingFailure(
+            f"Together refused the training session ({exc.status_code}): {_message(exc)}"
+        ) from None
     return wait_session(client, created.id, cfg, sleep)
 
 
@@ -238,7 +257,9 @@ def wait_session(
         if info.status not in SESSION_ACTIVE:
             raise PostTrainingFailure(f"training session {session_id} is {info.status}")
         if time.monotonic() > deadline:
-            raise PostTrainingFailure(f"training session {session_id} still {info.status} after {cfg.ready_deadline_s:.0f} s")
+            raise PostTrainingFailure(
+                f"training session {session_id} still {info.status} after {cfg.ready_deadline_s:.0f} s"
+            )
         sleep(cfg.poll_s)
 
 
@@ -280,7 +301,10 @@ class Operations:
         body = self._offload(body)
         try:
             op = self.client.post(
-                f"{self._base}/operations/{kind}", body=body, cast_to=object, options={"headers": {"Idempotency-Key": key}}
+                f"{self._base}/operations/{kind}",
+                body=body,
+                cast_to=object,
+                options={"headers": {"Idempotency-Key": key}},
             )
         except APIStatusError as exc:
             raise PostTrainingFailure(f"{kind} refused ({exc.status_code}): {_message(exc)}") from None
@@ -292,9 +316,13 @@ class Operations:
                 return self._resolve(op.get("output") or {})  # type: ignore[union-attr]
             if status == "TRAINING_OPERATION_STATUS_FAILED":
                 error = op.get("error") or {}  # type: ignore[union-attr]
-                raise PostTrainingFailure(f"{kind} operation {op['id']} failed: {error.get('code')}: {error.get('message')}")  # type: ignore[index]
+                raise PostTrainingFailure(
+                    f"{kind} operation {op['id']} failed: {error.get('code')}: {error.get('message')}"
+                )  # type: ignore[index]
             if time.monotonic() > deadline:
-                raise PostTrainingFailure(f"{kind} operation {op['id']} still {status} after {self.cfg.op_deadline_s:.0f} s")  # type: ignore[index]
+                raise PostTrainingFailure(
+                    f"{kind} operation {op['id']} still {status} after {self.cfg.op_deadline_s:.0f} s"
+                )  # type: ignore[index]
             self.sleep(self.cfg.poll_s)
             op = self.client.get(f"{self._base}/operations/{kind}/{op['id']}", cast_to=object)  # type: ignore[index]
 
@@ -430,15 +458,17 @@ def grpo_samples(prompt: list[int], sequences: list[dict[str, Any]], advantages:
             continue
         full = prompt + resp
         logprobs = [float(x) for x in (seq.get("logprobs") or [0.0] * len(resp))]
-        out.append({
-            "model_input": {"chunks": [{"encoded_text": {"tokens": full[:-1]}}]},
-            "loss_fn_inputs": {
-                "target_tokens": {"data": full[1:], "dtype": "int64"},
-                "logprobs": {"data": [0.0] * n + logprobs, "dtype": "float32"},
-                "advantages": {"data": [0.0] * n + [adv] * len(resp), "dtype": "float32"},
-                "mask": {"data": [0] * n + [1] * len(resp), "dtype": "int64"},
-            },
-        })
+        out.append(
+            {
+                "model_input": {"chunks": [{"encoded_text": {"tokens": full[:-1]}}]},
+                "loss_fn_inputs": {
+                    "target_tokens": {"data": full[1:], "dtype": "int64"},
+                    "logprobs": {"data": [0.0] * n + logprobs, "dtype": "float32"},
+                    "advantages": {"data": [0.0] * n + [adv] * len(resp), "dtype": "float32"},
+                    "mask": {"data": [0] * n + [1] * len(resp), "dtype": "int64"},
+                },
+            }
+        )
     return out
 
 
@@ -477,7 +507,11 @@ class GRPOEpoch:
         body = {
             "model_inputs": [{"chunks": [{"encoded_text": {"tokens": t}}]} for t in tokens],
             "num_samples": n,
-            "sampling_params": {"max_tokens": self.grpo.max_new_tokens, "temperature": self.grpo.temperature, "seed": seed},
+            "sampling_params": {
+                "max_tokens": self.grpo.max_new_tokens,
+                "temperature": self.grpo.temperature,
+                "seed": seed,
+            },
         }
         return tokens, self.ops.run("sample", key, body)["results"]
 
@@ -517,8 +551,11 @@ class GRPOEpoch:
             },
         }
         out = self.ops.run("forward-backward", key("forward-backward"), {"loss": loss, "samples": samples})
-        adam = {"learning_rate": self.hyper.learning_rate, "grad_clip_norm": self.hyper.max_grad_norm,
-                "weight_decay": self.hyper.weight_decay}
+        adam = {
+            "learning_rate": self.hyper.learning_rate,
+            "grad_clip_norm": self.hyper.max_grad_norm,
+            "weight_decay": self.hyper.weight_decay,
+        }
         self.ops.run("optim-step", key("optim-step"), {"adam_params": adam})
         self.ops.run("weights-sync", key("weights-sync"), {"weight_sync_type": "WEIGHT_SYNC_TYPE_SYNCHRONOUS"})
         flat = [r for g in groups for r in g]
@@ -528,8 +565,9 @@ class GRPOEpoch:
         """Mean total reward of ``num_generations`` completions per val prompt under the current weights."""
         if not rows:
             return None
-        _, results = self.sample(rows, op_key(self.fold, self.epoch_key, "val", "sample"), self.grpo.num_generations,
-                                 self.hyper.seed)
+        _, results = self.sample(
+            rows, op_key(self.fold, self.epoch_key, "val", "sample"), self.grpo.num_generations, self.hyper.seed
+        )
         groups, _ = self.score(rows, results)
         flat = [r for g in groups for r in g]
         return sum(flat) / len(flat)
@@ -538,9 +576,17 @@ class GRPOEpoch:
         """``(training checkpoint id, registry model path, step)`` at the epoch's end: the training
         checkpoint resumes the next epoch, the inference checkpoint is the epoch's deployable model."""
         train = self.ops.run("training-checkpoint", op_key(self.fold, self.epoch_key, "end", "training-checkpoint"), {})
-        infer = self.ops.run("inference-checkpoint", op_key(self.fold, self.epoch_key, "end", "inference-checkpoint"), {})
-        reg = (infer["checkpoint"].get("registration") or {})
+        infer = self.ops.run(
+            "inference-checkpoint", op_key(self.fold, self.epoch_key, "end", "inference-checkpoint"), {}
+        )
+        reg = infer["checkpoint"].get("registration") or {}
         artifact = reg.get("model") or reg.get("adapter")
         if not artifact:
-            raise PostTrainingFailure(f"inference checkpoint {infer['checkpoint']['id']} was not registered in the model registry")
-        return train["checkpoint"]["id"], f"models/{artifact['id']}/revisions/{artifact['revision_id']}", int(train["checkpoint"]["step"])
+            raise PostTrainingFailure(
+                f"inference checkpoint {infer['checkpoint']['id']} was not registered in the model registry"
+            )
+        return (
+            train["checkpoint"]["id"],
+            f"models/{artifact['id']}/revisions/{artifact['revision_id']}",
+            int(train["checkpoint"]["step"]),
+        )

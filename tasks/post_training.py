@@ -99,8 +99,10 @@ class ResourceLease:
         cfg = self.together.post_training
         price = self.estimate(client)
         epoch_usd = price * cfg.hours_per_epoch
-        log.info(f"GRPO model resource: ${price:.2f}/hour, about ${epoch_usd:.2f} for epoch {epoch} "
-                 f"(post_training.hours_per_epoch={cfg.hours_per_epoch:g})")
+        log.info(
+            f"GRPO model resource: ${price:.2f}/hour, about ${epoch_usd:.2f} for epoch {epoch} "
+            f"(post_training.hours_per_epoch={cfg.hours_per_epoch:g})"
+        )
         budget = self.train.budget_usd
         if budget is not None and spent_usd + epoch_usd > budget:
             raise BudgetExceeded(
@@ -110,7 +112,9 @@ class ResourceLease:
         if self.resource_id is not None:
             return self.resource_id
         slug = fold_slug(self.fold)
-        busy = TogetherFailure(f"fold {self.fold} is being provisioned by another run; waited {self.together.fold_lock_wait_s:.0f} s")
+        busy = TogetherFailure(
+            f"fold {self.fold} is being provisioned by another run; waited {self.together.fold_lock_wait_s:.0f} s"
+        )
         with fold_guard(f"grpo-{slug}", self.together.fold_lock_wait_s, self.together.fold_lease_s, busy):
             found = self._find(client, slug)
             if found is not None:
@@ -126,13 +130,16 @@ class ResourceLease:
         return rid
 
     def _find(self, client: Any, slug: str) -> pt.ResourceInfo | None:
-        live = [r for r in pt.live_resources(client)
-                if r.base_model == self.spec.base_model and r.generator_replicas >= 1]
+        live = [
+            r for r in pt.live_resources(client) if r.base_model == self.spec.base_model and r.generator_replicas >= 1
+        ]
         if not live:
             return None
         tagged = fold_resource_ids(self.fold)
         for r in sorted(live, key=lambda r: (r.created_at, r.id)):
-            if r.id in tagged or any(pt.fold_of_session(s.display_name) == slug for s in pt.resource_sessions(client, r.id)):
+            if r.id in tagged or any(
+                pt.fold_of_session(s.display_name) == slug for s in pt.resource_sessions(client, r.id)
+            ):
                 return r
         return None
 
@@ -145,8 +152,10 @@ class ResourceLease:
             print(f"stopped model resource {self.resource_id}: {status}")
             self.resource_id = None
         except Exception as exc:
-            print(f"could not stop model resource {self.resource_id} ({exc}); the resource reaper stops it "
-                  "(prefect deployment run job-reaper/frequent), Together after post_training.inactive_timeout_s")
+            print(
+                f"could not stop model resource {self.resource_id} ({exc}); the resource reaper stops it "
+                "(prefect deployment run job-reaper/frequent), Together after post_training.inactive_timeout_s"
+            )
 
 
 _LEASES: dict[str, ResourceLease] = {}
@@ -168,7 +177,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 @task(cache_key_fn=grpo_epoch_key, persist_result=True)
 def train_grpo_epoch(
-    spec: EpochSpec, lease_name: str, train_path: str, val_path: str, train: TrainConfig, together: TogetherConfig,
+    spec: EpochSpec,
+    lease_name: str,
+    train_path: str,
+    val_path: str,
+    train: TrainConfig,
+    together: TogetherConfig,
     spent_usd: float = 0.0,
 ) -> EpochRecord:
     """One GRPO epoch on the fold's model resource; cached on the epoch key (a done epoch is never redone)."""
@@ -183,7 +197,9 @@ def train_grpo_epoch(
     existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
     if existing:
         session = existing[0]
-        log.info(f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); applied steps are not repeated")
+        log.info(
+            f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); applied steps are not repeated"
+        )
     else:
         session = pt.create_session(client, rid, name, train.hyper, spec.parent, cfg)
         log.info(f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else ""))
@@ -191,18 +207,32 @@ def train_grpo_epoch(
     rows = read_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)
     ops = pt.Operations(client, session.id, cfg)
-    epoch = pt.GRPOEpoch(ops, tokenizer, rows, rewards, train.grpo, train.hyper, spec.fold, spec.key,
-                         before_rewards=lambda: pt.extend_expiry(client, rid, cfg.extend_expiry_s))
+    epoch = pt.GRPOEpoch(
+        ops,
+        tokenizer,
+        rows,
+        rewards,
+        train.grpo,
+        train.hyper,
+        spec.fold,
+        spec.key,
+        before_rewards=lambda: pt.extend_expiry(client, rid, cfg.extend_expiry_s),
+    )
     progress = create_progress_artifact(0.0, description=f"{spec.fold} GRPO epoch {spec.epoch}: steps done")
     results = []
     for index in range(epoch.n_steps):
         result = epoch.step(index)
         results.append(result)
-        update_progress_artifact(progress, 100 * (index + 1) / epoch.n_steps,
-                                 description=f"{spec.fold} GRPO epoch {spec.epoch}: step {index + 1}/{epoch.n_steps}, "
-                                             f"mean reward {result.mean_reward:.3f}")
-        log.info(f"epoch {spec.epoch} step {index + 1}/{epoch.n_steps}: mean reward {result.mean_reward:.4f}, "
-                 f"loss {result.loss:.4f}, {result.zero_std_groups}/{result.groups} groups with equal rewards")
+        update_progress_artifact(
+            progress,
+            100 * (index + 1) / epoch.n_steps,
+            description=f"{spec.fold} GRPO epoch {spec.epoch}: step {index + 1}/{epoch.n_steps}, "
+            f"mean reward {result.mean_reward:.3f}",
+        )
+        log.info(
+            f"epoch {spec.epoch} step {index + 1}/{epoch.n_steps}: mean reward {result.mean_reward:.4f}, "
+            f"loss {result.loss:.4f}, {result.zero_std_groups}/{result.groups} groups with equal rewards"
+        )
     val_reward = epoch.evaluate(read_rows(val_path))
     train_ckpt, model_path, step = epoch.checkpoints()
     pt.stop_session(client, session.id)
@@ -211,16 +241,29 @@ def train_grpo_epoch(
     zero = sum(r.zero_std_groups for r in results) / max(sum(r.groups for r in results), 1)
     if zero > 0.5:
         log.warning(f"epoch {spec.epoch}: {zero:.0%} of prompt groups had equal rewards and taught nothing")
-    metrics = {"train_reward": sum(r.mean_reward for r in results) / max(len(results), 1),
-               "frac_reward_zero_std": zero, "step": float(step)}
+    metrics = {
+        "train_reward": sum(r.mean_reward for r in results) / max(len(results), 1),
+        "frac_reward_zero_std": zero,
+        "step": float(step),
+    }
     for r in results:
         for k, v in r.reward_means.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(results)
     return EpochRecord(
-        fold=spec.fold, epoch=spec.epoch, backend="together", method="grpo", status="completed",
-        job_id=train_ckpt, model=f"projects/{project}/{model_path}", parent=spec.parent,
-        train_loss=results[-1].loss if results else None, val_reward=val_reward, metrics=metrics,
-        price_usd=round((lease.price_per_hour or 0.0) * hours, 4), started_at=started, finished_at=datetime.now(UTC),
+        fold=spec.fold,
+        epoch=spec.epoch,
+        backend="together",
+        method="grpo",
+        status="completed",
+        job_id=train_ckpt,
+        model=f"projects/{project}/{model_path}",
+        parent=spec.parent,
+        train_loss=results[-1].loss if results else None,
+        val_reward=val_reward,
+        metrics=metrics,
+        price_usd=round((lease.price_per_hour or 0.0) * hours, 4),
+        started_at=started,
+        finished_at=datetime.now(UTC),
     )
 
 

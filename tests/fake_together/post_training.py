@@ -53,12 +53,22 @@ RESOURCE_STEPS = ("MODEL_RESOURCES_STATUS_PENDING", "MODEL_RESOURCES_STATUS_CREA
 LIVE_RESOURCE = RESOURCE_STEPS
 RUNNING = "TRAINING_SESSION_STATUS_RUNNING"
 KINDS = (
-    "forward-backward", "custom-forward-backward", "optim-step", "sample", "weights-sync",
-    "training-checkpoint", "inference-checkpoint",
+    "forward-backward",
+    "custom-forward-backward",
+    "optim-step",
+    "sample",
+    "weights-sync",
+    "training-checkpoint",
+    "inference-checkpoint",
 )
 LOSS_TYPES = (
-    "LOSS_TYPE_CROSS_ENTROPY", "LOSS_TYPE_GRPO", "LOSS_TYPE_IMPORTANCE_SAMPLING", "LOSS_TYPE_PPO",
-    "LOSS_TYPE_CISPO", "LOSS_TYPE_DRO", "LOSS_TYPE_DPPO",
+    "LOSS_TYPE_CROSS_ENTROPY",
+    "LOSS_TYPE_GRPO",
+    "LOSS_TYPE_IMPORTANCE_SAMPLING",
+    "LOSS_TYPE_PPO",
+    "LOSS_TYPE_CISPO",
+    "LOSS_TYPE_DRO",
+    "LOSS_TYPE_DPPO",
 )
 
 
@@ -100,17 +110,25 @@ class Resource:
     def to_json(self) -> dict[str, Any]:
         b = self.body
         out = {
-            "id": self.id, "base_model": b["base_model"],
-            "compute_config": {"num_generator_replicas": int((b.get("compute_config") or {}).get("num_generator_replicas", 0)),
-                               "gpu_type": (b.get("compute_config") or {}).get("gpu_type", "B200-SXM")},
-            "created_at": self.created_at, "created_by": USER,
-            "inactive_timeout": int(b.get("inactive_timeout") or 3600), "lora_enabled": bool(b.get("lora_enabled", True)),
-            "optimizer_config": b.get("optimizer_config") or {"adam": {}}, "status": self.status,
+            "id": self.id,
+            "base_model": b["base_model"],
+            "compute_config": {
+                "num_generator_replicas": int((b.get("compute_config") or {}).get("num_generator_replicas", 0)),
+                "gpu_type": (b.get("compute_config") or {}).get("gpu_type", "B200-SXM"),
+            },
+            "created_at": self.created_at,
+            "created_by": USER,
+            "inactive_timeout": int(b.get("inactive_timeout") or 3600),
+            "lora_enabled": bool(b.get("lora_enabled", True)),
+            "optimizer_config": b.get("optimizer_config") or {"adam": {}},
+            "status": self.status,
             "status_details": {"queue_position": 0 if self.status == RESOURCE_STEPS[0] else None},
             "updated_at": now_iso(),
         }
         if self.expires_at is not None:
-            out["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + self.expires_at - time.monotonic()))
+            out["expires_at"] = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + self.expires_at - time.monotonic())
+            )
         return out
 
 
@@ -132,12 +150,23 @@ class Session:
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "id": self.id, "base_model": self.base_model, "created_at": self.created_at, "created_by": USER,
-            "inference_checkpoints": self.inference_checkpoints, "training_checkpoints": self.training_checkpoints,
-            "metadata": self.body.get("metadata") or {}, "model_resources_id": self.resource_id,
-            "policy_state": {"applied_weights_version": str(self.weights_version), "pending_publish": False,
-                             "target_weights_version": str(self.weights_version), "trainer_step": str(self.step)},
-            "status": self.status, "step": str(self.step), "updated_at": now_iso(),
+            "id": self.id,
+            "base_model": self.base_model,
+            "created_at": self.created_at,
+            "created_by": USER,
+            "inference_checkpoints": self.inference_checkpoints,
+            "training_checkpoints": self.training_checkpoints,
+            "metadata": self.body.get("metadata") or {},
+            "model_resources_id": self.resource_id,
+            "policy_state": {
+                "applied_weights_version": str(self.weights_version),
+                "pending_publish": False,
+                "target_weights_version": str(self.weights_version),
+                "trainer_step": str(self.step),
+            },
+            "status": self.status,
+            "step": str(self.step),
+            "updated_at": now_iso(),
         }
         for key in ("display_name", "lora_config", "resume_from_checkpoint_id"):
             if self.body.get(key) is not None:
@@ -202,6 +231,7 @@ def state(fake: FakeTogether) -> PTState:
 # ---------------------------------------------------------------------------------------------------
 # Model resources
 # ---------------------------------------------------------------------------------------------------
+
 
 def _resource_body(req: Request) -> dict[str, Any]:
     body = req.json()
@@ -283,8 +313,11 @@ def resources_extend(fake: FakeTogether, p: dict[str, str], req: Request):
 
 
 def _active_sessions(fake: FakeTogether, rid: str) -> list[Session]:
-    return [s for s in state(fake).sessions.values()
-            if s.resource_id == rid and s.status in ("TRAINING_SESSION_STATUS_CREATING", RUNNING)]
+    return [
+        s
+        for s in state(fake).sessions.values()
+        if s.resource_id == rid and s.status in ("TRAINING_SESSION_STATUS_CREATING", RUNNING)
+    ]
 
 
 def _stop_resource(fake: FakeTogether, res: Resource) -> None:
@@ -310,6 +343,7 @@ def resources_stop(fake: FakeTogether, p: dict[str, str], req: Request):
 # ---------------------------------------------------------------------------------------------------
 # Sessions
 # ---------------------------------------------------------------------------------------------------
+
 
 def sessions_create(fake: FakeTogether, _: dict[str, str], req: Request):
     pt = state(fake)
@@ -367,6 +401,7 @@ def sessions_stop(fake: FakeTogether, p: dict[str, str], _: Request):
 # Payloads (bodies over 0.5 MiB)
 # ---------------------------------------------------------------------------------------------------
 
+
 def payload_upload_url(fake: FakeTogether, p: dict[str, str], _: Request):
     _session(fake, p["id"])
     pid = fake.new_id("pl")
@@ -397,6 +432,7 @@ def payload_get(fake: FakeTogether, p: dict[str, str], _: Request):
 # ---------------------------------------------------------------------------------------------------
 # Operations
 # ---------------------------------------------------------------------------------------------------
+
 
 class InvalidInput(Exception):
     """An operation that is accepted but fails (FAILED, INVALID_INPUT)."""
@@ -444,7 +480,11 @@ def operation_create(kind: str):
             pt.applied_keys.append((kind, key))
             op.ordinal = pt.applied[kind]
         except InvalidInput as exc:
-            code = str(exc) if str(exc).startswith("TRAINING_OPERATION_ERROR_CODE_") else "TRAINING_OPERATION_ERROR_CODE_INVALID_INPUT"
+            code = (
+                str(exc)
+                if str(exc).startswith("TRAINING_OPERATION_ERROR_CODE_")
+                else "TRAINING_OPERATION_ERROR_CODE_INVALID_INPUT"
+            )
             op.error = {"code": code, "message": str(exc)}
         res = pt.resources.get(sess.resource_id)
         if res is not None:
@@ -518,8 +558,12 @@ def apply_sample(fake: FakeTogether, sess: Session, body: dict[str, Any], key: s
                 if script.stop_token is not None and token == script.stop_token:
                     reason = "STOP_REASON_STOP"
                     break
-            sequences.append({"tokens": tokens, "logprobs": logprobs, "stop_reason": reason, "prompt_cache_hit_tokens": "0"})
-        results.append({"policy_segments": [{"start_token": "0", "version": str(sess.weights_version)}], "sequences": sequences})
+            sequences.append(
+                {"tokens": tokens, "logprobs": logprobs, "stop_reason": reason, "prompt_cache_hit_tokens": "0"}
+            )
+        results.append(
+            {"policy_segments": [{"start_token": "0", "version": str(sess.weights_version)}], "sequences": sequences}
+        )
     return {"results": results}
 
 
@@ -589,8 +633,11 @@ def apply_optim_step(fake: FakeTogether, sess: Session, body: dict[str, Any], ke
 
 
 def apply_weights_sync(fake: FakeTogether, sess: Session, body: dict[str, Any], key: str) -> dict[str, Any]:
-    if body.get("weight_sync_type") not in ("WEIGHT_SYNC_TYPE_SYNCHRONOUS", "WEIGHT_SYNC_TYPE_BACKGROUND_PUBLISH",
-                                            "WEIGHT_SYNC_TYPE_PIPELINE"):
+    if body.get("weight_sync_type") not in (
+        "WEIGHT_SYNC_TYPE_SYNCHRONOUS",
+        "WEIGHT_SYNC_TYPE_BACKGROUND_PUBLISH",
+        "WEIGHT_SYNC_TYPE_PIPELINE",
+    ):
         raise InvalidInput(f"weight_sync_type {body.get('weight_sync_type')!r} is not a WeightSyncType")
     sess.sampler_bias = dict(sess.trainer_bias)
     sess.weights_version += 1
@@ -598,8 +645,15 @@ def apply_weights_sync(fake: FakeTogether, sess: Session, body: dict[str, Any], 
 
 
 def _checkpoint(fake: FakeTogether, sess: Session, type_: str) -> dict[str, Any]:
-    ckpt = {"id": fake.new_id("ckpt"), "base_model": sess.base_model, "created_at": now_iso(), "session_id": sess.id,
-            "step": str(sess.step), "type": type_, "lora_rank": int((sess.body.get("lora_config") or {}).get("rank") or 16)}
+    ckpt = {
+        "id": fake.new_id("ckpt"),
+        "base_model": sess.base_model,
+        "created_at": now_iso(),
+        "session_id": sess.id,
+        "step": str(sess.step),
+        "type": type_,
+        "lora_rank": int((sess.body.get("lora_config") or {}).get("rank") or 16),
+    }
     state(fake).checkpoints[ckpt["id"]] = {**ckpt, "_policy": dict(sess.trainer_bias)}
     return ckpt
 
@@ -616,10 +670,17 @@ def apply_inference_checkpoint(fake: FakeTogether, sess: Session, body: dict[str
     ckpt = _checkpoint(fake, sess, "CHECKPOINT_TYPE_INFERENCE")
     mid, rev = f"ml_{ckpt['id']}", f"rv_{ckpt['id']}"
     fake.state.models[mid] = {
-        "id": mid, "name": f"{PROJECT['slug']}/{sess.base_model.split('/')[-1]}-{ckpt['id']}", "projectId": PROJECT["id"],
-        "organizationId": "org_1", "visibility": "VISIBILITY_PRIVATE", "weights": {},
-        "baseModel": "projects/proj_public/models/ml_base", "baseModelId": "ml_base",
-        "createdAt": now_iso(), "updatedAt": now_iso(), "revisions": [rev],
+        "id": mid,
+        "name": f"{PROJECT['slug']}/{sess.base_model.split('/')[-1]}-{ckpt['id']}",
+        "projectId": PROJECT["id"],
+        "organizationId": "org_1",
+        "visibility": "VISIBILITY_PRIVATE",
+        "weights": {},
+        "baseModel": "projects/proj_public/models/ml_base",
+        "baseModelId": "ml_base",
+        "createdAt": now_iso(),
+        "updatedAt": now_iso(),
+        "revisions": [rev],
     }
     registration = {"model": {"id": mid, "revision_id": rev}}
     state(fake).checkpoints[ckpt["id"]]["inference_registration"] = registration
@@ -633,9 +694,13 @@ def apply_custom(fake: FakeTogether, sess: Session, body: dict[str, Any], key: s
 
 
 APPLY = {
-    "sample": apply_sample, "forward-backward": apply_forward_backward, "optim-step": apply_optim_step,
-    "weights-sync": apply_weights_sync, "training-checkpoint": apply_training_checkpoint,
-    "inference-checkpoint": apply_inference_checkpoint, "custom-forward-backward": apply_custom,
+    "sample": apply_sample,
+    "forward-backward": apply_forward_backward,
+    "optim-step": apply_optim_step,
+    "weights-sync": apply_weights_sync,
+    "training-checkpoint": apply_training_checkpoint,
+    "inference-checkpoint": apply_inference_checkpoint,
+    "custom-forward-backward": apply_custom,
 }
 
 
@@ -643,16 +708,20 @@ APPLY = {
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------
 
+
 def _public(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if not k.startswith("_")}
 
 
 def checkpoints_list(fake: FakeTogether, _: dict[str, str], req: Request):
     q = req.query
-    data = [_public(c) for c in reversed(list(state(fake).checkpoints.values()))
-            if (not q.get("session_id") or c["session_id"] == q["session_id"])
-            and (not q.get("type") or c["type"] == q["type"])
-            and (not q.get("base_model") or c["base_model"] == q["base_model"])]
+    data = [
+        _public(c)
+        for c in reversed(list(state(fake).checkpoints.values()))
+        if (not q.get("session_id") or c["session_id"] == q["session_id"])
+        and (not q.get("type") or c["type"] == q["type"])
+        and (not q.get("base_model") or c["base_model"] == q["base_model"])
+    ]
     return 200, {"data": data, "meta": {"has_more": False, "limit": 100, "next_cursor": None}}
 
 

@@ -31,9 +31,15 @@ def grpo_fold(root: Path, name: str, tag: str, n_train: int = 8, n_val: int = 2)
     fold.mkdir(parents=True)
 
     def row(i: int) -> str:
-        return json.dumps({"messages": [{"role": "system", "content": f"fold {tag}"},
-                                        {"role": "user", "content": f"Write letters, prompt {i}"}],
-                           "target": "a"})
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"fold {tag}"},
+                    {"role": "user", "content": f"Write letters, prompt {i}"},
+                ],
+                "target": "a",
+            }
+        )
 
     (fold / "train.jsonl").write_text("".join(row(i) + "\n" for i in range(n_train)))
     (fold / "val.jsonl").write_text("".join(row(100 + i) + "\n" for i in range(n_val)))
@@ -43,22 +49,29 @@ def grpo_fold(root: Path, name: str, tag: str, n_train: int = 8, n_val: int = 2)
 
 def grpo_cfg(reward: str, epochs: int = 2, **kw):
     return train_cfg(
-        epochs, method="grpo", rewards=[reward],
+        epochs,
+        method="grpo",
+        rewards=[reward],
         hyper=HyperParams(learning_rate=1e-4),
-        grpo=GRPOParams(num_generations=4, max_new_tokens=8, prompts_per_step=2, tokenizer="bytes"), **kw,
+        grpo=GRPOParams(num_generations=4, max_new_tokens=8, prompts_per_step=2, tokenizer="bytes"),
+        **kw,
     )
 
 
 def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_together, tmp_path):
     fold, reward = grpo_fold(tmp_path, "g1", "rise", n_train=16, n_val=8)
-    cfg = grpo_cfg(reward).model_copy(update={"grpo": GRPOParams(num_generations=4, max_new_tokens=16, tokenizer="bytes")})
+    cfg = grpo_cfg(reward).model_copy(
+        update={"grpo": GRPOParams(num_generations=4, max_new_tokens=16, tokenizer="bytes")}
+    )
     records = epoch_train(str(fold), cfg, PT)
     pt = fake_pt.state(fake_together)
     assert [r.epoch for r in records] == [1, 2] and all(r.method == "grpo" for r in records)
     assert records[1].val_reward > records[0].val_reward
     assert records[1].metrics["train_reward"] > records[0].metrics["train_reward"]
     # the policy saved at each epoch's end samples the rewarded letter more and more often (uniform: 1/26)
-    p1, p2 = (fake_pt.token_probability(pt.checkpoints[r.job_id]["_policy"], ord("a"), pt.script.vocab) for r in records)
+    p1, p2 = (
+        fake_pt.token_probability(pt.checkpoints[r.job_id]["_policy"], ord("a"), pt.script.vocab) for r in records
+    )
     assert p2 > p1 > 1 / 26
     assert len(pt.resources) == 1 and pt.billing() == []  # one resource, stopped at the end
     assert pt.applied["optim-step"] == 2 * 8  # 16 prompts / 2 per step, 2 epochs
@@ -84,7 +97,10 @@ def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(f
     child = epoch_train_child(fold, 2, grpo_cfg(reward), PT)
     try:
         deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
-        while fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] < 1 or pt.applied["optim-step"] < 3:
+        while (
+            fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] < 1
+            or pt.applied["optim-step"] < 3
+        ):
             assert child.poll() is None, "the flow process ended before it waited on the held step"
             assert time.monotonic() < deadline, "the flow process never reached the third step"
             time.sleep(0.05)
@@ -162,7 +178,9 @@ def test_the_reaper_stops_a_leftover_resource_no_live_run_owns_and_leaves_others
     assert len(records) == 1 and len(pt.billing()) == 1  # the finished run left its resource billing
     leftover = pt.billing()[0]
     client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
-    foreign = client.post_training.model_resources.create(base_model="someone/else", compute_config={"num_generator_replicas": 1})
+    foreign = client.post_training.model_resources.create(
+        base_model="someone/else", compute_config={"num_generator_replicas": 1}
+    )
     client.post_training.model_resources.retrieve(foreign.id)
     client.post_training.model_resources.retrieve(foreign.id)  # READY, not epochwise's
 
@@ -194,13 +212,30 @@ def test_cli_plan_then_train_a_grpo_fold_on_together_shows_the_price_first(fake_
     from epochwise.cli import app
     from tests.helpers import BASE
 
-    env = {"TOGETHER__POST_TRAINING__POLL_S": "0.001", "TRAIN__GRPO__TOKENIZER": "bytes",
-           "TRAIN__GRPO__MAX_NEW_TOKENS": "4", "TOGETHER__FOLD_LOCK_WAIT_S": "30"}
+    env = {
+        "TOGETHER__POST_TRAINING__POLL_S": "0.001",
+        "TRAIN__GRPO__TOKENIZER": "bytes",
+        "TRAIN__GRPO__MAX_NEW_TOKENS": "4",
+        "TOGETHER__FOLD_LOCK_WAIT_S": "30",
+    }
     for name, value in env.items():
         monkeypatch.setenv(f"EPOCHWISE_{name}", value)
     fold, reward = grpo_fold(tmp_path, "gc", "cli", n_train=2)
-    args = [str(fold), "--backend", "together", "--base-model", BASE, "--method", "grpo", "--reward", reward,
-            "--epochs", "2", "--budget", "30"]
+    args = [
+        str(fold),
+        "--backend",
+        "together",
+        "--base-model",
+        BASE,
+        "--method",
+        "grpo",
+        "--reward",
+        reward,
+        "--epochs",
+        "2",
+        "--budget",
+        "30",
+    ]
     runner = CliRunner()
     planned = runner.invoke(app, ["plan", *args])
     assert planned.exit_code == 0, planned.output

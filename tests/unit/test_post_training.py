@@ -55,14 +55,18 @@ def test_the_same_key_returns_the_same_operation_and_applies_it_once(fake_togeth
     ("change", "reason"),
     [
         (dict(length=2), "has 2 values, model_input has 3 tokens"),
-        (dict(weights={"data": [1.0] * 3, "dtype": "float32"}, mask={"data": [1] * 3, "dtype": "int64"}),
-         "cannot contain both weights and mask"),
+        (
+            dict(weights={"data": [1.0] * 3, "dtype": "float32"}, mask={"data": [1] * 3, "dtype": "int64"}),
+            "cannot contain both weights and mask",
+        ),
     ],
 )
 def test_grpo_loss_inputs_are_checked(fake_together, together_client, change, reason):
     _, sid = ready_session(together_client)
     with pytest.raises(pt.PostTrainingFailure, match=f"INVALID_INPUT: .*{reason}"):
-        pt.Operations(together_client, sid, CFG).run("forward-backward", "k", {"loss": GRPO, "samples": [sample([1, 2], [97, 98], **change)]})
+        pt.Operations(together_client, sid, CFG).run(
+            "forward-backward", "k", {"loss": GRPO, "samples": [sample([1, 2], [97, 98], **change)]}
+        )
     assert fake_pt.state(fake_together).applied["forward-backward"] == 0
 
 
@@ -111,8 +115,11 @@ def test_bodies_and_results_over_half_a_mebibyte_go_through_payload_urls(fake_to
     assert counts["POST /v1/rl/training-sessions/{id}/payloads/upload-url"] == 1 and counts["PUT /_payloads/{pid}"] == 1
     assert out["metrics"]["tokens"] == 20 * 2048  # the server trained on the full body, not the inline stand-in
     fake_pt.state(fake_together).script.vocab = tuple(range(97, 123))
-    body = {"model_inputs": [{"chunks": [{"encoded_text": {"tokens": [1, 2]}}]}] * 64, "num_samples": 8,
-            "sampling_params": {"max_tokens": 64, "temperature": 1.0}}
+    body = {
+        "model_inputs": [{"chunks": [{"encoded_text": {"tokens": [1, 2]}}]}] * 64,
+        "num_samples": 8,
+        "sampling_params": {"max_tokens": 64, "temperature": 1.0},
+    }
     results = ops.run("sample", "s", body)["results"]
     assert counts["POST /v1/rl/training-sessions/{id}/payloads/{pid}/download-url"] == 1
     assert len(results) == 64 and all(len(s["tokens"]) == 64 for r in results for s in r["sequences"])
