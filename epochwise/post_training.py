@@ -222,9 +222,11 @@ def create_session(
     resume_from: str | None,
     cfg: PostTrainingConfig,
     sleep: Callable[[float], None] = time.sleep,
+    wandb_project: str | None = None,
 ) -> SessionInfo:
     """A LoRA training session on the READY resource, resumed from ``resume_from`` (a training
-    checkpoint, with its optimizer state) when given; waits until RUNNING."""
+    checkpoint, with its optimizer state) when given; waits until RUNNING. ``wandb_project`` goes into
+    the session's ``metadata.wandb`` (project, run name = the session name, group = the fold)."""
     lora = {
         "rank": hyper.lora_r,
         "alpha": hyper.effective_lora_alpha,
@@ -234,6 +236,8 @@ def create_session(
     extra: dict[str, Any] = {}
     if resume_from:
         extra = {"resume_from_checkpoint_id": resume_from, "load_optimizer": True}
+    if wandb_project:
+        extra["metadata"] = {"wandb": {"project": wandb_project, "run_name": name, "group": name.rsplit("-e", 1)[0]}}
     once = client.with_options(max_retries=0)  # a lost reply is found again by name (caller holds the lock)
     try:
         created = once.post_training.sessions.create(
@@ -405,7 +409,9 @@ class HFTokenizer:
 
     def prompt_tokens(self, messages: Messages) -> list[int]:
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return [int(i) for i in (ids["input_ids"] if isinstance(ids, dict) else ids)]
+        if not isinstance(ids, list):  # a BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tok.decode(list(tokens), skip_special_tokens=True)

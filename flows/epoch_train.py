@@ -79,7 +79,8 @@ def _train_epochs(ctx: TrainContext, method, progress) -> list[EpochRecord]:
         publish_epochs(name, records)
         publish_report(fold, records, train, together, ctx.uploads, ops)
         update_progress_artifact(progress, 100 * epoch / train.epochs)
-        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
+        reward = "" if record.val_reward is None else f" val reward {record.val_reward:.4f}"
+        print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}{reward}")
         if val_stalled(records, train.stop_when_val_worsens):
             print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
             break

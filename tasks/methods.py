@@ -173,8 +173,8 @@ class TogetherGRPO:
                          method=ctx.train.method_fields())
         spent = sum(r.price_usd or 0.0 for r in ctx.records)
         try:
-            train = api_tagged(train_grpo_epoch, ctx.ops)
-            return train(spec, self.lease_name, train_path, val_path, ctx.train, ctx.together, spent)
+            # Not api_tagged: the epoch holds its task for its whole length, like wait_for_job.
+            return train_grpo_epoch(spec, self.lease_name, train_path, val_path, ctx.train, ctx.together, spent)
         except BudgetExceeded as stop:
             print(f"stopping before epoch {epoch}: {stop}")
             return None

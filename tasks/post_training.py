@@ -201,7 +201,7 @@ def train_grpo_epoch(
             f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); applied steps are not repeated"
         )
     else:
-        session = pt.create_session(client, rid, name, train.hyper, spec.parent, cfg)
+        session = pt.create_session(client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project)
         log.info(f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else ""))
     rewards = load_rewards(train.rewards)
     rows = read_rows(train_path)
