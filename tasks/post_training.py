@@ -112,10 +112,7 @@ class ResourceLease:
         if self.resource_id is not None:
             return self.resource_id
         slug = fold_slug(self.fold)
-        busy = TogetherFailure(
-            f"fold {self.fold} is being provisioned by another run; waited {self.together.fold_lock_wait_s:.0f} s"
-        )
-        with fold_guard(f"grpo-{slug}", self.together.fold_lock_wait_s, self.together.fold_lease_s, busy):
+        with self.guard():
             found = self._find(client, slug)
             if found is not None:
                 log.info(f"re-using model resource {found.id} ({found.status}) of {self.fold}")
@@ -128,6 +125,12 @@ class ResourceLease:
             _tag_run([RESOURCE_TAG + rid, FOLD_TAG + slug], log)  # before anything else can fail
             pt.wait_ready(client, rid, cfg, log=log.info)
         return rid
+
+    def guard(self) -> Any:
+        """The fold's host lock and server lease around a find-then-create (resource or session)."""
+        wait = self.together.fold_lock_wait_s
+        busy = TogetherFailure(f"fold {self.fold} is being provisioned by another run; waited {wait:.0f} s")
+        return fold_guard(f"grpo-{fold_slug(self.fold)}", wait, self.together.fold_lease_s, busy)
 
     def _find(self, client: Any, slug: str) -> pt.ResourceInfo | None:
         live = [
@@ -194,15 +197,21 @@ def train_grpo_epoch(
     name = pt.session_name(spec.fold, spec.epoch, spec.key)
     started = datetime.now(UTC)
     clock = time.monotonic()
-    existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
-    if existing:
-        session = existing[0]
-        log.info(
-            f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); applied steps are not repeated"
-        )
-    else:
-        session = pt.create_session(client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project)
-        log.info(f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else ""))
+    with lease.guard():  # find-then-create of the epoch's session: one session even for two runs at once
+        existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
+        if existing:
+            session = existing[0]
+            log.info(
+                f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); "
+                "applied steps are not repeated"
+            )
+        else:
+            session = pt.create_session(
+                client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
+            )
+            log.info(
+                f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
+            )
     rewards = load_rewards(train.rewards)
     rows = read_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)

@@ -248,3 +248,29 @@ def test_cli_plan_then_train_a_grpo_fold_on_together_shows_the_price_first(fake_
     assert result.output.index("estimate-cost") < result.output.index("epoch 1: projects/proj_1/models/")
     pt = fake_pt.state(fake_together)
     assert len(pt.resources) == 1 and pt.applied["optim-step"] == 2 and pt.billing() == []
+
+
+def test_two_runs_of_one_fold_at_once_share_one_resource_and_apply_each_step_once(fake_together, tmp_path):
+    import threading
+
+    fold, reward = grpo_fold(tmp_path, "gt", "twins", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.op_polls = 3
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = epoch_train(str(fold), grpo_cfg(reward), PT, return_state=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert any(state.is_completed() for state in results.values())
+    assert len(pt.resources) == 1 and pt.billing() == []
+    assert [len(epoch_sessions(pt, "gt", e)) for e in (1, 2)] == [1, 1]
+    assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
+    # whichever run lost the race, a rerun finds both epochs done
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(records) == 2 and pt.applied["optim-step"] == 4 and len(pt.resources) == 1
