@@ -137,3 +137,21 @@ def test_group_advantages_and_keys():
     assert s["loss_fn_inputs"]["mask"]["data"] == [0, 0, 1, 1]
     assert s["loss_fn_inputs"]["advantages"]["data"] == [0.0, 0.0, 0.7, 0.7]
     assert pt.fold_of_session("ew-my-fold-e12-abcdef01") == "my-fold" and pt.fold_of_session("other") is None
+
+
+def test_an_hf_tokenizer_directory_renders_the_chat_prompt_and_decodes(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "user", "assistant", "hello"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}"
+    )
+    fast.save_pretrained(tmp_path)
+    loaded = pt.load_tokenizer(str(tmp_path))
+    assert loaded.prompt_tokens([{"role": "user", "content": "hello"}]) == [1, 3, 2]  # user hello assistant
+    assert loaded.decode([3, 3]) == "hello hello"
