@@ -119,6 +119,15 @@ def live_resources(client: Together) -> list[ResourceInfo]:
     return [r for r in list_resources(client) if r.status in LIVE]
 
 
+def fold_resources(client: Together, slug: str) -> list[ResourceInfo]:
+    """Live resources carrying a session of the fold ``slug`` (``ew-<slug>-e<k>-...``)."""
+    return [
+        r
+        for r in live_resources(client)
+        if any(fold_of_session(s.display_name) == slug for s in resource_sessions(client, r.id))
+    ]
+
+
 def create_resource(client: Together, spec: ResourceSpec) -> ResourceInfo:
     """Create one resource, without SDK retries: a lost reply must not become a second resource (the
     caller holds the fold's lock and finds a resource created meanwhile by its sessions and tags)."""

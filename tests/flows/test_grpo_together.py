@@ -274,3 +274,19 @@ def test_two_runs_of_one_fold_at_once_share_one_resource_and_apply_each_step_onc
     # whichever run lost the race, a rerun finds both epochs done
     records = epoch_train(str(fold), grpo_cfg(reward), PT)
     assert len(records) == 2 and pt.applied["optim-step"] == 4 and len(pt.resources) == 1
+
+
+def test_abort_stops_the_folds_model_resource(fake_together, tmp_path):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+
+    fold, reward = grpo_fold(tmp_path, "ga", "abort", n_train=2)
+    pt = fake_pt.state(fake_together)
+    fake_together.burst("POST /v1/rl/model-resources/{id}/stop", [503] * 12)  # the run's own stop fails
+    epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    fake_together.clear_bursts()
+    (left,) = pt.billing()
+    result = CliRunner().invoke(app, ["abort", str(fold)])
+    assert result.exit_code == 0, result.output
+    assert f"model resource {left}" in result.output and pt.billing() == []
