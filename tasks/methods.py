@@ -180,7 +180,10 @@ class TogetherGRPO:
             return None
 
     def close(self) -> None:
+        from tasks.post_training import release_lease
+
         self.lease.close()
+        release_lease(self.lease_name)
 
 
 METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT] | type[TogetherGRPO]] = {

@@ -170,6 +170,10 @@ def register_lease(lease: ResourceLease) -> str:
     return name
 
 
+def release_lease(name: str) -> None:
+    _LEASES.pop(name, None)
+
+
 def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-grpo-epoch-" + params["spec"].key
 

@@ -21,6 +21,9 @@ The v2 endpoint rules Together enforces are enforced here too: a deployment stil
 traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
 ``etag`` that is sent must be the object's current one (409; body field on PATCH, query on DELETE).
 
+The post-training routes (``/v1/rl/...``: model resources, sessions, idempotent operations, checkpoints,
+payload URLs) and their rules live in `tests.fake_together.post_training` (state: ``post_training.state(fake)``).
+
 Job and file progression is driven by polls (each ``GET`` of the object advances it), not by time, so a
 test decides exactly how long things take and never sleeps.
 """
