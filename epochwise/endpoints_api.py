@@ -119,6 +119,33 @@ def model_from_job(client: Together, job_id: str) -> DeployTarget:
     )
 
 
+REGISTRY_MODEL = re.compile(r"projects/(?P<project>[^/]+)/models/(?P<id>[^/]+)(?:/revisions/(?P<rev>[^/]+))?")
+
+
+def model_from_registry(client: Together, ref: str, path: str) -> DeployTarget:
+    """A model-registry model or revision, ``projects/{p}/models/{id}[/revisions/{rev}]``: what a GRPO
+    epoch's inference checkpoint registers (deployed as is: ``types/endpoints/deployment_create_params.py``
+    takes such a path as ``model``). ``ref`` is the epoch's checkpoint, kept as the target's ``job_id``."""
+    found = REGISTRY_MODEL.fullmatch(path)
+    if found is None:
+        raise EndpointFailure(f"{path!r} is not a model-registry path projects/<p>/models/<id>[/revisions/<rev>]")
+    model = client.models.retrieve(found["id"])
+    return DeployTarget(
+        job_id=ref,
+        model_id=model.id,
+        model_name=model.name,
+        model_path=path,
+        reference_model_id=model.base_model_id or short_name(model.base_model or "") or model.id,
+    )
+
+
+def model_of_epoch(client: Together, job_id: str, model: str | None) -> DeployTarget:
+    """The deployable model of an epoch: a registry path (GRPO's inference checkpoint), else its job's model."""
+    if model and REGISTRY_MODEL.fullmatch(model):
+        return model_from_registry(client, job_id, model)
+    return model_from_job(client, job_id)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Configs (hardware)
 # ---------------------------------------------------------------------------------------------------

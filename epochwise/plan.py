@@ -258,14 +258,48 @@ def count_tokenized(role: str, path: Path | str, sha256: str, lengths: Iterable[
 # --- building a plan ------------------------------------------------------------------------------
 
 
-def build_plan(fold: Path | str, backend: str, train, local, harmony, client=None, kept=()) -> Plan:
+def build_plan(
+    fold: Path | str, backend: str, train, local, harmony, client=None, kept=(), post_training=None
+) -> Plan:
     """The plan of ``epochwise train`` for ``fold`` with these settings (``TrainConfig``, ``LocalConfig``,
     ``HarmonyConfig``). ``client`` (a ``together.Together``) is only read from: the file list, the model's
     limits and, for files already uploaded, ``estimate-price``; None plans offline. ``kept``: the
-    recorded epochs of another method that the run continues (`epochwise.epochs.chain_before`)."""
+    recorded epochs of another method that the run continues (`epochwise.epochs.chain_before`). GRPO on
+    Together is priced by the model resource's ``estimate-cost`` (``post_training``: ``PostTrainingConfig``)."""
     if backend == "local":
         return _local_plan(Path(fold), train, local)
+    if getattr(train, "method", "sft") == "grpo":
+        return _grpo_plan(Path(fold), train, client, post_training)
     return _together_plan(Path(fold), train, harmony, client, list(kept))
+
+
+def _grpo_plan(fold: Path, train, client, post_training) -> Plan:
+    """GRPO on Together's post-training API: the resource's price per hour (Together's ``estimate-cost``)
+    x ``post_training.hours_per_epoch`` per epoch, the rule the flow applies before provisioning."""
+    from epochwise.config.together import PostTrainingConfig
+    from epochwise.fold import Fold
+    from epochwise.io import sha256_file
+
+    cfg = post_training or PostTrainingConfig()
+    paths = {role: p for role, p in zip(("train", "val"), Fold.of(fold).files("grpo"), strict=True) if p.is_file()}
+    files = [count_estimate(role, p, sha256_file(p)) for role, p in paths.items()]
+    price, source = None, "unknown without a Together key (Together's estimate-cost prices the model resource)"
+    if client is not None:
+        from epochwise import post_training as pt
+
+        hourly = pt.price_per_hour(client, pt.ResourceSpec.of(train.base_model, cfg, train.hyper.lora))
+        price = hourly * cfg.hours_per_epoch
+        source = (f"Together's estimate-cost of the model resource, ${hourly:.2f}/hour x "
+                  f"post_training.hours_per_epoch={cfg.hours_per_epoch:g} h per epoch (billed while READY)")
+    by_role = {f.role: f for f in files}
+    train_tokens = by_role["train"].tokens if "train" in by_role else 0
+    val_tokens = by_role["val"].tokens if "val" in by_role else 0
+    return Plan(
+        fold=fold.name, backend="together", model=train.base_model,
+        tokenizer=f"estimate, bytes/{ESTIMATE_BYTES_PER_TOKEN} of the prompt rows (GRPO samples the completions)",
+        price_source=source, budget_usd=train.budget_usd, files=files,
+        epochs=plan_epochs(train.epochs, train_tokens, val_tokens, 1, price, train.budget_usd),
+    )
 
 
 def _together_plan(fold: Path, train, harmony, client, kept=None) -> Plan:

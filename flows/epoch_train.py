@@ -78,26 +78,32 @@ def epoch_train(
             print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
             return ctx.records
         progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
-        method.prepare(ctx)
-        records = ctx.records
-        for epoch in range(len(records) + 1, train.epochs + 1):
-            parent = (records[-1].job_id or records[-1].model) if records else None
-            record = method.run_epoch(ctx, epoch, parent)
-            if record is None:
-                break
-            records.append(record)
-            publish_epochs(name, records)
-            if trial is None:  # a sweep draws one picture of all its trials
-                publish_report(fold, records, train, together, ctx.uploads, ops)
-            update_progress_artifact(progress, 100 * epoch / train.epochs)
-            print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}")
-            if trial is not None and not keep_training(trial, record, train.epochs):
-                print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
-                break
-            if val_stalled(records, train.stop_when_val_worsens):
-                print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
-                break
-        return records
+        try:  # a method holding a paid resource for the run (GRPO's model resource) releases it in close()
+            method.prepare(ctx)
+            records = ctx.records
+            for epoch in range(len(records) + 1, train.epochs + 1):
+                parent = (records[-1].job_id or records[-1].model) if records else None
+                record = method.run_epoch(ctx, epoch, parent)
+                if record is None:
+                    break
+                records.append(record)
+                publish_epochs(name, records)
+                if trial is None:  # a sweep draws one picture of all its trials
+                    publish_report(fold, records, train, together, ctx.uploads, ops)
+                update_progress_artifact(progress, 100 * epoch / train.epochs)
+                reward = "" if record.val_reward is None else f" val reward {record.val_reward:.4f}"
+                print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}{reward}")
+                if trial is not None and not keep_training(trial, record, train.epochs):
+                    print(f"{name}: pruned by sweep {trial.study} after epoch {epoch}")
+                    break
+                if val_stalled(records, train.stop_when_val_worsens):
+                    print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
+                    break
+            return records
+        finally:
+            close = getattr(method, "close", None)
+            if close is not None:
+                close()
 
 
 def _loss(value: float | None) -> str:

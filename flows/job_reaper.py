@@ -7,7 +7,9 @@ creates or re-attaches to; a live ``ew-`` job whose newest tagged run is Cancell
 cancelled. A job of a Crashed run keeps running: the next run of the fold re-attaches to it.
 
 Steps: Together's job list -> live epochwise jobs -> their owning flow runs -> cancel where the newest
-owner was cancelled.
+owner was cancelled. Then Together's post-training model resources (GRPO): a live one that a run of this
+project recorded (tag ``together-resource:<id>``) or that carries ``ew-`` sessions, and that no live flow
+run owns, is stopped with ``stop?force=true`` (it bills per GPU-minute while READY).
 
     prefect deployment run job-reaper/frequent
 """
@@ -18,11 +20,15 @@ from prefect import flow
 
 from epochwise.config.together import TogetherConfig
 from tasks.cancellation import reap_cancelled_jobs
+from tasks.post_training import reap_model_resources
 
 
 @flow(name="job-reaper", log_prints=True, validate_parameters=True)
 def job_reaper(together: TogetherConfig = TogetherConfig()) -> list[str]:
-    """Cancel live epochwise jobs whose flow run was cancelled; returns the job ids cancelled."""
+    """Cancel live epochwise jobs whose flow run was cancelled and stop model resources no live run owns;
+    returns the job ids cancelled."""
     cancelled = reap_cancelled_jobs(together)
     print(f"cancelled {len(cancelled)} Together job(s) of cancelled flow runs")
+    stopped = reap_model_resources(together)
+    print(f"stopped {len(stopped)} post-training model resource(s) no live run owns")
     return cancelled

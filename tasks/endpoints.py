@@ -216,7 +216,7 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
     if not record.job_id:
         raise ea.EndpointFailure(f"{record.fold} epoch {record.epoch} has no Together job to deploy")
     client = project_client(together)
-    target = ea.model_from_job(client, record.job_id)
+    target = ea.model_of_epoch(client, record.job_id, record.model)
     config = ea.choose_config(client, target, deploy.hardware)
     slug = ea.endpoint_slug(record.fold, record.epoch)
     with endpoint_lock(slug, together.fold_lock_wait_s):

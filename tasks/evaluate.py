@@ -155,7 +155,7 @@ def open_eval_endpoint(
     Returns the endpoint and the estimated price (0 when unknown)."""
     log = get_run_logger()
     client = project_client(together)
-    target_model = ea.model_from_job(client, target.job_id or "")
+    target_model = ea.model_of_epoch(client, target.job_id or "", target.model)
     slug = ea.endpoint_slug(target.fold, target.epoch)
     live = None
     existing = ea.find_endpoint(client, slug)

@@ -204,12 +204,70 @@ class LocalGRPO(LocalDPO):
         check_rewards(self.rewards, read_prompt_rows(train_file)[:1], str(train_file))
 
 
-METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT]] = {
+class TogetherGRPO:
+    """GRPO on Together's post-training API: one model resource (with a generator replica) for the run,
+    one training session per epoch resumed from the previous epoch's training checkpoint; per step G
+    completions per prompt are sampled, scored locally by ``train.rewards`` and trained on with the GRPO
+    loss (`tasks.post_training`). Each epoch ends with a training checkpoint (``job_id``: what the next
+    epoch resumes from) and an inference checkpoint registered in the model registry (``model``: what
+    ``epochwise deploy FOLD --epoch N`` deploys). `close` stops the resource; the flow calls it in a
+    ``finally``.
+    """
+
+    def __init__(self, ctx: TrainContext) -> None:
+        from tasks.post_training import ResourceLease, register_lease
+
+        self.api_base = api_base(ctx.together)  # credentials first: a missing key fails before validation
+        self.lease = ResourceLease(ctx.fold.name, ctx.train, ctx.together)
+        self.lease_name = register_lease(self.lease)
+
+    def prepare(self, ctx: TrainContext) -> None:
+        """Every reward imported and called on the first train row before anything is provisioned."""
+        from epochwise.rewards import check_rewards, load_rewards
+        from tasks.post_training import read_rows
+
+        train_path = ctx.fold.jsonl_for("grpo")[0]
+        check_rewards(load_rewards(ctx.train.rewards), read_rows(train_path), train_path)
+        if ctx.train.grpo.beta > 0:
+            raise UserError(
+                "GRPO on Together trains with train.grpo.beta = 0 only: a KL term needs reference logprobs "
+                "of the base model for every sampled token, which epochwise does not compute yet"
+            )
+
+    def run_epoch(self, ctx: TrainContext, epoch: int, parent: str | None) -> EpochRecord | None:
+        from epochwise.io import sha256_file
+        from tasks.post_training import train_grpo_epoch
+
+        if parent is not None and ctx.records and ctx.records[-1].method != "grpo":
+            raise UserError(
+                f"GRPO on Together continues only from a GRPO epoch; epoch {epoch - 1} is {ctx.records[-1].method}"
+            )
+        train_path, val_path = ctx.fold.jsonl_for("grpo")
+        hashes = (sha256_file(train_path), sha256_file(val_path))
+        spec = EpochSpec(ctx.fold.name, epoch, ctx.train.base_model, parent, hashes, ctx.train.hyper, self.api_base,
+                         method=ctx.train.method_fields())
+        spent = sum(r.price_usd or 0.0 for r in ctx.records)
+        try:
+            # Not api_tagged: the epoch holds its task for its whole length, like wait_for_job.
+            return train_grpo_epoch(spec, self.lease_name, train_path, val_path, ctx.train, ctx.together, spent)
+        except BudgetExceeded as stop:
+            print(f"stopping before epoch {epoch}: {stop}")
+            return None
+
+    def close(self) -> None:
+        from tasks.post_training import release_lease
+
+        self.lease.close()
+        release_lease(self.lease_name)
+
+
+METHODS: dict[tuple[str, str], type[TogetherSFT] | type[LocalSFT] | type[TogetherGRPO]] = {
     ("together", "sft"): TogetherSFT,
     ("together", "dpo"): TogetherDPO,
     ("local", "sft"): LocalSFT,
     ("local", "dpo"): LocalDPO,
     ("local", "grpo"): LocalGRPO,
+    ("together", "grpo"): TogetherGRPO,
 }
 
 

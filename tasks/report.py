@@ -88,6 +88,8 @@ def _curve(record: EpochRecord, together: TogetherConfig, log) -> rp.EpochCurve:
         steps = data.get("step_losses") or []
         val = [(float(len(steps)), data["val_loss"])] if data.get("val_loss") is not None and steps else []
         return rp.EpochCurve([(float(i), loss) for i, loss in enumerate(steps, start=1)], val)
+    if record.method == "grpo":  # a post-training checkpoint, not a fine-tune job: no per-step losses to read
+        return rp.EpochCurve()
     key = (together.credentials_block, record.job_id or "")
     if key in _SEEN:  # a completed job's losses never change: one task run per job and process
         return _SEEN[key]

@@ -173,15 +173,18 @@ def labelled_spans(row) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
-def epoch_train_child(fold: Path, epochs: int, **train_kw) -> subprocess.Popen:
+def epoch_train_child(
+    fold: Path, epochs: int, train: TrainConfig | None = None, together: TogetherConfig | None = None, **train_kw
+) -> subprocess.Popen:
     """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
-    result storage, so a test can SIGKILL or SIGTERM it mid-run (``train_kw``: e.g. ``method="dpo"``)."""
+    result storage, so a test can SIGKILL or SIGTERM it mid-run (``train``/``together``: other settings;
+    ``train_kw``: changes to the default ``train_cfg``, e.g. ``method="dpo"``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     params = {
         "fold": str(fold),
-        "train": train_cfg(epochs, **train_kw).model_dump(mode="json"),
-        "together": FAST.model_dump(mode="json"),
+        "train": (train or train_cfg(epochs, **train_kw)).model_dump(mode="json"),
+        "together": (together or FAST).model_dump(mode="json"),
     }
     env = {
         **os.environ,

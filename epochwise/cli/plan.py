@@ -93,7 +93,7 @@ def compute_plan(fold: Path, cfg: Settings):
         except MissingCredentials as exc:
             fail_lines([f"error: {exc}"])
     kept = _kept_epochs(fold, backend, cfg, client)
-    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client, kept)
+    return build_plan(fold, backend, cfg.train, cfg.local, cfg.harmony, client, kept, cfg.together.post_training)
 
 
 def _kept_epochs(fold: Path, backend: str, cfg: Settings, client) -> list:

@@ -282,7 +282,8 @@ def status(
 
 
 def abort(fold: Path = FoldArgument, config: Path = ConfigOption, preset: list[str] = PresetOption) -> None:
-    """Cancel this fold's unfinished Together jobs (completed steps are still billed)."""
+    """Cancel this fold's unfinished Together jobs (completed steps are still billed) and stop its GRPO
+    model resources (billed while READY)."""
     from blocks.credentials import together_client
     from epochwise import together_api as api
     from epochwise.credentials import MissingCredentials
@@ -297,6 +298,11 @@ def abort(fold: Path = FoldArgument, config: Path = ConfigOption, preset: list[s
         console.print(f"epoch {epoch}: {job.id} {job.status} -> {api.cancel_job(client, job.id)}")
     if not live:
         console.print(f"{Fold.of(fold).name}: no unfinished jobs at Together")
+    from epochwise import post_training as pt
+    from epochwise.fold import fold_slug
+
+    for resource in pt.fold_resources(client, fold_slug(Fold.of(fold).name)):
+        console.print(f"model resource {resource.id} {resource.status} -> {pt.stop_resource(client, resource.id)}")
 
 
 def deploy_info(

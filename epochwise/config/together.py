@@ -7,6 +7,29 @@ from pydantic import Field
 from epochwise.config.base import Section
 
 
+class PostTrainingConfig(Section):
+    """The model resource and session GRPO trains on (``client.post_training``); not part of any epoch key.
+
+    Together bills a model resource per GPU-minute while it is READY
+    (docs.together.ai/docs/post-training/limits-and-errors); epochwise stops it when the run ends.
+    """
+
+    gpu_type: str | None = Field(None, description="GPU type of the resource ('H100-80GB', 'B200-SXM'; default: Together's).")
+    generator_replicas: int = Field(1, ge=1, description="Generator (sampling) replicas; GRPO needs at least one.")
+    inactive_timeout_s: int = Field(
+        900, ge=300, le=86400, description="Together stops the resource after this long without operations (seconds)."
+    )
+    extend_expiry_s: int = Field(
+        600, ge=60, le=86400, description="Expiry extension asked for while the rewards are computed (seconds)."
+    )
+    hours_per_epoch: float = Field(
+        1.0, gt=0, description="Wall time the budget check assumes for one GRPO epoch (hours x price per hour)."
+    )
+    poll_s: float = Field(0.5, gt=0, description="Wait between operation and status polls (seconds).")
+    ready_deadline_s: float = Field(3600.0, gt=0, description="Give up waiting for a READY resource (seconds).")
+    op_deadline_s: float = Field(1800.0, gt=0, description="Give up waiting for one operation (seconds).")
+
+
 class TogetherConfig(Section):
     """Together API behaviour: polling, deadlines, retries, where credentials come from.
 
@@ -63,3 +86,4 @@ class TogetherConfig(Section):
     upload_lock_hold_s: float = Field(
         3600.0, gt=0, description="An upload lock left by a killed process expires after this long (seconds)."
     )
+    post_training: PostTrainingConfig = Field(default_factory=PostTrainingConfig)

@@ -63,6 +63,12 @@ class GRPOParams(Section):
     beta: float = Field(0.0, ge=0, description="KL weight against the base model (0 = no reference model).")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio.")
     scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
+    tokenizer: str | None = Field(
+        None,
+        description="Together GRPO: tokenizer turning prompts into tokens and sampled tokens into text, an HF id "
+        "or a local directory loaded with transformers (default: the base model's id); 'bytes' = UTF-8 bytes "
+        "(offline tests only: a real model's token ids differ).",
+    )
 
 
 class TrainConfig(Section):

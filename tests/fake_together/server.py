@@ -21,6 +21,9 @@ The v2 endpoint rules Together enforces are enforced here too: a deployment stil
 traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
 ``etag`` that is sent must be the object's current one (409; body field on PATCH, query on DELETE).
 
+The post-training routes (``/v1/rl/...``: model resources, sessions, idempotent operations, checkpoints,
+payload URLs) and their rules live in `tests.fake_together.post_training` (state: ``post_training.state(fake)``).
+
 Job and file progression is driven by polls (each ``GET`` of the object advances it), not by time, so a
 test decides exactly how long things take and never sleeps.
 """
@@ -486,7 +489,8 @@ class FakeTogether:
             if status is not None:
                 body = {"error": {"message": f"scripted {status} for {name}", "type": "rate_limit" if status == 429 else "server_error"}}
                 return status, json.dumps(body).encode(), {"Retry-After-Ms": "1", "Content-Type": "application/json"}
-            if name != "PUT /_upload/{id}" and req.headers.get("authorization") != f"Bearer {self.api_key}":
+            presigned = name == "PUT /_upload/{id}" or name in post_training.UNAUTHENTICATED
+            if not presigned and req.headers.get("authorization") != f"Bearer {self.api_key}":
                 return _error(ApiError(401, "Invalid API key provided", "invalid_api_key"))
             try:
                 with self.lock:
@@ -1064,15 +1068,20 @@ def deployments_create(fake: FakeTogether, p: dict[str, str], req: Request):
     ep = _endpoint(fake, p)
     body = req.json()
     model = body.get("model", "")
-    model_id = model.rsplit("/", 1)[-1]
+    # projects/{p}/models/{id}, or a revision of it: projects/{p}/models/{id}/revisions/{rev}
+    # (the form post-training inference checkpoints register; types/endpoints/deployment_create_params.py)
+    found = re.fullmatch(r"projects/[^/]+/models/([^/]+)(?:/revisions/([^/]+))?", model)
+    model_id, revision = (found.group(1), found.group(2)) if found else (model.rsplit("/", 1)[-1], None)
     if model_id not in fake.state.models:
         raise ApiError(404, f"model {model} not found", "not_found")
+    if revision and revision not in fake.state.models[model_id].get("revisions", []):
+        raise ApiError(404, f"model {model_id} has no revision {revision}", "not_found")
     if req.query.get("validateOnly") == "true":
         return 200, {}
     did = fake.new_id("dep")
     name = body.get("name") or did
     dep = {"id": did, "name": f"{ep['name']}/{name}", "endpointId": ep["id"], "projectId": PROJECT["id"], "etag": "d1",
-           "config": body.get("config", ""), "configId": "", "model": model, "modelId": model_id, "modelRevisionId": "",
+           "config": body.get("config", ""), "configId": "", "model": model, "modelId": model_id, "modelRevisionId": revision or "",
            "hardware": HARDWARE[0]["id"], "autoscaling": body.get("autoscaling", {"minReplicas": 1, "maxReplicas": 1}),
            "inactiveTimeout": body.get("inactiveTimeout"), "createdAt": now_iso(), "updatedAt": now_iso(),
            "trafficMode": "TRAFFIC_MODE_LIVE",
@@ -1186,3 +1195,9 @@ ROUTES = [
     _route("PATCH", _P + "/endpoints/{eid}/deployments/{did}", deployments_update),
     _route("DELETE", _P + "/endpoints/{eid}/deployments/{did}", deployments_delete),
 ]
+
+
+# The post-training routes (``/v1/rl/...``) live in their own module.
+from tests.fake_together import post_training  # noqa: E402
+
+ROUTES += post_training.routes(_route)

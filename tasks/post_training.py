@@ -1,0 +1,309 @@
+"""Prefect tasks for GRPO on Together's post-training API (`epochwise.post_training` does the calls).
+
+What makes it safe with money:
+
+* `ResourceLease.ensure` runs under the fold's host lock and server lease (`tasks.locks.fold_guard`):
+  it first looks for a live model resource of this fold in Together's list (one carrying an
+  ``ew-<fold>-...`` session, or one a flow run of this fold recorded with the tag
+  ``together-resource:<id>``), and creates one only when there is none, so two runs or a rerun never
+  pay for a second resource. Before creating, Together's ``estimate-cost`` is shown and checked
+  against ``train.budget_usd`` (`BudgetExceeded`: nothing provisioned).
+* The run stops the resource (``stop?force=true``) when it ends, in a ``finally``; the `reap_model_resources`
+  task stops a live resource whose owning flow runs are all finished (the backstop after a crash), and
+  Together itself stops one after ``inactive_timeout`` without operations.
+* `train_grpo_epoch` is cached on the epoch key: a finished epoch is never trained (or provisioned
+  for) again. Within an epoch each operation's ``Idempotency-Key`` comes from (fold, epoch key, step,
+  operation), and a rerun re-attaches to the epoch's session while it is still RUNNING, so a step
+  that was applied before a crash returns its original operations instead of being applied again; when
+  the session is gone the epoch restarts from the previous epoch's training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.context import TaskRunContext
+
+from blocks.credentials import together_client
+from epochwise import post_training as pt
+from epochwise.config.ops import OpsConfig
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from epochwise.endpoints_api import with_project
+from epochwise.epochs import EpochRecord
+from epochwise.fold import fold_slug
+from epochwise.rewards import load_rewards
+from epochwise.together_api import BudgetExceeded, TogetherFailure
+from tasks.cancellation import _current_run_id
+from tasks.locks import fold_guard
+from tasks.together import EpochSpec
+
+RESOURCE_TAG = "together-resource:"
+FOLD_TAG = "grpo-fold:"
+ALIVE_STATES = ("RUNNING", "PENDING", "SCHEDULED", "PAUSED", "CANCELLING")
+
+
+def _tag_run(tags: list[str], log: Any) -> None:
+    run_id = _current_run_id()
+    if run_id is None:
+        return
+    try:
+        with get_client(sync_client=True) as prefect:
+            run = prefect.read_flow_run(run_id)  # type: ignore[arg-type]
+            missing = [t for t in tags if t not in run.tags]
+            if missing:
+                prefect.update_flow_run(run.id, tags=[*run.tags, *missing])
+    except Exception as exc:  # the resource is still stopped by this run's finally and by Together's timeout
+        log.warning(f"could not tag flow run {run_id} with {tags} ({exc}); the reaper cannot see this resource")
+
+
+def _runs_tagged(tag: str) -> list[Any]:
+    with get_client(sync_client=True) as prefect:
+        return prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
+def fold_resource_ids(fold: str) -> set[str]:
+    """Resource ids recorded by this fold's flow runs (tags ``together-resource:<id>``)."""
+    ids = set()
+    for run in _runs_tagged(FOLD_TAG + fold_slug(fold)):
+        ids |= {t[len(RESOURCE_TAG) :] for t in run.tags if t.startswith(RESOURCE_TAG)}
+    return ids
+
+
+class ResourceLease:
+    """The run's model resource: found or created on first need, stopped by `close`."""
+
+    def __init__(self, fold: str, train: TrainConfig, together: TogetherConfig) -> None:
+        self.fold, self.train, self.together = fold, train, together
+        self.spec = pt.ResourceSpec.of(train.base_model, together.post_training, train.hyper.lora)
+        self.resource_id: str | None = None
+        self.price_per_hour: float | None = None
+
+    def estimate(self, client: Any) -> float:
+        if self.price_per_hour is None:
+            self.price_per_hour = pt.price_per_hour(client, self.spec)
+        return self.price_per_hour
+
+    def ensure(self, client: Any, epoch: int, spent_usd: float) -> str:
+        """The READY resource of this fold (found, else created after the budget check)."""
+        log = get_run_logger()
+        cfg = self.together.post_training
+        price = self.estimate(client)
+        epoch_usd = price * cfg.hours_per_epoch
+        log.info(
+            f"GRPO model resource: ${price:.2f}/hour, about ${epoch_usd:.2f} for epoch {epoch} "
+            f"(post_training.hours_per_epoch={cfg.hours_per_epoch:g})"
+        )
+        budget = self.train.budget_usd
+        if budget is not None and spent_usd + epoch_usd > budget:
+            raise BudgetExceeded(
+                f"epoch {epoch} would cost about ${epoch_usd:.2f} (${price:.2f}/hour x {cfg.hours_per_epoch:g} h); "
+                f"${spent_usd:.2f} spent of the ${budget:.2f} budget"
+            )
+        if self.resource_id is not None:
+            return self.resource_id
+        slug = fold_slug(self.fold)
+        with self.guard():
+            found = self._find(client, slug)
+            if found is not None:
+                log.info(f"re-using model resource {found.id} ({found.status}) of {self.fold}")
+                rid = found.id
+            else:
+                created = pt.create_resource(client, self.spec)
+                rid = created.id
+                log.info(f"created model resource {rid} ({self.spec.generator_replicas} generator replica(s))")
+            self.resource_id = rid
+            _tag_run([RESOURCE_TAG + rid, FOLD_TAG + slug], log)  # before anything else can fail
+            pt.wait_ready(client, rid, cfg, log=log.info)
+        return rid
+
+    def guard(self) -> Any:
+        """The fold's host lock and server lease around a find-then-create (resource or session)."""
+        wait = self.together.fold_lock_wait_s
+        busy = TogetherFailure(f"fold {self.fold} is being provisioned by another run; waited {wait:.0f} s")
+        return fold_guard(f"grpo-{fold_slug(self.fold)}", wait, self.together.fold_lease_s, busy)
+
+    def _find(self, client: Any, slug: str) -> pt.ResourceInfo | None:
+        live = [
+            r for r in pt.live_resources(client) if r.base_model == self.spec.base_model and r.generator_replicas >= 1
+        ]
+        if not live:
+            return None
+        tagged = fold_resource_ids(self.fold)
+        for r in sorted(live, key=lambda r: (r.created_at, r.id)):
+            if r.id in tagged or any(
+                pt.fold_of_session(s.display_name) == slug for s in pt.resource_sessions(client, r.id)
+            ):
+                return r
+        return None
+
+    def close(self) -> None:
+        """Stop the resource (and its sessions); never raises, says what to do when it could not."""
+        if self.resource_id is None:
+            return
+        try:
+            status = pt.stop_resource(together_client(self.together), self.resource_id)
+            print(f"stopped model resource {self.resource_id}: {status}")
+            self.resource_id = None
+        except Exception as exc:
+            print(
+                f"could not stop model resource {self.resource_id} ({exc}); the resource reaper stops it "
+                "(prefect deployment run job-reaper/frequent), Together after post_training.inactive_timeout_s"
+            )
+
+
+_LEASES: dict[str, ResourceLease] = {}
+
+
+def register_lease(lease: ResourceLease) -> str:
+    name = f"{lease.fold}|{id(lease)}"
+    _LEASES[name] = lease
+    return name
+
+
+def release_lease(name: str) -> None:
+    _LEASES.pop(name, None)
+
+
+def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
+    return "together-grpo-epoch-" + params["spec"].key
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@task(cache_key_fn=grpo_epoch_key, persist_result=True)
+def train_grpo_epoch(
+    spec: EpochSpec,
+    lease_name: str,
+    train_path: str,
+    val_path: str,
+    train: TrainConfig,
+    together: TogetherConfig,
+    spent_usd: float = 0.0,
+) -> EpochRecord:
+    """One GRPO epoch on the fold's model resource; cached on the epoch key (a done epoch is never redone)."""
+    log = get_run_logger()
+    lease = _LEASES[lease_name]
+    client = together_client(together)
+    rid = lease.ensure(client, spec.epoch, spent_usd)
+    cfg = together.post_training
+    name = pt.session_name(spec.fold, spec.epoch, spec.key)
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    with lease.guard():  # find-then-create of the epoch's session: one session even for two runs at once
+        existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
+        if existing:
+            session = existing[0]
+            log.info(
+                f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); "
+                "applied steps are not repeated"
+            )
+        else:
+            session = pt.create_session(
+                client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
+            )
+            log.info(
+                f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
+            )
+    rewards = load_rewards(train.rewards)
+    rows = read_rows(train_path)
+    tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)
+    ops = pt.Operations(client, session.id, cfg)
+    epoch = pt.GRPOEpoch(
+        ops,
+        tokenizer,
+        rows,
+        rewards,
+        train.grpo,
+        train.hyper,
+        spec.fold,
+        spec.key,
+        before_rewards=lambda: pt.extend_expiry(client, rid, cfg.extend_expiry_s),
+    )
+    progress = create_progress_artifact(0.0, description=f"{spec.fold} GRPO epoch {spec.epoch}: steps done")
+    results = []
+    for index in range(epoch.n_steps):
+        result = epoch.step(index)
+        results.append(result)
+        update_progress_artifact(
+            progress,
+            100 * (index + 1) / epoch.n_steps,
+            description=f"{spec.fold} GRPO epoch {spec.epoch}: step {index + 1}/{epoch.n_steps}, "
+            f"mean reward {result.mean_reward:.3f}",
+        )
+        log.info(
+            f"epoch {spec.epoch} step {index + 1}/{epoch.n_steps}: mean reward {result.mean_reward:.4f}, "
+            f"loss {result.loss:.4f}, {result.zero_std_groups}/{result.groups} groups with equal rewards"
+        )
+    val_reward = epoch.evaluate(read_rows(val_path))
+    train_ckpt, model_path, step = epoch.checkpoints()
+    pt.stop_session(client, session.id)
+    project = with_project(client).project_id
+    hours = (time.monotonic() - clock) / 3600
+    zero = sum(r.zero_std_groups for r in results) / max(sum(r.groups for r in results), 1)
+    if zero > 0.5:
+        log.warning(f"epoch {spec.epoch}: {zero:.0%} of prompt groups had equal rewards and taught nothing")
+    metrics = {
+        "train_reward": sum(r.mean_reward for r in results) / max(len(results), 1),
+        "frac_reward_zero_std": zero,
+        "step": float(step),
+    }
+    for r in results:
+        for k, v in r.reward_means.items():
+            metrics[k] = metrics.get(k, 0.0) + v / len(results)
+    return EpochRecord(
+        fold=spec.fold,
+        epoch=spec.epoch,
+        backend="together",
+        method="grpo",
+        status="completed",
+        job_id=train_ckpt,
+        model=f"projects/{project}/{model_path}",
+        parent=spec.parent,
+        train_loss=results[-1].loss if results else None,
+        val_reward=val_reward,
+        metrics=metrics,
+        price_usd=round((lease.price_per_hour or 0.0) * hours, 4),
+        started_at=started,
+        finished_at=datetime.now(UTC),
+    )
+
+
+def _owners_alive(resource_id: str) -> bool | None:
+    """True when a flow run owning the resource is still alive, False when all are finished, None: no owner known."""
+    runs = _runs_tagged(RESOURCE_TAG + resource_id)
+    if not runs:
+        return None
+    return any((r.state.type.value if r.state else "") in ALIVE_STATES for r in runs)
+
+
+@task(cache_policy=NO_CACHE, tags=[OpsConfig().together_api_tag])
+def reap_model_resources(together: TogetherConfig) -> list[str]:
+    """Stop (``force=true``) every live model resource of this project's runs that no live run owns:
+    its owning flow runs all finished, or it carries ``ew-`` sessions and no owner is known."""
+    log = get_run_logger()
+    client = together_client(together)
+    stopped = []
+    for r in pt.live_resources(client):
+        alive = _owners_alive(r.id)
+        ours = alive is not None or any(pt.fold_of_session(s.display_name) for s in pt.resource_sessions(client, r.id))
+        if not ours or alive:
+            continue
+        log.warning(f"stopping model resource {r.id} ({r.status}, {r.base_model}): no live run owns it")
+        try:
+            pt.stop_resource(client, r.id)
+            stopped.append(r.id)
+        except Exception as exc:
+            log.error(f"could not stop model resource {r.id}: {exc}")
+    return stopped

@@ -1,0 +1,292 @@
+"""GRPO on Together's post-training API, against the fake with the real SDK: a 2-epoch run whose mean
+reward rises, idempotent operations, resume without repeating an applied step, the budget before
+provisioning, the resource stopped after a failure and by the reaper, deploy of a GRPO epoch."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from epochwise.config.together import PostTrainingConfig
+from epochwise.config.train import GRPOParams, HyperParams
+from flows.epoch_train import epoch_train
+from tests.fake_together import post_training as fake_pt
+from tests.helpers import FAST, epoch_train_child, train_cfg
+
+PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
+REWARDS = '''
+def letter_a(prompts, completions, target, **kwargs):
+    """Share of the completion's characters that are the row's target letter."""
+    return [c[0]["content"].count(t) / max(len(c[0]["content"]), 1) for c, t in zip(completions, target)]
+'''
+
+
+def grpo_fold(root: Path, name: str, tag: str, n_train: int = 8, n_val: int = 2) -> tuple[Path, str]:
+    """A fold of prompt rows (``messages`` + a ``target`` column) and a reward file beside it."""
+    fold = root / name
+    fold.mkdir(parents=True)
+
+    def row(i: int) -> str:
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"fold {tag}"},
+                    {"role": "user", "content": f"Write letters, prompt {i}"},
+                ],
+                "target": "a",
+            }
+        )
+
+    (fold / "train.jsonl").write_text("".join(row(i) + "\n" for i in range(n_train)))
+    (fold / "val.jsonl").write_text("".join(row(100 + i) + "\n" for i in range(n_val)))
+    (root / "rewards.py").write_text(REWARDS)
+    return fold, f"{root / 'rewards.py'}:letter_a"
+
+
+def grpo_cfg(reward: str, epochs: int = 2, **kw):
+    return train_cfg(
+        epochs,
+        method="grpo",
+        rewards=[reward],
+        hyper=HyperParams(learning_rate=1e-4),
+        grpo=GRPOParams(num_generations=4, max_new_tokens=8, prompts_per_step=2, tokenizer="bytes"),
+        **kw,
+    )
+
+
+def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "g1", "rise", n_train=16, n_val=8)
+    cfg = grpo_cfg(reward).model_copy(
+        update={"grpo": GRPOParams(num_generations=4, max_new_tokens=16, tokenizer="bytes")}
+    )
+    records = epoch_train(str(fold), cfg, PT)
+    pt = fake_pt.state(fake_together)
+    assert [r.epoch for r in records] == [1, 2] and all(r.method == "grpo" for r in records)
+    assert records[1].val_reward > records[0].val_reward
+    assert records[1].metrics["train_reward"] > records[0].metrics["train_reward"]
+    # the policy saved at each epoch's end samples the rewarded letter more and more often (uniform: 1/26)
+    p1, p2 = (
+        fake_pt.token_probability(pt.checkpoints[r.job_id]["_policy"], ord("a"), pt.script.vocab) for r in records
+    )
+    assert p2 > p1 > 1 / 26
+    assert len(pt.resources) == 1 and pt.billing() == []  # one resource, stopped at the end
+    assert pt.applied["optim-step"] == 2 * 8  # 16 prompts / 2 per step, 2 epochs
+    assert pt.applied["training-checkpoint"] == 2 and pt.applied["inference-checkpoint"] == 2
+    second = next(s for s in pt.sessions.values() if s.body["display_name"].startswith("ew-g1-e2-"))
+    assert second.body["resume_from_checkpoint_id"] == records[0].job_id
+    assert records[1].model.startswith("projects/proj_1/models/ml_") and "/revisions/rv_" in records[1].model
+    assert fake_together.counts["POST /v1/rl/model-resources/{id}/extend-expiry"] >= 16
+    # a rerun finds both epochs done: nothing provisioned, nothing applied
+    again = epoch_train(str(fold), cfg, PT)
+    assert [r.job_id for r in again] == [r.job_id for r in records]
+    assert len(pt.resources) == 1 and pt.applied["optim-step"] == 16
+
+
+def epoch_sessions(pt, fold: str, epoch: int) -> list:
+    return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
+
+
+def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gk", "kill")
+    pt = fake_pt.state(fake_together)
+    pt.script.hold_after = {"optim-step": 2}  # the 3rd optim step is applied, then never reported done
+    child = epoch_train_child(fold, 2, grpo_cfg(reward), PT)
+    try:
+        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
+        while (
+            fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] < 1
+            or pt.applied["optim-step"] < 3
+        ):
+            assert child.poll() is None, "the flow process ended before it waited on the held step"
+            assert time.monotonic() < deadline, "the flow process never reached the third step"
+            time.sleep(0.05)
+        time.sleep(0.2)  # it is polling the held operation now
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert pt.applied["optim-step"] == 3 and pt.billing()  # killed: nothing stopped the resource
+    pt.script.hold_after = {}
+
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+
+    assert [r.epoch for r in records] == [1, 2]
+    assert len(pt.resources) == 1  # the killed run's resource was found again, not a second one
+    assert len(epoch_sessions(pt, "gk", 1)) == 1  # re-attached to the epoch's running session
+    assert pt.applied["optim-step"] == 8 and pt.applied["forward-backward"] == 8  # 4 steps x 2 epochs, none twice
+    assert len(set(pt.applied_keys)) == len(pt.applied_keys)
+    assert pt.billing() == []
+
+
+def test_a_lost_operation_reply_is_retried_with_the_same_key_and_applied_once(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gl", "lost", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.lose_replies.update({"forward-backward": 1, "optim-step": 1, "inference-checkpoint": 1})
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    assert len(records) == 1
+    posts = fake_together.counts["POST /v1/rl/training-sessions/{id}/operations/optim-step"]
+    assert posts == 3 and pt.applied["optim-step"] == 2  # 2 steps, one retried POST
+    assert pt.applied["forward-backward"] == 2 and pt.applied["inference-checkpoint"] == 1
+    assert len(fake_together.state.models) == 1  # one registered model, not two
+
+
+def test_budget_stops_before_any_resource_is_provisioned(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gb", "budget")
+    records = epoch_train(str(fold), grpo_cfg(reward, budget_usd=5.0), PT)  # the fake: $12/h, 1 h per epoch
+    pt = fake_pt.state(fake_together)
+    assert records == [] and pt.resources == {} and pt.cost_estimates == 1
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 0
+
+
+def test_a_failed_step_fails_the_run_and_stops_the_resource(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gf", "fail")
+    pt = fake_pt.state(fake_together)
+    pt.script.fail_ops["forward-backward"] = "TRAINING_OPERATION_ERROR_CODE_NON_FINITE_LOSS"
+    with pytest.raises(Exception, match="NON_FINITE_LOSS"):
+        epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(pt.resources) == 1 and pt.billing() == []
+    assert all(s.status == "TRAINING_SESSION_STATUS_STOPPED" for s in pt.sessions.values())
+    # the rerun trains on a new resource (the old one is stopped) and finishes
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(records) == 2 and len(pt.resources) == 2 and pt.billing() == []
+
+
+def test_a_broken_reward_fails_before_anything_is_paid(fake_together, tmp_path):
+    fold, _ = grpo_fold(tmp_path, "gr", "reward")
+    (tmp_path / "bad.py").write_text("def bad(prompts, completions, **kw):\n    return [1.0]\n")
+    with pytest.raises(Exception, match="returned 1 values for 2 completions"):
+        epoch_train(str(fold), grpo_cfg(f"{tmp_path / 'bad.py'}:bad"), PT)
+    assert fake_pt.state(fake_together).resources == {}
+    assert fake_pt.state(fake_together).cost_estimates == 0
+
+
+def test_the_reaper_stops_a_leftover_resource_no_live_run_owns_and_leaves_others(fake_together, tmp_path):
+    from together import Together
+
+    from flows.job_reaper import job_reaper
+
+    fold, reward = grpo_fold(tmp_path, "gz", "reap", n_train=2)
+    pt = fake_pt.state(fake_together)
+    fake_together.burst("POST /v1/rl/model-resources/{id}/stop", [503] * 12)  # the run's own stop fails
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    fake_together.clear_bursts()
+    assert len(records) == 1 and len(pt.billing()) == 1  # the finished run left its resource billing
+    leftover = pt.billing()[0]
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    foreign = client.post_training.model_resources.create(
+        base_model="someone/else", compute_config={"num_generator_replicas": 1}
+    )
+    client.post_training.model_resources.retrieve(foreign.id)
+    client.post_training.model_resources.retrieve(foreign.id)  # READY, not epochwise's
+
+    job_reaper(PT)
+
+    assert pt.resources[leftover].status == "MODEL_RESOURCES_STATUS_STOPPED"
+    assert pt.billing() == [foreign.id]
+
+
+def test_deploy_of_a_grpo_epoch_deploys_its_registered_inference_checkpoint(fake_together, tmp_path):
+    from flows.deploy_epoch import deploy_epoch
+    from tests.helpers import DEPLOY
+
+    fold, reward = grpo_fold(tmp_path, "gd", "deploy", n_train=4)
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+
+    row = deploy_epoch(str(fold), 1, deploy=DEPLOY, together=PT)  # epoch 1 from the fold's epoch table
+
+    (dep,) = fake_together.state.deployments.values()
+    assert dep["model"] == records[0].model  # projects/proj_1/models/ml_.../revisions/rv_...
+    assert dep["modelRevisionId"] == records[0].model.rsplit("/", 1)[-1]
+    assert dep["status"]["state"] == "DEPLOYMENT_STATE_READY"
+    assert row["endpoint"] == "me/ew-gd-e1" and row["smoke reply"] == "pong"
+
+
+def test_cli_plan_then_train_a_grpo_fold_on_together_shows_the_price_first(fake_together, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+    from tests.helpers import BASE
+
+    env = {
+        "TOGETHER__POST_TRAINING__POLL_S": "0.001",
+        "TRAIN__GRPO__TOKENIZER": "bytes",
+        "TRAIN__GRPO__MAX_NEW_TOKENS": "4",
+        "TOGETHER__FOLD_LOCK_WAIT_S": "30",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(f"EPOCHWISE_{name}", value)
+    fold, reward = grpo_fold(tmp_path, "gc", "cli", n_train=2)
+    args = [
+        str(fold),
+        "--backend",
+        "together",
+        "--base-model",
+        BASE,
+        "--method",
+        "grpo",
+        "--reward",
+        reward,
+        "--epochs",
+        "2",
+        "--budget",
+        "30",
+    ]
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", *args])
+    assert planned.exit_code == 0, planned.output
+    assert "estimate-cost" in planned.output and "12.00/hour" in planned.output
+    assert "total for 2 epoch(s): $24.00" in planned.output
+    assert fake_pt.state(fake_together).resources == {}  # the plan provisions nothing
+
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("estimate-cost") < result.output.index("epoch 1: projects/proj_1/models/")
+    pt = fake_pt.state(fake_together)
+    assert len(pt.resources) == 1 and pt.applied["optim-step"] == 2 and pt.billing() == []
+
+
+def test_two_runs_of_one_fold_at_once_share_one_resource_and_apply_each_step_once(fake_together, tmp_path):
+    import threading
+
+    fold, reward = grpo_fold(tmp_path, "gt", "twins", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.op_polls = 3
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = epoch_train(str(fold), grpo_cfg(reward), PT, return_state=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert any(state.is_completed() for state in results.values())
+    assert len(pt.resources) == 1 and pt.billing() == []
+    assert [len(epoch_sessions(pt, "gt", e)) for e in (1, 2)] == [1, 1]
+    assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
+    # whichever run lost the race, a rerun finds both epochs done
+    records = epoch_train(str(fold), grpo_cfg(reward), PT)
+    assert len(records) == 2 and pt.applied["optim-step"] == 4 and len(pt.resources) == 1
+
+
+def test_abort_stops_the_folds_model_resource(fake_together, tmp_path):
+    from typer.testing import CliRunner
+
+    from epochwise.cli import app
+
+    fold, reward = grpo_fold(tmp_path, "ga", "abort", n_train=2)
+    pt = fake_pt.state(fake_together)
+    fake_together.burst("POST /v1/rl/model-resources/{id}/stop", [503] * 12)  # the run's own stop fails
+    epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+    fake_together.clear_bursts()
+    (left,) = pt.billing()
+    result = CliRunner().invoke(app, ["abort", str(fold)])
+    assert result.exit_code == 0, result.output
+    assert f"model resource {left}" in result.output and pt.billing() == []
