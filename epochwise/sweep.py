@@ -319,14 +319,17 @@ def sweep_dir(fold: Path | str, name: str) -> Path:
     return Path(fold) / SWEEPS_DIR / name
 
 
-def make_sampler(cfg: SweepConfig, space: Space) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SweepConfig, space: Space, asked: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler for the next trial. Every task opens the study afresh, so a seeded random or TPE
+    sampler would start from the same random state each time and propose the same values: its seed is
+    ``seed + trials asked so far`` (reproducible, and the same after a resume)."""
     import optuna
 
-    if cfg.sampler == "grid":
+    if cfg.sampler == "grid":  # picks an unvisited grid point from the study itself
         return optuna.samplers.GridSampler(space.grid(), seed=cfg.seed)
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=cfg.seed + asked)
+    return optuna.samplers.TPESampler(seed=cfg.seed + asked)
 
 
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
@@ -392,6 +395,7 @@ class Study:
 
     def ask(self, estimate_usd: float | None) -> int:
         assert self.space is not None, "a study opened without its space asks nothing"
+        self.study.sampler = make_sampler(self.cfg, self.space, asked=len(self.trials()))
         trial = self.study.ask(self.space.distributions())
         if estimate_usd is not None:
             trial.set_user_attr("estimate_usd", estimate_usd)

@@ -132,3 +132,20 @@ def test_a_sweep_resumed_with_another_space_is_refused(tmp_path):
     other = sw.parse_space({"train.hyper.lora_r": [8, 128]})
     with pytest.raises(UserError, match="was started with another search space"):
         sw.Study(tmp_path / "sweeps" / "s", "s", SweepConfig(), other)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_seeded_samplers_propose_new_values_each_trial_and_the_same_ones_on_a_rerun(tmp_path, sampler):
+    space = sw.parse_space({"train.hyper.learning_rate": {"log_uniform": [1e-6, 1e-2]}})
+    cfg = SweepConfig(sampler=sampler, seed=3)
+
+    def proposals(directory: Path) -> list[float]:
+        values = []
+        for _ in range(4):  # each ask from a study opened afresh, as every task of the flow does
+            opened = sw.Study(directory, "s", cfg, space)
+            values.append(opened.params(opened.ask(None))["train.hyper.learning_rate"])
+        return values
+
+    first = proposals(tmp_path / "a")
+    assert len(set(first)) == 4
+    assert proposals(tmp_path / "b") == first
