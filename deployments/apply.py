@@ -193,6 +193,7 @@ def apply_all(
         for dep in stale:
             if prune:
                 client.delete_deployment(dep.id)
-            report.append(Applied("deployment", f"epoch-train/{dep.name}", "deleted" if prune else "stale",
+            flow_name = client.read_flow(dep.flow_id).name  # epoch-train or sweep
+            report.append(Applied("deployment", f"{flow_name}/{dep.name}", "deleted" if prune else "stale",
                                   f"fold {dep.parameters['fold']} is gone" + ("" if prune else "; --prune deletes")))
     return report
