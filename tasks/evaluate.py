@@ -57,6 +57,7 @@ class EpochTarget:
     adapter_dir: str | None = None
     base_model: str | None = None
     job_id: str | None = None
+    model: str | None = None  # Together: the epoch's model (a registry path for a GRPO epoch)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,9 @@ def pick_eval_epochs(fold: str, epochs: str, together: TogetherConfig) -> list[E
         else:
             if not record.job_id:
                 raise ev.EvaluationError(f"{record.fold} epoch {record.epoch} has no Together job to evaluate")
-            targets.append(EpochTarget(record.fold, record.epoch, "together", record.job_id, job_id=record.job_id))
+            targets.append(
+                EpochTarget(record.fold, record.epoch, "together", record.job_id, job_id=record.job_id, model=record.model)
+            )
     return targets
 
 
