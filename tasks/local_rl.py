@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import EpochRecord
 from epochwise.fold import Fold
 from epochwise.local.keys import finished_metrics, run_dir, run_epoch_cache_key, run_key
+from tasks.local_train import to_record
 from tasks.locks import fold_guard
 
 ZERO_STD_WARNING = 0.5  # the same threshold as epochwise.local.grpo (not imported: it pulls in torch)
@@ -161,22 +161,3 @@ def _train_locked(
         )  # fmt: skip
     return to_record(asdict(result), parent, train.local_model)
 
-
-def to_record(metrics: dict[str, Any], parent: str | None, base: str) -> EpochRecord:
-    """The flow's `EpochRecord` from a local DPO / GRPO epoch's ``metrics.json``."""
-    return EpochRecord(
-        fold=metrics["fold"],
-        epoch=metrics["epoch"],
-        backend="local",
-        method=metrics["method"],
-        model=metrics["adapter_dir"],
-        parent=parent or base,
-        train_loss=metrics["train_loss"],
-        val_loss=metrics["val_loss"],
-        val_reward=metrics["val_reward"],
-        metrics=metrics["metrics"],
-        tokens_per_s=metrics["tokens_per_s"],
-        sample=metrics["sample"],
-        started_at=datetime.fromisoformat(metrics["started_at"]),
-        finished_at=datetime.fromisoformat(metrics["finished_at"]),
-    )

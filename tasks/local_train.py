@@ -160,15 +160,19 @@ def _train_locked(
 
 
 def to_record(metrics: dict[str, Any], parent: str | None, base: str) -> EpochRecord:
-    """The flow's `EpochRecord` from a local epoch's metrics (``metrics.json`` / `EpochResult`)."""
+    """The flow's `EpochRecord` from a local epoch's metrics (``metrics.json`` / `EpochResult`, or a DPO /
+    GRPO epoch's `RLEpochResult`, which adds the method, the validation reward and its own metrics)."""
     return EpochRecord(
         fold=metrics["fold"],
         epoch=metrics["epoch"],
         backend="local",
+        method=metrics.get("method", "sft"),
         model=metrics["adapter_dir"],
         parent=parent or base,
         train_loss=metrics["train_loss"],
         val_loss=metrics["val_loss"],
+        val_reward=metrics.get("val_reward"),
+        metrics=metrics.get("metrics") or {},
         tokens_per_s=metrics["tokens_per_s"],
         sample=metrics["sample"],
         started_at=datetime.fromisoformat(metrics["started_at"]),
