@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from epochwise.problems import UserError
 
 Messages = list[dict[str, Any]]
@@ -88,6 +90,23 @@ def load_rewards(specs: Sequence[str], base: Path | None = None) -> list[Reward]
     if not specs:
         raise UserError("GRPO needs at least one reward function: --reward module:function (repeatable)")
     return [load_reward(spec, base) for spec in specs]
+
+
+def read_prompt_rows(path: Path | str) -> list[dict[str, Any]]:
+    """Prompt rows ``{"messages": [system?, user], ...columns}``; a `UserError` names a bad line."""
+    rows = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = orjson.loads(line)
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise UserError(f"{path}:{number}: a GRPO prompt row needs 'messages' (system?, user)")
+            if messages[-1].get("role") == "assistant":
+                raise UserError(f"{path}:{number}: a GRPO prompt ends with the user turn, not an assistant reply")
+            rows.append(row)
+    return rows
 
 
 def prompt_columns(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Messages], dict[str, list[Any]]]:

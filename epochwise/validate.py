@@ -534,7 +534,3 @@ def _not_preference(path: Path, max_line_bytes: int) -> list[Problem]:
         return []
     return []
 
-
-def validate_prompt_file(path: Path | str, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Problem]:
-    """GRPO prompt rows (`validate_method_file` for ``grpo``, without together's check_file)."""
-    return validate_method_file(path, "grpo", run_together_check=False, max_line_bytes=max_line_bytes)

@@ -197,8 +197,7 @@ class LocalGRPO(LocalDPO):
         self.rewards = load_rewards(ctx.train.rewards)
 
     def prepare(self, ctx: TrainContext) -> None:
-        from epochwise.local.grpo import read_prompt_rows
-        from epochwise.rewards import check_rewards
+        from epochwise.rewards import check_rewards, read_prompt_rows
 
         train_file, _ = ctx.fold.files("grpo")
         check_rewards(self.rewards, read_prompt_rows(train_file)[:1], str(train_file))
@@ -223,11 +222,10 @@ class TogetherGRPO:
 
     def prepare(self, ctx: TrainContext) -> None:
         """Every reward imported and called on the first train row before anything is provisioned."""
-        from epochwise.rewards import check_rewards, load_rewards
-        from tasks.post_training import read_rows
+        from epochwise.rewards import check_rewards, load_rewards, read_prompt_rows
 
         train_path = ctx.fold.jsonl_for("grpo")[0]
-        check_rewards(load_rewards(ctx.train.rewards), read_rows(train_path), train_path)
+        check_rewards(load_rewards(ctx.train.rewards), read_prompt_rows(train_path), train_path)
         if ctx.train.grpo.beta > 0:
             raise UserError(
                 "GRPO on Together trains with train.grpo.beta = 0 only: a KL term needs reference logprobs "

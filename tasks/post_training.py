@@ -20,10 +20,8 @@ What makes it safe with money:
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -41,7 +39,7 @@ from epochwise.config.train import TrainConfig
 from epochwise.endpoints_api import with_project
 from epochwise.epochs import EpochRecord
 from epochwise.fold import fold_slug
-from epochwise.rewards import load_rewards
+from epochwise.rewards import load_rewards, read_prompt_rows
 from epochwise.together_api import BudgetExceeded, TogetherFailure
 from tasks.cancellation import _current_run_id
 from tasks.locks import fold_guard
@@ -178,10 +176,6 @@ def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-grpo-epoch-" + params["spec"].key
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 @task(cache_key_fn=grpo_epoch_key, persist_result=True)
 def train_grpo_epoch(
     spec: EpochSpec,
@@ -217,7 +211,7 @@ def train_grpo_epoch(
                 f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
             )
     rewards = load_rewards(train.rewards)
-    rows = read_rows(train_path)
+    rows = read_prompt_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)
     ops = pt.Operations(client, session.id, cfg)
     epoch = pt.GRPOEpoch(
@@ -246,7 +240,7 @@ def train_grpo_epoch(
             f"epoch {spec.epoch} step {index + 1}/{epoch.n_steps}: mean reward {result.mean_reward:.4f}, "
             f"loss {result.loss:.4f}, {result.zero_std_groups}/{result.groups} groups with equal rewards"
         )
-    val_reward = epoch.evaluate(read_rows(val_path))
+    val_reward = epoch.evaluate(read_prompt_rows(val_path))
     train_ckpt, model_path, step = epoch.checkpoints()
     pt.stop_session(client, session.id)
     project = with_project(client).project_id

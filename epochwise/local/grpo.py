@@ -32,7 +32,6 @@ from pathlib import Path
 from types import MethodType
 from typing import Any
 
-import orjson
 import torch
 
 from epochwise.config.local import LocalConfig
@@ -54,7 +53,7 @@ from epochwise.local.rl import (
 )
 from epochwise.local.trainer import generate
 from epochwise.problems import UserError
-from epochwise.rewards import Reward, as_completions, prompt_columns, score
+from epochwise.rewards import Reward, as_completions, prompt_columns, read_prompt_rows, score
 
 # Most groups with equal rewards means most prompts teach nothing (TRL reports it as frac_reward_zero_std).
 ZERO_STD_WARNING = 0.5
@@ -81,23 +80,6 @@ def prompts_per_step(train: TrainConfig) -> int:
             )
         return size // grpo.num_generations
     return grpo.prompts_per_step
-
-
-def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
-    """Prompt rows ``{"messages": [system?, user], ...columns}``; a `UserError` names a bad line."""
-    rows = []
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = orjson.loads(line)
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise UserError(f"{path}:{number}: a GRPO prompt row needs 'messages' (system?, user)")
-            if messages[-1].get("role") == "assistant":
-                raise UserError(f"{path}:{number}: a GRPO prompt ends with the user turn, not an assistant reply")
-            rows.append(row)
-    return rows
 
 
 def prompt_ids(tokenizer, messages: list[dict], max_len: int) -> list[int]:
