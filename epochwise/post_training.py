@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,17 +101,21 @@ def price_per_hour(client: Together, spec: ResourceSpec) -> float:
     return float(answer.price_per_hour)
 
 
-def list_resources(client: Together) -> list[ResourceInfo]:
-    """Every model resource of the caller, all pages."""
-    found: list[ResourceInfo] = []
+def all_pages(list_page: Callable[..., Any], page_size: int = 100, **params: Any) -> Iterator[Any]:
+    """Every item of a paginated post-training list (``limit`` at most 100; ``after`` = the last ``next_cursor``)."""
     after: str | Omit = Omit()
     while True:
-        page = client.post_training.model_resources.list(created_by="me", limit=100, after=after)
-        found += [_resource(r) for r in page.data or []]
+        page = list_page(limit=page_size, after=after, **params)
+        yield from page.data or []
         meta = page.meta
         if not (meta and meta.has_more and meta.next_cursor):
-            return found
+            return
         after = meta.next_cursor
+
+
+def list_resources(client: Together) -> list[ResourceInfo]:
+    """Every model resource of the caller, all pages."""
+    return [_resource(r) for r in all_pages(client.post_training.model_resources.list, created_by="me")]
 
 
 def live_resources(client: Together) -> list[ResourceInfo]:
@@ -169,6 +173,14 @@ def wait_ready(
         sleep(cfg.poll_s)
 
 
+def resource_status(client: Together, resource_id: str) -> str:
+    """The resource's status now (``MODEL_RESOURCES_STATUS_...``), or ``gone`` when Together has no such resource."""
+    try:
+        return str(client.post_training.model_resources.retrieve(resource_id).status)
+    except NotFoundError:
+        return "gone"
+
+
 def stop_resource(client: Together, resource_id: str) -> str:
     """Stop the resource and every session on it (``force=true``); returns its status. An already
     stopped or failed resource is left as it is (Together answers 400 for those)."""
@@ -219,8 +231,34 @@ def _session(s: Any) -> SessionInfo:
 
 
 def resource_sessions(client: Together, resource_id: str) -> list[SessionInfo]:
-    page = client.post_training.sessions.list(model_resources_id=resource_id, limit=100)
-    return [_session(s) for s in page.data or []]
+    return [_session(s) for s in all_pages(client.post_training.sessions.list, model_resources_id=resource_id)]
+
+
+@dataclass(frozen=True)
+class FinishedEpoch:
+    """An epoch's end as Together's session list shows it: what its `GRPOEpoch.checkpoints` saved."""
+
+    session_id: str
+    training_checkpoint: str
+    model_path: str  # models/<id>/revisions/<rev> of the registered inference checkpoint
+    step: int
+
+
+def finished_epoch(client: Together, name: str) -> FinishedEpoch | None:
+    """The session named ``name`` that holds a training checkpoint and a registered inference
+    checkpoint (the epoch ran to its end, in any run, on any machine), from Together's list of every
+    session of the caller (all pages, any resource, stopped ones included); None when there is none."""
+    for s in all_pages(client.post_training.sessions.list, created_by="me"):
+        if s.display_name != name or not s.training_checkpoints:
+            continue
+        for infer in s.inference_checkpoints:
+            reg = infer.registration
+            artifact = reg and (reg.model or reg.adapter)
+            if artifact:
+                train = s.training_checkpoints[-1]
+                path = f"models/{artifact.id}/revisions/{artifact.revision_id}"
+                return FinishedEpoch(s.id, train.id, path, int(train.step))
+    return None
 
 
 def create_session(

@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.locking.protocol import LockManager
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 POLL_S = 0.2  # how often a waiting run retries the lock
+logger = logging.getLogger("epochwise.locks")
 
 
 def locks_dir() -> Path:
@@ -114,3 +119,74 @@ def fold_guard(
         left = None if wait_s is None else max(wait_s - (time.monotonic() - start), 1.0)
         with server_lease(name, left, lease_s, busy):
             yield
+
+
+class HostLockManager(LockManager):
+    """A Prefect lock manager whose locks are ``flock`` s (`exclusive_lock`), for SERIALIZABLE cache
+    policies on long tasks.
+
+    With ``isolation_level=SERIALIZABLE`` Prefect takes the lock on the task's cache key before it
+    looks for the cached result and releases it after the result is committed, so a second run of the
+    same key on this host waits, then finds the first one's result instead of computing (and paying
+    for) it again. Prefect's own `FileSystemLockManager` frees a killed holder's lock only when its
+    hold timeout ends, which must outlast the longest task; an ``flock`` is freed by the OS the moment
+    its holder dies, even by SIGKILL. It covers one host (or a shared filesystem): a server lease
+    would not do for hours-long holders, since a killed holder's lease is reclaimed only by the
+    expiry sweep of ``prefect server start``, never on the ephemeral API.
+    """
+
+    def __init__(self, wait_s: float | None = None) -> None:
+        self.wait_s = wait_s
+        self._held: dict[str, tuple[str, contextlib.ExitStack]] = {}
+        self._mutex = threading.Lock()
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        wait = acquire_timeout if acquire_timeout is not None else self.wait_s
+        if self.is_locked(key):
+            logger.info(f"waiting for another run that holds {key}; its result is used when it finishes")
+        stack = contextlib.ExitStack()
+        busy = TimeoutError(f"{key} is still held by another run after {wait} s")
+        stack.enter_context(exclusive_lock(key, float("inf") if wait is None else wait, busy))  # never unlocked
+        with self._mutex:
+            self._held[key] = (holder, stack)
+        return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None or held[0] != holder:
+                raise ValueError(f"{holder} does not hold the lock on {key}")
+            del self._held[key]
+        held[1].close()
+
+    def is_locked(self, key: str) -> bool:
+        with open(locks_dir() / f"{key}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        with self._mutex:
+            held = self._held.get(key)
+        return held is not None and held[0] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)

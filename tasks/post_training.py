@@ -8,11 +8,17 @@ What makes it safe with money:
   ``together-resource:<id>``), and creates one only when there is none, so two runs or a rerun never
   pay for a second resource. Before creating, Together's ``estimate-cost`` is shown and checked
   against ``train.budget_usd`` (`BudgetExceeded`: nothing provisioned).
-* The run stops the resource (``stop?force=true``) when it ends, in a ``finally``; the `reap_model_resources`
-  task stops a live resource whose owning flow runs are all finished (the backstop after a crash), and
-  Together itself stops one after ``inactive_timeout`` without operations.
-* `train_grpo_epoch` is cached on the epoch key: a finished epoch is never trained (or provisioned
-  for) again. Within an epoch each operation's ``Idempotency-Key`` comes from (fold, epoch key, step,
+* The run stops the resource (``stop?force=true``) when it ends, in a ``finally``, unless another run
+  of the fold is training on it (a live session that is not this run's): that run stops it when it
+  ends. The `reap_model_resources` task stops a live resource whose owning flow runs are all finished
+  (the backstop after a crash), and Together itself stops one after ``inactive_timeout`` without
+  operations.
+* `train_grpo_epoch` is cached on the epoch key and SERIALIZABLE (`grpo_epoch_policy`): a second run
+  of the same epoch waits for the first one's result and uses it, so a finished epoch is never
+  trained (or provisioned for) again. Without a cached result (another machine, wiped result storage)
+  Together's own session list is asked first: a session of the epoch that saved its checkpoints is
+  used as the epoch's result (`epochwise.post_training.finished_epoch`).
+* Within an epoch each operation's ``Idempotency-Key`` comes from (fold, epoch key, step,
   operation), and a rerun re-attaches to the epoch's session while it is still RUNNING, so a step
   that was applied before a crash returns its original operations instead of being applied again; when
   the session is gone the epoch restarts from the previous epoch's training checkpoint.
@@ -26,10 +32,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.context import TaskRunContext
+from prefect.transactions import IsolationLevel
 
 from blocks.credentials import together_client
 from epochwise import post_training as pt
@@ -42,7 +49,7 @@ from epochwise.fold import fold_slug
 from epochwise.rewards import load_rewards, read_prompt_rows
 from epochwise.together_api import BudgetExceeded, TogetherFailure
 from tasks.cancellation import _current_run_id
-from tasks.locks import fold_guard
+from tasks.locks import HostLockManager, fold_guard
 from tasks.together import EpochSpec
 
 RESOURCE_TAG = "together-resource:"
@@ -85,6 +92,7 @@ class ResourceLease:
         self.spec = pt.ResourceSpec.of(train.base_model, together.post_training, train.hyper.lora)
         self.resource_id: str | None = None
         self.price_per_hour: float | None = None
+        self.sessions: set[str] = set()  # names of the sessions this run trained in
 
     def estimate(self, client: Any) -> float:
         if self.price_per_hour is None:
@@ -107,8 +115,9 @@ class ResourceLease:
                 f"epoch {epoch} would cost about ${epoch_usd:.2f} (${price:.2f}/hour x {cfg.hours_per_epoch:g} h); "
                 f"${spent_usd:.2f} spent of the ${budget:.2f} budget"
             )
-        if self.resource_id is not None:
+        if self.resource_id is not None and pt.resource_status(client, self.resource_id) == pt.READY:
             return self.resource_id
+        self.resource_id = None  # stopped since (by another run of the fold, or by Together): find or create
         slug = fold_slug(self.fold)
         with self.guard():
             found = self._find(client, slug)
@@ -149,7 +158,17 @@ class ResourceLease:
         if self.resource_id is None:
             return
         try:
-            status = pt.stop_resource(together_client(self.together), self.resource_id)
+            client = together_client(self.together)
+            others = [
+                s.display_name
+                for s in pt.resource_sessions(client, self.resource_id)
+                if s.status in pt.SESSION_ACTIVE and s.display_name not in self.sessions
+            ]
+            if others:  # another run of the fold trains on it now; that run stops it when it ends
+                print(f"left model resource {self.resource_id} running for session(s) {', '.join(map(str, others))}")
+                self.resource_id = None
+                return
+            status = pt.stop_resource(client, self.resource_id)
             print(f"stopped model resource {self.resource_id}: {status}")
             self.resource_id = None
         except Exception as exc:
@@ -176,7 +195,36 @@ def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-grpo-epoch-" + params["spec"].key
 
 
-@task(cache_key_fn=grpo_epoch_key, persist_result=True)
+def adopted_record(spec: EpochSpec, done: pt.FinishedEpoch, client: Any, log: Any) -> EpochRecord:
+    """The record of an epoch that another run finished (Together's session list shows its checkpoints)."""
+    log.warning(
+        f"epoch {spec.epoch} already ran to its end in session {done.session_id} (no result of it in this "
+        "machine's Prefect storage): using its checkpoints; its rewards and losses stay in that run's logs"
+    )
+    return EpochRecord(
+        fold=spec.fold,
+        epoch=spec.epoch,
+        backend="together",
+        method="grpo",
+        status="completed",
+        job_id=done.training_checkpoint,
+        model=f"projects/{with_project(client).project_id}/{done.model_path}",
+        parent=spec.parent,
+        metrics={"step": float(done.step)},
+    )
+
+
+def grpo_epoch_policy() -> CachePolicy:
+    """Cached on the epoch key, SERIALIZABLE under a `HostLockManager`: a second run of the same epoch
+    on this host waits for the first one's result and uses it, instead of training (and paying for)
+    the epoch again. Runs on other machines are covered by the fold guard and Together's lists
+    (`train_grpo_epoch`)."""
+    return CachePolicy.from_cache_key_fn(grpo_epoch_key).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=HostLockManager()
+    )
+
+
+@task(cache_policy=grpo_epoch_policy(), persist_result=True)
 def train_grpo_epoch(
     spec: EpochSpec,
     lease_name: str,
@@ -190,14 +238,23 @@ def train_grpo_epoch(
     log = get_run_logger()
     lease = _LEASES[lease_name]
     client = together_client(together)
-    rid = lease.ensure(client, spec.epoch, spent_usd)
     cfg = together.post_training
     name = pt.session_name(spec.fold, spec.epoch, spec.key)
+    lease.sessions.add(name)
+    # Prefect's cache (this task is SERIALIZABLE on the epoch key: `grpo_epoch_policy`) answers a rerun on
+    # this machine; Together's own session list answers one elsewhere or after the results were wiped.
+    done = pt.finished_epoch(client, name)
+    if done is not None:
+        return adopted_record(spec, done, client, log)
+    rid = lease.ensure(client, spec.epoch, spent_usd)
     started = datetime.now(UTC)
     clock = time.monotonic()
-    with lease.guard():  # find-then-create of the epoch's session: one session even for two runs at once
+    with lease.guard():  # find-then-create of the epoch's session, one at a time across machines too
+        done = pt.finished_epoch(client, name)  # another machine's run may have finished it meanwhile
+        if done is not None:
+            return adopted_record(spec, done, client, log)
         existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
-        if existing:
+        if existing:  # left by a killed or failed run, or driven by a run on another machine right now
             session = existing[0]
             log.info(
                 f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); "

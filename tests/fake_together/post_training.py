@@ -292,13 +292,32 @@ def resources_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
     return 200, res.to_json()
 
 
+def _page(items: list[dict[str, Any]], req: Request) -> dict[str, Any]:
+    """One page of a post-training list: ``limit`` 1-100 (the fake's default, 20, is smaller than most
+    lists in the tests, so a caller that ignores ``meta.has_more`` misses items), ``after`` = the
+    ``next_cursor`` of the page before (the id of its last item)."""
+    raw = req.query.get("limit") or "20"
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise ApiError(400, f"limit must be 1-100, got {raw!r}")
+    limit, after = int(raw), req.query.get("after")
+    start = 0
+    if after:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise ApiError(400, f"invalid cursor {after!r}")
+        start = ids.index(after) + 1
+    data = items[start : start + limit]
+    more = start + limit < len(items)
+    return {"data": data, "meta": {"has_more": more, "limit": limit, "next_cursor": data[-1]["id"] if more else None}}
+
+
 def resources_list(fake: FakeTogether, _: dict[str, str], req: Request):
     pt = state(fake)
     for res in pt.resources.values():
         _expire(fake, res)
     wanted = req.query.get("status")
     data = [r.to_json() for r in pt.resources.values() if not wanted or r.status == wanted]
-    return 200, {"data": data, "meta": {"has_more": False, "limit": 100, "next_cursor": None}}
+    return 200, _page(data, req)
 
 
 def resources_extend(fake: FakeTogether, p: dict[str, str], req: Request):
@@ -387,7 +406,7 @@ def sessions_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
 def sessions_list(fake: FakeTogether, _: dict[str, str], req: Request):
     rid = req.query.get("model_resources_id")
     data = [s.to_json() for s in state(fake).sessions.values() if not rid or s.resource_id == rid]
-    return 200, {"data": data, "meta": {"has_more": False, "limit": 100, "next_cursor": None}}
+    return 200, _page(data, req)
 
 
 def sessions_stop(fake: FakeTogether, p: dict[str, str], _: Request):
@@ -722,7 +741,7 @@ def checkpoints_list(fake: FakeTogether, _: dict[str, str], req: Request):
         and (not q.get("type") or c["type"] == q["type"])
         and (not q.get("base_model") or c["base_model"] == q["base_model"])
     ]
-    return 200, {"data": data, "meta": {"has_more": False, "limit": 100, "next_cursor": None}}
+    return 200, _page(data, req)
 
 
 def checkpoints_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):

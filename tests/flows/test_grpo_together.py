@@ -290,3 +290,49 @@ def test_abort_stops_the_folds_model_resource(fake_together, tmp_path):
     result = CliRunner().invoke(app, ["abort", str(fold)])
     assert result.exit_code == 0, result.output
     assert f"model resource {left}" in result.output and pt.billing() == []
+
+
+def test_a_rerun_on_a_new_host_uses_the_epochs_togethers_session_list_shows_finished(fake_together, tmp_path):
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    fold, reward = grpo_fold(tmp_path, "gh", "newhost", n_train=4)
+    first = epoch_train(str(fold), grpo_cfg(reward), PT)
+    pt = fake_pt.state(fake_together)
+    sessions, applied = len(pt.sessions), dict(pt.applied)
+
+    # A second machine (or a wiped volume): no cache record of either epoch.
+    storage = tmp_path / "new-host-storage"
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        again = epoch_train(str(fold), grpo_cfg(reward), PT)
+
+    assert any(storage.iterdir())  # that run kept its records there, not in the old storage
+    assert [(r.job_id, r.model) for r in again] == [(r.job_id, r.model) for r in first]
+    assert len(pt.sessions) == sessions and pt.applied == applied  # nothing trained again
+    assert len(pt.resources) == 1 and pt.billing() == []  # and nothing provisioned for it
+
+
+def test_a_run_leaves_the_folds_resource_to_another_run_training_on_it_and_the_reaper_stops_it_after(
+    fake_together, tmp_path
+):
+    from together import Together
+
+    from flows.job_reaper import job_reaper
+    from tests.helpers import BASE
+
+    fold, reward = grpo_fold(tmp_path, "gs", "shared", n_train=2)
+    pt = fake_pt.state(fake_together)
+    # Another run of the fold (another config) is training on the fold's resource right now.
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
+    client.post_training.model_resources.retrieve(res.id)
+    client.post_training.model_resources.retrieve(res.id)  # READY
+    other = client.post_training.sessions.create(model_resources_id=res.id, display_name="ew-gs-e1-0ther000")
+    client.post_training.sessions.retrieve(other.id)  # RUNNING
+
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+
+    assert len(records) == 1 and list(pt.resources) == [res.id]  # trained on the fold's resource
+    assert pt.billing() == [res.id]  # and left it to the run still training on it
+    client.post_training.sessions.stop(other.id)  # that run's epoch ends ...
+    job_reaper(PT)  # ... and (were it to crash before its own stop) the reaper stops the resource
+    assert pt.billing() == []

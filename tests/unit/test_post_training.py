@@ -155,3 +155,23 @@ def test_an_hf_tokenizer_directory_renders_the_chat_prompt_and_decodes(tmp_path)
     loaded = pt.load_tokenizer(str(tmp_path))
     assert loaded.prompt_tokens([{"role": "user", "content": "hello"}]) == [1, 3, 2]  # user hello assistant
     assert loaded.decode([3, 3]) == "hello hello"
+
+
+def test_lists_are_read_page_by_page_and_a_finished_epoch_is_found_on_any_page(fake_together, together_client):
+    rid, first = ready_session(together_client)
+    names = [f"ew-f-e{k}-0000000{k}" for k in range(2, 6)]
+    for name in names:
+        pt.create_session(together_client, rid, name, HyperParams(), None, CFG)
+    listed = [s.display_name for s in pt.all_pages(together_client.post_training.sessions.list, page_size=2)]
+    assert listed == ["ew-f-e1-00000000", *names]  # 3 pages of 2, nothing missed or repeated
+    with pytest.raises(BadRequestError, match="limit must be 1-100"):
+        together_client.post_training.sessions.list(limit=101)
+
+    last = next(s for s in fake_pt.state(fake_together).sessions.values() if s.body["display_name"] == names[-1])
+    assert pt.finished_epoch(together_client, names[-1]) is None  # running, no checkpoints yet
+    ops = pt.Operations(together_client, last.id, CFG)
+    ops.run("training-checkpoint", "k-train", {})
+    assert pt.finished_epoch(together_client, names[-1]) is None  # no registered inference checkpoint yet
+    ops.run("inference-checkpoint", "k-infer", {})
+    done = pt.finished_epoch(together_client, names[-1])
+    assert done is not None and done.session_id == last.id and done.model_path.startswith("models/ml_")
