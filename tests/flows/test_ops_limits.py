@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_client, task
+from prefect.exceptions import ObjectNotFound
 
 from deployments.apply import ensure_limit
 from epochwise.config import OpsConfig
@@ -30,6 +31,10 @@ def two_calls() -> list[tuple[float, float]]:
 def test_together_api_limit_is_idempotent_and_serialises_tagged_tasks():
     name = f"tag:{TAG}"
     with get_client(sync_client=True) as client:
+        try:  # the session's API is shared: start from no limit, whatever an earlier test left
+            client.delete_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            pass
         try:
             assert ensure_limit(client, name, 2).action == "created"
             assert ensure_limit(client, name, 2).action == "unchanged"
