@@ -16,6 +16,7 @@ signature that cannot take the columns, a result of the wrong length, a non-numb
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -60,13 +61,41 @@ def load_reward(spec: str, base: Path | None = None) -> Reward:
     return Reward(spec, fn)
 
 
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def _file_of(where: str, base: Path) -> Path:
+    path = Path(where).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def reward_source_hash(spec: str, base: Path | None = None) -> str | None:
+    """sha256 of the source file behind ``spec`` (``file.py:fn`` or ``module:fn``), part of a GRPO
+    epoch's key so that an edited reward trains again; None when the file cannot be found (loading the
+    reward then fails with the reason)."""
+    where, _, _ = spec.rpartition(":")
+    if _is_file(where):
+        path: Path | None = _file_of(where, base or Path.cwd())
+    else:
+        try:
+            found = importlib.util.find_spec(where)
+        except (ImportError, ValueError):
+            return None
+        path = Path(found.origin) if found and found.origin and found.has_location else None
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _import(spec: str, where: str, base: Path) -> Any:
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where).expanduser()
-        path = path if path.is_absolute() else base / path
+    if _is_file(where):
+        path = _file_of(where, base)
         if not path.is_file():
             raise UserError(f"reward {spec!r}: no file {path}")
-        module_name = f"epochwise_rewards_{abs(hash(str(path.resolve()))):x}"
+        # the content is in the name: a file edited while a worker runs is imported again, not served stale
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        module_name = f"epochwise_rewards_{abs(hash(str(path.resolve()))):x}_{digest}"
         if module_name in sys.modules:
             return sys.modules[module_name]
         loader_spec = importlib.util.spec_from_file_location(module_name, path)

@@ -105,13 +105,17 @@ class TrainConfig(Section):
 
     def method_fields(self) -> dict[str, object]:
         """What the method adds to an epoch's key: nothing for SFT (so SFT keys stay what they were),
-        the method's name and its own parameters otherwise (the rewards' specs for GRPO)."""
+        the method's name and its own parameters otherwise (for GRPO the rewards' specs and the sha256 of
+        their source files: an edited reward is a new epoch)."""
         if self.method == "sft":
             return {}
         fields: dict[str, object] = {"method": self.method}
         if self.method == "dpo":
             fields["dpo"] = self.dpo.model_dump(mode="json")
         if self.method == "grpo":
+            from epochwise.rewards import reward_source_hash
+
             fields["grpo"] = self.grpo.model_dump(mode="json")
             fields["rewards"] = list(self.rewards)
+            fields["reward_sources"] = [reward_source_hash(spec) for spec in self.rewards]
         return fields

@@ -109,3 +109,19 @@ def test_method_is_part_of_the_key_only_when_not_sft(tmp_path):
 
     assert key(sft) == run_key(fold, "tiny", sft.hyper, LocalConfig())  # SFT keys are unchanged
     assert len({key(sft), key(dpo), key(grpo)}) == 3
+
+
+def test_an_edited_reward_file_is_a_new_grpo_key_and_is_imported_again(tmp_path, monkeypatch):
+    from epochwise.config.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [1.0 for _ in completions]\n")
+    grpo = TrainConfig(method="grpo", rewards=["r.py:f", "json:dumps"])
+    before = grpo.method_fields()
+    assert before["reward_sources"][0] is not None and before["reward_sources"][1] is not None  # file and module
+    assert load_reward("r.py:f").fn([[1], [2]]) == [1.0, 1.0]
+
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.5 for _ in completions]\n")
+    assert grpo.method_fields() != before  # a changed reward trains again
+    assert load_reward("r.py:f").fn([[1], [2]]) == [0.5, 0.5]  # and a long-lived process scores with the new one
+    assert TrainConfig(method="grpo", rewards=["missing.py:f"]).method_fields()["reward_sources"] == [None]
