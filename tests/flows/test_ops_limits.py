@@ -41,6 +41,10 @@ def test_together_api_limit_is_idempotent_and_serialises_tagged_tasks():
             assert ensure_limit(client, name, 1).action == "updated"
             assert client.read_global_concurrency_limit_by_name(name).limit == 1
 
+            # Prefect remembers for 5 s, per process, that a set of tags had no limit
+            # (`prefect.concurrency.services._no_limits_cache`, TTL 5.0): an earlier test's together-api
+            # task in this process may have just seen none. A new worker process never has that memory.
+            time.sleep(5.5)
             (first_start, first_end), (second_start, _) = sorted(two_calls())
             assert second_start >= first_end  # one slot: the second call began after the first ended
         finally:
