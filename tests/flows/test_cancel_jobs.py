@@ -184,7 +184,10 @@ def test_ctrl_c_on_epochwise_train_cancels_its_job(fake_together, tmp_path):
             time.sleep(0.05)
         [job] = fake_together.state.jobs.values()
         os.killpg(child.pid, signal.SIGINT)
-        child.wait(timeout=START_S)
+        try:
+            child.wait(timeout=START_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {START_S} s after Ctrl-C:\n{out.read_text()}") from None
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
