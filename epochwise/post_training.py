@@ -625,9 +625,9 @@ class GRPOEpoch:
         flat = [r for g in groups for r in g]
         return sum(flat) / len(flat)
 
-    def checkpoints(self) -> tuple[str, str, int]:
-        """``(training checkpoint id, registry model path, step)`` at the epoch's end: the training
-        checkpoint resumes the next epoch, the inference checkpoint is the epoch's deployable model."""
+    def checkpoints(self) -> FinishedEpoch:
+        """The epoch's end: its training checkpoint (what the next epoch resumes from) and the registry
+        model of its inference checkpoint (the epoch's deployable model), at the trainer's step."""
         train = self.ops.run("training-checkpoint", op_key(self.fold, self.epoch_key, "end", "training-checkpoint"), {})
         infer = self.ops.run(
             "inference-checkpoint", op_key(self.fold, self.epoch_key, "end", "inference-checkpoint"), {}
@@ -638,7 +638,8 @@ class GRPOEpoch:
             raise PostTrainingFailure(
                 f"inference checkpoint {infer['checkpoint']['id']} was not registered in the model registry"
             )
-        return (
+        return FinishedEpoch(
+            self.ops.session_id,
             train["checkpoint"]["id"],
             f"models/{artifact['id']}/revisions/{artifact['revision_id']}",
             int(train["checkpoint"]["step"]),

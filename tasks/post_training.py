@@ -195,23 +195,32 @@ def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-grpo-epoch-" + params["spec"].key
 
 
-def adopted_record(spec: EpochSpec, done: pt.FinishedEpoch, client: Any, log: Any) -> EpochRecord:
-    """The record of an epoch that another run finished (Together's session list shows its checkpoints)."""
-    log.warning(
-        f"epoch {spec.epoch} already ran to its end in session {done.session_id} (no result of it in this "
-        "machine's Prefect storage): using its checkpoints; its rewards and losses stay in that run's logs"
-    )
+def grpo_record(
+    spec: EpochSpec, end: pt.FinishedEpoch, client: Any, metrics: dict[str, float] | None = None, **measured: Any
+) -> EpochRecord:
+    """The completed GRPO epoch ending at ``end``'s checkpoints; ``metrics`` and ``measured`` (losses,
+    rewards, price, times) are what the run that trained it measured, when this run did."""
     return EpochRecord(
         fold=spec.fold,
         epoch=spec.epoch,
         backend="together",
         method="grpo",
         status="completed",
-        job_id=done.training_checkpoint,
-        model=f"projects/{with_project(client).project_id}/{done.model_path}",
+        job_id=end.training_checkpoint,
+        model=f"projects/{with_project(client).project_id}/{end.model_path}",
         parent=spec.parent,
-        metrics={"step": float(done.step)},
+        metrics=metrics if metrics is not None else {"step": float(end.step)},
+        **measured,
     )
+
+
+def adopted_record(spec: EpochSpec, done: pt.FinishedEpoch, client: Any, log: Any) -> EpochRecord:
+    """The record of an epoch that another run finished (Together's session list shows its checkpoints)."""
+    log.warning(
+        f"epoch {spec.epoch} already ran to its end in session {done.session_id} (no result of it in this "
+        "machine's Prefect storage): using its checkpoints; its rewards and losses stay in that run's logs"
+    )
+    return grpo_record(spec, done, client)
 
 
 def grpo_epoch_policy() -> CachePolicy:
@@ -298,9 +307,8 @@ def train_grpo_epoch(
             f"loss {result.loss:.4f}, {result.zero_std_groups}/{result.groups} groups with equal rewards"
         )
     val_reward = epoch.evaluate(read_prompt_rows(val_path))
-    train_ckpt, model_path, step = epoch.checkpoints()
+    end = epoch.checkpoints()
     pt.stop_session(client, session.id)
-    project = with_project(client).project_id
     hours = (time.monotonic() - clock) / 3600
     zero = sum(r.zero_std_groups for r in results) / max(sum(r.groups for r in results), 1)
     if zero > 0.5:
@@ -308,20 +316,15 @@ def train_grpo_epoch(
     metrics = {
         "train_reward": sum(r.mean_reward for r in results) / max(len(results), 1),
         "frac_reward_zero_std": zero,
-        "step": float(step),
+        "step": float(end.step),
     }
     for r in results:
         for k, v in r.reward_means.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(results)
-    return EpochRecord(
-        fold=spec.fold,
-        epoch=spec.epoch,
-        backend="together",
-        method="grpo",
-        status="completed",
-        job_id=train_ckpt,
-        model=f"projects/{project}/{model_path}",
-        parent=spec.parent,
+    return grpo_record(
+        spec,
+        end,
+        client,
         train_loss=results[-1].loss if results else None,
         val_reward=val_reward,
         metrics=metrics,
