@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +26,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.locking.protocol import LockManager
+from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 POLL_S = 0.2  # how often a waiting run retries the lock
-logger = logging.getLogger("epochwise.locks")
+logger = get_logger("epochwise.locks")  # under prefect.*: shown on the console like run logs
 
 
 def locks_dir() -> Path:
@@ -135,20 +135,20 @@ class HostLockManager(LockManager):
     expiry sweep of ``prefect server start``, never on the ephemeral API.
     """
 
-    def __init__(self, wait_s: float | None = None) -> None:
-        self.wait_s = wait_s
+    def __init__(self) -> None:
         self._held: dict[str, tuple[str, contextlib.ExitStack]] = {}
         self._mutex = threading.Lock()
 
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        wait = acquire_timeout if acquire_timeout is not None else self.wait_s
+        wait = acquire_timeout  # None (what Prefect's transactions pass): as long as the holder runs
         if self.is_locked(key):
             logger.info(f"waiting for another run that holds {key}; its result is used when it finishes")
         stack = contextlib.ExitStack()
         busy = TimeoutError(f"{key} is still held by another run after {wait} s")
-        stack.enter_context(exclusive_lock(key, float("inf") if wait is None else wait, busy))  # never unlocked
+        # raises busy rather than returning False: Prefect's transaction would go on without the lock
+        stack.enter_context(exclusive_lock(key, float("inf") if wait is None else wait, busy))
         with self._mutex:
             self._held[key] = (holder, stack)
         return True
