@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -210,11 +211,14 @@ def session_name(fold: str, epoch: int, key: str) -> str:
     return f"{SESSION_PREFIX}{fold_slug(fold)}-e{epoch}-{key[:8]}"
 
 
+_SESSION_NAME = re.compile(rf"{re.escape(SESSION_PREFIX)}(?P<slug>.+)-e\d+-[^-]+")
+
+
 def fold_of_session(name: str | None) -> str | None:
-    """The fold slug of an epochwise session name, else None."""
-    if not name or not name.startswith(SESSION_PREFIX) or "-e" not in name:
-        return None
-    return name[len(SESSION_PREFIX) :].rsplit("-e", 1)[0]
+    """The fold slug of an epochwise session name, else None. Anchored on the ``-e<k>-<key>`` tail, so
+    a key that starts with ``e`` (1 in 16) or a slug holding ``-e`` still gives the right fold."""
+    found = _SESSION_NAME.fullmatch(name or "")
+    return found["slug"] if found else None
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ def create_session(
     if resume_from:
         extra = {"resume_from_checkpoint_id": resume_from, "load_optimizer": True}
     if wandb_project:
-        extra["metadata"] = {"wandb": {"project": wandb_project, "run_name": name, "group": name.rsplit("-e", 1)[0]}}
+        extra["metadata"] = {"wandb": {"project": wandb_project, "run_name": name, "group": f"{SESSION_PREFIX}{fold_of_session(name)}"}}
     once = client.with_options(max_retries=0)  # a lost reply is found again by name (caller holds the lock)
     try:
         created = once.post_training.sessions.create(
