@@ -288,7 +288,9 @@ def create_session(
     if resume_from:
         extra = {"resume_from_checkpoint_id": resume_from, "load_optimizer": True}
     if wandb_project:
-        extra["metadata"] = {"wandb": {"project": wandb_project, "run_name": name, "group": f"{SESSION_PREFIX}{fold_of_session(name)}"}}
+        extra["metadata"] = {
+            "wandb": {"project": wandb_project, "run_name": name, "group": f"{SESSION_PREFIX}{fold_of_session(name)}"}
+        }
     once = client.with_options(max_retries=0)  # a lost reply is found again by name (caller holds the lock)
     try:
         created = once.post_training.sessions.create(
