@@ -263,6 +263,7 @@ def main() -> None:
             spent = cpu() - before
             calls = sum(fake.counts.values()) - calls_before
             jobs = len(fake.state.jobs)
+            phases = timeline(api, fake, start_t, start_t + wall, args.job_s)
         finally:
             for process in (worker, server):
                 if process is not None:
@@ -284,6 +285,9 @@ def main() -> None:
     print(f"  CPU (server + worker + children): {spent:.1f} s, {per:.2f} s per fold-epoch")
     print(f"  empty flow run via the worker: {empty_wall:.1f} s wall, {empty_cpu:.2f} s CPU (median of {len(cpus)})")
     print(f"  CPU per fold-epoch / empty flow run: {per / empty_cpu:.2f}x")
+    print("  where a fold's wall time went (seconds; median / max over folds):")
+    for name, values in phases.items():
+        print(f"    {name:<44} {statistics.median(values):6.1f} / {max(values):6.1f}")
     print(
         json.dumps(
             {
@@ -295,6 +299,7 @@ def main() -> None:
                 "cpu_per_fold_epoch_s": round(per, 2),
                 "empty_cpu_s": round(empty_cpu, 2),
                 "x_empty_cpu": round(per / empty_cpu, 2),
+                "phases_median_s": {k: round(statistics.median(v), 1) for k, v in phases.items()},
             }
         )
     )
@@ -302,6 +307,49 @@ def main() -> None:
         print(f"  kept {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: float) -> dict[str, list[float]]:
+    """Per fold, where its wall time went: from the nightly run's start to its child run's start, from
+    there to its first job, each job's wait beyond ``job_s`` until a poll saw it completed, the gap from
+    one epoch's completion to the next job, and from the last completion to the child run's end.
+    Child run times come from the API (wall clock), job times from the in-process fake (monotonic)."""
+    import re
+    from datetime import datetime
+
+    from epochwise.fold import fold_slug
+
+    offset = time.time() - time.monotonic()  # wall clock - monotonic, to put both on one axis
+
+    def mono(stamp: str) -> float:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - offset
+
+    children = api.call("POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["epoch-train"]}}, "limit": 200})
+    by_slug: dict[str, list] = {}
+    for job in fake.state.jobs.values():
+        found = re.fullmatch(r"ew-(.+)-e(\d+)-[0-9a-f]{8}", job.suffix or "")
+        if found:
+            by_slug.setdefault(found[1], []).append((int(found[2]), job))
+    phases: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        phases.setdefault(name, []).append(value)
+
+    for child in children:
+        fold = (child.get("parameters") or {}).get("fold", "")
+        jobs = [j for _, j in sorted(by_slug.get(fold_slug(Path(fold).name), []), key=lambda p: p[0])]
+        if not (child.get("start_time") and child.get("end_time") and jobs and all(j.completed_mono for j in jobs)):
+            continue
+        begin, end = mono(child["start_time"]), mono(child["end_time"])
+        add("nightly start -> child run start", begin - nightly_start)
+        add("child start -> first job created", jobs[0].created_mono - begin)
+        for k, job in enumerate(jobs, 1):
+            add(f"epoch {k}: job done -> seen done (poll lateness)", job.completed_mono - job.created_mono - job_s)
+            if k < len(jobs):
+                add(f"epoch {k} seen done -> epoch {k + 1} job created", jobs[k].created_mono - job.completed_mono)
+        add("last job seen done -> child run end", end - jobs[-1].completed_mono)
+        add("child run end -> nightly run end", nightly_end - end)
+    return phases
 
 
 def register_empty(env: dict) -> None:

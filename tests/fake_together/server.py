@@ -204,6 +204,7 @@ class FakeJob:
     cancelled_at: float | None = None  # time.time() of the first cancel request (tests measure from it)
     listed_from: float = 0.0  # time.monotonic() from which GET /v1/fine-tunes shows the job
     created_mono: float = field(default_factory=time.monotonic)  # for Script.job_duration_s
+    completed_mono: float | None = None  # time.monotonic() of the retrieve that first saw it completed (benchmarks)
 
     @property
     def suffix(self) -> str | None:
@@ -852,6 +853,7 @@ def _advance(fake: FakeTogether, job: FakeJob, to_end: bool = False) -> None:
                                   "uploading": "model_uploading", "completed": "job_complete"}[state],
                                  f"{state}", step=10 if state != "running" else 0))
         if state == "completed":
+            job.completed_mono = time.monotonic()
             _register_model(fake, job)
     job.updated_at = now_iso()
 
