@@ -153,6 +153,12 @@ def main() -> None:
     parser.add_argument("--worker-query-s", type=float, default=2.0)
     parser.add_argument("--api-slots", type=int, default=None, help="ops.together_api_slots (default: the config's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="the server's database (e.g. postgresql+asyncpg://prefect:prefect@127.0.0.1:5432/prefect, emptied "
+        "first); default: SQLite in the temporary directory",
+    )
     args = parser.parse_args()
 
     from tests.fake_together.server import FakeTogether
@@ -174,6 +180,10 @@ def main() -> None:
         no_proxy="127.0.0.1,localhost",
         PYTHONPATH=str(REPO),
     )
+    if args.database_url:
+        base_env["PREFECT_API_DATABASE_CONNECTION_URL"] = args.database_url
+        reset = [str(BIN / "prefect"), "server", "database", "reset", "--yes"]
+        subprocess.run(reset, env=base_env, cwd=root, check=True, capture_output=True)
     config = root / "epochwise.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -274,7 +284,8 @@ def main() -> None:
     empty_cpu, empty_wall = statistics.median(cpus), statistics.median(walls)
     per = spent / fold_epochs
     print(
-        f"nightly-folds: {args.folds} folds x {args.epochs} epochs, {args.parallel} at a time, fake jobs of "
+        f"nightly-folds: {args.folds} folds x {args.epochs} epochs, {args.parallel} at a time, "
+        f"{'PostgreSQL' if args.database_url else 'SQLite'}, fake jobs of "
         f"{args.job_s:.0f} s, polls {args.poll_initial_s:g}->{args.poll_max_s:g} s, worker query {args.worker_query_s:g} s, "
         f"together-api slots {args.api_slots or 'default'}"
     )
