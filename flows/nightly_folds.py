@@ -2,9 +2,8 @@
 
 Steps: list the folds (every sub-directory with a ``train.jsonl``, looked up at run time, so a fold added
 since the last ``epochwise deployments apply`` is included) -> for each fold, hold a slot of the global
-concurrency limit ``limit`` (queued in this process first, so a freed slot is taken at once) and start
-that fold's deployment ``epoch-train/<fold>`` (its limit of one run at a time keeps a fold from running
-twice; a fold without one goes to ``epoch-train/any-fold``) through
+concurrency limit ``limit`` and start that fold's deployment ``epoch-train/<fold>`` (its limit of one run
+at a time keeps a fold from running twice; a fold without one goes to ``epoch-train/any-fold``) through
 ``run_deployment`` (a separate process on a worker, shown under this run in the UI) and wait for it ->
 a ``<root>-nightly`` table artifact with each fold's final state. The run fails if any fold failed, after
 all folds finished.
@@ -27,7 +26,7 @@ from prefect.context import get_run_context
 from epochwise.artifacts import artifact_key
 from epochwise.config.ops import OpsConfig
 from epochwise.fold import Fold
-from tasks.fan_out import list_folds, read_limit_slots, run_fold_deployment
+from tasks.fan_out import list_folds, run_fold_deployment
 
 
 @flow(name="nightly-folds", log_prints=True)
@@ -41,10 +40,7 @@ def nightly_folds(
     print(f"{len(folds)} fold(s) under {folds_root}: {', '.join(Fold.of(f).name for f in folds) or 'none'}")
     run = get_run_context().flow_run
     parent_key = f"nightly-folds:{run.id}:{run.run_count}"
-    slots = read_limit_slots(limit)
-    results = run_fold_deployment.map(
-        folds, unmapped(flow_name), unmapped(limit), unmapped(slots), unmapped(parent_key)
-    ).result()
+    results = run_fold_deployment.map(folds, unmapped(flow_name), unmapped(limit), unmapped(parent_key)).result()
     create_table_artifact(
         key=artifact_key(Path(folds_root).name, "nightly"),
         table=results or [{"fold": "none", "state": "no folds found"}],

@@ -6,8 +6,6 @@ its own process, logs, retries and per-fold concurrency limit, shown under the p
 
 from __future__ import annotations
 
-import threading
-
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
@@ -36,53 +34,20 @@ def fold_deployment(flow_name: str, fold: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def read_limit_slots(limit: str) -> int:
-    """The slot count of the global concurrency limit ``limit`` (an error naming it when it is missing)."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(limit).limit
-        except ObjectNotFound:
-            raise RuntimeError(
-                f"no global concurrency limit {limit!r}: `epochwise deployments apply` creates it "
-                "(an unbounded fan-out is never the fallback)"
-            ) from None
-
-
-_PARENT_SLOTS: dict[str, threading.BoundedSemaphore] = {}
-_PARENT_SLOTS_LOCK = threading.Lock()
-
-
-def parent_slots(parent_key: str, slots: int) -> threading.BoundedSemaphore:
-    """One semaphore per parent run attempt, shared by its fold tasks (threads of the parent process).
-
-    A fold that waits here starts the moment a sibling finishes. Waiting on the server's limit alone,
-    a refused fold retries with a back-off of up to 30 s, so a freed slot could stay idle that long.
-    """
-    with _PARENT_SLOTS_LOCK:
-        return _PARENT_SLOTS.setdefault(parent_key, threading.BoundedSemaphore(slots))
-
-
-@task(cache_policy=NO_CACHE)
-def run_fold_deployment(fold: str, flow_name: str, limit: str, slots: int, parent_key: str) -> dict[str, str]:
+def run_fold_deployment(fold: str, flow_name: str, limit: str, parent_key: str) -> dict[str, str]:
     """Run ``fold``'s deployment once a slot of ``limit`` is free and wait for it; returns its final state.
 
-    Folds first queue in this process for one of the limit's ``slots`` (`parent_slots`), then take the
-    server's slot, which also bounds other runs of the fan-out at the same time. ``strict=True``: a missing
-    limit is an error, not an unbounded fan-out. The idempotency key makes a crashed-and-restarted attempt
-    of the parent re-attach to the child it already started.
+    ``strict=True``: a missing limit is an error, not an unbounded fan-out. The idempotency key makes a
+    crashed-and-restarted attempt of the parent re-attach to the child it already started.
     """
     deployment = fold_deployment(flow_name, fold)
-    with parent_slots(parent_key, slots), concurrency(limit, occupy=1, strict=True):
+    with concurrency(limit, occupy=1, strict=True):
         child = run_deployment(
             deployment,
             parameters={"fold": fold},
             idempotency_key=f"{parent_key}:{fold}",
             poll_interval=2,  # seconds between state checks of the child run: a finished fold frees its slot
         )
-    return {
-        "fold": Fold.of(fold).name,
-        "deployment": deployment,
-        "state": child.state.name if child.state else "unknown",
-        "flow run": child.name,
-        "flow run id": str(child.id),
-    }
+    return {"fold": Fold.of(fold).name, "deployment": deployment,
+            "state": child.state.name if child.state else "unknown", "flow run": child.name,
+            "flow run id": str(child.id)}
