@@ -325,10 +325,9 @@ def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: fl
     there to its first job, each job's wait beyond ``job_s`` until a poll saw it completed, the gap from
     one epoch's completion to the next job, and from the last completion to the child run's end.
     Child run times come from the API (wall clock), job times from the in-process fake (monotonic)."""
-    import re
     from datetime import datetime
 
-    from epochwise.fold import fold_slug
+    from epochwise.together_api import parse_suffix
 
     offset = time.time() - time.monotonic()  # wall clock - monotonic, to put both on one axis
 
@@ -336,11 +335,6 @@ def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: fl
         return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - offset
 
     children = api.call("POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["epoch-train"]}}, "limit": 200})
-    by_slug: dict[str, list] = {}
-    for job in fake.state.jobs.values():
-        found = re.fullmatch(r"ew-(.+)-e(\d+)-[0-9a-f]{8}", job.suffix or "")
-        if found:
-            by_slug.setdefault(found[1], []).append((int(found[2]), job))
     phases: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -348,7 +342,8 @@ def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: fl
 
     for child in children:
         fold = (child.get("parameters") or {}).get("fold", "")
-        jobs = [j for _, j in sorted(by_slug.get(fold_slug(Path(fold).name), []), key=lambda p: p[0])]
+        epochs = [(parse_suffix(Path(fold).name, j.suffix), j) for j in fake.state.jobs.values()]
+        jobs = [j for _, j in sorted(((e, j) for e, j in epochs if e is not None), key=lambda p: p[0])]
         if not (child.get("start_time") and child.get("end_time") and jobs and all(j.completed_mono for j in jobs)):
             continue
         begin, end = mono(child["start_time"]), mono(child["end_time"])

@@ -162,13 +162,14 @@ class HostLockManager(LockManager):
         held[1].close()
 
     def is_locked(self, key: str) -> bool:
-        with open(locks_dir() / f"{key}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+        taken = BlockingIOError(key)
+        try:
+            with exclusive_lock(key, 0.0, taken):  # one try, released at once
+                return False
+        except BlockingIOError as exc:
+            if exc is not taken:
+                raise
+            return True
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         with self._mutex:
