@@ -134,7 +134,8 @@ def plan_deployments(folds_root: Path | str, settings: Settings, result_storage:
             nightly_folds,
             NIGHTLY,
             f"Train every fold under {root}, {ops.max_parallel_folds} at a time ({ops.cron} {ops.timezone}).",
-            parameters={"folds_root": str(root), "limit": ops.nightly_limit},
+            parameters={"folds_root": str(root), "limit": ops.nightly_limit}
+            | ({"fan_out": ops.nightly_fan_out} if ops.nightly_fan_out != "worker" else {}),  # defaults not baked
             schedules=nightly(ops.cron, ops.schedule == "nightly-folds"),
             tags=[TAG],
             concurrency_limit=one_at_a_time(),

@@ -47,6 +47,7 @@ from epochwise.epochs import val_stalled
 from epochwise.fold import Fold
 from epochwise.problems import UserError
 from flows.epoch_train import epoch_train
+from tasks.cancellation import stop_chains_on_interrupt
 from tasks.data import validate_files
 from tasks.locks import exclusive_lock
 from tasks.methods import TrainContext, training_method
@@ -131,7 +132,8 @@ def _run_trials(ref: SweepRef, resume: list[int], parallel: int, limit: str, est
     active: dict[Future, int] = {}
     states: dict[int, str] = {}
     budget_stop = False
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trial") as pool:
+    # Signals reach only this thread: a cancel's SIGTERM or Ctrl-C stops every trial's chain from here.
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trial") as pool, stop_chains_on_interrupt():
         while True:
             while len(active) < parallel and (resume or (started < ref.cfg.trials and not budget_stop)):
                 if resume:

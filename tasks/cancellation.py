@@ -13,6 +13,12 @@ Three paths, because no single one is always there (the rules are in `epochwise.
    whose engine owns its cancellation); under a Prefect 3.8 process worker the flow process path above is
    what cancels (end-to-end test: a few seconds from ``prefect flow-run cancel``), and no hook run was
    seen in the run's logs.
+   Chains that run as threads of one process (``nightly-folds`` with ``fan_out=threads``, a sweep's
+   trials) never see a signal: only the main thread does. There ``stop_chains_on_interrupt`` wraps the
+   wait for the threads: Ctrl-C, or the SIGTERM of the parent run's cancel, cancels the live jobs of
+   every run of the process, and from then on no thread of it creates a job (`refuse_if_stopping`);
+   a job whose create was already in flight is cancelled as soon as it is recorded. Any other SIGTERM
+   only stops new creates, and the jobs run on for the next run to re-attach.
 3. ``reap_cancelled_jobs`` (deployment ``job-reaper/frequent``): every live ``ew-`` job at Together whose
    newest owning flow run is Cancelling/Cancelled is cancelled; the backstop when the flow process and
    the hook were both skipped (a hook skipped by the worker, a lost worker, an API outage).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +49,34 @@ from epochwise.job_owners import Owner, cancel_requested, job_tag, tagged_jobs
 # Job ids each flow run of this process created or re-attached to (flow run id -> ids, in order): what
 # Ctrl-C cancels without asking the Prefect API, which may be going down with the same signal.
 _OWNED: dict[str, list[str]] = {}
+_REACH: dict[str, TogetherConfig] = {}  # job id -> the config its client was made from (base URL, key block)
+
+
+class ProcessStopping(RuntimeError):
+    """Raised instead of creating a job once this process was told to stop (`stop_chains_on_interrupt`)."""
+
+
+class _Stop:
+    """Whether this process is stopping, and whether its jobs are to be cancelled (a cancel or Ctrl-C) or
+    left running for the next run (a shutdown); set once, by the main thread, read by every chain's thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.why: str | None = None
+        self.cancel = False
+
+    def set(self, why: str, cancel: bool) -> None:
+        with self.lock:
+            self.why, self.cancel = why, self.cancel or cancel
+
+
+_STOP = _Stop()
+
+
+def refuse_if_stopping(what: str) -> None:
+    """Raise `ProcessStopping` when this process is stopping: a thread must not create ``what`` then."""
+    if _STOP.why is not None:
+        raise ProcessStopping(f"not creating {what}: this process is stopping ({_STOP.why})")
 
 
 def _current_run_id() -> str | None:
@@ -49,8 +84,15 @@ def _current_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
 
 
-def record_job_owner(job_id: str, log: logging.Logger | logging.LoggerAdapter) -> None:
-    """Record ``job_id`` on the current flow run (tag ``together-job:<id>``) and in this process."""
+def record_job_owner(
+    job_id: str, log: logging.Logger | logging.LoggerAdapter, together: TogetherConfig | None = None
+) -> None:
+    """Record ``job_id`` on the current flow run (tag ``together-job:<id>``) and in this process; a job
+    recorded after this process was told to cancel its jobs (its create was in flight) is cancelled now."""
+    if together is not None:
+        _REACH[job_id] = together
+        if _STOP.cancel:
+            _cancel_live(together_client(together), [job_id], f"created while stopping ({_STOP.why})", log)
     run_id = _current_run_id()
     if run_id is None:
         return
@@ -122,6 +164,49 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
                 cancel_jobs_of_cancelled_runs(prefect, together_client(together), _OWNED.get(run_id or "", []), log)
         except Exception as exc:
             log.error(f"could not check whether this run was cancelled ({exc}); job-reaper will")
+        raise
+
+
+def _run_cancel_requested(run_id: str | None) -> bool:
+    if run_id is None:
+        return False
+    with get_client(sync_client=True) as prefect:
+        state = prefect.read_flow_run(run_id).state  # type: ignore[arg-type]
+    return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
+
+
+def _stop_chains(why: str, cancel: bool, log: Any) -> list[str]:
+    """Stop every chain of this process; with ``cancel``, cancel each live job any of its runs recorded."""
+    _STOP.set(why, cancel)
+    if not cancel:
+        return []
+    cancelled = []
+    for job_id in [job_id for owned in list(_OWNED.values()) for job_id in owned]:
+        reach = _REACH.get(job_id)
+        if reach is None:  # recorded without its config: job-reaper finds it through the run's tag
+            log.warning(f"Together job {job_id}: no client config in this process; job-reaper will cancel it")
+            continue
+        cancelled += _cancel_live(together_client(reach), [job_id], why, log)
+    return cancelled
+
+
+@contextlib.contextmanager
+def stop_chains_on_interrupt() -> Iterator[None]:
+    """Around a flow's wait for chains running in threads of this process (see the module's path 2)."""
+    run_id = _current_run_id()
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stop_chains("interrupted (Ctrl-C)", True, get_run_logger())
+        raise
+    except TerminationSignal:
+        log = get_run_logger()
+        try:
+            cancel = _run_cancel_requested(run_id)
+        except Exception as exc:  # no API: stop creating, leave the jobs to job-reaper and the next run
+            log.error(f"could not check whether this run was cancelled ({exc}); job-reaper will")
+            cancel = False
+        _stop_chains("its run was cancelled" if cancel else "terminated", cancel, log)
         raise
 
 

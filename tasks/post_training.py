@@ -48,7 +48,7 @@ from epochwise.epochs import EpochRecord
 from epochwise.fold import fold_slug
 from epochwise.rewards import load_rewards, read_prompt_rows
 from epochwise.together_api import BudgetExceeded, TogetherFailure
-from tasks.cancellation import _current_run_id
+from tasks.cancellation import _current_run_id, refuse_if_stopping
 from tasks.locks import HostLockManager, fold_guard
 from tasks.together import EpochSpec
 
@@ -125,6 +125,7 @@ class ResourceLease:
                 log.info(f"re-using model resource {found.id} ({found.status}) of {self.fold}")
                 rid = found.id
             else:
+                refuse_if_stopping(f"a model resource for {self.fold}")
                 created = pt.create_resource(client, self.spec)
                 rid = created.id
                 log.info(f"created model resource {rid} ({self.spec.generator_replicas} generator replica(s))")
@@ -270,6 +271,7 @@ def train_grpo_epoch(
                 "applied steps are not repeated"
             )
         else:
+            refuse_if_stopping(f"epoch {spec.epoch}'s session")
             session = pt.create_session(
                 client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
             )

@@ -43,7 +43,7 @@ from epochwise.config.train import DPOParams, HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from epochwise.validation_record import together_checked
-from tasks.cancellation import record_job_owner
+from tasks.cancellation import record_job_owner, refuse_if_stopping
 from tasks.locks import fold_guard, locks_dir
 
 P = ParamSpec("P")
@@ -229,18 +229,19 @@ def launch_epoch_job(
         log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
         if existing is not None:
             log.info(f"epoch {spec.epoch}: re-attaching to {existing.id} ({existing.status})")
-            record_job_owner(existing.id, log)  # this run owns it now: cancelling it cancels the job
+            record_job_owner(existing.id, log, together)  # this run owns it now: cancelling it cancels the job
             return EpochJob(spec.fold, spec.epoch, existing.id, spec.suffix, spec.parent, price, existing.created_at)
         if train.budget_usd is not None and price is not None and spent_usd + price > train.budget_usd:
             raise api.BudgetExceeded(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
+        refuse_if_stopping(f"epoch {spec.epoch}'s job")
         job, created = api.create_job(client, request, together, log=log.info, listed=True)  # listed just above
-        record_job_owner(job.id, log)  # before anything else can fail or be interrupted
+        record_job_owner(job.id, log, together)  # before anything else can fail or be interrupted
         if created:  # a run on another machine (another lock) may have created one at the same time
             kept = api.settle_duplicates(client, job, spec.suffix, together, log=log.warning)
             if kept.id != job.id:  # this run continues on the kept job: it owns that one too
-                record_job_owner(kept.id, log)
+                record_job_owner(kept.id, log, together)
             job = kept
     return EpochJob(spec.fold, spec.epoch, job.id, spec.suffix, spec.parent, price, job.created_at)
 

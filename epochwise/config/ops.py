@@ -46,6 +46,14 @@ class OpsConfig(Section):
     together_api_slots: int = Field(4, ge=1, description="Together-calling tasks running at once.")
     nightly_limit: str = Field("nightly-folds", description="Global limit bounding the nightly fan-out.")
     max_parallel_folds: int = Field(2, ge=1, description="Folds the nightly fan-out trains at once.")
+    nightly_fan_out: Literal["worker", "threads"] = Field(
+        "worker",
+        description=(
+            "How the nightly fan-out runs each fold: `worker`, as its own deployment run (a process each, "
+            "its own logs and per-fold limit); `threads`, as a subflow in a thread of the nightly run's "
+            "process (no process start per fold: for many Together folds, which mostly wait on their jobs)."
+        ),
+    )
     heartbeat_timeout_s: int = Field(
         600,
         ge=90,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -193,3 +194,51 @@ def test_a_crashed_runs_job_is_not_reaped_and_the_next_run_reattaches(
     assert fake.state.jobs[job.id].status == "completed"
     [latest, *_] = prefect_server.artifacts("games-epochs")
     assert [row["job"] for row in json.loads(latest["data"])] == [job.id]
+
+
+def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
+    prefect_server: Prefect, fake: FakeTogether, worker: Worker, site: dict[str, Path], capsys
+):
+    # fan_out=threads: the fold's chain is a subflow in a thread of the nightly run's process, which the
+    # worker's SIGTERM reaches only in its main thread; that thread cancels the chain's job.
+    chess = site["folds"] / "chess"  # a fold with an epoch to train (games' is done by now), added after the apply
+    chess.mkdir()
+    shutil.copy(site["folds"] / "games" / "val.jsonl", chess / "val.jsonl")
+    rows = (site["folds"] / "games" / "train.jsonl").read_text().splitlines(keepends=True)
+    (chess / "train.jsonl").write_text("".join(rows[:-1]))  # other bytes: epoch keys are content-addressed
+    fake.script.hold_jobs = True
+    before = set(fake.state.jobs)
+    out = prefect_server.run("prefect", "deployment", "run", "nightly-folds/nightly", "--param", "fan_out=threads")
+    match = UUID.search(out.stdout)
+    assert match, out.stdout
+    nightly_id = match.group(1)
+    deadline = time.monotonic() + HANG_S
+    while not (jobs := [j for j in fake.state.jobs.values() if j.id not in before and j.status == "running"]):
+        run = prefect_server.get(f"/flow_runs/{nightly_id}")
+        assert run["state"]["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (
+            run["state"],
+            tail(worker.log),
+        )
+        assert time.monotonic() < deadline, f"no running job after {HANG_S} s:\n{tail(worker.log)}"
+        time.sleep(0.2)
+    [job] = jobs
+    children = prefect_server.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [nightly_id]}}})
+    [child] = [c for c in children if c["name"] == "chess"]
+    assert child["deployment_id"] is None  # a subflow of the nightly run, not a deployment run on the worker
+    assert job_tag(job.id) in prefect_server.get(f"/flow_runs/{child['id']}")["tags"]
+
+    cancelled_from = time.time()
+    prefect_server.run("prefect", "flow-run", "cancel", nightly_id)
+    deadline = time.monotonic() + CANCEL_GUARD_S
+    while job.cancelled_at is None:
+        assert time.monotonic() < deadline, f"job {job.id} not cancelled after {CANCEL_GUARD_S} s:\n{tail(worker.log)}"
+        time.sleep(0.1)
+    with capsys.disabled():
+        print(
+            f"\nthreaded nightly cancel -> fake's POST /v1/fine-tunes/{job.id}/cancel: {job.cancelled_at - cancelled_from:.1f} s"
+        )
+
+    run = prefect_server.wait_for_run(nightly_id, worker.log)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert set(fake.state.jobs) - before == {job.id}  # no job created after the cancel
+    fake.release_jobs()

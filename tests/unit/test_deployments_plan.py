@@ -77,6 +77,12 @@ def test_a_configured_together_api_tag_is_baked_into_the_epoch_train_deployments
     assert plan["epoch-train/any-fold"].parameters["ops"] == {"together_api_tag": "together-api-team"}
 
 
+def test_a_threads_fan_out_is_baked_into_the_nightly_deployment(folds_root: Path):
+    settings = load_settings(overrides={"ops": {"nightly_fan_out": "threads"}})
+    plan = by_name(plan_deployments(folds_root, settings, "/srv/results"))
+    assert plan["nightly-folds/nightly"].parameters["fan_out"] == "threads"
+
+
 @pytest.mark.parametrize("mode, per_fold, nightly", [("per-fold", True, False), ("nightly-folds", False, True),
                                                      ("none", False, False)])
 def test_schedule_mode_picks_the_active_nightly_schedule(folds_root: Path, mode: str, per_fold: bool, nightly: bool):
