@@ -1,6 +1,6 @@
 """Benchmark: ``nightly-folds/nightly`` over many Together folds on a real Prefect server and one worker.
 
-    python bench/many_folds.py [--folds 30] [--epochs 2] [--parallel 10] [--job-s 15] [--empty-runs 4]
+    python bench/many_folds.py [--folds 30] [--epochs 2] [--parallel 10] [--job-s 15] [--empty-runs 4] [--fan-out threads]
 
 Starts everything itself in a temporary directory: ``prefect server start`` (SQLite), the fake Together
 (in this process; its jobs complete ``--job-s`` seconds after creation, however often they are
@@ -159,6 +159,12 @@ def main() -> None:
         help="the server's database (e.g. postgresql+asyncpg://prefect:prefect@127.0.0.1:5432/prefect, emptied "
         "first); default: SQLite in the temporary directory",
     )
+    parser.add_argument(
+        "--fan-out",
+        choices=("worker", "threads"),
+        default="worker",
+        help="nightly-folds' fan_out: each fold its own deployment run on the worker, or a subflow in a thread",
+    )
     args = parser.parse_args()
 
     from tests.fake_together.server import FakeTogether
@@ -265,7 +271,7 @@ def main() -> None:
 
             calls_before = sum(fake.counts.values())
             before, start_t = cpu(), time.monotonic()
-            run = api.run_deployment("nightly-folds/nightly")
+            run = api.run_deployment("nightly-folds/nightly", {"fan_out": args.fan_out})
             waves = math.ceil(args.folds / args.parallel)
             state = wait_done(api, run, 120 + 20 * waves * args.epochs * args.job_s, sample)
             wall = time.monotonic() - start_t
@@ -284,7 +290,7 @@ def main() -> None:
     empty_cpu, empty_wall = statistics.median(cpus), statistics.median(walls)
     per = spent / fold_epochs
     print(
-        f"nightly-folds: {args.folds} folds x {args.epochs} epochs, {args.parallel} at a time, "
+        f"nightly-folds (fan_out={args.fan_out}): {args.folds} folds x {args.epochs} epochs, {args.parallel} at a time, "
         f"{'PostgreSQL' if args.database_url else 'SQLite'}, fake jobs of "
         f"{args.job_s:.0f} s, polls {args.poll_initial_s:g}->{args.poll_max_s:g} s, worker query {args.worker_query_s:g} s, "
         f"together-api slots {args.api_slots or 'default'}"

@@ -78,6 +78,7 @@ def epoch_train(
             print(f"{name}: epochs 1-{len(ctx.records)} are recorded with another method; ask for more than {train.epochs}")
             return ctx.records
         progress = create_progress_artifact(0.0, key=artifact_key(name, "progress"), description=f"{name}: epochs done")
+        report = None  # the latest epoch's report, drawn while the next epoch launches
         try:  # a method holding a paid resource for the run (GRPO's model resource) releases it in close()
             method.prepare(ctx)
             records = ctx.records
@@ -89,7 +90,9 @@ def epoch_train(
                 records.append(record)
                 publish_epochs(name, records)
                 if trial is None:  # a sweep draws one picture of all its trials
-                    publish_report(fold, records, train, together, ctx.uploads, ops)
+                    if report is not None:
+                        report.result()  # one at a time, in epoch order; a failed report fails the run
+                    report = publish_report.submit(fold, list(records), train, together, ctx.uploads, ops)
                 update_progress_artifact(progress, 100 * epoch / train.epochs)
                 reward = "" if record.val_reward is None else f" val reward {record.val_reward:.4f}"
                 print(f"{name} epoch {epoch}: {record.model} train loss {_loss(record.train_loss)} val loss {_loss(record.val_loss)}{reward}")
@@ -99,8 +102,12 @@ def epoch_train(
                 if val_stalled(records, train.stop_when_val_worsens):
                     print(f"validation loss has not improved for {train.stop_when_val_worsens} epoch(s); stopping")
                     break
+            if report is not None:
+                report.result()
             return records
         finally:
+            if report is not None:
+                report.wait()  # never left running past the run, whatever ended it
             close = getattr(method, "close", None)
             if close is not None:
                 close()
