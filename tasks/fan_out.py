@@ -69,7 +69,10 @@ def fold_parameters(flow_name: str, fold: str) -> dict[str, Any]:
     if flow_name != "epoch-train":
         raise UserError(f"fan_out=threads runs epoch-train folds only, not {flow_name}; use fan_out=worker")
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(fold_deployment(flow_name, fold))
+        try:
+            deployment = client.read_deployment_by_name(f"{flow_name}/{Fold.of(fold).name}")
+        except ObjectNotFound:
+            deployment = client.read_deployment_by_name(f"{flow_name}/{ANY_FOLD}")
     return {**deployment.parameters, "fold": fold}
 
 
