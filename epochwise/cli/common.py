@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+# Settings of every `typer.Typer` of the CLI. Help and usage errors are click's plain text: typer's rich
+# renderer (typer.rich_utils) loads rich's markdown, syntax and traceback modules, more than the rest of
+# ``epochwise --help`` together (bench/cli_start.py), and it reads help text as rich markup, so
+# ``list[float | None]`` in an option's help showed as ``list``. Lines up to 120 columns where the
+# terminal has them (click's default stops at 80 and cuts the command list's summaries short).
+APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
+
 ConfigOption = typer.Option(
     None,
     "--config",
