@@ -11,18 +11,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from epochwise.problems import InputError, Problem, UserError
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
+    from rich.console import Console
 
     from epochwise.config import Settings
     from epochwise.config.settings import Resolved
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class LazyConsole:
+    """A rich ``Console`` made on first use: importing rich.console is about a fifth of ``epochwise --help``,
+    which prints nothing through it. Every attribute is the real console's."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console: Any = LazyConsole(highlight=False)
+err_console: Any = LazyConsole(stderr=True, highlight=False)
 
 # Settings of every `typer.Typer` of the CLI. Help and usage errors are click's plain text: typer's rich
 # renderer (typer.rich_utils) loads rich's markdown, syntax and traceback modules, more than the rest of
@@ -467,6 +484,7 @@ def print_table(table: Any) -> None:
     if console.is_terminal:
         console.print(table)
         return
+    from rich.console import Console
     from rich.measure import Measurement
 
     needed = Measurement.get(console, console.options.update_width(100_000), table).maximum
