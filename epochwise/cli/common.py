@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -386,9 +387,16 @@ def yaml_line(path: Path, loc: list[str]) -> int | None:
     return line
 
 
+def print_line(text: str, err: bool = False) -> None:
+    """``text`` and a newline on stdout (stderr with ``err``), as it is: never wrapped, no rich markup and
+    no emoji codes (rich turns ``:x:`` in a path or reason into an emoji even with ``markup=False``).
+    Plain ``print``, so ``epochwise validate`` does not import rich.console to report a line."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=err)
+
+
 def fail_lines(lines: list[str], code: int = 1) -> NoReturn:
     for line in lines:
-        err_console.print(line, markup=False, soft_wrap=True)  # one problem per line, never wrapped
+        print_line(line, err=True)  # one problem per line, never wrapped
     raise typer.Exit(code)
 
 
