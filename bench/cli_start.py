@@ -5,10 +5,12 @@
 Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
 rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file (with and without
 ``--together-check``); the figures are medians over the rounds, so a busy machine slows both sides
-alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Two floor rows show what the
-commands cannot avoid: typer's help renderer (``typer.rich_utils``, which loads rich's markdown,
-traceback and syntax modules), and, for any command that runs, pydantic (typer 0.29 converts every
-parameter through a pydantic ``TypeAdapter``). ``--root`` (repeatable, rounds alternate between roots)
+alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Two reference rows: typer's rich help
+renderer (``typer.rich_utils``, which loads rich's markdown, traceback and syntax modules; the CLI's
+help is click's plain text since it cost more than the rest of ``--help``), and the floor of any
+command that runs, pydantic (typer 0.29 converts every parameter through a pydantic ``TypeAdapter``).
+``--pyc-cache`` gives every command a bytecode cache, as an installed package has, where the
+environment sets PYTHONDONTWRITEBYTECODE (else each run compiles the checkout's sources again). ``--root`` (repeatable, rounds alternate between roots)
 measures another checkout of the code (e.g. a worktree of an older commit) with this same interpreter;
 a command that fails there (an option it lacks) shows n/a. Then ``python -X importtime`` lists which
 heavy packages (prefect, together, torch, pyarrow, ...) each command imports at all.
@@ -64,10 +66,23 @@ def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) 
     return rows
 
 
+# Set by --pyc-cache: where the commands keep their bytecode (PYTHONPYCACHEPREFIX), None to run as the
+# environment says (with PYTHONDONTWRITEBYTECODE set, every run compiles the checkout's sources again).
+PYC_CACHE: Path | None = None
+
+
+def child_env(root: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", **extra}
+    if PYC_CACHE is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYC_CACHE)
+    return env
+
+
 def timed(argv: list[str], root: Path, cwd: Path | None = None) -> tuple[float, float] | None:
     """Wall-clock and CPU (user + system) seconds of one run (None when it fails); CPU time is far
     less sensitive to load."""
-    env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", "COLUMNS": "120"}
+    env = child_env(root, COLUMNS="120")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=cwd or root, env=env, capture_output=True, text=True)
@@ -81,7 +96,7 @@ def timed(argv: list[str], root: Path, cwd: Path | None = None) -> tuple[float, 
 
 def imported_heavy(argv: list[str], root: Path, cwd: Path | None = None) -> list[str]:
     """Top-level packages among HEAVY that ``argv`` imports (from ``-X importtime``'s report)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1"}
+    env = child_env(root)
     done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=cwd or root, env=env, capture_output=True, text=True)
     found = set()
     for line in done.stderr.splitlines():
@@ -96,8 +111,8 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
     """Median start times per root; rounds alternate between the roots so load hits them alike."""
     commands = {
         BASELINE: [sys.executable, "-c", "import typer, rich"],
-        # What any help screen needs: typer's rich renderer.
-        "floor: + typer.rich_utils": [sys.executable, "-c", "import typer.rich_utils, rich"],
+        # What typer's rich help renderer would add (the CLI's help no longer uses it).
+        "ref: + typer.rich_utils": [sys.executable, "-c", "import typer.rich_utils, rich"],
         "epochwise --help": [sys.executable, "-c", CLI, "--help"],
         # What running any command needs: typer converts each parameter with a pydantic TypeAdapter.
         "floor: + pydantic TypeAdapter": [
@@ -184,8 +199,19 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-large", action="store_true")
+    parser.add_argument(
+        "--pyc-cache",
+        action="store_true",
+        help="Give every command (the baseline too) a bytecode cache in a temporary directory, as an installed "
+        "package has, even where PYTHONDONTWRITEBYTECODE is set (the first, untimed run of each fills it).",
+    )
     args = parser.parse_args()
+    global PYC_CACHE
     with tempfile.TemporaryDirectory() as tmp:
+        if args.pyc_cache:
+            PYC_CACHE = Path(tmp) / "pyc"
+        mode = f"bytecode cached in {PYC_CACHE}" if PYC_CACHE else "bytecode as the environment says"
+        print(f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; {mode}")
         small = Path(tmp) / "train.jsonl"
         rng = random.Random(1)
         small.write_text("".join(conversation(rng, 40) + "\n" for _ in range(24)), encoding="utf-8")

@@ -12,6 +12,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    **common.APP_SETTINGS,
 )
 
 app.command()(data.prepare)

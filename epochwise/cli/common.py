@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,18 +12,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from epochwise.problems import InputError, Problem, UserError
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
+    from rich.console import Console
 
     from epochwise.config import Settings
     from epochwise.config.settings import Resolved
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class LazyConsole:
+    """A rich ``Console`` made on first use: importing rich.console is about a fifth of ``epochwise --help``,
+    which prints nothing through it. Every attribute is the real console's."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console: Any = LazyConsole(highlight=False)
+err_console: Any = LazyConsole(stderr=True, highlight=False)
+
+# Settings of every `typer.Typer` of the CLI. Help and usage errors are click's plain text: typer's rich
+# renderer (typer.rich_utils) loads rich's markdown, syntax and traceback modules, more than the rest of
+# ``epochwise --help`` together (bench/cli_start.py), and it reads help text as rich markup, so
+# ``list[float | None]`` in an option's help showed as ``list``. Lines up to 120 columns where the
+# terminal has them (click's default stops at 80 and cuts the command list's summaries short).
+APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
 
 ConfigOption = typer.Option(
     None,
@@ -362,9 +387,16 @@ def yaml_line(path: Path, loc: list[str]) -> int | None:
     return line
 
 
+def print_line(text: str, err: bool = False) -> None:
+    """``text`` and a newline on stdout (stderr with ``err``), as it is: never wrapped, no rich markup and
+    no emoji codes (rich turns ``:x:`` in a path or reason into an emoji even with ``markup=False``).
+    Plain ``print``, so ``epochwise validate`` does not import rich.console to report a line."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=err)
+
+
 def fail_lines(lines: list[str], code: int = 1) -> NoReturn:
     for line in lines:
-        err_console.print(line, markup=False, soft_wrap=True)  # one problem per line, never wrapped
+        print_line(line, err=True)  # one problem per line, never wrapped
     raise typer.Exit(code)
 
 
@@ -460,6 +492,7 @@ def print_table(table: Any) -> None:
     if console.is_terminal:
         console.print(table)
         return
+    from rich.console import Console
     from rich.measure import Measurement
 
     needed = Measurement.get(console, console.options.update_width(100_000), table).maximum

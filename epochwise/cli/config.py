@@ -7,9 +7,17 @@ from typing import Any
 
 import typer
 
-from epochwise.cli.common import ConfigOption, PresetOption, fail_lines, print_json, resolve_settings, source_text
+from epochwise.cli.common import (
+    APP_SETTINGS,
+    ConfigOption,
+    PresetOption,
+    fail_lines,
+    print_json,
+    resolve_settings,
+    source_text,
+)
 
-config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True, **APP_SETTINGS)
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:

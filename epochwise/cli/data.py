@@ -14,6 +14,7 @@ from epochwise.cli.common import (
     defaults_apply,
     field_help,
     friendly_errors,
+    print_line,
     report_problems,
     settings,
 )
@@ -130,4 +131,4 @@ def validate(
     if problems:
         report_problems(problems)
     for path in files:
-        console.print(f"{path}: ok", markup=False, soft_wrap=True)
+        print_line(f"{path}: ok")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from epochwise.cli.common import ConfigOption, PresetOption, before_flow_run, console, field_help, settings
 
@@ -52,6 +51,8 @@ def evaluate(
         summary = state.result()
     rows = summary["rows"]
     folds = sorted({r["eval fold"] for r in rows})
+    from rich.table import Table
+
     table = Table(title=f"{fold.name}: evaluation ({summary['metric']} ranks)")
     for column in ["epoch", "metric", *folds, "mean"]:
         table.add_column(column, justify="right" if column not in ("metric",) else "left")

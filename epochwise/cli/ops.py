@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from epochwise.cli.common import (
+    APP_SETTINGS,
     ConfigOption,
     PresetOption,
     console,
@@ -21,6 +22,7 @@ from epochwise.cli.common import (
 deployments_app = typer.Typer(
     help="Prefect deployments, schedules, limits and crash detection for a real server + worker.",
     no_args_is_help=True,
+    **APP_SETTINGS,
 )
 
 

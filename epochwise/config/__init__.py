@@ -80,7 +80,7 @@ _LAZY = ("Settings", "deep_merge", "load_settings")
 
 
 def __getattr__(name: str) -> Any:
-    # pydantic-settings costs a tenth of a second to import; only loading settings needs it.
+    # Building Settings builds every section's validator; only loading settings needs it (not the help).
     if name in _LAZY:
         from epochwise.config import settings
 

@@ -1,7 +1,7 @@
 """`Settings`: every configuration section, read from defaults, YAML files, presets, the environment and flags.
 
-Kept apart from the section models so that importing those (the CLI's help does) never imports
-pydantic-settings; ``epochwise.config.Settings`` and ``load_settings`` load this module on first use.
+Kept apart from the section models so that importing those (the CLI's help does) never builds
+`Settings`; ``epochwise.config.Settings`` and ``load_settings`` load this module on first use.
 
 Sources, lowest priority first (each one a `Layer`, so every value can be traced to what set it):
 defaults in code < a records directory's own ``data.mapping`` (``prepare`` only) < the config file <
@@ -11,13 +11,13 @@ presets, in the order given < ``EPOCHWISE_*`` environment < CLI flags.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from epochwise.config.data import DataConfig
 from epochwise.config.deploy import DeployConfig
@@ -35,12 +35,15 @@ ENV_PREFIX = "EPOCHWISE_"
 NOT_SETTINGS = {"EPOCHWISE_CONFIG"}
 
 
-class Settings(BaseSettings):
-    """All configuration sections; unknown keys are errors so typos never pass silently."""
+class Settings(BaseModel):
+    """All configuration sections; unknown keys are errors so typos never pass silently.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
-    )
+    A plain model, validated from the merged layers (`validate_layers`); only the ``EPOCHWISE_*``
+    variables are read with pydantic-settings (`env_layer`), which is imported when one is set: its
+    import was a third of ``epochwise validate`` in a project (bench/cli_start.py).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings' BaseSettings
 
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -52,18 +55,18 @@ class Settings(BaseSettings):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Only what is passed in: `read_layers` reads the files, presets and environment itself, so each
-        # value keeps its source (``Settings()`` alone is the defaults).
-        return (init_settings,)
+
+@functools.cache
+def env_settings() -> type[BaseModel]:
+    """`Settings` as a pydantic-settings class, for its `EnvSettingsSource` to read the environment with."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class EnvSettings(BaseSettings, Settings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+        )
+
+    return EnvSettings
 
 
 LayerKind = Literal["records", "file", "preset", "env", "flag"]
@@ -178,7 +181,11 @@ def unknown_lines(layer: Layer, line_of: Any = None) -> list[str]:
 
 def env_layer() -> Layer:
     """The ``EPOCHWISE_*`` variables as nested values, parsed the way pydantic-settings parses them."""
-    values = EnvSettingsSource(Settings)()
+    values: dict[str, Any] = {}
+    if any(name.upper().startswith(ENV_PREFIX) and name.upper() not in NOT_SETTINGS for name in os.environ):
+        from pydantic_settings import EnvSettingsSource
+
+        values = EnvSettingsSource(env_settings())()
     return Layer("env", "environment", {k: v for k, v in values.items() if v is not None})
 
 

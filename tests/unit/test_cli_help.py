@@ -3,6 +3,7 @@ built from the config models (one source), never restated by hand."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -125,11 +126,26 @@ def test_starting_the_cli_imports_no_heavy_package():
         "import sys; sys.argv = ['epochwise', '--help']\n"
         "from epochwise.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = ('prefect', 'together', 'torch', 'pyarrow', 'transformers', 'wandb', 'pydantic', 'blocks')\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))"
+        "heavy = ('prefect', 'together', 'torch', 'pyarrow', 'transformers', 'wandb', 'pydantic', 'blocks',\n"
+        "         'markdown_it', 'pygments')  # the last two: typer's rich help renderer\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy) | {'typer.rich_utils'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_help_shows_option_help_as_written():
+    """Help text is not read as rich markup: brackets in it (``list[float | None]``) are shown, not swallowed."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv = ['epochwise', 'train', '--help']\nfrom epochwise.cli import main\nmain()"
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-500:]
+    text = " ".join(done.stdout.split())
+    assert "-> list[float | None]. (default: []; train.rewards)" in text, text[-2000:]
+    assert "Usage: epochwise train [OPTIONS]" in text
 
 
 def test_the_generated_help_table_is_current_and_used():

@@ -51,6 +51,14 @@ def test_validate_checks_without_the_together_sdk_or_settings_loader(workdir: Pa
     assert modules == []
 
 
+def test_validate_in_a_project_reads_its_config_without_pydantic_settings(workdir: Path) -> None:
+    """pydantic-settings parses EPOCHWISE_* variables; with none set, the config file needs only YAML."""
+    (workdir / "epochwise.yaml").write_text("data:\n  max_line_bytes: 100000\n", encoding="utf-8")
+    modules, output = heavy_imports(workdir, "validate", "train.jsonl")
+    assert output == "train.jsonl: ok"
+    assert modules == ["yaml"]
+
+
 def test_together_check_runs_togethers_check_file(workdir: Path) -> None:
     modules, output = heavy_imports(workdir, "validate", "--together-check", "train.jsonl")
     assert output == "train.jsonl: ok"
