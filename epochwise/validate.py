@@ -16,9 +16,9 @@ import operator
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, get_args
 
-import orjson
+import msgspec
 
 from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
 from epochwise.problems import Problem, display_path
@@ -27,7 +27,8 @@ from epochwise.records import parse_json_object
 # Bump when a rule changes what passes: recorded passes (`epochwise.validation_record`) name this version.
 VALIDATOR_VERSION = "1"
 
-ROLES = ("system", "user", "assistant", "tool")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = get_args(Role)
 # Chain-of-thought fields of an assistant turn: Together reads ``reasoning`` / ``reasoning_content``,
 # the Harmony converter also ``thinking``. Each must be a string.
 REASONING_KEYS = ("thinking", "reasoning", "reasoning_content")
@@ -217,12 +218,29 @@ def _check_rows(path: str, rows: Iterable[tuple[int, dict[str, Any]]], problems:
 
 
 # Files are read in chunks of whole lines of about this size (a longer line extends its chunk). Small
-# chunks keep the parsed rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.5x slower.
+# chunks keep the decoded rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.2x slower.
 CHUNK_BYTES = 64 * 1024
+
+
+class _PlainMessage(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A message holding exactly a known ``role`` and a string ``content`` (no other key)."""
+
+    role: Role
+    content: str
+
+
+class _PlainRow(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A conversation row holding exactly ``messages`` (no tools or other columns)."""
+
+    messages: list[_PlainMessage]
+
+
+# A chunk as ``[[line 1],\n[line 2],...]``: a list of one-row wrappers. Types, keys and roles are all
+# checked in C while decoding; the structs hold only strings and lists, so they skip the cyclic GC.
+_PLAIN_CHUNK = msgspec.json.Decoder(list[tuple[_PlainRow]])
 _FIRST = operator.itemgetter(0)
-_ROLE = operator.itemgetter("role")
-_CONTENT = operator.itemgetter("content")
-_MESSAGES = operator.itemgetter("messages")
+_ROLE = operator.attrgetter("role")
+_MESSAGES = operator.attrgetter("messages")
 # Role sequences already shown to pass `message_problems` (with string contents and no other keys).
 _VALID_ROLES: set[tuple[str, ...]] = set()
 
@@ -233,17 +251,20 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
 
     A plain row is ``{"messages": [...]}`` whose messages each hold exactly a ``role`` and a string
     ``content``. For such rows every rule of `row_problems` depends on the sequence of roles alone, so
-    each distinct sequence is checked once with `message_problems`; the rest (parsing, key counts,
-    types) runs in C over the whole chunk (``map``), not in a Python call per line, which lets a large
-    file validate at close to the cost of parsing it (bench/cli_start.py). A blank or over-long line,
-    another format, tools, images, tool calls, weights, reasoning or any problem returns None.
+    each distinct sequence is checked once with `message_problems`; the rest (parsing, keys, types,
+    known roles) is msgspec's typed decoding of the whole chunk in one C call (`_PlainRow`), not a
+    Python call per line, which lets a large file validate at about the cost of parsing it
+    (bench/cli_start.py). A blank or over-long line, another format, tools, images, tool calls,
+    weights, reasoning or any problem returns None. msgspec and orjson (which the line-by-line check
+    uses) agree on what is JSON here: both refuse invalid UTF-8, lone surrogates, raw control
+    characters and a BOM, and both keep the last of duplicate keys (tests/unit/test_validate_chunks.py).
 
-    The chunk is parsed in one ``orjson.loads`` as ``[[line 1],\n[line 2],\n...]``. That reads each
-    line on its own: a raw newline cannot sit inside a JSON string, so every ``],\n[`` is structural;
-    after it the ``,`` puts us in an array, so its ``]`` closed an array that is an element of an array.
-    In an accepted result only the outer list has arrays for elements, so each ``],\n[`` closes one
-    line's wrapper and opens the next; with exactly ``lines`` wrappers of one value each, wrapper i holds
-    line i and nothing else, and line i alone is that one JSON value.
+    The chunk is decoded as ``[[line 1],\n[line 2],\n...]``. That reads each line on its own: a raw
+    newline cannot sit inside a JSON string, so every ``],\n[`` is structural; after it the ``,`` puts
+    us in an array, so its ``]`` closed an array that is an element of an array. In the typed result
+    only the outer list has arrays (the one-row wrappers) for elements (``messages`` sits in an
+    object), so each ``],\n[`` closes one line's wrapper and opens the next; with exactly ``lines``
+    wrappers of one row each, wrapper i holds line i and nothing else, and line i alone is that row.
     """
     if len(chunk) > max_line_bytes and max(map(len, chunk.split(b"\n")), default=0) > max_line_bytes:
         return None
@@ -256,23 +277,13 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
     joined[0:0] = b"[["
     joined += b"]]"
     try:
-        wrappers = orjson.loads(joined)
-        if len(wrappers) != lines or set(map(type, wrappers)) != {list} or set(map(len, wrappers)) != {1}:
-            return None
-        rows = list(map(_FIRST, wrappers))
-        if set(map(type, rows)) != {dict} or set(map(len, rows)) != {1}:
-            return None
-        conversations = list(map(_MESSAGES, rows))
-        if set(map(type, conversations)) != {list}:
-            return None
-        messages = list(itertools.chain.from_iterable(conversations))
-        if set(map(type, messages)) != {dict} or set(map(len, messages)) != {2}:
-            return None
-        if set(map(type, map(_CONTENT, messages))) != {str}:
-            return None
-        sequences = set(map(tuple, map(map, itertools.repeat(_ROLE), conversations)))
-    except (orjson.JSONDecodeError, KeyError, TypeError):  # a bad line, a missing key, an unhashable role
+        wrappers = _PLAIN_CHUNK.decode(joined)
+    except msgspec.DecodeError:  # bad JSON on a line, or a row that is not plain (ValidationError)
         return None
+    if len(wrappers) != lines:
+        return None
+    conversations = map(_MESSAGES, map(_FIRST, wrappers))
+    sequences = set(map(tuple, map(map, itertools.repeat(_ROLE), conversations)))  # in C, no call per row
     for roles in sequences - _VALID_ROLES:
         if message_problems([{"role": role, "content": ""} for role in roles]):
             return None

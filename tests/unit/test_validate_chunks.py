@@ -121,3 +121,75 @@ def test_plain_chunks_are_accepted_in_bulk_and_others_are_not() -> None:
     assert validate._plain_conversations(bytearray(plain.encode()), 10**6) == 3  # no final newline
     for other in (*BAD, GOOD[0] | {"tools": []}):
         assert validate._plain_conversations(bytearray(f"{plain}\n{json.dumps(other)}\n".encode()), 10**6) is None
+
+
+USER, REPLY = b'{"role": "user", "content": "x"}', b'{"role": "assistant", "content": "y"}'
+
+
+def chat(*messages: bytes, before: bytes = b"", after: bytes = b"") -> bytes:
+    return before + b'{"messages": [' + b", ".join(messages) + b"]" + after + b"}"
+
+
+def reply(content: bytes) -> bytes:
+    return b'{"role": "assistant", "content": "' + content + b'"}'
+
+
+# Lines where the bulk decoder (msgspec) and the line-by-line parser (orjson) could disagree: each must
+# get the line-by-line verdict, whichever path reads it.
+EDGE = [
+    chat(USER, reply(rb"\ud800")),  # a lone high surrogate escape
+    chat(USER, reply(rb"\udc00x")),  # a lone low surrogate escape
+    chat(USER, reply(rb"\ud83d\ude00")),  # a surrogate pair: valid
+    chat(USER, reply(rb"\u0000")),  # an escaped NUL: valid
+    chat(USER, reply(b"\x7f")),  # a raw DEL is not a control character in JSON: valid
+    chat(USER, reply(b"a\tb")),  # a raw tab in a string is
+    chat(USER, reply(b"\x00")),
+    chat(USER, reply(rb"\q")),  # an unknown escape
+    chat(USER, reply(b"\xff")),  # invalid UTF-8 inside a string
+    chat(USER, reply(b"\xed\xa0\x80")),  # a UTF-8-encoded surrogate
+    chat(USER, reply(b"\xc0\xaf")),  # an overlong encoding
+    b"\xef\xbb\xbf" + chat(USER, REPLY),  # a byte order mark
+    chat(USER, REPLY, after=b', "messages": [' + REPLY + b"]"),  # duplicate keys: the last counts (bad)
+    chat(REPLY, after=b', "messages": [' + USER + b", " + REPLY + b"]"),  # ... and here it is good
+    chat(USER, b'{"role": "assistant", "role": "user", "content": "y"}'),
+    chat(USER, b'{"role": "user", "role": "assistant", "content": "y"}'),
+    chat(USER, rb'{"role": "assist\u0061nt", "content": "y"}'),  # an escaped role
+    chat(USER, REPLY).replace(b"messages", rb"mess\u0061ges"),  # an escaped key
+    chat(USER, b'{"role": "Assistant", "content": "y"}'),
+    chat(USER, b'{"role": "assistant", "content": "y", "name": "bot"}'),  # an extra key: valid, not plain
+    chat(USER, REPLY, before=b" ") + b" \t",
+    chat(USER, REPLY) + b"\x0c",  # a form feed is not JSON whitespace
+    chat(USER, REPLY) + b", {}",
+    chat(USER, REPLY) + b" " + chat(USER, REPLY),  # two rows on one line
+    chat(USER, REPLY) + b"], [" + chat(USER, REPLY),  # two rows that would make two wrappers of a chunk
+]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 4096])
+@pytest.mark.parametrize("index", range(len(EDGE)))
+def test_edge_lines_get_the_line_by_line_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, index: int
+) -> None:
+    monkeypatch.setattr(validate, "CHUNK_BYTES", chunk_bytes)
+    good = chat(USER, REPLY)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([good] * 3 + [EDGE[index]] + [good] * 3) + b"\n")
+    assert validate_file(path, run_together_check=False) == line_by_line(path, 10**6)
+
+
+@pytest.mark.parametrize("index", range(len(EDGE)))
+def test_bulk_acceptance_implies_no_problems(tmp_path: Path, index: int) -> None:
+    """Whatever the bulk path accepts, the line-by-line check finds nothing wrong with."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(EDGE[index] + b"\n")
+    if validate._plain_conversations(bytearray(EDGE[index] + b"\n"), 10**6) is not None:
+        assert line_by_line(path, 10**6) == []
+
+
+def test_which_edge_rows_are_plain() -> None:
+    plain = [chat(USER, rb'{"role": "assist\u0061nt", "content": "y"}'), chat(USER, reply(rb"\ud83d\ude00"))]
+    for line in plain:
+        assert validate._plain_conversations(bytearray(line), 10**6) == 1
+    not_plain = [chat(USER, reply(rb"\ud800")), chat(USER, REPLY, after=b', "messages": [' + REPLY + b"]")]
+    for line in not_plain:
+        assert validate._plain_conversations(bytearray(line), 10**6) is None
