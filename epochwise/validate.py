@@ -11,14 +11,10 @@ INVALID_FORMAT.
 from __future__ import annotations
 
 import io
-import itertools
-import operator
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, get_args
-
-import msgspec
+from typing import Any, BinaryIO
 
 from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
 from epochwise.problems import Problem, display_path
@@ -27,8 +23,7 @@ from epochwise.records import parse_json_object
 # Bump when a rule changes what passes: recorded passes (`epochwise.validation_record`) name this version.
 VALIDATOR_VERSION = "1"
 
-Role = Literal["system", "user", "assistant", "tool"]
-ROLES: tuple[str, ...] = get_args(Role)
+ROLES = ("system", "user", "assistant", "tool")
 # Chain-of-thought fields of an assistant turn: Together reads ``reasoning`` / ``reasoning_content``,
 # the Harmony converter also ``thinking``. Each must be a string.
 REASONING_KEYS = ("thinking", "reasoning", "reasoning_content")
@@ -219,28 +214,8 @@ def _check_rows(path: str, rows: Iterable[tuple[int, dict[str, Any]]], problems:
 
 # Files are read in chunks of whole lines of about this size (a longer line extends its chunk). Small
 # chunks keep the decoded rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.2x slower.
+# Shorter chunks (a file's last one, or a small file) are checked line by line.
 CHUNK_BYTES = 64 * 1024
-
-
-class _PlainMessage(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A message holding exactly a known ``role`` and a string ``content`` (no other key)."""
-
-    role: Role
-    content: str
-
-
-class _PlainRow(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A conversation row holding exactly ``messages`` (no tools or other columns)."""
-
-    messages: list[_PlainMessage]
-
-
-# A chunk as ``[[line 1],\n[line 2],...]``: a list of one-row wrappers. Types, keys and roles are all
-# checked in C while decoding; the structs hold only strings and lists, so they skip the cyclic GC.
-_PLAIN_CHUNK = msgspec.json.Decoder(list[tuple[_PlainRow]])
-_FIRST = operator.itemgetter(0)
-_ROLE = operator.attrgetter("role")
-_MESSAGES = operator.attrgetter("messages")
 # Role sequences already shown to pass `message_problems` (with string contents and no other keys).
 _VALID_ROLES: set[tuple[str, ...]] = set()
 
@@ -252,12 +227,10 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
     A plain row is ``{"messages": [...]}`` whose messages each hold exactly a ``role`` and a string
     ``content``. For such rows every rule of `row_problems` depends on the sequence of roles alone, so
     each distinct sequence is checked once with `message_problems`; the rest (parsing, keys, types,
-    known roles) is msgspec's typed decoding of the whole chunk in one C call (`_PlainRow`), not a
-    Python call per line, which lets a large file validate at about the cost of parsing it
-    (bench/cli_start.py). A blank or over-long line, another format, tools, images, tool calls,
-    weights, reasoning or any problem returns None. msgspec and orjson (which the line-by-line check
-    uses) agree on what is JSON here: both refuse invalid UTF-8, lone surrogates, raw control
-    characters and a BOM, and both keep the last of duplicate keys (tests/unit/test_validate_chunks.py).
+    known roles) is msgspec's typed decoding of the whole chunk in one C call
+    (`epochwise.plain_rows.role_sequences`), not a Python call per line, which lets a large file
+    validate at about the cost of parsing it (bench/cli_start.py). A blank or over-long line, another
+    format, tools, images, tool calls, weights, reasoning or any problem returns None.
 
     The chunk is decoded as ``[[line 1],\n[line 2],\n...]``. That reads each line on its own: a raw
     newline cannot sit inside a JSON string, so every ``],\n[`` is structural; after it the ``,`` puts
@@ -266,6 +239,8 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
     object), so each ``],\n[`` closes one line's wrapper and opens the next; with exactly ``lines``
     wrappers of one row each, wrapper i holds line i and nothing else, and line i alone is that row.
     """
+    from epochwise.plain_rows import role_sequences  # msgspec, only once a file fills a chunk
+
     if len(chunk) > max_line_bytes and max(map(len, chunk.split(b"\n")), default=0) > max_line_bytes:
         return None
     joined = chunk.replace(b"\n", b"],\n[")
@@ -276,14 +251,9 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
         lines += 1
     joined[0:0] = b"[["
     joined += b"]]"
-    try:
-        wrappers = _PLAIN_CHUNK.decode(joined)
-    except msgspec.DecodeError:  # bad JSON on a line, or a row that is not plain (ValidationError)
+    sequences = role_sequences(joined, lines)
+    if sequences is None:
         return None
-    if len(wrappers) != lines:
-        return None
-    conversations = map(_MESSAGES, map(_FIRST, wrappers))
-    sequences = set(map(tuple, map(map, itertools.repeat(_ROLE), conversations)))  # in C, no call per row
     for roles in sequences - _VALID_ROLES:
         if message_problems([{"role": role, "content": ""} for role in roles]):
             return None
@@ -325,7 +295,7 @@ def validate_file(
                     check_lines(handle, before)
                     break
                 lines = None
-                if state.format in (None, "conversation"):
+                if state.format in (None, "conversation") and len(chunk) >= CHUNK_BYTES:
                     lines = _plain_conversations(chunk, max_line_bytes)
                 if lines is None:
                     check_lines(io.BytesIO(chunk), before)

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+import epochwise.plain_rows as plain_rows
 import epochwise.validate as validate
 from epochwise.io import jsonl_lines
 from epochwise.problems import Problem, display_path
@@ -165,7 +169,7 @@ EDGE = [
 ]
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 64, 4096])
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 256])
 @pytest.mark.parametrize("index", range(len(EDGE)))
 def test_edge_lines_get_the_line_by_line_verdict(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, index: int
@@ -193,3 +197,34 @@ def test_which_edge_rows_are_plain() -> None:
     not_plain = [chat(USER, reply(rb"\ud800")), chat(USER, REPLY, after=b', "messages": [' + REPLY + b"]")]
     for line in not_plain:
         assert validate._plain_conversations(bytearray(line), 10**6) is None
+
+
+def test_the_bulk_decoder_knows_the_roles_the_rules_know() -> None:
+    assert get_args(plain_rows.Role) == validate.ROLES
+
+
+def test_only_full_chunks_take_the_bulk_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    decode = plain_rows.role_sequences
+
+    def counted(wrapped: bytes | bytearray, rows: int) -> set[tuple[str, ...]] | None:
+        calls.append(rows)
+        return decode(wrapped, rows)
+
+    monkeypatch.setattr(validate, "CHUNK_BYTES", 128)
+    monkeypatch.setattr(plain_rows, "role_sequences", counted)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(chat(USER, REPLY) + b"\n")  # under a chunk: line by line
+    assert validate_file(path, run_together_check=False) == [] and calls == []
+    path.write_bytes(b"\n".join([chat(USER, REPLY)] * 20) + b"\n")
+    assert validate_file(path, run_together_check=False) == [] and calls
+
+
+def test_a_small_file_is_validated_without_msgspec(tmp_path: Path) -> None:
+    """The CLI validating a fold file of a few rows does not pay for importing msgspec."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(chat(USER, REPLY) + b"\n")
+    code = "import sys; from epochwise.validate import validate_file as v; "
+    code += f"assert v({str(path)!r}, run_together_check=False) == []; print('msgspec' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
