@@ -220,17 +220,20 @@ CHUNK_BYTES = 64 * 1024
 _VALID_ROLES: set[tuple[str, ...]] = set()
 
 
-def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
-    """The line count of ``chunk`` when every line is a valid plain conversation row, else None: then
-    the chunk is checked line by line, with the same messages as ever.
+def _plain_chunk(chunk: bytearray, max_line_bytes: int, file_format: str | None) -> tuple[int, str] | None:
+    """``(line count, format)`` of ``chunk`` when every line is a valid plain row of one format (the
+    file's format, when known), else None: then the chunk is checked line by line, with the same
+    messages as ever.
 
-    A plain row is ``{"messages": [...]}`` whose messages each hold exactly a ``role`` and a string
-    ``content``. For such rows every rule of `row_problems` depends on the sequence of roles alone, so
-    each distinct sequence is checked once with `message_problems`; the rest (parsing, keys, types,
-    known roles) is msgspec's typed decoding of the whole chunk in one C call
-    (`epochwise.plain_rows.role_sequences`), not a Python call per line, which lets a large file
-    validate at about the cost of parsing it (bench/cli_start.py). A blank or over-long line, another
-    format, tools, images, tool calls, weights, reasoning or any problem returns None.
+    A plain row holds exactly its format's keys with string values (`epochwise.plain_rows`):
+    ``{"prompt": ..., "completion": ...}``, ``{"text": ...}`` or ``{"messages": [...]}`` whose
+    messages each hold exactly a ``role`` and a string ``content``. Such an instruction or text row is
+    valid; for such a conversation row every rule of `row_problems` depends on the sequence of roles
+    alone, so each distinct sequence is checked once with `message_problems`. The rest (parsing, keys,
+    types, known roles) is msgspec's typed decoding of the whole chunk in one C call, not a Python call
+    per line, which lets a large file validate at about the cost of parsing it (bench/cli_start.py). A
+    blank or over-long line, mixed formats, extra columns, tools, images, tool calls, weights,
+    reasoning or any problem returns None.
 
     The chunk is decoded as ``[[line 1],\n[line 2],\n...]``. That reads each line on its own: a raw
     newline cannot sit inside a JSON string, so every ``],\n[`` is structural; after it the ``,`` puts
@@ -239,7 +242,7 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
     object), so each ``],\n[`` closes one line's wrapper and opens the next; with exactly ``lines``
     wrappers of one row each, wrapper i holds line i and nothing else, and line i alone is that row.
     """
-    from epochwise.plain_rows import role_sequences  # msgspec, only once a file fills a chunk
+    from epochwise.plain_rows import PLAIN_ROWS, decode_plain, role_sequences  # msgspec: a file fills a chunk
 
     if len(chunk) > max_line_bytes and max(map(len, chunk.split(b"\n")), default=0) > max_line_bytes:
         return None
@@ -251,14 +254,19 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
         lines += 1
     joined[0:0] = b"[["
     joined += b"]]"
-    sequences = role_sequences(joined, lines)
-    if sequences is None:
+    # A row of another format fails on its first key, so trying each format in turn costs little.
+    for fmt in [file_format] if file_format else PLAIN_ROWS:
+        wrappers = decode_plain(joined, lines, fmt)
+        if wrappers is not None:
+            break
+    else:
         return None
-    for roles in sequences - _VALID_ROLES:
-        if message_problems([{"role": role, "content": ""} for role in roles]):
-            return None
-        _VALID_ROLES.add(roles)
-    return lines
+    if fmt == "conversation":
+        for roles in role_sequences(wrappers) - _VALID_ROLES:
+            if message_problems([{"role": role, "content": ""} for role in roles]):
+                return None
+            _VALID_ROLES.add(roles)
+    return lines, fmt
 
 
 def validate_file(
@@ -294,15 +302,14 @@ def validate_file(
                 if chunk is None:  # a line over the limit with no end in sight: the rest one line at a time
                     check_lines(handle, before)
                     break
-                lines = None
-                if state.format in (None, "conversation") and len(chunk) >= CHUNK_BYTES:
-                    lines = _plain_conversations(chunk, max_line_bytes)
-                if lines is None:
+                plain = _plain_chunk(chunk, max_line_bytes, state.format) if len(chunk) >= CHUNK_BYTES else None
+                if plain is None:
                     check_lines(io.BytesIO(chunk), before)
                     lines = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
                 else:
+                    lines, fmt = plain
                     if state.format is None:
-                        state.format, state.first_line = "conversation", before + 1
+                        state.format, state.first_line = fmt, before + 1
                     count += lines
                 before += lines
     except FileNotFoundError:

@@ -121,10 +121,65 @@ def test_another_format_after_plain_chunks_names_the_first_row(tmp_path: Path, m
 
 def test_plain_chunks_are_accepted_in_bulk_and_others_are_not() -> None:
     plain = "\n".join(json.dumps(row) for row in GOOD)
-    assert validate._plain_conversations(bytearray(plain.encode() + b"\n"), 10**6) == 3
-    assert validate._plain_conversations(bytearray(plain.encode()), 10**6) == 3  # no final newline
+    assert validate._plain_chunk(bytearray(plain.encode() + b"\n"), 10**6, None) == (3, "conversation")
+    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, None) == (3, "conversation")  # no final newline
+    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, "conversation") == (3, "conversation")
+    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, "general") is None  # not the file's format
     for other in (*BAD, GOOD[0] | {"tools": []}):
-        assert validate._plain_conversations(bytearray(f"{plain}\n{json.dumps(other)}\n".encode()), 10**6) is None
+        assert validate._plain_chunk(bytearray(f"{plain}\n{json.dumps(other)}\n".encode()), 10**6, None) is None
+
+
+INSTRUCTIONS = [{"prompt": "a", "completion": "b"}, {"prompt": "", "completion": "ü \n"}]
+TEXTS = [{"text": "t"}, {"text": ""}]
+
+
+def test_plain_instruction_and_text_chunks_are_accepted_in_bulk() -> None:
+    for rows, fmt in ((INSTRUCTIONS, "instruction"), (TEXTS, "general")):
+        chunk = "\n".join(json.dumps(row) for row in rows).encode()
+        assert validate._plain_chunk(bytearray(chunk), 10**6, None) == (2, fmt)
+        assert validate._plain_chunk(bytearray(chunk), 10**6, fmt) == (2, fmt)
+        assert validate._plain_chunk(bytearray(chunk), 10**6, "conversation") is None
+    for other in (
+        TEXTS[0],  # another format
+        GOOD[0],
+        {"prompt": "a", "completion": 3},
+        {"prompt": "a"},
+        {"prompt": "a", "completion": "b", "id": 1},  # an extra column: valid, but not plain
+        {"prompt": "a", "completion": "b", "text": "c"},  # two formats
+    ):
+        chunk = "\n".join(json.dumps(row) for row in [*INSTRUCTIONS, other]).encode()
+        assert validate._plain_chunk(bytearray(chunk), 10**6, None) is None, other
+
+
+OTHER_FORMATS = [
+    *INSTRUCTIONS,
+    *TEXTS,
+    {"prompt": "a", "completion": None},
+    {"prompt": "a", "completion": "b", "id": 1},
+    {"text": 3},
+    {"text": "t", "source": "x"},
+]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_validation_of_each_format_matches_line_by_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "train.jsonl"
+
+    def line(good: list[dict]) -> bytes:
+        x = rng.random()
+        if x < 0.85:
+            return json.dumps(rng.choice(good)).encode()
+        return json.dumps(rng.choice([*BAD, *OTHER_FORMATS])).encode() if x < 0.97 else rng.choice(RAW)
+
+    for case in range(60):
+        good = rng.choice([GOOD, INSTRUCTIONS, TEXTS])
+        data = b"\n".join(line(good) for _ in range(rng.choice([1, 3, 40, 200])))
+        path.write_bytes(data + b"\n")
+        monkeypatch.setattr(validate, "CHUNK_BYTES", rng.choice([1, 50, 300, 4096]))
+        assert validate_file(path, run_together_check=False) == line_by_line(path, 10**6), case
 
 
 USER, REPLY = b'{"role": "user", "content": "x"}', b'{"role": "assistant", "content": "y"}'
@@ -186,33 +241,35 @@ def test_bulk_acceptance_implies_no_problems(tmp_path: Path, index: int) -> None
     """Whatever the bulk path accepts, the line-by-line check finds nothing wrong with."""
     path = tmp_path / "train.jsonl"
     path.write_bytes(EDGE[index] + b"\n")
-    if validate._plain_conversations(bytearray(EDGE[index] + b"\n"), 10**6) is not None:
+    if validate._plain_chunk(bytearray(EDGE[index] + b"\n"), 10**6, None) is not None:
         assert line_by_line(path, 10**6) == []
 
 
 def test_which_edge_rows_are_plain() -> None:
     plain = [chat(USER, rb'{"role": "assist\u0061nt", "content": "y"}'), chat(USER, reply(rb"\ud83d\ude00"))]
     for line in plain:
-        assert validate._plain_conversations(bytearray(line), 10**6) == 1
+        assert validate._plain_chunk(bytearray(line), 10**6, None) == (1, "conversation")
     not_plain = [chat(USER, reply(rb"\ud800")), chat(USER, REPLY, after=b', "messages": [' + REPLY + b"]")]
     for line in not_plain:
-        assert validate._plain_conversations(bytearray(line), 10**6) is None
+        assert validate._plain_chunk(bytearray(line), 10**6, None) is None
 
 
-def test_the_bulk_decoder_knows_the_roles_the_rules_know() -> None:
+def test_the_bulk_decoder_knows_the_roles_and_formats_the_rules_know() -> None:
     assert get_args(plain_rows.Role) == validate.ROLES
+    for fmt, row in plain_rows.PLAIN_ROWS.items():
+        assert row.__struct_fields__ == validate.FORMAT_KEYS[fmt]
 
 
 def test_only_full_chunks_take_the_bulk_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    decode = plain_rows.role_sequences
+    decode = plain_rows.decode_plain
 
-    def counted(wrapped: bytes | bytearray, rows: int) -> set[tuple[str, ...]] | None:
+    def counted(wrapped: bytes | bytearray, rows: int, fmt: str) -> list | None:
         calls.append(rows)
-        return decode(wrapped, rows)
+        return decode(wrapped, rows, fmt)
 
     monkeypatch.setattr(validate, "CHUNK_BYTES", 128)
-    monkeypatch.setattr(plain_rows, "role_sequences", counted)
+    monkeypatch.setattr(plain_rows, "decode_plain", counted)
     path = tmp_path / "train.jsonl"
     path.write_bytes(chat(USER, REPLY) + b"\n")  # under a chunk: line by line
     assert validate_file(path, run_together_check=False) == [] and calls == []
