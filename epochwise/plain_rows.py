@@ -11,6 +11,7 @@ import operator
 from typing import Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 # The roles `epochwise.validate.ROLES` names (a test keeps the two alike). Only a speed filter: each role
 # sequence is checked again by `epochwise.validate.message_problems`.
@@ -18,10 +19,16 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 
 class PlainMessage(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A message holding exactly a known ``role`` and a string ``content`` (no other key)."""
+    """A message holding a known ``role`` and a string ``content``, and at most a ``weight`` of 0 or 1
+    and string chain-of-thought fields (`epochwise.validate.REASONING_KEYS`) besides: each valid on its
+    own, whatever the role, so a row of them is valid when its role sequence is."""
 
     role: Role
     content: str
+    weight: Literal[0, 1] | UnsetType = UNSET  # JSON 0 or 1; not true, 1.0 (valid, left to the line check)
+    thinking: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
 
 
 class PlainConversation(msgspec.Struct, forbid_unknown_fields=True, gc=False):

@@ -227,13 +227,14 @@ def _plain_chunk(chunk: bytearray, max_line_bytes: int, file_format: str | None)
 
     A plain row holds exactly its format's keys with string values (`epochwise.plain_rows`):
     ``{"prompt": ..., "completion": ...}``, ``{"text": ...}`` or ``{"messages": [...]}`` whose
-    messages each hold exactly a ``role`` and a string ``content``. Such an instruction or text row is
-    valid; for such a conversation row every rule of `row_problems` depends on the sequence of roles
-    alone, so each distinct sequence is checked once with `message_problems`. The rest (parsing, keys,
-    types, known roles) is msgspec's typed decoding of the whole chunk in one C call, not a Python call
-    per line, which lets a large file validate at about the cost of parsing it (bench/cli_start.py). A
-    blank or over-long line, mixed formats, extra columns, tools, images, tool calls, weights,
-    reasoning or any problem returns None.
+    messages each hold a ``role`` and a string ``content``, and at most a ``weight`` of 0 or 1 and
+    string reasoning fields besides. Such an instruction or text row is valid; for such a
+    conversation row every rule of `row_problems` depends on the sequence of roles alone, so each
+    distinct sequence is checked once with `message_problems`. The rest (parsing, keys, types, known
+    roles) is msgspec's typed decoding of the whole chunk in one C call, not a Python call per line,
+    which lets a large file validate at about the cost of parsing it (bench/cli_start.py). A blank or
+    over-long line, mixed formats, extra columns, tools, images, tool calls or any problem returns
+    None.
 
     The chunk is decoded as ``[[line 1],\n[line 2],\n...]``. That reads each line on its own: a raw
     newline cannot sit inside a JSON string, so every ``],\n[`` is structural; after it the ``,`` puts

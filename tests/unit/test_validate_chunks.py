@@ -43,11 +43,15 @@ def msg(role: object, content: object = "x") -> dict:
     return {"role": role, "content": content}
 
 
-GOOD = [
+PLAIN = [
     {"messages": [msg("user"), msg("assistant")]},
     {"messages": [msg("system"), msg("user"), msg("assistant"), msg("user"), msg("assistant")]},
     {"messages": [msg("user"), msg("assistant"), msg("tool"), msg("assistant")]},
+    {"messages": [msg("user"), msg("assistant") | {"weight": 0}, msg("user"), msg("assistant") | {"weight": 1}]},
+    {"messages": [msg("user"), msg("assistant") | {"thinking": "t", "reasoning": "", "reasoning_content": "r"}]},
+    {"messages": [msg("user"), msg("assistant") | {"weight": -0}]},
 ]
+GOOD = [*PLAIN, {"messages": [msg("user") | {"weight": 1.0}, msg("assistant")]}]  # weight 1.0: valid, not plain
 BAD = [
     {"messages": [msg("assistant"), msg("user")]},
     {"messages": [msg("user"), msg("user"), msg("assistant")]},
@@ -57,6 +61,11 @@ BAD = [
     {"messages": [msg("user"), msg("assistant", 3)]},
     {"messages": [msg("user"), {"role": "assistant"}]},
     {"messages": [msg("user"), {"role": "assistant", "content": "a", "weight": 2}]},
+    {"messages": [msg("user"), {"role": "assistant", "content": "a", "weight": True}]},
+    {"messages": [msg("user"), {"role": "assistant", "content": "a", "weight": None}]},
+    {"messages": [msg("user"), msg("assistant") | {"thinking": None}]},
+    {"messages": [msg("user"), msg("assistant") | {"reasoning": 3}]},
+    {"messages": [msg("user"), msg("assistant") | {"reasoning_content": ["r"]}]},
     {"messages": [msg("user"), msg("assistant")], "tools": 3},
     {"messages": [msg("user"), msg(["x"])]},
     {"messages": [msg("user"), msg(None)]},
@@ -120,12 +129,13 @@ def test_another_format_after_plain_chunks_names_the_first_row(tmp_path: Path, m
 
 
 def test_plain_chunks_are_accepted_in_bulk_and_others_are_not() -> None:
-    plain = "\n".join(json.dumps(row) for row in GOOD)
-    assert validate._plain_chunk(bytearray(plain.encode() + b"\n"), 10**6, None) == (3, "conversation")
-    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, None) == (3, "conversation")  # no final newline
-    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, "conversation") == (3, "conversation")
+    plain = "\n".join(json.dumps(row) for row in PLAIN)
+    rows = len(PLAIN)
+    assert validate._plain_chunk(bytearray(plain.encode() + b"\n"), 10**6, None) == (rows, "conversation")
+    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, None) == (rows, "conversation")  # no final newline
+    assert validate._plain_chunk(bytearray(plain.encode()), 10**6, "conversation") == (rows, "conversation")
     assert validate._plain_chunk(bytearray(plain.encode()), 10**6, "general") is None  # not the file's format
-    for other in (*BAD, GOOD[0] | {"tools": []}):
+    for other in (*BAD, *GOOD[len(PLAIN) :], GOOD[0] | {"tools": []}):
         assert validate._plain_chunk(bytearray(f"{plain}\n{json.dumps(other)}\n".encode()), 10**6, None) is None
 
 
@@ -256,6 +266,7 @@ def test_which_edge_rows_are_plain() -> None:
 
 def test_the_bulk_decoder_knows_the_roles_and_formats_the_rules_know() -> None:
     assert get_args(plain_rows.Role) == validate.ROLES
+    assert plain_rows.PlainMessage.__struct_fields__ == ("role", "content", "weight", *validate.REASONING_KEYS)
     for fmt, row in plain_rows.PLAIN_ROWS.items():
         assert row.__struct_fields__ == validate.FORMAT_KEYS[fmt]
 
