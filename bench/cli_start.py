@@ -1,6 +1,6 @@
 """Benchmark: how fast the ``epochwise`` CLI starts, against a bare ``import typer, rich``.
 
-    python bench/cli_start.py [--runs 7] [--root PATH] [--large-mb 100] [--no-large]
+    python bench/cli_start.py [--runs 7] [--root PATH] [--large-mb 100] [--repeat 2] [--no-large | --no-cli]
 
 Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
 rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file (with and without
@@ -194,13 +194,17 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-large", action="store_true")
+    parser.add_argument("--no-cli", action="store_true", help="Only the large-file validation.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        small = Path(tmp) / "train.jsonl"
-        rng = random.Random(1)
-        small.write_text("".join(conversation(rng, 40) + "\n" for _ in range(24)), encoding="utf-8")
-        roots = [r.resolve() for r in args.root or [Path(__file__).resolve().parents[1]]]
-        cli_start(roots, args.runs, small)
+    if args.no_large and args.no_cli:
+        parser.error("--no-large and --no-cli leave nothing to measure")
+    if not args.no_cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            small = Path(tmp) / "train.jsonl"
+            rng = random.Random(1)
+            small.write_text("".join(conversation(rng, 40) + "\n" for _ in range(24)), encoding="utf-8")
+            roots = [r.resolve() for r in args.root or [Path(__file__).resolve().parents[1]]]
+            cli_start(roots, args.runs, small)
     if not args.no_large:
         large_validate(args.large_mb, args.repeat)
 
