@@ -216,7 +216,7 @@ def _check_rows(path: str, rows: Iterable[tuple[int, dict[str, Any]]], problems:
 # chunks keep the decoded rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.2x slower.
 # Shorter chunks (a file's last one, or a small file) are checked line by line.
 CHUNK_BYTES = 64 * 1024
-# Role sequences already shown to pass `message_problems` (with string contents and no other keys).
+# Role sequences already shown to pass `message_problems` (for plain messages, the rest of which is valid).
 _VALID_ROLES: set[tuple[str, ...]] = set()
 
 
