@@ -11,14 +11,10 @@ INVALID_FORMAT.
 from __future__ import annotations
 
 import io
-import itertools
-import operator
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-
-import orjson
 
 from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
 from epochwise.problems import Problem, display_path
@@ -217,34 +213,38 @@ def _check_rows(path: str, rows: Iterable[tuple[int, dict[str, Any]]], problems:
 
 
 # Files are read in chunks of whole lines of about this size (a longer line extends its chunk). Small
-# chunks keep the parsed rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.5x slower.
+# chunks keep the decoded rows of one chunk in the CPU's caches: 4 MiB chunks were ~1.2x slower.
+# Shorter chunks (a file's last one, or a small file) are checked line by line.
 CHUNK_BYTES = 64 * 1024
-_FIRST = operator.itemgetter(0)
-_ROLE = operator.itemgetter("role")
-_CONTENT = operator.itemgetter("content")
-_MESSAGES = operator.itemgetter("messages")
-# Role sequences already shown to pass `message_problems` (with string contents and no other keys).
+# Role sequences already shown to pass `message_problems` (for plain messages, the rest of which is valid).
 _VALID_ROLES: set[tuple[str, ...]] = set()
 
 
-def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
-    """The line count of ``chunk`` when every line is a valid plain conversation row, else None: then
-    the chunk is checked line by line, with the same messages as ever.
+def _plain_chunk(chunk: bytearray, max_line_bytes: int, file_format: str | None) -> tuple[int, str] | None:
+    """``(line count, format)`` of ``chunk`` when every line is a valid plain row of one format (the
+    file's format, when known), else None: then the chunk is checked line by line, with the same
+    messages as ever.
 
-    A plain row is ``{"messages": [...]}`` whose messages each hold exactly a ``role`` and a string
-    ``content``. For such rows every rule of `row_problems` depends on the sequence of roles alone, so
-    each distinct sequence is checked once with `message_problems`; the rest (parsing, key counts,
-    types) runs in C over the whole chunk (``map``), not in a Python call per line, which lets a large
-    file validate at close to the cost of parsing it (bench/cli_start.py). A blank or over-long line,
-    another format, tools, images, tool calls, weights, reasoning or any problem returns None.
+    A plain row holds exactly its format's keys with string values (`epochwise.plain_rows`):
+    ``{"prompt": ..., "completion": ...}``, ``{"text": ...}`` or ``{"messages": [...]}`` whose
+    messages each hold a ``role`` and a string ``content``, and at most a ``weight`` of 0 or 1 and
+    string reasoning fields besides. Such an instruction or text row is valid; for such a
+    conversation row every rule of `row_problems` depends on the sequence of roles alone, so each
+    distinct sequence is checked once with `message_problems`. The rest (parsing, keys, types, known
+    roles) is msgspec's typed decoding of the whole chunk in one C call, not a Python call per line,
+    which lets a large file validate at about the cost of parsing it (bench/cli_start.py). A blank or
+    over-long line, mixed formats, extra columns, tools, images, tool calls or any problem returns
+    None.
 
-    The chunk is parsed in one ``orjson.loads`` as ``[[line 1],\n[line 2],\n...]``. That reads each
-    line on its own: a raw newline cannot sit inside a JSON string, so every ``],\n[`` is structural;
-    after it the ``,`` puts us in an array, so its ``]`` closed an array that is an element of an array.
-    In an accepted result only the outer list has arrays for elements, so each ``],\n[`` closes one
-    line's wrapper and opens the next; with exactly ``lines`` wrappers of one value each, wrapper i holds
-    line i and nothing else, and line i alone is that one JSON value.
+    The chunk is decoded as ``[[line 1],\n[line 2],\n...]``. That reads each line on its own: a raw
+    newline cannot sit inside a JSON string, so every ``],\n[`` is structural; after it the ``,`` puts
+    us in an array, so its ``]`` closed an array that is an element of an array. In the typed result
+    only the outer list has arrays (the one-row wrappers) for elements (``messages`` sits in an
+    object), so each ``],\n[`` closes one line's wrapper and opens the next; with exactly ``lines``
+    wrappers of one row each, wrapper i holds line i and nothing else, and line i alone is that row.
     """
+    from epochwise.plain_rows import PLAIN_ROWS, decode_plain, role_sequences  # msgspec: a file fills a chunk
+
     if len(chunk) > max_line_bytes and max(map(len, chunk.split(b"\n")), default=0) > max_line_bytes:
         return None
     joined = chunk.replace(b"\n", b"],\n[")
@@ -255,29 +255,19 @@ def _plain_conversations(chunk: bytearray, max_line_bytes: int) -> int | None:
         lines += 1
     joined[0:0] = b"[["
     joined += b"]]"
-    try:
-        wrappers = orjson.loads(joined)
-        if len(wrappers) != lines or set(map(type, wrappers)) != {list} or set(map(len, wrappers)) != {1}:
-            return None
-        rows = list(map(_FIRST, wrappers))
-        if set(map(type, rows)) != {dict} or set(map(len, rows)) != {1}:
-            return None
-        conversations = list(map(_MESSAGES, rows))
-        if set(map(type, conversations)) != {list}:
-            return None
-        messages = list(itertools.chain.from_iterable(conversations))
-        if set(map(type, messages)) != {dict} or set(map(len, messages)) != {2}:
-            return None
-        if set(map(type, map(_CONTENT, messages))) != {str}:
-            return None
-        sequences = set(map(tuple, map(map, itertools.repeat(_ROLE), conversations)))
-    except (orjson.JSONDecodeError, KeyError, TypeError):  # a bad line, a missing key, an unhashable role
+    # A row of another format fails on its first key, so trying each format in turn costs little.
+    for fmt in [file_format] if file_format else PLAIN_ROWS:
+        wrappers = decode_plain(joined, lines, fmt)
+        if wrappers is not None:
+            break
+    else:
         return None
-    for roles in sequences - _VALID_ROLES:
-        if message_problems([{"role": role, "content": ""} for role in roles]):
-            return None
-        _VALID_ROLES.add(roles)
-    return lines
+    if fmt == "conversation":
+        for roles in role_sequences(wrappers) - _VALID_ROLES:
+            if message_problems([{"role": role, "content": ""} for role in roles]):
+                return None
+            _VALID_ROLES.add(roles)
+    return lines, fmt
 
 
 def validate_file(
@@ -313,15 +303,14 @@ def validate_file(
                 if chunk is None:  # a line over the limit with no end in sight: the rest one line at a time
                     check_lines(handle, before)
                     break
-                lines = None
-                if state.format in (None, "conversation"):
-                    lines = _plain_conversations(chunk, max_line_bytes)
-                if lines is None:
+                plain = _plain_chunk(chunk, max_line_bytes, state.format) if len(chunk) >= CHUNK_BYTES else None
+                if plain is None:
                     check_lines(io.BytesIO(chunk), before)
                     lines = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
                 else:
+                    lines, fmt = plain
                     if state.format is None:
-                        state.format, state.first_line = "conversation", before + 1
+                        state.format, state.first_line = fmt, before + 1
                     count += lines
                 before += lines
     except FileNotFoundError:
