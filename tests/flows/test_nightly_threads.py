@@ -24,15 +24,15 @@ from tests.helpers import FAST, make_fold, train_cfg
 
 def test_threads_fan_out_trains_every_fold_as_a_subflow_with_its_deployments_parameters(fake_together, tmp_path):
     root = tmp_path / "threads-root"
-    for name in ("alpha", "beta", "gamma"):
+    for name in ("thr-alpha", "thr-beta", "thr-gamma"):
         make_fold(root, name, f"threads-{name}")
     ops = OpsConfig(nightly_limit="nightly-threads-test", max_parallel_folds=2, nightly_fan_out="threads")
     apply_all(root, Settings(train=train_cfg(2), together=FAST, ops=ops), result_storage=str(tmp_path / "results"))
-    make_fold(root, "delta", "threads-delta")  # added after the apply: it runs with epoch-train/any-fold's parameters
+    make_fold(root, "thr-delta", "threads-delta")  # added after the apply: it runs with epoch-train/any-fold's parameters
 
     rows = nightly_folds(str(root), limit=ops.nightly_limit, fan_out="threads")
 
-    assert {r["fold"] for r in rows} == {"alpha", "beta", "gamma", "delta"}
+    assert {r["fold"] for r in rows} == {"thr-alpha", "thr-beta", "thr-gamma", "thr-delta"}
     assert all(r["state"] == "Completed" and r["deployment"] == "subflow" for r in rows), rows
     jobs = fake_together.state.jobs_in_order()
     assert len(jobs) == 8  # 4 folds x 2 epochs: the baked-in train.epochs, not the flow's default
