@@ -28,15 +28,18 @@ def list_folds(folds_root: str) -> list[str]:
     return [str(fold) for fold in discover_folds(folds_root)]
 
 
-def fold_deployment(flow_name: str, fold: str) -> str:
+def read_fold_deployment(flow_name: str, fold: str) -> Any:
     """``<flow>/<fold>`` when that deployment exists (it carries the per-fold limit), else ``<flow>/any-fold``."""
-    name = f"{flow_name}/{Fold.of(fold).name}"
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(name)
-            return name
+            return client.read_deployment_by_name(f"{flow_name}/{Fold.of(fold).name}")
         except ObjectNotFound:
-            return f"{flow_name}/{ANY_FOLD}"
+            return client.read_deployment_by_name(f"{flow_name}/{ANY_FOLD}")
+
+
+def fold_deployment(flow_name: str, fold: str) -> str:
+    """The full name of `read_fold_deployment`'s deployment."""
+    return f"{flow_name}/{read_fold_deployment(flow_name, fold).name}"
 
 
 @task(cache_policy=NO_CACHE)
@@ -68,12 +71,7 @@ def fold_parameters(flow_name: str, fold: str) -> dict[str, Any]:
     ``epochwise deployments apply`` baked them in, and ``fold``."""
     if flow_name != "epoch-train":
         raise UserError(f"fan_out=threads runs epoch-train folds only, not {flow_name}; use fan_out=worker")
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(f"{flow_name}/{Fold.of(fold).name}")
-        except ObjectNotFound:
-            deployment = client.read_deployment_by_name(f"{flow_name}/{ANY_FOLD}")
-    return {**deployment.parameters, "fold": fold}
+    return {**read_fold_deployment(flow_name, fold).parameters, "fold": fold}
 
 
 def limit_slots(limit: str) -> int:

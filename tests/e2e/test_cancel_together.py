@@ -95,21 +95,29 @@ def worker(prefect_server: Prefect, site: dict[str, Path]) -> Iterator[Worker]:
         stop(started.process)
 
 
-def deployment_run(prefect: Prefect, name: str) -> str:
-    out = prefect.run("prefect", "deployment", "run", name).stdout
+def deployment_run(prefect: Prefect, name: str, *params: str) -> str:
+    """``prefect deployment run <name> [--param k=v ...]``; returns the new flow run's id."""
+    out = prefect.run("prefect", "deployment", "run", name, *(a for p in params for a in ("--param", p))).stdout
     match = UUID.search(out)
     assert match, out
     return match.group(1)
 
 
-def running_job(prefect: Prefect, fake: FakeTogether, flow_run_id: str, worker: Worker, known: set[str]) -> FakeJob:
-    """Wait until the run's (new) job is running at the fake and the run has recorded it in its tags."""
+def running_job(
+    prefect: Prefect, fake: FakeTogether, flow_run_id: str, worker: Worker, known: set[str], suffix: str = "ew-"
+) -> FakeJob:
+    """Wait until the run's (new) job, its suffix starting with ``suffix``, is running at the fake and a
+    run has recorded it in its tags: the run itself, or a subflow of it."""
     deadline = time.monotonic() + HANG_S
     while True:
-        jobs = [j for j in fake.state.jobs.values() if j.id not in known and j.status == "running"]
+        jobs = [
+            j
+            for j in fake.state.jobs.values()
+            if j.id not in known and j.status == "running" and (j.suffix or "").startswith(suffix)
+        ]
         if jobs:
-            tags = prefect.get(f"/flow_runs/{flow_run_id}")["tags"]
-            if job_tag(jobs[0].id) in tags:
+            runs = [flow_run_id] + [c["id"] for c in subflows(prefect, flow_run_id)]
+            if any(job_tag(jobs[0].id) in prefect.get(f"/flow_runs/{run}")["tags"] for run in runs):
                 return jobs[0]
         run = prefect.get(f"/flow_runs/{flow_run_id}")
         assert run["state"]["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (
@@ -118,6 +126,10 @@ def running_job(prefect: Prefect, fake: FakeTogether, flow_run_id: str, worker: 
         )
         assert time.monotonic() < deadline, f"no running job after {HANG_S} s:\n{tail(worker.log)}"
         time.sleep(0.2)
+
+
+def subflows(prefect: Prefect, flow_run_id: str) -> list[dict]:
+    return prefect.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
 
 
 def descendants(pid: int) -> list[int]:
@@ -208,24 +220,9 @@ def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
     (chess / "train.jsonl").write_text("".join(rows[:-1]))  # other bytes: epoch keys are content-addressed
     fake.script.hold_jobs = True
     before = set(fake.state.jobs)
-    out = prefect_server.run("prefect", "deployment", "run", "nightly-folds/nightly", "--param", "fan_out=threads")
-    match = UUID.search(out.stdout)
-    assert match, out.stdout
-    nightly_id = match.group(1)
-    deadline = time.monotonic() + HANG_S
-    while not (jobs := [j for j in fake.state.jobs.values() if (j.suffix or "").startswith("ew-chess-")]) or (
-        jobs[0].status != "running"
-    ):
-        run = prefect_server.get(f"/flow_runs/{nightly_id}")
-        assert run["state"]["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (
-            run["state"],
-            tail(worker.log),
-        )
-        assert time.monotonic() < deadline, f"no running job after {HANG_S} s:\n{tail(worker.log)}"
-        time.sleep(0.2)
-    [job] = jobs
-    children = prefect_server.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [nightly_id]}}})
-    [child] = [c for c in children if c["name"] == "chess"]
+    nightly_id = deployment_run(prefect_server, "nightly-folds/nightly", "fan_out=threads")
+    job = running_job(prefect_server, fake, nightly_id, worker, before, suffix="ew-chess-")
+    [child] = [c for c in subflows(prefect_server, nightly_id) if c["name"] == "chess"]
     assert child["deployment_id"] is None  # a subflow of the nightly run, not a deployment run on the worker
     assert job_tag(job.id) in prefect_server.get(f"/flow_runs/{child['id']}")["tags"]
 
