@@ -15,7 +15,9 @@ to arrange or check is on the `FakeTogether` object:
   listening socket is closed (connecting is refused) and open keep-alive connections are dropped; coming
   back re-binds the same port, and the state is kept;
 * ``fake.script.list_delay_s``: an eventually consistent job list (a new job is listed only that many
-  seconds after its creation), for races between runs on different machines.
+  seconds after its creation), for races between runs on different machines, and
+  ``fake.script.list_hold_creates``: the list shows no job until that many jobs were created (a race
+  that happens on any machine, however slow, where a timed delay can run out before the other racer looks).
 
 The v2 endpoint rules Together enforces are enforced here too: a deployment still in its endpoint's
 traffic split cannot be deleted (400), nor an endpoint that still has deployments (400), and an
@@ -136,6 +138,9 @@ class Script:
     # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
     # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
     list_delay_s: float = 0.0
+    # The job list shows no job at all until this many jobs were created (0: no hold). A race between two
+    # hosts then always happens: neither finds the other's job before both created theirs.
+    list_hold_creates: int = 0
     deployment_polls: int = 2  # retrieves before a deployment is READY
     deployment_fail: str | None = None  # message: deployments go to FAILED instead of READY
     chat_reply: str = "pong"
@@ -876,6 +881,8 @@ def _job(fake: FakeTogether, jid: str) -> FakeJob:
 
 
 def jobs_list(fake: FakeTogether, _: dict[str, str], __: Request):
+    if len(fake.state.jobs) < fake.script.list_hold_creates:
+        return 200, {"data": []}
     now = time.monotonic()
     return 200, {"data": [j.to_json() for j in fake.state.jobs.values() if j.listed_from <= now]}
 

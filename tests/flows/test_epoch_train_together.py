@@ -486,10 +486,13 @@ class Hosts:
 
 def test_two_hosts_training_the_same_folds_at_once_keep_one_job_per_epoch(fake_together, tmp_path):
     """Two hosts with no shared lock or cache (each its own ephemeral API) train the same 3 folds for 2
-    epochs against one Together account whose job list lags creates by 15 s. Host B starts once host A
-    created its first jobs, so B's look-ups find nothing and B creates too. The oldest job of each epoch
-    survives, the other is cancelled, and both hosts end on the same chain of jobs."""
-    fake_together.script.list_delay_s = 15.0
+    epochs against one Together account whose job list lags creates. Host B starts once host A created
+    its first jobs. The list shows no job until both hosts created their epoch 1 jobs (a lag longer than
+    B's start, however slow the machine), so B's look-ups find nothing and B creates too; after that each
+    new job shows 5 s after its create. The oldest job of each epoch survives, the other is cancelled,
+    and both hosts end on the same chain of jobs."""
+    fake_together.script.list_hold_creates = 6  # 3 folds x 2 hosts
+    fake_together.script.list_delay_s = 5.0
     folds = [str(make_fold(tmp_path / "folds", f"race{i}", f"two-hosts-{i}")) for i in range(3)]
     hosts = Hosts(tmp_path, ["host-a", "host-b"], folds, epochs=2)
     try:

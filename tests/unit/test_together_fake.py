@@ -102,6 +102,15 @@ def test_a_delayed_job_list_shows_a_new_job_only_after_list_delay_s(fake_togethe
     assert hidden.id not in [j.id for j in together_client.fine_tuning.list().data or []]  # fixed at creation
 
 
+def test_a_held_job_list_shows_no_job_until_list_hold_creates_jobs_exist(fake_together, together_client, train_file):
+    fake_together.script.list_hold_creates = 2
+    first = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True, suffix="a")
+    assert together_client.fine_tuning.list().data == []
+    assert together_client.fine_tuning.retrieve(first.id).suffix == "a"  # retrieve is not held
+    second = together_client.fine_tuning.create(training_file=train_file, model=BASE, lora=True, suffix="b")
+    assert [j.id for j in together_client.fine_tuning.list().data] == [first.id, second.id]
+
+
 def test_bursts_are_retried_by_the_sdk_and_counted(fake_together, together_client):
     fake_together.burst("GET /v1/fine-tunes", [429, 500, 503])
     assert together_client.fine_tuning.list().data == []
