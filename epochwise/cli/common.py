@@ -292,6 +292,38 @@ def settings(
     return resolve_settings(config, presets, records, **flags).settings
 
 
+def settings_values(
+    config: Path | None, presets: list[str] | None, paths: tuple[str, ...], **flags: Any
+) -> dict[str, Any]:
+    """The values at the dotted ``paths`` of `settings` (JSON values), answered from the record of an
+    earlier passed load of the same inputs when there is one (`epochwise.config.checked`): no YAML, no
+    `Settings` validation. Otherwise (or when a preset name does not resolve) the full load runs, with
+    its messages, and a pass is recorded."""
+    from epochwise.config import checked
+    from epochwise.config.presets import find_preset
+
+    config_file = config_path(config)
+    given = {dotted_path: value for dotted_path, value in flags.items() if value is not None}
+    environment = {k: v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX_)}
+    try:
+        preset_files = [find_preset(name, config_file) for name in presets or []]
+        digest = checked.inputs_digest(config_file, preset_files, environment, given, paths)
+    except (OSError, ValueError):  # a missing file or an unknown preset: the full load says which
+        digest = None
+    if digest is not None and (values := checked.recorded_values(digest)) is not None:
+        return values
+    loaded = settings(config, presets, **flags)
+    values = {}
+    for dotted_path in paths:
+        node: Any = loaded
+        for part in dotted_path.split("."):
+            node = getattr(node, part)
+        values[dotted_path] = node
+    if digest is not None:
+        checked.record_values(digest, values)
+    return values
+
+
 # The app, set by `epochwise.cli` once its commands are registered (this module does not import it back).
 APP: Any = None
 

@@ -17,6 +17,7 @@ from epochwise.cli.common import (
     print_line,
     report_problems,
     settings,
+    settings_values,
 )
 
 
@@ -121,8 +122,9 @@ def validate(
 
         chosen = "sft"
     else:
-        cfg = settings(config, preset, **{"train.method": method})
-        limit, chosen = cfg.data.max_line_bytes, cfg.train.method
+        needed = ("data.max_line_bytes", "train.method")
+        values = settings_values(config, preset, needed, **{"train.method": method})
+        limit, chosen = values["data.max_line_bytes"], values["train.method"]
     problems = [
         p
         for path in files

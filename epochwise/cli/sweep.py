@@ -24,7 +24,6 @@ from epochwise.cli.common import (
     report_problems,
     settings,
 )
-from epochwise.fold import Fold
 from epochwise.problems import UserError
 
 
@@ -73,6 +72,7 @@ def sweep(
     except UserError as exc:
         fail_lines(str(exc).splitlines())
     from epochwise.cli.train import _check_backend
+    from epochwise.fold import Fold
     from epochwise.validate import validate_file
 
     _check_backend(cfg)
@@ -105,6 +105,7 @@ def _print_result(fold: Path, name: str, trials: list, space, epochs: int) -> No
     from rich.table import Table
 
     from epochwise import sweep as sw
+    from epochwise.fold import Fold
 
     fold_name = Fold.of(fold).name
     rows = sw.sweep_table(trials, fold_name, space, epochs)

@@ -27,8 +27,10 @@ LOADED = (
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory without epochwise.yaml, no EPOCHWISE_* variables, and one valid train.jsonl."""
+    """A directory without epochwise.yaml, no EPOCHWISE_* variables, its own user cache (where passed
+    settings loads are recorded), and one valid train.jsonl."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for name in [k for k in os.environ if k.upper().startswith("EPOCHWISE_")]:
         monkeypatch.delenv(name)
     (tmp_path / "train.jsonl").write_text(GOOD + "\n", encoding="utf-8")
@@ -57,6 +59,35 @@ def test_validate_in_a_project_reads_its_config_without_pydantic_settings(workdi
     modules, output = heavy_imports(workdir, "validate", "train.jsonl")
     assert output == "train.jsonl: ok"
     assert modules == ["yaml"]
+
+
+def recorded(workdir: Path) -> list[Path]:
+    return sorted((workdir / "cache" / "epochwise" / "settings").glob("*.json"))
+
+
+def test_a_second_validate_in_a_project_answers_from_the_record_of_the_first(workdir: Path) -> None:
+    """A passed load records the two values validate needs; the next run of the same inputs reads them
+    back without YAML, and an edit to the config file is another set of inputs, loaded in full."""
+    config = workdir / "epochwise.yaml"
+    config.write_text("data:\n  max_line_bytes: 100000\n", encoding="utf-8")
+    assert heavy_imports(workdir, "validate", "train.jsonl") == (["yaml"], "train.jsonl: ok")
+    [record] = recorded(workdir)
+    assert json.loads(record.read_text()) == {"data.max_line_bytes": 100000, "train.method": "sft"}
+    assert heavy_imports(workdir, "validate", "train.jsonl") == ([], "train.jsonl: ok")
+    config.write_text("data:\n  max_line_bytes: 30\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["validate", "train.jsonl"])
+    assert result.exit_code == 1
+    assert f"train.jsonl:1: line is {len(GOOD) + 1} bytes, over the limit of 30" in result.output
+    assert len(recorded(workdir)) == 2
+
+
+def test_a_bad_config_is_reported_with_its_line_every_time_and_never_recorded(workdir: Path) -> None:
+    (workdir / "epochwise.yaml").write_text("data:\n  seed: 1\n  max_line_bytes: -5\n", encoding="utf-8")
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["validate", "train.jsonl"])
+        assert result.exit_code == 1
+        assert result.output.startswith("epochwise.yaml:3: data.max_line_bytes")
+    assert recorded(workdir) == []
 
 
 def test_together_check_runs_togethers_check_file(workdir: Path) -> None:
