@@ -4,7 +4,8 @@
 
 Each round runs, one after the other in fresh interpreters, the baseline ``python -c "import typer,
 rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file (with and without
-``--together-check``); the figures are medians over the rounds, so a busy machine slows both sides
+``--together-check``, and once more with an empty user cache, before validate has recorded the
+project's settings); the figures are medians over the rounds, so a busy machine slows both sides
 alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Two reference rows: typer's rich help
 renderer (``typer.rich_utils``, which loads rich's markdown, traceback and syntax modules; the CLI's
 help is click's plain text since it cost more than the rest of ``--help``), and the floor of any
@@ -70,10 +71,16 @@ def write_jsonl(path: Path, target_bytes: int, words: int = 110, seed: int = 0) 
 # Set by --pyc-cache: where the commands keep their bytecode (PYTHONPYCACHEPREFIX), None to run as the
 # environment says (with PYTHONDONTWRITEBYTECODE set, every run compiles the checkout's sources again).
 PYC_CACHE: Path | None = None
+# The commands' user cache (XDG_CACHE_HOME), where validate records a passed settings load; set in main.
+USER_CACHE: Path | None = None
+# The row whose every run starts with an empty user cache: validate in a project before any record.
+FIRST_LOAD = "  first run (no settings record)"
 
 
 def child_env(root: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(root), "NO_COLOR": "1", **extra}
+    if USER_CACHE is not None and "XDG_CACHE_HOME" not in extra:
+        env["XDG_CACHE_HOME"] = str(USER_CACHE)
     if PYC_CACHE is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(PYC_CACHE)
@@ -83,7 +90,9 @@ def child_env(root: Path, **extra: str) -> dict[str, str]:
 def timed(argv: list[str], root: Path, cwd: Path | None = None) -> tuple[float, float] | None:
     """Wall-clock and CPU (user + system) seconds of one run (None when it fails); CPU time is far
     less sensitive to load."""
-    env = child_env(root, COLUMNS="120")
+    fresh = {"XDG_CACHE_HOME": tempfile.mkdtemp(dir=USER_CACHE.parent)} if argv[-1:] == [FIRST_LOAD] else {}
+    env = child_env(root, COLUMNS="120", **fresh)
+    argv = argv[:-1] if fresh else argv
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=cwd or root, env=env, capture_output=True, text=True)
@@ -97,7 +106,9 @@ def timed(argv: list[str], root: Path, cwd: Path | None = None) -> tuple[float, 
 
 def imported_heavy(argv: list[str], root: Path, cwd: Path | None = None) -> list[str]:
     """Top-level packages among HEAVY that ``argv`` imports (from ``-X importtime``'s report)."""
-    env = child_env(root)
+    fresh = {"XDG_CACHE_HOME": tempfile.mkdtemp(dir=USER_CACHE.parent)} if argv[-1:] == [FIRST_LOAD] else {}
+    env = child_env(root, **fresh)
+    argv = argv[:-1] if fresh else argv
     done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=cwd or root, env=env, capture_output=True, text=True)
     found = set()
     for line in done.stderr.splitlines():
@@ -121,8 +132,11 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
             "-c",
             "import typer, rich; from pathlib import Path; from pydantic import TypeAdapter; TypeAdapter(list[Path])",
         ],
-        # In the checkout, whose ./epochwise.yaml is loaded and checked (pydantic-settings, YAML).
+        # In the checkout, whose ./epochwise.yaml is loaded and checked once (YAML, Settings); later
+        # runs of the same inputs read the two values validate needs from the record of that load.
         "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
+        # The same, each run with an empty user cache (the marker is dropped before running).
+        FIRST_LOAD: [sys.executable, "-c", CLI, "validate", str(small), FIRST_LOAD],
         # Beside the file, with no config file: data.max_line_bytes's default, no settings loader.
         "  in a directory without config": [sys.executable, "-c", CLI, "validate", small.name],
         "  --together-check (whole SDK)": [sys.executable, "-c", CLI, "validate", "--together-check", str(small)],
@@ -220,9 +234,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.no_large and args.no_cli:
         parser.error("--no-large and --no-cli leave nothing to measure")
-    global PYC_CACHE
+    global PYC_CACHE, USER_CACHE
     if not args.no_cli:
         with tempfile.TemporaryDirectory() as tmp:
+            USER_CACHE = Path(tmp) / "user-cache"
             if args.pyc_cache:
                 PYC_CACHE = Path(tmp) / "pyc"
             mode = f"bytecode cached in {PYC_CACHE}" if PYC_CACHE else "bytecode as the environment says"
