@@ -36,31 +36,52 @@ def building_peft_model() -> Iterator[None]:
         yield
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapters = self.active_adapters
+def plain_adapter(module: torch.nn.Module, *args, **kwargs) -> str | None:
+    """The name of ``module``'s one active adapter when the fused forward computes it, else None.
+
+    ``module`` must be a peft LoRA ``Linear`` over a ``torch.nn.Linear`` (not ``fan_in_fan_out``), with
+    one active plain adapter (no variant such as DoRA, no ``lora_B`` bias, the base weights' dtype),
+    neither merged nor disabled, called without extra arguments (``args``, ``kwargs``).
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or not isinstance(module.base_layer, torch.nn.Linear):
+        return None
+    adapters = module.active_adapters
     if (
         args
         or kwargs
-        or self.disable_adapters
-        or self.merged
+        or getattr(module, "fan_in_fan_out", False)
+        or module.disable_adapters
+        or module.merged
         or len(adapters) != 1
-        or adapters[0] not in self.lora_A
-        or adapters[0] in self.lora_variant
-        or self.lora_B[adapters[0]].bias is not None
-        or self.lora_A[adapters[0]].weight.dtype != self.base_layer.weight.dtype
+        or adapters[0] not in module.lora_A
+        or adapters[0] in module.lora_variant
+        or module.lora_B[adapters[0]].bias is not None
+        or module.lora_A[adapters[0]].weight.dtype != module.base_layer.weight.dtype
     ):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    result = self.base_layer(x)
-    low = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+        return None
+    return adapters[0]
+
+
+def add_low_rank(module: torch.nn.Module, name: str, result: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``result + lora_B(low) * scaling`` of adapter ``name`` in one ``addmm``, shaped like ``result``."""
     flat = torch.addmm(
         result.reshape(-1, result.shape[-1]),
         low.reshape(-1, low.shape[-1]),
-        lora_b.weight.t(),
-        alpha=self.scaling[name],
+        module.lora_B[name].weight.t(),
+        alpha=module.scaling[name],
     )
     return flat.view(result.shape)
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = plain_adapter(self, *args, **kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_a = self.lora_A[name]
+    low = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    return add_low_rank(self, name, self.base_layer(x), low)
 
 
 def fuse_lora_updates(model: torch.nn.Module) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,3 +48,59 @@ def test_fused_model_matches_and_keeps_fewer_activations():
     for a, b in zip(fused_grads, grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert fused_saved < saved
+
+
+def lora_mlp_model(dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_lora_down_projection_keeps_only_gate_and_up_and_matches_peft(dropout):
+    from epochwise.local.lora import fuse_lora_updates
+
+    reference = lora_mlp_model(dropout)
+    fused = copy.deepcopy(reference)
+    fuse_lora_updates(fused)
+    assert fuse_swiglu(fused) == 2
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        kept: dict[int, torch.Tensor] = {}  # tensors of the MLP's width kept for the backward pass, by storage
+
+        def pack(tensor):
+            if tensor.numel() == ids.numel() * 48:
+                kept[tensor.untyped_storage().data_ptr()] = tensor
+            return tensor
+
+        torch.manual_seed(2)  # the same dropout masks for both models
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return out.logits, torch.autograd.grad(out.loss, trained), len(kept)
+
+    logits, grads, kept = run(reference)
+    fused_logits, fused_grads, fused_kept = run(fused)
+    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, grads, strict=True):
+        assert a.abs().sum() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # per layer, peft keeps gate(x), silu(gate(x)), up(x) and the product (with dropout, also the mask
+    # and the dropped product); fused: gate(x) and up(x), and without dropout nothing more
+    if dropout == 0:
+        assert (kept, fused_kept) == (2 * 4, 2 * 2)
+    else:
+        assert fused_kept == kept - 2 * 1  # only silu(gate(x)) is saved: lora_A's input must be kept
