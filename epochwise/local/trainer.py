@@ -19,7 +19,7 @@ causal decoders attend one conversation at a time (`attention.segment_attention`
 conversation, no mask, about ``sum(len^2)/2`` scores instead of ``T^2``); other models get one float
 mask built per batch and shared by every layer (`attention_bias`). Each LoRA linear adds its
 low-rank update to the base output in one GEMM (`fuse_lora_updates`), and gated-SiLU MLPs keep two
-activations instead of four for the backward pass (`mlp.fuse_swiglu`).
+activations instead of four for the backward pass, their LoRA down projection included (`mlp.fuse_swiglu`).
 Not supported: full fine-tuning (``lora=False``), several GPUs.
 """
 
