@@ -36,22 +36,28 @@ def building_peft_model() -> Iterator[None]:
         yield
 
 
-def plain_adapter(module: torch.nn.Module, *args, **kwargs) -> str | None:
-    """The name of ``module``'s one active adapter when the fused forward computes it, else None.
-
-    ``module`` must be a peft LoRA ``Linear`` over a ``torch.nn.Linear`` (not ``fan_in_fan_out``), with
-    one active plain adapter (no variant such as DoRA, no ``lora_B`` bias, the base weights' dtype),
-    neither merged nor disabled, called without extra arguments (``args``, ``kwargs``).
-    """
+def fusable(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a peft LoRA ``Linear`` over a ``torch.nn.Linear`` (not ``fan_in_fan_out``):
+    what the fused forward can compute, given a `plain_adapter` at call time."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or not isinstance(module.base_layer, torch.nn.Linear):
-        return None
+    return (
+        type(module) is LoraLinear
+        and isinstance(module.base_layer, torch.nn.Linear)
+        and not getattr(module, "fan_in_fan_out", False)
+    )
+
+
+def plain_adapter(module: torch.nn.Module, *args, **kwargs) -> str | None:
+    """The name of a `fusable` ``module``'s one active adapter when the fused forward computes it, else None.
+
+    That is one active plain adapter (no variant such as DoRA, no ``lora_B`` bias, the base weights'
+    dtype), neither merged nor disabled, called without extra arguments (``args``, ``kwargs``).
+    """
     adapters = module.active_adapters
     if (
         args
         or kwargs
-        or getattr(module, "fan_in_fan_out", False)
         or module.disable_adapters
         or module.merged
         or len(adapters) != 1
@@ -86,12 +92,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def fuse_lora_updates(model: torch.nn.Module) -> int:
     """Give every peft LoRA ``Linear`` of ``model`` the fused forward; returns how many were changed."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     changed = 0
     for module in model.modules():
-        if type(module) is LoraLinear and isinstance(module.base_layer, torch.nn.Linear):
-            if not getattr(module, "fan_in_fan_out", False):
-                module.forward = MethodType(_fused_forward, module)
-                changed += 1
+        if fusable(module):
+            module.forward = MethodType(_fused_forward, module)
+            changed += 1
     return changed

@@ -5,11 +5,12 @@ backward), ``silu(gate(x))`` and ``up(x)`` (for the product's), and LoRA on ``do
 product: four ``tokens x intermediate`` tensors per layer, the largest activations of these models
 (SmolLM2: intermediate 1,536 against hidden 576, 30 layers). `swiglu` keeps only ``gate(x)`` and
 ``up(x)`` and recomputes the sigmoid in its backward pass, the same forward values bit for bit.
-When ``down`` is a LoRA linear that `lora.plain_adapter` computes (and its dropout is off), its
-adapter's ``lora_A`` also takes the product through `_LowRankOfProduct`, which recomputes the
-product from ``gate(x)`` and ``up(x)`` for ``lora_A``'s weight gradient instead of keeping it: two
-kept tensors per layer instead of three (on SmolLM2, 30 layers x 1,536 floats per token; its peak
-RSS at seq 256 fell by about 200 MB in `bench/local_train.py`).
+When ``down`` is a LoRA linear that the fused LoRA forward computes (`lora.fusable`,
+`lora.plain_adapter`) and its dropout is off, its adapter's ``lora_A`` also takes the product
+through `_LowRankOfProduct`, which recomputes the product from ``gate(x)`` and ``up(x)`` for
+``lora_A``'s weight gradient instead of keeping it: two kept tensors per layer instead of three (on
+SmolLM2, 30 layers x 1,536 floats per token; its peak RSS at seq 256 fell by about 200 MB in
+`bench/local_train.py`).
 `fuse_swiglu` gives each such MLP this forward.
 """
 
@@ -19,7 +20,7 @@ from types import MethodType
 
 import torch
 
-from epochwise.local.lora import add_low_rank, plain_adapter
+from epochwise.local.lora import add_low_rank, fusable, plain_adapter
 
 # transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
@@ -75,7 +76,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = swiglu(gate, up)
     down = self.down_proj
-    name = plain_adapter(down)
+    name = plain_adapter(down) if fusable(down) else None
     if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity):
         return down(product)
     low = _LowRankOfProduct.apply(product, gate, up, down.lora_A[name].weight)
