@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from epochwise.local.lora import fuse_lora_updates
 
 
-def lora_model(seed: int = 0):
+def lora_model(seed: int = 0, dropout: float = 0.0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=128,
@@ -25,7 +25,7 @@ def lora_model(seed: int = 0):
     )
     model = get_peft_model(
         LlamaForCausalLM(config),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
         for name, param in model.named_parameters():

@@ -50,39 +50,23 @@ def test_fused_model_matches_and_keeps_fewer_activations():
     assert fused_saved < saved
 
 
-def lora_mlp_model(dropout: float):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
-    )
-    model = get_peft_model(
-        LlamaForCausalLM(config),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
-    return model
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_a_lora_down_projection_keeps_only_gate_and_up_and_matches_peft(dropout):
     from epochwise.local.lora import fuse_lora_updates
+    from tests.unit.test_local_lora import lora_model
 
-    reference = lora_mlp_model(dropout)
+    reference = lora_model(dropout=dropout)
     fused = copy.deepcopy(reference)
     fuse_lora_updates(fused)
     assert fuse_swiglu(fused) == 2
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    width = reference.config.intermediate_size
+    ids = torch.randint(0, reference.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
 
     def run(model):
         kept: dict[int, torch.Tensor] = {}  # tensors of the MLP's width kept for the backward pass, by storage
 
         def pack(tensor):
-            if tensor.numel() == ids.numel() * 48:
+            if tensor.numel() == ids.numel() * width:
                 kept[tensor.untyped_storage().data_ptr()] = tensor
             return tensor
 
