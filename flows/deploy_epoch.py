@@ -33,7 +33,6 @@ from epochwise.artifacts import artifact_key
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
 from epochwise.fold import Fold
-from flows import RESULT_READ_BACK
 from tasks.endpoints import (
     deploy_local,
     deploy_model,
@@ -45,7 +44,7 @@ from tasks.endpoints import (
 )
 
 
-@flow(name="deploy-epoch", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK)
+@flow(name="deploy-epoch", log_prints=True, validate_parameters=True)
 def deploy_epoch(
     fold: str,
     epoch: str | int = "best",

@@ -21,11 +21,10 @@ from prefect import flow
 
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.together import TogetherConfig
-from flows import RESULT_READ_BACK
 from tasks.endpoints import reap_endpoints
 
 
-@flow(name="endpoint-reaper", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK)
+@flow(name="endpoint-reaper", log_prints=True, validate_parameters=True)
 def endpoint_reaper(
     older_than_h: float | None = None,
     deploy: DeployConfig = DeployConfig(),

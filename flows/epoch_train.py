@@ -47,7 +47,6 @@ from epochwise.epochs import EpochRecord, publish_epochs, val_stalled
 from epochwise.fold import Fold
 from epochwise.io import hashes_once
 from epochwise.sweep import TrialLink
-from flows import RESULT_READ_BACK
 from tasks.cancellation import cancel_owned_jobs
 from tasks.data import validate_files
 from tasks.methods import TrainContext, earlier_epochs, training_method
@@ -56,10 +55,7 @@ from tasks.sweep import keep_training
 from tasks.together import resolve_backend
 
 
-@flow(
-    name="epoch-train", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK,
-    on_cancellation=[cancel_owned_jobs],
-)
+@flow(name="epoch-train", log_prints=True, validate_parameters=True, on_cancellation=[cancel_owned_jobs])
 def epoch_train(
     fold: str,
     train: TrainConfig = TrainConfig(),

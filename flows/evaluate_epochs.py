@@ -28,7 +28,6 @@ from prefect import flow
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.evaluate import EvaluateConfig
 from epochwise.config.together import TogetherConfig
-from flows import RESULT_READ_BACK
 from tasks.evaluate import (
     check_metrics,
     close_eval_endpoint,
@@ -40,7 +39,7 @@ from tasks.evaluate import (
 )
 
 
-@flow(name="evaluate-epochs", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK)
+@flow(name="evaluate-epochs", log_prints=True, validate_parameters=True)
 def evaluate_epochs(
     fold: str,
     on: list[str],

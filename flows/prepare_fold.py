@@ -19,11 +19,10 @@ from epochwise.config.data import DataConfig
 from epochwise.config.presets import with_records_mapping
 from epochwise.fold import Fold
 from epochwise.prepare import PrepareSummary, source_sha256
-from flows import RESULT_READ_BACK
 from tasks.data import build_fold, load_records
 
 
-@flow(name="prepare-fold", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK)
+@flow(name="prepare-fold", log_prints=True, validate_parameters=True)
 def prepare_fold(records: str, fold: str, data: DataConfig = DataConfig()) -> PrepareSummary:
     """Turn the JSON records under ``records`` into the fold directory ``fold``.
 

@@ -46,7 +46,6 @@ from epochwise.config.train import TrainConfig
 from epochwise.epochs import val_stalled
 from epochwise.fold import Fold
 from epochwise.problems import UserError
-from flows import RESULT_READ_BACK
 from flows.epoch_train import epoch_train
 from tasks.cancellation import stop_chains_on_interrupt
 from tasks.data import validate_files
@@ -70,7 +69,7 @@ SPACE_FILE = "sweep.yaml"  # the search space the `sweep/<fold>` deployment read
 SWEEP_LOCK_WAIT_S = 10.0  # a second run of the same sweep fails after this, instead of training twice
 
 
-@flow(name="sweep", log_prints=True, validate_parameters=True, persist_result=RESULT_READ_BACK)
+@flow(name="sweep", log_prints=True, validate_parameters=True)
 def sweep(
     fold: str,
     space: str | dict[str, Any],
