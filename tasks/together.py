@@ -3,7 +3,7 @@
 Thin wrappers over `epochwise.together_api`. What makes resume safe:
 
 * ``upload_if_missing`` is cached on ``sha256(bytes) + purpose + API base`` (never the path, never the
-  run id), SERIALIZABLE with a file lock so two runs never upload the same bytes twice. Without a
+  run id), SERIALIZABLE under an ``flock`` so two runs on a host never upload the same bytes twice. Without a
   cache record it first looks in Together's ``files.list()`` for the same content (sha256 prefix in
   the uploaded file's name, byte count, purpose, COMPLETED), so a new machine uploads nothing again.
 * ``launch_epoch_job`` is cached on the epoch key (fold hashes, base model, epoch, hyper-parameters,
@@ -25,14 +25,12 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from blocks.credentials import resolve_together, resolve_wandb, together_client, together_configured
@@ -44,7 +42,7 @@ from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from epochwise.validation_record import together_checked
 from tasks.cancellation import record_job_owner, refuse_if_stopping
-from tasks.locks import fold_guard, locks_dir
+from tasks.locks import HostLockManager, fold_guard
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,33 +81,25 @@ def resolve_backend(backend: str, cfg: TogetherConfig) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class ExpiringFileLockManager(FileSystemLockManager):
-    """Prefect's file lock with a hold timeout, so a lock left by a killed upload cannot block forever."""
-
-    def __init__(self, lock_files_directory: Path, hold_timeout_s: float) -> None:
-        super().__init__(lock_files_directory)
-        self.hold_timeout_s = hold_timeout_s
-
-    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):  # type: ignore[override]
-        return super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.hold_timeout_s)
-
-
 def upload_key(ctx: TaskRunContext, params: dict) -> str:
     """``sha256(file bytes) + purpose + API base``: the same bytes for the same account upload once."""
     material = f"{sha256_file(params['path'])}|{params['purpose']}|{api_base(params['together'])}"
     return "together-upload-" + hashlib.sha256(material.encode()).hexdigest()
 
 
-def upload_policy(hold_s: float) -> CachePolicy:
-    """Cached on `upload_key`, SERIALIZABLE under a file lock that a killed holder leaves for ``hold_s``."""
+def upload_policy() -> CachePolicy:
+    """Cached on `upload_key`, SERIALIZABLE under an ``flock`` (`HostLockManager`): a second run of the
+    same bytes waits for the first and reuses its upload, and a killed holder frees the lock at once.
+
+    Not Prefect's `FileSystemLockManager`: it creates its lock file empty and writes the holder after,
+    so a run reading the file in between fails with ``ValueError: EOF while parsing`` (seen in CI with
+    two runs of one fold at once), and a killed holder's lock holds until its hold timeout."""
     return CachePolicy.from_cache_key_fn(upload_key).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=ExpiringFileLockManager(locks_dir(), hold_s),
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=HostLockManager()
     )
 
 
-# The policy is set again per call with the run's together.upload_lock_hold_s (see `ensure_uploaded`).
-@task(cache_policy=upload_policy(TogetherConfig.model_fields["upload_lock_hold_s"].default), persist_result=True)
+@task(cache_policy=upload_policy(), persist_result=True)
 def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.RemoteFile:
     """Upload one fold file and wait for Together's validation; cached on its content. Without a cache
     record (new machine, wiped result storage) the file is first looked for in Together's own list."""
@@ -128,7 +118,7 @@ def file_is_live(remote: api.RemoteFile, together: TogetherConfig) -> bool:
 
 def ensure_uploaded(path: str, together: TogetherConfig, ops: OpsConfig, purpose: str = "fine-tune") -> api.RemoteFile:
     """The cached upload of ``path``, uploaded again if Together no longer has the cached file id."""
-    upload = api_tagged(upload_if_missing, ops).with_options(cache_policy=upload_policy(together.upload_lock_hold_s))
+    upload = api_tagged(upload_if_missing, ops)
     remote = upload(path, purpose, together)
     if file_is_live(remote, together):
         return remote

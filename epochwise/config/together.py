@@ -14,7 +14,9 @@ class PostTrainingConfig(Section):
     (docs.together.ai/docs/post-training/limits-and-errors); epochwise stops it when the run ends.
     """
 
-    gpu_type: str | None = Field(None, description="GPU type of the resource ('H100-80GB', 'B200-SXM'; default: Together's).")
+    gpu_type: str | None = Field(
+        None, description="GPU type of the resource ('H100-80GB', 'B200-SXM'; default: Together's)."
+    )
     generator_replicas: int = Field(1, ge=1, description="Generator (sampling) replicas; GRPO needs at least one.")
     inactive_timeout_s: int = Field(
         900, ge=300, le=86400, description="Together stops the resource after this long without operations (seconds)."
@@ -84,6 +86,10 @@ class TogetherConfig(Section):
     )
     list_poll_s: float = Field(1.0, gt=0, description="Wait between those job list reads (seconds).")
     upload_lock_hold_s: float = Field(
-        3600.0, gt=0, description="An upload lock left by a killed process expires after this long (seconds)."
+        3600.0,
+        gt=0,
+        description="Ignored: an upload lock is an OS file lock, freed the moment its holder dies "
+        "(accepted so that older settings still load).",
+        deprecated="upload locks are OS file locks now; upload_lock_hold_s has no effect",
     )
     post_training: PostTrainingConfig = Field(default_factory=PostTrainingConfig)
