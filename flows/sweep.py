@@ -166,14 +166,11 @@ def _trial(ref: SweepRef, number: int, limit: str, estimate: float | None, train
     link = ref.link(number)
     chain = epoch_train.with_options(flow_run_name=link.label)
     with trial_slot(limit):
-        state = chain(ref.fold, trial_train, together, trial_local, harmony, ops, data, trial=link, return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
+        try:  # the value the chain returned, not the state's copy of it (see epochwise.cli.common.run_ended)
+            records = chain(ref.fold, trial_train, together, trial_local, harmony, ops, data, trial=link)
         except Exception as exc:
             fail_trial(ref, number, str(exc))
             raise
-    records = state.result()
     stalled = val_stalled(records, trial_train.stop_when_val_worsens)
     return finish_trial(ref, number, records, trial_train.epochs, stalled)
 

@@ -454,6 +454,19 @@ def friendly_errors() -> Iterator[None]:
         fail_lines(["interrupted"], code=130)
 
 
+def run_ended(exc: BaseException) -> str:
+    """How a flow run called in this process ended, from what the call raised: cancelled, crashed or failed.
+
+    Commands take a flow's value from the call itself (``flow(...)``), never from ``return_state=True``
+    and ``state.result()``: when the API answers the final Completed proposal too slowly, the client
+    sends it again, the API refuses the duplicate and the engine keeps the API's copy of the state,
+    which carries no value unless results are persisted (``MissingResult`` after a run that did its
+    work). The call returns the value the flow returned in this process either way."""
+    from prefect.exceptions import CancelledRun, CrashedRun
+
+    return "cancelled" if isinstance(exc, CancelledRun) else "crashed" if isinstance(exc, CrashedRun) else "failed"
+
+
 # What Prefect raises when its ephemeral API server does not answer in time (prefect.server.api.server).
 EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 

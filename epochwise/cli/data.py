@@ -77,8 +77,7 @@ def prepare(
     from flows.prepare_fold import prepare_fold
 
     with friendly_errors():
-        state = prepare_fold(str(records), str(fold), cfg, return_state=True)
-        summary = state.result()
+        summary = prepare_fold(str(records), str(fold), cfg)  # the value itself: see common.run_ended
     from rich.table import Table
 
     table = Table(title=f"prepared {summary.fold}", show_header=False)

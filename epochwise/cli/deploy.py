@@ -84,8 +84,7 @@ def deploy(
     from flows.deploy_epoch import deploy_epoch
 
     with _deploy_errors():
-        state = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, trial, sweep, return_state=True)
-        row = state.result()
+        row = deploy_epoch(str(fold), epoch, job_id, cfg.deploy, cfg.together, trial, sweep)  # see common.run_ended
     if row["state"] == "EXPORTED":  # local backend: a merged model on disk, smoke-tested locally
         console.print(f"[green]exported[/green] epoch {row['epoch']} to {row['endpoint']}", soft_wrap=True)
         console.print(f"smoke reply: {row['smoke reply']!r}", markup=False, soft_wrap=True)
@@ -166,7 +165,7 @@ def _reap(cfg: Settings, hours: float | None) -> None:
     from flows.endpoint_reaper import endpoint_reaper
 
     with _deploy_errors():
-        stopped = endpoint_reaper(hours, cfg.deploy, cfg.together, return_state=True).result()
+        stopped = endpoint_reaper(hours, cfg.deploy, cfg.together)  # the value itself: see common.run_ended
     for name in stopped:
         console.print(f"stopped {name}", markup=False)
     limit = cfg.deploy.reap_older_than_h if hours is None else hours

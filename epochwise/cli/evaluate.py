@@ -47,8 +47,7 @@ def evaluate(
     from flows.evaluate_epochs import evaluate_epochs
 
     with _deploy_errors():  # bad metrics, epochs or folds, refused deploys: one line each, no traceback
-        state = evaluate_epochs(str(fold), list(on), cfg.evaluate, cfg.deploy, cfg.together, return_state=True)
-        summary = state.result()
+        summary = evaluate_epochs(str(fold), list(on), cfg.evaluate, cfg.deploy, cfg.together)  # see common.run_ended
     rows = summary["rows"]
     folds = sorted({r["eval fold"] for r in rows})
     from rich.table import Table

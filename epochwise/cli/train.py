@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from epochwise.cli.common import (
+    EPHEMERAL_TIMEOUT,
     ConfigOption,
     PresetOption,
     before_flow_run,
@@ -27,6 +28,7 @@ from epochwise.cli.common import (
     print_json,
     print_table,
     report_problems,
+    run_ended,
     settings,
 )
 from epochwise.fold import Fold
@@ -137,15 +139,14 @@ def train(
     from flows.epoch_train import epoch_train
 
     with friendly_errors():
-        state = epoch_train(
-            str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, ops=cfg.ops, data=cfg.data, return_state=True
-        )
-        if not state.is_completed():
-            try:
-                state.result()
-            except Exception as exc:  # the flow's own failure, e.g. Together's job error message
-                fail_lines([f"epoch-train {Fold.of(fold).name} {state.name.lower()}: {exc}"])
-        records = state.result()
+        try:  # the value itself, not the state's copy of it: see common.run_ended
+            records = epoch_train(
+                str(fold), cfg.train, cfg.together, cfg.local, cfg.harmony, ops=cfg.ops, data=cfg.data
+            )
+        except Exception as exc:  # the flow's own failure, e.g. Together's job error message
+            if str(exc).startswith(EPHEMERAL_TIMEOUT):  # no run at all: friendly_errors explains it
+                raise
+            fail_lines([f"epoch-train {Fold.of(fold).name} {run_ended(exc)}: {exc}"])
     from epochwise.epochs import epoch_table
 
     _print_table(f"{Fold.of(fold).name}: {len(records)} epoch(s)", epoch_table(records))
