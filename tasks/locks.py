@@ -17,17 +17,21 @@ import contextlib
 import fcntl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+from prefect.cache_policies import CachePolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.locking.protocol import LockManager
 from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+from prefect.transactions import IsolationLevel
 
 POLL_S = 0.2  # how often a waiting run retries the lock
 logger = get_logger("epochwise.locks")  # under prefect.*: shown on the console like run logs
@@ -129,8 +133,10 @@ class HostLockManager(LockManager):
     looks for the cached result and releases it after the result is committed, so a second run of the
     same key on this host waits, then finds the first one's result instead of computing (and paying
     for) it again. Prefect's own `FileSystemLockManager` frees a killed holder's lock only when its
-    hold timeout ends, which must outlast the longest task; an ``flock`` is freed by the OS the moment
-    its holder dies, even by SIGKILL. It covers one host (or a shared filesystem): a server lease
+    hold timeout ends, which must outlast the longest task, and it creates its lock file empty and
+    writes the holder after, so a run reading the file in between fails with ``ValueError: EOF while
+    parsing`` (CI, two runs of one fold at once); an ``flock`` has no file content to read and is freed
+    by the OS the moment its holder dies, even by SIGKILL. It covers one host (or a shared filesystem): a server lease
     would not do for hours-long holders, since a killed holder's lease is reclaimed only by the
     expiry sweep of ``prefect server start``, never on the ephemeral API.
     """
@@ -191,3 +197,11 @@ class HostLockManager(LockManager):
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+def serialized_on_host(cache_key_fn: Callable[[TaskRunContext, dict[str, Any]], str | None]) -> CachePolicy:
+    """A cache policy on ``cache_key_fn``, SERIALIZABLE under a `HostLockManager`: a second run of the
+    same key on this host waits for the first one's result and uses it instead of computing it again."""
+    return CachePolicy.from_cache_key_fn(cache_key_fn).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=HostLockManager()
+    )

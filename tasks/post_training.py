@@ -36,7 +36,6 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.context import TaskRunContext
-from prefect.transactions import IsolationLevel
 
 from blocks.credentials import together_client
 from epochwise import post_training as pt
@@ -49,7 +48,7 @@ from epochwise.fold import fold_slug
 from epochwise.rewards import load_rewards, read_prompt_rows
 from epochwise.together_api import BudgetExceeded, TogetherFailure
 from tasks.cancellation import _current_run_id, refuse_if_stopping
-from tasks.locks import HostLockManager, fold_guard
+from tasks.locks import fold_guard, serialized_on_host
 from tasks.together import EpochSpec
 
 RESOURCE_TAG = "together-resource:"
@@ -225,13 +224,10 @@ def adopted_record(spec: EpochSpec, done: pt.FinishedEpoch, client: Any, log: An
 
 
 def grpo_epoch_policy() -> CachePolicy:
-    """Cached on the epoch key, SERIALIZABLE under a `HostLockManager`: a second run of the same epoch
-    on this host waits for the first one's result and uses it, instead of training (and paying for)
-    the epoch again. Runs on other machines are covered by the fold guard and Together's lists
-    (`train_grpo_epoch`)."""
-    return CachePolicy.from_cache_key_fn(grpo_epoch_key).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=HostLockManager()
-    )
+    """Cached on the epoch key, `serialized_on_host`: a second run of the same epoch on this host waits
+    for the first one's result and uses it, instead of training (and paying for) the epoch again. Runs
+    on other machines are covered by the fold guard and Together's lists (`train_grpo_epoch`)."""
+    return serialized_on_host(grpo_epoch_key)
 
 
 @task(cache_policy=grpo_epoch_policy(), persist_result=True)

@@ -31,7 +31,6 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.transactions import IsolationLevel
 
 from blocks.credentials import resolve_together, resolve_wandb, together_client, together_configured
 from epochwise import together_api as api
@@ -42,7 +41,7 @@ from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from epochwise.validation_record import together_checked
 from tasks.cancellation import record_job_owner, refuse_if_stopping
-from tasks.locks import HostLockManager, fold_guard
+from tasks.locks import fold_guard, serialized_on_host
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -88,15 +87,9 @@ def upload_key(ctx: TaskRunContext, params: dict) -> str:
 
 
 def upload_policy() -> CachePolicy:
-    """Cached on `upload_key`, SERIALIZABLE under an ``flock`` (`HostLockManager`): a second run of the
-    same bytes waits for the first and reuses its upload, and a killed holder frees the lock at once.
-
-    Not Prefect's `FileSystemLockManager`: it creates its lock file empty and writes the holder after,
-    so a run reading the file in between fails with ``ValueError: EOF while parsing`` (seen in CI with
-    two runs of one fold at once), and a killed holder's lock holds until its hold timeout."""
-    return CachePolicy.from_cache_key_fn(upload_key).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=HostLockManager()
-    )
+    """Cached on `upload_key`, `serialized_on_host`: a second run of the same bytes waits for the first
+    and reuses its upload, and a killed holder frees the lock at once."""
+    return serialized_on_host(upload_key)
 
 
 @task(cache_policy=upload_policy(), persist_result=True)

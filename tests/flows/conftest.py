@@ -11,7 +11,7 @@ then fail to write).
 
 from __future__ import annotations
 
-import prefect.main  # noqa: F401  (see below)
+import prefect.main  # noqa: F401  (see the module docstring)
 import pytest
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness

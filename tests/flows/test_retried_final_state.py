@@ -25,6 +25,7 @@ def lose_final_state_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on each final Completed proposal of a flow run reaches the API, but its answer is lost
     (a read timeout), so Prefect's client sends it again; returns the API's answers to those retries."""
     send = httpx.Client.send
+    lost: list[httpx.Request] = []  # the proposals whose first answer was dropped
     answers: list[str] = []
 
     def lose_the_first_answer(self, request: httpx.Request, *args, **kwargs) -> httpx.Response:
@@ -38,7 +39,6 @@ def lose_final_state_answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                 answers.append(response.json()["status"])
         return response
 
-    lost: list[httpx.Request] = []
     monkeypatch.setattr(httpx.Client, "send", lose_the_first_answer)
     return answers
 
