@@ -68,9 +68,15 @@ from openai_harmony import (
 
 from epochwise.config.harmony import HarmonyConfig
 from epochwise.fold import TRAIN_FILE, TRAIN_PARQUET, VAL_FILE, VAL_PARQUET, Fold
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, atomic_write, atomic_write_bytes, jsonl_lines, sha256_file
+from epochwise.io import (
+    DEFAULT_MAX_LINE_BYTES,
+    atomic_write,
+    atomic_write_bytes,
+    jsonl_lines,
+    parse_json_object,
+    sha256_file,
+)
 from epochwise.problems import InputError, Problem, display_path
-from epochwise.records import parse_json_object
 from epochwise.validate import message_problems, together_check
 
 # Bump when the same input and settings would give different tokens or labels: it is part of the cache key.

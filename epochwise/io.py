@@ -12,10 +12,16 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from epochwise.config.data import MAX_LINE_BYTES as DEFAULT_MAX_LINE_BYTES  # the one default: data.max_line_bytes
+import orjson
+
 from epochwise.problems import Problem
+
+# A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
+# Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded. The one default
+# of `DataConfig.max_line_bytes` (``data.max_line_bytes``) and of the readers that take it.
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 
 _CHUNK = 1 << 20  # 1 MiB
 
@@ -196,3 +202,23 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def parse_json_object(raw: bytes) -> tuple[Any, str | None]:
+    """Parse one JSONL line into a dict, or return the reason it is not one."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not valid UTF-8"
+        return None, f"invalid JSON: {exc.args[0] if exc.args else exc}"
+    if not isinstance(data, dict):
+        return None, f"expected a JSON object, got {json_type(data)}"
+    return data, None
+
+
+def json_type(value: Any) -> str:
+    """``an array``, ``a string``, ... : how a problem names a JSON value that is not an object."""
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")

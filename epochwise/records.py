@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from epochwise.config.data import RecordMapping
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, gc_paused, jsonl_lines
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, gc_paused, json_type, jsonl_lines, parse_json_object
 from epochwise.problems import Problem, display_path
 
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -115,7 +115,7 @@ def _read_json_array(
     if text[pos] != "[":
         data, reason = _decode_at(decoder, text, pos)
         if reason is None and not isinstance(data, dict):
-            reason = f"expected a JSON object or an array of objects, got {_json_type(data)}"
+            reason = f"expected a JSON object or an array of objects, got {json_type(data)}"
         if reason is not None:
             problems.append(Problem(shown, text.count("\n", 0, pos) + 1, reason))
         else:
@@ -133,7 +133,7 @@ def _read_json_array(
             return
         end = decoder.raw_decode(text, pos)[1]
         if not isinstance(data, dict):
-            problems.append(Problem(shown, line, f"array element is {_json_type(data)}, not a JSON object"))
+            problems.append(Problem(shown, line, f"array element is {json_type(data)}, not a JSON object"))
         else:
             yield SourceRecord(shown, line, data)
         pos = _skip_ws(text, end)
@@ -152,25 +152,6 @@ def _decode_at(decoder: json.JSONDecoder, text: str, pos: int) -> tuple[Any, str
         return decoder.raw_decode(text, pos)[0], None
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON: {exc.msg}"
-
-
-def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
-
-
-def parse_json_object(raw: bytes) -> tuple[Any, str | None]:
-    """Parse one JSONL line into a dict, or return the reason it is not one."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "not valid UTF-8"
-        return None, f"invalid JSON: {exc.args[0] if exc.args else exc}"
-    if not isinstance(data, dict):
-        return None, f"expected a JSON object, got {_json_type(data)}"
-    return data, None
 
 
 class MappingError(ValueError):

@@ -16,9 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines
+from epochwise.io import DEFAULT_MAX_LINE_BYTES, jsonl_lines, parse_json_object
 from epochwise.problems import Problem, display_path
-from epochwise.records import parse_json_object
 
 # Bump when a rule changes what passes: recorded passes (`epochwise.validation_record`) name this version.
 VALIDATOR_VERSION = "1"

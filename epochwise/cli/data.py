@@ -133,3 +133,9 @@ def validate(
         report_problems(problems)
     for path in files:
         print_line(f"{path}: ok")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+    app.command()(prepare)
+    app.command()(validate)

@@ -7,11 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from epochwise.config.base import Section
-
-# A single JSONL line above this is almost certainly a broken file (a missing newline, a binary blob);
-# Together's own limit per sample is far lower. 64 MiB keeps one line's memory bounded. The default of
-# `DataConfig.max_line_bytes`, and of the readers that take it.
-MAX_LINE_BYTES = 64 * 1024 * 1024
+from epochwise.io import DEFAULT_MAX_LINE_BYTES as MAX_LINE_BYTES
 
 
 class RecordMapping(Section):

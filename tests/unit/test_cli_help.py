@@ -172,3 +172,48 @@ def test_field_help_reads_the_models_when_the_table_is_stale(monkeypatch):
     assert "stale" not in text
     assert text == f"{real_description('train.hyper.learning_rate')} (default: {real_default('train.hyper.learning_rate')!r}; train.hyper.learning_rate)"
     monkeypatch.setattr(common, "_HELP_FIELDS", None)
+
+
+def test_command_map_names_each_command_by_the_module_that_registers_it():
+    """`epochwise.cli.COMMANDS` (which module `main` loads for a command line) matches what each module
+    registers, and the app built from every module lists exactly those commands, in `MODULES` order."""
+    from epochwise import cli
+
+    registered = {}
+    for module in cli.MODULES:
+        names = list(typer.main.get_command(cli.build_app((module,))).commands)
+        registered.update(dict.fromkeys(names, module))
+    assert registered == cli.COMMANDS
+    assert list(typer.main.get_command(app).commands) == list(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["sweep", "--help"], ["evaluate", "--help"]])
+def test_a_module_with_one_command_still_takes_its_name(argv):
+    """An app built from one module that registers one command stays a group: ``epochwise convert FOLD``."""
+    from typer.testing import CliRunner
+
+    from epochwise import cli
+
+    result = CliRunner().invoke(cli.build_app(cli.modules_for(argv)), argv)
+    assert result.exit_code == 0, result.output
+    assert f"Usage: epochwise {argv[0]} [OPTIONS]" in " ".join(result.output.split())
+
+
+def test_validate_loads_only_its_own_command_module(tmp_path):
+    """``epochwise validate`` imports neither the other command modules nor the records reader or the
+    settings sections it does not read (start-up figures in bench/cli_start.py)."""
+    import subprocess
+    import sys
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    code = (
+        f"import sys; sys.argv = ['epochwise', 'validate', {str(rows)!r}]\n"
+        "from epochwise.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('epochwise.cli.', 'epochwise.records', 'epochwise.config.'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert done.stdout.splitlines()[0] == f"{rows}: ok", done.stdout
+    loaded = "['epochwise.cli._help_fields', 'epochwise.cli.common', 'epochwise.cli.data']"
+    assert done.stdout.splitlines()[-1] == loaded

@@ -15,9 +15,8 @@ import pytest
 
 import epochwise.plain_rows as plain_rows
 import epochwise.validate as validate
-from epochwise.io import jsonl_lines
+from epochwise.io import jsonl_lines, parse_json_object
 from epochwise.problems import Problem, display_path
-from epochwise.records import parse_json_object
 from epochwise.validate import validate_file, validate_rows
 
 
