@@ -16,11 +16,8 @@ import typer
 
 from epochwise.cli import common
 
-# The modules of `epochwise.cli` that register commands, in the order `--help` lists them.
-MODULES = ("data", "convert", "train", "sweep", "local", "deploy", "evaluate", "ops", "config")
-
-# Each top-level command (or group) -> the module that registers it; a unit test checks it against
-# what the modules register.
+# Each top-level command (or group) -> the module of `epochwise.cli` that registers it, in the order
+# `--help` lists them; a unit test checks it against what the modules register.
 COMMANDS = {
     "prepare": "data",
     "validate": "data",
@@ -39,6 +36,7 @@ COMMANDS = {
     "deployments": "ops",
     "config": "config",
 }
+MODULES = tuple(dict.fromkeys(COMMANDS.values()))  # each once, in that order
 
 
 def build_app(modules: tuple[str, ...] = MODULES) -> typer.Typer:
