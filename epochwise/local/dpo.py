@@ -200,6 +200,22 @@ def pairs_per_step(hyper: HyperParams, local: LocalConfig) -> int:
     return local.micro_batch_size * local.grad_accumulation
 
 
+def accumulate_pairs(
+    policy: Policy, dpo: DPOParams, chunk: list[Pair], ref: torch.Tensor, step_pairs: int
+) -> tuple[float, float, float]:
+    """Forward and backward of one micro batch of pairs (loss over the ``step_pairs`` of the optimizer step);
+    returns its summed loss, how many pairs rank the chosen reply first, and the summed reward margin.
+
+    ``ref`` holds the pairs' reference log-probabilities, ``(len(chunk), 2)``. The autograd graph dies on
+    return, so it never holds memory into the next step (`trainer.accumulate` says why that matters).
+    """
+    replies = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+    logps, lengths = sequence_logps(policy.model, replies, policy.tokenizer.pad_token_id, policy.device)
+    loss, c, r = dpo_terms(dpo, logps, lengths, torch.cat([ref[:, 0], ref[:, 1]]).to(logps.device), len(chunk))
+    (loss.sum() / step_pairs).backward()
+    return float(loss.sum()), float((c > r).float().sum()), float((c - r).sum())
+
+
 def train_dpo_epoch(
     fold: Path | str,
     epoch: int,
@@ -243,7 +259,6 @@ def train_dpo_epoch(
     state: dict = {"step": 0, "step_losses": [], "step_metrics": [], "tokens": 0, "seconds": 0.0}
     torch.manual_seed(hyper.seed + epoch)
     resumed_from = restore(checkpoint, ident, policy, local, state)
-    pad_id = policy.tokenizer.pad_token_id
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
@@ -252,16 +267,13 @@ def train_dpo_epoch(
         for start in range(0, len(chosen_idx), batch):
             idx = chosen_idx[start : start + batch]
             chunk = [train_pairs[i] for i in idx]
-            n = len(chunk)
-            replies = [p.chosen for p in chunk] + [p.rejected for p in chunk]
-            logps, lengths = sequence_logps(policy.model, replies, pad_id, policy.device)
-            ref = torch.cat([ref_train[idx, 0], ref_train[idx, 1]]).to(logps.device)
-            loss, c, r = dpo_terms(dpo, logps, lengths, ref, n)
-            (loss.sum() / len(chosen_idx)).backward()
-            step_loss += float(loss.sum())
-            correct += float((c > r).float().sum())
-            margin += float((c - r).sum())
-            tokens += sum(len(x.ids) for x in replies)
+            loss_sum, chunk_correct, chunk_margin = accumulate_pairs(
+                policy, dpo, chunk, ref_train[idx], len(chosen_idx)
+            )
+            step_loss += loss_sum
+            correct += chunk_correct
+            margin += chunk_margin
+            tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in chunk)
         optimizer_step(policy, hyper)
         state["seconds"] += time.perf_counter() - t0
         state["tokens"] += tokens

@@ -229,6 +229,31 @@ def _base_logprobs(policy: Policy, ids, padding, keep, temperature: float) -> to
         return token_logprobs(policy.model, ids, padding, keep, temperature)
 
 
+def accumulate_completions(
+    policy: Policy, grpo: GRPOParams, rollout: _Rollout, index: list[int], adv: torch.Tensor, step_tokens: int
+) -> tuple[float, float]:
+    """Forward and backward of the completions ``index`` of ``rollout`` with their advantages ``adv`` (the
+    clipped surrogate plus ``beta`` x KL per token, over the ``step_tokens`` of the optimizer step); returns
+    the loss and the summed KL of their tokens (0 without ``beta``).
+
+    The autograd graph dies on return, so it never holds memory into the next step (`trainer.accumulate`
+    says why that matters).
+    """
+    ids, padding, keep = rollout.batch(index, policy.device, policy.tokenizer.pad_token_id)
+    logps = token_logprobs(policy.model, ids, padding, keep, grpo.temperature)
+    ratio = torch.exp(logps - logps.detach())
+    a = adv.to(logps.device)[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - grpo.epsilon, 1 + grpo.epsilon) * a)
+    kl_sum = 0.0
+    if grpo.beta > 0:
+        kl = kl_k3(logps, _base_logprobs(policy, ids, padding, keep, grpo.temperature))
+        per_token = per_token + grpo.beta * kl
+        kl_sum = float((kl * keep).sum())
+    loss = (per_token * keep).sum() / max(1, step_tokens)
+    loss.backward()
+    return float(loss.detach()), kl_sum
+
+
 def train_grpo_epoch(
     fold: Path | str,
     epoch: int,
@@ -269,7 +294,6 @@ def train_grpo_epoch(
     }  # fmt: skip
     torch.manual_seed(hyper.seed + epoch)  # the sampling stream of this epoch (restored on resume)
     resumed_from = restore(checkpoint, ident, policy, local, state)
-    pad_id = policy.tokenizer.pad_token_id
     chunk = max(1, local.micro_batch_size)
 
     for step in range(state["step"], total_steps):
@@ -282,18 +306,9 @@ def train_grpo_epoch(
         step_loss, kl_sum = 0.0, 0.0
         for start in range(0, count, chunk):
             index = list(range(start, min(count, start + chunk)))
-            ids, padding, keep = rollout.batch(index, policy.device, pad_id)
-            logps = token_logprobs(policy.model, ids, padding, keep, grpo.temperature)
-            ratio = torch.exp(logps - logps.detach())
-            a = adv[index].to(logps.device)[:, None]
-            per_token = -torch.min(ratio * a, ratio.clamp(1 - grpo.epsilon, 1 + grpo.epsilon) * a)
-            if grpo.beta > 0:
-                kl = kl_k3(logps, _base_logprobs(policy, ids, padding, keep, grpo.temperature))
-                per_token = per_token + grpo.beta * kl
-                kl_sum += float((kl * keep).sum())
-            loss = (per_token * keep).sum() / max(1, token_count)
-            loss.backward()
-            step_loss += float(loss.detach())
+            loss, kl = accumulate_completions(policy, grpo, rollout, index, adv[index], token_count)
+            step_loss += loss
+            kl_sum += kl
         optimizer_step(policy, hyper)
         state["seconds"] += time.perf_counter() - t0
         state["tokens"] += token_count

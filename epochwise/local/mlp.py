@@ -35,13 +35,12 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # At most two new tensors of the input's size exist at once (this runs at the memory peak, the
+        # first layers of the backward pass): ``grad * up`` and SiLU's fused backward kernel (autograd's
+        # own for SiLU: grad * sigmoid(g) * (1 + g * (1 - sigmoid(g)))), then ``silu(gate) * grad``.
         gate, up = ctx.saved_tensors
-        sigmoid = torch.sigmoid(gate)
-        grad_up = grad * gate * sigmoid if ctx.needs_input_grad[1] else None
-        # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-        grad_gate = None
-        if ctx.needs_input_grad[0]:
-            grad_gate = (1 - sigmoid).mul_(gate).add_(1).mul_(sigmoid).mul_(grad).mul_(up)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = torch.nn.functional.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up
 
 
@@ -67,7 +66,7 @@ class _LowRankOfProduct(torch.autograd.Function):
         grad_product = grad @ weight if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[3]:
-            product = torch.nn.functional.silu(gate) * up  # swiglu's forward, bit for bit
+            product = torch.nn.functional.silu(gate).mul_(up)  # swiglu's forward, bit for bit, in one tensor
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
         return grad_product, None, None, grad_weight
 

@@ -173,6 +173,21 @@ def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     return loss, int(keep.sum())
 
 
+def accumulate(model, batch: Batch, label_tokens: int) -> float:
+    """Forward and backward of one micro batch, its loss scaled by the step's ``label_tokens``; returns
+    the batch's summed loss.
+
+    The batch's autograd graph dies when this returns. Kept alive into the next step (as a loop variable
+    holding the loss would keep it), its thousands of small nodes sit amid the memory that this step's
+    activations freed, so the next step's activations cannot reuse that memory and the heap grows: on
+    the tiny model at seq 512, peak RSS was 552 MB with the graph kept and 516 MB without
+    (`bench/local_train.py`).
+    """
+    loss, _ = batch_loss(model, batch)
+    (loss / max(1, label_tokens)).backward()
+    return loss.item()
+
+
 @torch.no_grad()
 def evaluate(model, blocks, local: LocalConfig, pad_id: int, device: torch.device) -> float | None:
     """Token-weighted mean loss over ``blocks`` (None when there is nothing to score)."""
@@ -397,11 +412,7 @@ def _run_steps(run: _Run, state: dict[str, Any], on_step: StepCallback | None) -
         t0 = time.perf_counter()
         group = [b.to(run.device) for b in run.batches[step * accumulation : (step + 1) * accumulation]]
         label_tokens = sum(b.label_tokens for b in group)
-        step_loss = 0.0
-        for batch in group:
-            loss, _ = batch_loss(run.model, batch)
-            (loss / max(1, label_tokens)).backward()
-            step_loss += loss.item()
+        step_loss = sum(accumulate(run.model, batch, label_tokens) for batch in group)
         if hyper.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.trainable, hyper.max_grad_norm)
         run.optimizer.step()
