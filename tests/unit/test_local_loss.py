@@ -41,3 +41,17 @@ def test_without_grad_only_the_loss_is_computed():
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, targets, chunk=2)
     assert float(loss) == pytest.approx(float(reference_cross_entropy(hidden, weight, targets)), rel=1e-6)
+
+
+def test_a_target_whose_probability_underflows_keeps_its_exact_loss():
+    # logit gaps of about 200 and 3,000: softmax gives the target exactly 0 in fp32, the loss is finite
+    hidden = torch.tensor([[10.0, 0.0], [0.0, 150.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[20.0, 0.0], [0.0, 20.0], [-1.0, 0.5]])
+    targets = torch.tensor([1, 0, 2])
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=2)
+    reference = reference_cross_entropy(hidden, weight, targets)
+    assert float(reference) > 3000
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    (got,) = torch.autograd.grad(loss, hidden)
+    (want,) = torch.autograd.grad(reference, hidden)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
