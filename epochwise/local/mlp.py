@@ -6,11 +6,10 @@ product: four ``tokens x intermediate`` tensors per layer, the largest activatio
 (SmolLM2: intermediate 1,536 against hidden 576, 30 layers). `swiglu` keeps only ``gate(x)`` and
 ``up(x)`` and recomputes the sigmoid in its backward pass, the same forward values bit for bit.
 When ``down`` is a LoRA linear that the fused LoRA forward computes (`lora.fusable`,
-`lora.plain_adapter`) and its dropout is off, its adapter's ``lora_A`` also takes the product
-through `_LowRankOfProduct`, which recomputes the product from ``gate(x)`` and ``up(x)`` for
-``lora_A``'s weight gradient instead of keeping it: two kept tensors per layer instead of three (on
-SmolLM2, 30 layers x 1,536 floats per token; its peak RSS at seq 256 fell by about 200 MB in
-`bench/local_train.py`).
+`lora.plain_adapter`, `lora.lora_linear`: dropout off), it runs as `lora._LoraLinear` given ``gate(x)``
+and ``up(x)``, which recomputes the product from them for ``lora_A``'s weight gradient instead of
+keeping it: two kept tensors per layer instead of three (on SmolLM2, 30 layers x 1,536 floats per
+token; its peak RSS at seq 256 fell by about 200 MB in `bench/local_train.py`).
 `fuse_swiglu` gives each such MLP this forward.
 """
 
@@ -20,7 +19,7 @@ from types import MethodType
 
 import torch
 
-from epochwise.local.lora import add_low_rank, fusable, plain_adapter
+from epochwise.local.lora import fusable, lora_linear, plain_adapter
 
 # transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
@@ -49,37 +48,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
-class _LowRankOfProduct(torch.autograd.Function):
-    """``product @ weight.T`` where ``product = swiglu(gate, up)``, keeping ``gate`` and ``up``, not ``product``.
-
-    ``gate`` and ``up`` are the tensors `swiglu` keeps already, so this keeps no new activation.
-    """
-
-    @staticmethod
-    def forward(ctx, product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor):
-        ctx.save_for_backward(gate, up, weight)
-        return product @ weight.t()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate, up, weight = ctx.saved_tensors
-        grad_product = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[3]:
-            product = torch.nn.functional.silu(gate).mul_(up)  # swiglu's forward, bit for bit, in one tensor
-            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
-        return grad_product, None, None, grad_weight
-
-
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = swiglu(gate, up)
     down = self.down_proj
     name = plain_adapter(down) if fusable(down) else None
-    if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity):
-        return down(product)
-    low = _LowRankOfProduct.apply(product, gate, up, down.lora_A[name].weight)
-    return add_low_rank(down, name, down.base_layer(product), low)
+    fused = lora_linear(down, name, product, gate, up) if name is not None else None
+    return fused if fused is not None else down(product)
 
 
 def fuse_swiglu(model: torch.nn.Module) -> int:

@@ -12,9 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from epochwise.local.lora import fuse_lora_updates
 
 
-def lora_model(seed: int = 0, dropout: float = 0.0):
+def lora_model(seed: int = 0, dropout: float = 0.0, **config_extra):
     torch.manual_seed(seed)
     config = LlamaConfig(
+        **config_extra,
         vocab_size=128,
         hidden_size=32,
         intermediate_size=88,
@@ -42,8 +43,10 @@ def loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
     return out.logits.detach(), grads
 
 
-def test_fused_forward_matches_peft_outputs_and_gradients():
-    reference = lora_model()
+@pytest.mark.parametrize("biases", [False, True])  # Qwen2-style q/k/v biases, Llama's mlp_bias
+def test_fused_forward_matches_peft_outputs_and_gradients(biases):
+    reference = lora_model(attention_bias=biases, mlp_bias=biases)
+    assert (reference.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None) == biases
     fused = copy.deepcopy(reference)
     assert fuse_lora_updates(fused) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))
