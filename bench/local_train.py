@@ -14,6 +14,9 @@ causal attention over each conversation only), times tokens per CPU-second, over
 peak of this machine per CPU-second (``torch.matmul`` of 2048x2048 matrices, same thread count, best
 of several, measured in this run before each pair).
 Targets: >= 1.25x tokens/s and <= 0.8x peak RSS for the local trainer.
+The two train losses are not the same statistic: the loop's is the mean over every labelled token it
+trained on, the Trainer's ``training_loss`` the mean of its per-step losses, so they differ a little when
+steps hold different numbers of labelled tokens.
 
     .venv/bin/python bench/local_train.py --repeats 5 --threads 1          # example fold, tiny model
     .venv/bin/python bench/local_train.py --model smollm2 --seq-length 256 --max-steps 8 --threads 1
@@ -295,7 +298,9 @@ def main() -> None:
             f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}); model FLOPs per token "
             f"{load['flops_per_token'] / 1e6:.2f} M"
         )
-        print(f"{'':>18} {'tokens/s':>10} {'tok/CPU-s':>10} {'MFU':>6} {'peak RSS MB':>12} {'steps':>6} {'train loss':>11}")
+        print(
+            f"{'':>18} {'tokens/s':>10} {'tok/CPU-s':>10} {'MFU':>6} {'peak RSS MB':>12} {'steps':>6} {'train loss':>11}"
+        )
         for r in (*runs["loop"], *runs["trainer"]):
             r["cpu_tokens_per_s"] = load["timed_tokens"] / r["cpu_s"]
             r["mfu"] = r["cpu_tokens_per_s"] * load["flops_per_token"] / peak
