@@ -41,19 +41,23 @@ class Settings(BaseModel):
     A plain model, validated from the merged layers (`validate_layers`); only the ``EPOCHWISE_*``
     variables are read with pydantic-settings (`env_layer`), which is imported when one is set: its
     import was a third of ``epochwise validate`` in a project (bench/cli_start.py).
+
+    A section nothing sets defaults to ``{}``, which ``validate_default`` turns into the section through
+    this model's own validator: a section class as the factory would build that section's validator
+    too (deferred, see `epochwise.config.base.Section`), 5 of the 7 ms of a first `Settings()`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings' BaseSettings
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    local: LocalConfig = Field(default_factory=LocalConfig)
-    together: TogetherConfig = Field(default_factory=TogetherConfig)
-    deploy: DeployConfig = Field(default_factory=DeployConfig)
-    harmony: HarmonyConfig = Field(default_factory=HarmonyConfig)
-    ops: OpsConfig = Field(default_factory=OpsConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    data: DataConfig = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=dict)
+    local: LocalConfig = Field(default_factory=dict)
+    together: TogetherConfig = Field(default_factory=dict)
+    deploy: DeployConfig = Field(default_factory=dict)
+    harmony: HarmonyConfig = Field(default_factory=dict)
+    ops: OpsConfig = Field(default_factory=dict)
+    evaluate: EvaluateConfig = Field(default_factory=dict)
+    sweep: SweepConfig = Field(default_factory=dict)
 
 
 @functools.cache

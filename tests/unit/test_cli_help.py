@@ -11,7 +11,7 @@ import pytest
 import typer.main
 from pydantic import BaseModel
 
-from epochwise.cli import app
+from epochwise.cli import app, common
 from epochwise.cli.common import FLAG_PARAMETERS
 from epochwise.config import Settings
 
@@ -38,7 +38,7 @@ def options() -> list[tuple[str, Any]]:
 def real_default(dotted: str) -> Any:
     """The default of ``dotted`` read off default-constructed config models (not the help helper)."""
     section, *rest = dotted.split(".")
-    value: Any = Settings.model_fields[section].default_factory()
+    value: Any = getattr(Settings(), section)
     for part in rest:
         value = getattr(value, part)
     return value
@@ -46,17 +46,19 @@ def real_default(dotted: str) -> Any:
 
 def real_description(dotted: str) -> str:
     section, *rest = dotted.split(".")
-    model: Any = Settings.model_fields[section].default_factory()
+    model: Any = getattr(Settings(), section)
     for part in rest[:-1]:
         model = getattr(model, part)
     return type(model).model_fields[rest[-1]].description or ""
 
 
-def field_leaves(model: Any = Settings) -> set[str]:
+def field_leaves(model: BaseModel | None = None) -> set[str]:
+    """Every field of a default-constructed `Settings` that is not itself a section (by its last name)."""
+    model = Settings() if model is None else model
     leaves = set()
-    for name, field in model.model_fields.items():
-        inner = field.default_factory() if field.default_factory is not None else field.default
-        leaves |= field_leaves(type(inner)) if isinstance(inner, BaseModel) else {name}
+    for name in type(model).model_fields:
+        inner = getattr(model, name)
+        leaves |= field_leaves(inner) if isinstance(inner, BaseModel) else {name}
     return leaves
 
 
@@ -162,7 +164,7 @@ def test_the_generated_help_table_is_current_and_used():
 
 def test_field_help_reads_the_models_when_the_table_is_stale(monkeypatch):
     """A table built from other config sources is ignored: the help is read off the models, never stale."""
-    from epochwise.cli import _help_fields, common
+    from epochwise.cli import _help_fields
 
     stale = {path: ("stale text", "stale") for path in _help_fields.FIELDS}
     monkeypatch.setattr(_help_fields, "FIELDS", stale)
@@ -174,6 +176,14 @@ def test_field_help_reads_the_models_when_the_table_is_stale(monkeypatch):
     monkeypatch.setattr(common, "_HELP_FIELDS", None)
 
 
+@pytest.fixture
+def own_apps(monkeypatch):
+    """A test that builds its own apps puts `common.APP` back after (`build_app` sets it), so later
+    tests' config errors spell flags from the whole app's commands (``--lr``), not from its last one."""
+    monkeypatch.setattr(common, "APP", common.APP)
+
+
+@pytest.mark.usefixtures("own_apps")
 def test_command_map_names_each_command_by_the_module_that_registers_it():
     """`epochwise.cli.COMMANDS` (which module `main` loads for a command line) matches what each module
     registers, and the app built from every module lists exactly those commands, in `MODULES` order."""
@@ -187,6 +197,7 @@ def test_command_map_names_each_command_by_the_module_that_registers_it():
     assert list(typer.main.get_command(app).commands) == list(cli.COMMANDS)
 
 
+@pytest.mark.usefixtures("own_apps")
 @pytest.mark.parametrize("argv", [["convert", "--help"], ["sweep", "--help"], ["evaluate", "--help"]])
 def test_a_module_with_one_command_still_takes_its_name(argv):
     """An app built from one module that registers one command stays a group: ``epochwise convert FOLD``."""
