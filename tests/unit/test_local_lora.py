@@ -59,6 +59,24 @@ def test_fused_forward_matches_peft_outputs_and_gradients(biases):
         assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_fused_forward_in_bf16_is_as_close_to_fp32_as_peft():
+    """A CUDA user trains in bf16, where the in-place sums round differently from peft's separate ops:
+    the fused gradients must stay as close to the fp32 ones as peft's own bf16 gradients are."""
+    reference = lora_model(attention_bias=True, mlp_bias=True)
+    ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))
+    _, exact = loss_and_grads(reference, ids)
+    peft_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    fused_bf16 = copy.deepcopy(peft_bf16)
+    assert fuse_lora_updates(fused_bf16) == 2 * 7
+
+    def error(grads):  # the worst relative error of any parameter's gradient against fp32
+        return max(((grads[n].float() - exact[n]).norm() / exact[n].norm()).item() for n in exact)
+
+    peft_error, fused_error = error(loss_and_grads(peft_bf16, ids)[1]), error(loss_and_grads(fused_bf16, ids)[1])
+    assert 0 < peft_error < 0.05
+    assert fused_error <= 1.25 * peft_error, (fused_error, peft_error)
+
+
 def test_disabled_adapters_run_the_base_model_only():
     model = lora_model()
     fuse_lora_updates(model)
