@@ -625,24 +625,27 @@ def poll_job(
 ) -> JobInfo:
     """Poll until a terminal state with backoff ``poll_initial_s`` -> ``poll_max_s``.
 
-    ``on_update(job, new_event_lines)`` is called after every status call; events are fetched only when
-    the status changed, so a quiet 10-hour job costs one request per poll. Polling is read-only, so an
-    outage is ridden out for ``outage_tolerance_s`` (`OutageGuard`) while the job keeps running.
+    ``on_update(job, new_event_lines)`` is called when the status changed (the first status call
+    included), and events are fetched only then: a quiet 10-hour job costs one request per poll and
+    nothing more, here or in what ``on_update`` writes (a progress artifact is one Prefect server write
+    per call). Polling is read-only, so an outage is ridden out for ``outage_tolerance_s``
+    (`OutageGuard`) while the job keeps running.
     """
     guard = job_outage_guard(client, job_id, cfg, log, sleep)
     deadline = time.monotonic() + cfg.job_deadline_s
     wait, last_status, seen = cfg.poll_initial_s, None, 0
     while True:
         job = guard.call(lambda: get_job(client, job_id))
-        lines: list[str] = []
-        # Events only when the status changed, and not for a job already done when first seen (a
-        # rerun re-checking finished epochs needs no history).
-        if job.status != last_status and not (last_status is None and job.status == "completed"):
-            events = guard.call(lambda: job_events(client, job_id))
-            lines = [f"{e.get('type')}: {e.get('message')}" for e in events[seen:]]
-            seen = len(events)
-        last_status = job.status
-        on_update(job, lines)
+        if job.status != last_status:
+            lines: list[str] = []
+            # No events for a job already done when first seen (a rerun re-checking finished epochs
+            # needs no history).
+            if not (last_status is None and job.status == "completed"):
+                events = guard.call(lambda: job_events(client, job_id))
+                lines = [f"{e.get('type')}: {e.get('message')}" for e in events[seen:]]
+                seen = len(events)
+            last_status = job.status
+            on_update(job, lines)
         if job.status in TERMINAL:
             return job
         if time.monotonic() + wait > deadline:

@@ -234,12 +234,21 @@ def test_poll_backs_off_from_10_to_60_seconds_and_logs_events(fake_together, tog
     )
     waits: list[float] = []
     lines: list[str] = []
-    final = api.poll_job(together_client, job.id, CFG, lambda info, new: lines.extend(new), sleep=no_sleep(waits))
+    statuses: list[str] = []
+
+    def on_update(info: api.JobInfo, new: list[str]) -> None:
+        statuses.append(info.status)
+        lines.extend(new)
+
+    final = api.poll_job(together_client, job.id, CFG, on_update, sleep=no_sleep(waits))
 
     assert final.status == "completed" and final.model_output_name
     assert waits[:4] == [10, 15, 22.5, 33.75] and max(waits) == 60 and waits[-1] == 60
     assert any(line.startswith("job_complete") for line in lines)
-    assert fake_together.counts["GET /v1/fine-tunes/{id}/events"] == 6  # only on status changes, not per poll
+    # Events and updates (the wait task's progress artifact writes) only on status changes, not per poll.
+    assert fake_together.counts["GET /v1/fine-tunes/{id}/events"] == 6
+    assert fake_together.counts["GET /v1/fine-tunes/{id}"] == 15  # 3 polls per state
+    assert statuses == ["pending", "queued", "running", "compressing", "uploading", "completed"]
 
 
 def test_poll_deadline_leaves_the_job_running(fake_together, together_client, files):
