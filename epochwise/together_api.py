@@ -530,12 +530,32 @@ def estimate_price(client: Together, request: EpochRequest) -> float | None:
         args["model"] = request.base_model
     if request.validation_file:
         args["validation_file"] = request.validation_file
-    if request.dpo is not None:  # Together prices DPO apart from SFT; the object the SDK's create sends
-        args["training_method"] = dpo_price_method(request.dpo)
+    # Together prices LoRA apart from full fine-tuning and DPO apart from SFT: the estimate names both,
+    # as together 3.1.1's create does (``create_price_estimation_params``); left out, Together would
+    # price a full fine-tune as LoRA.
+    args["training_type"] = price_training_type(request.hyper)
+    args["training_method"] = (
+        dpo_price_method(request.dpo)
+        if request.dpo is not None
+        else {"method": "sft", "train_on_inputs": request.hyper.train_on_inputs}
+    )
     answer = client.fine_tuning.estimate_price(**args)
     if not getattr(answer, "estimation_available", False):
         return None
     return float(answer.estimated_total_price)
+
+
+def price_training_type(h: HyperParams) -> dict[str, Any]:
+    """The ``training_type`` of an estimate-price call: the LoRA settings the job is created with, or full."""
+    if not h.lora:
+        return {"type": "Full"}
+    return {
+        "type": "Lora",
+        "lora_r": h.lora_r,
+        "lora_alpha": h.effective_lora_alpha,
+        "lora_dropout": h.lora_dropout,
+        "lora_trainable_modules": h.lora_trainable_modules,
+    }
 
 
 def dpo_price_method(dpo: DPOParams) -> dict[str, Any]:

@@ -129,6 +129,11 @@ class Script:
     # Together prices DPO per token apart from SFT (docs.together.ai/docs/fine-tuning/pricing: the rate
     # depends on the training method); the fake's DPO estimate is the SFT one times this (a test knob).
     dpo_price_factor: float = 2.5
+    # Full fine-tuning is priced apart from LoRA (the same pricing page lists a LoRA and a full rate per
+    # model size); the fake's full estimate is the LoRA one times this. An estimate without
+    # ``training_type`` is a LoRA estimate ("Defaults to LoRA if not provided": the SDK's
+    # ``fine_tuning.estimate_price`` docstring).
+    full_price_factor: float = 4.0
     failures: list[JobFailure] = field(default_factory=list)
     # Loss per chain depth (1 = job on the base model): (train loss, validation loss).
     losses: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -254,6 +259,7 @@ class FakeState:
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> deployment JSON
     deployment_polls: Counter = field(default_factory=Counter)
     chats: list[dict[str, Any]] = field(default_factory=list)
+    estimates: list[dict[str, Any]] = field(default_factory=list)  # estimate-price request bodies
     uploads: int = 0  # completed presigned PUTs, i.e. real uploads
 
     def jobs_in_order(self) -> list[FakeJob]:
@@ -735,6 +741,10 @@ def _ready_file(fake: FakeTogether, fid: str, role: str) -> FakeFile:
 
 def estimate_price(fake: FakeTogether, _: dict[str, str], req: Request):
     body = req.json()
+    fake.state.estimates.append(body)
+    training_type = (body.get("training_type") or {}).get("type", "Lora")
+    if training_type not in ("Lora", "Full"):
+        raise ApiError(400, f"unknown training_type {training_type!r}: Lora or Full")
     f = fake.state.files.get(body.get("training_file", ""))
     if f is None or f.processing_status != "COMPLETED":
         return 200, {"estimation_available": False, "unavailable_reason": "train_file_not_validated"}
@@ -742,6 +752,7 @@ def estimate_price(fake: FakeTogether, _: dict[str, str], req: Request):
     tokens = len(f.data) // 4 * n_epochs
     method = (body.get("training_method") or {}).get("method", "sft")
     factor = fake.script.dpo_price_factor if method == "dpo" else 1.0
+    factor *= fake.script.full_price_factor if training_type == "Full" else 1.0
     return 200, {
         "estimation_available": True, "allowed_to_proceed": True,
         "estimated_total_price": round(fake.script.price_per_epoch_usd * n_epochs * factor, 4),

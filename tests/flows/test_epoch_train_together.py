@@ -131,6 +131,17 @@ def test_budget_stops_before_submitting_the_epoch_that_would_exceed_it(fake_toge
     assert len(fake_together.state.jobs) == 2
 
 
+def test_a_full_fine_tune_is_budgeted_at_the_full_price(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "full", "budget-full")
+    fake_together.script.price_per_epoch_usd = 1.5  # LoRA; a full epoch is 4x that (6.0)
+    full = train_cfg(3, budget_usd=10.0)
+    full.hyper.lora = False
+    records = epoch_train(str(fold), full, FAST)
+
+    assert [r.epoch for r in records] == [1]  # 6 spent; another 6 would pass 10 (at the LoRA price: 3 epochs)
+    assert [j.request["training_type"] for j in fake_together.state.jobs.values()] == [{"type": "Full"}]
+
+
 def test_stop_when_val_worsens(fake_together, tmp_path):
     fold = make_fold(tmp_path, "plateau", "val-worsens")
     fake_together.script.losses = {1: (2.0, 1.5), 2: (1.8, 1.6), 3: (1.7, 1.7), 4: (1.6, 1.4)}

@@ -277,6 +277,26 @@ def test_failure_message_and_losses(fake_together, together_client, files):
     assert api.failure_message(together_client, bad.id) == "loss went NaN at step 3"
 
 
+def test_the_estimate_asks_for_the_training_type_and_method_the_job_is_created_with(
+    fake_together, together_client, files
+):
+    fake_together.script.job_polls_per_state = 0
+    prices = {}
+    for lora, suffix in ((True, "ew-games-e1-12121212"), (False, "ew-games-e1-34343434")):
+        epoch = request(files, suffix, lora=lora, lora_r=8, train_on_inputs="auto")
+        prices[lora] = api.estimate_price(together_client, epoch)
+        ours = fake_together.state.estimates[-1]
+        api.create_job(together_client, epoch, CFG, log=no_sleep())
+        sdk = fake_together.state.estimates[-1]  # the SDK's create estimates the job it is about to create
+        assert sdk is not ours
+        assert ours["training_type"] == sdk["training_type"]
+        assert ours["training_method"] == sdk["training_method"] == {"method": "sft", "train_on_inputs": "auto"}
+        assert (ours["training_type"]["type"], ours["training_type"].get("lora_r")) == (
+            ("Lora", 8) if lora else ("Full", None)
+        )
+    assert prices == {True: 1.5, False: 6.0}  # full fine-tuning: the fake's full_price_factor 4
+
+
 def test_estimate_price_and_fold_jobs(fake_together, together_client, files):
     fake_together.script.price_per_epoch_usd = 2.25
     assert api.estimate_price(together_client, request(files, "ew-games-e1-88888888")) == 2.25
