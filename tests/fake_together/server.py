@@ -1057,13 +1057,25 @@ def _check_etag(obj: dict[str, Any], etag: str | None, what: str) -> None:
         raise ApiError(409, f"{what} {obj['id']} changed since it was read (etag {etag} is not {obj['etag']})", "conflict")
 
 
+def _update_fields(req: Request, body: dict[str, Any], updatable: tuple[str, ...]) -> list[str]:
+    """The fields a PATCH changes: those its ``updateMask`` names, else every field the body populates
+    ("If not set, the fields populated on `deployment` are updated": the SDK's ``update_mask`` docstring).
+    A masked field the body does not carry, or one that cannot be updated, is refused (400)."""
+    mask = [f.strip() for f in req.query.get("updateMask", "").split(",") if f.strip()]
+    fields = mask or [k for k in body if k != "etag"]
+    for key in fields:
+        if key not in updatable:
+            raise ApiError(400, f"update mask path {key!r} is not updatable; one of {', '.join(updatable)}")
+        if key not in body:
+            raise ApiError(400, f"update mask names {key!r} but the request body has no {key!r}")
+    return fields
+
+
 def endpoints_update(fake: FakeTogether, p: dict[str, str], req: Request):
     ep = _endpoint(fake, p)
     body = req.json()
     _check_etag(ep, body.get("etag"), "endpoint")
-    mask = req.query.get("updateMask", "")
-    fields = [f.strip() for f in mask.split(",") if f.strip()] or [k for k in body if k != "etag"]
-    for key in fields:
+    for key in _update_fields(req, body, ("trafficSplit", "name", "displayName", "visibility")):
         if key == "trafficSplit":
             for split in body.get("trafficSplit", []):
                 if split.get("deploymentId") not in fake.state.deployments:
@@ -1143,15 +1155,16 @@ def deployments_update(fake: FakeTogether, p: dict[str, str], req: Request):
     dep = _deployment(fake, p)
     body = req.json()
     _check_etag(dep, body.get("etag"), "deployment")
-    if "autoscaling" in body:
+    fields = _update_fields(req, body, ("autoscaling", "inactiveTimeout", "name", "maxConcurrentRequestsPerReplica"))
+    if "autoscaling" in fields:
         dep["autoscaling"] = body["autoscaling"]
         if int(body["autoscaling"].get("maxReplicas", 1)) == 0:
             dep["status"].update(state="DEPLOYMENT_STATE_STOPPING", message="stopping", readyReplicas=0)
         elif dep["status"]["state"] in ("DEPLOYMENT_STATE_STOPPED", "DEPLOYMENT_STATE_STOPPING"):
             dep["status"].update(state="DEPLOYMENT_STATE_SCALING", message="starting")
             fake.state.deployment_polls[dep["id"]] = 0
-    for key in ("inactiveTimeout", "name"):
-        if key in body:
+    for key in fields:
+        if key != "autoscaling":
             dep[key] = body[key]
     dep["etag"] = f"d{int(dep['etag'][1:]) + 1}"
     dep["updatedAt"] = now_iso()

@@ -170,6 +170,24 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
         client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id).status.state
         == "DEPLOYMENT_STATE_STOPPED"
     )
+    # An update changes only what its mask names: a stop sent under another mask stops nothing.
+    client.endpoints.deployments.update(
+        dep.id, endpoint_id=endpoint.id, autoscaling={"min_replicas": 1, "max_replicas": 1}, update_mask="autoscaling"
+    )
+    client.endpoints.deployments.update(
+        dep.id, endpoint_id=endpoint.id, name="d2", autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="name"
+    )
+    renamed = client.endpoints.deployments.retrieve(dep.id, endpoint_id=endpoint.id)
+    assert renamed.name == "d2" and renamed.autoscaling.max_replicas == 1
+    assert renamed.status.state != "DEPLOYMENT_STATE_STOPPED"
+    for bad_mask in ("inactive_timeout", "autoscaling"):  # a snake_case path; a masked field the body lacks
+        with pytest.raises(BadRequestError):
+            client.with_options(max_retries=0).endpoints.deployments.update(
+                dep.id, endpoint_id=endpoint.id, name="d3", update_mask=bad_mask
+            )
+    client.endpoints.deployments.update(
+        dep.id, endpoint_id=endpoint.id, autoscaling={"min_replicas": 0, "max_replicas": 0}, update_mask="autoscaling"
+    )
     routed = client.endpoints.retrieve(endpoint.id)
     client.endpoints.update(endpoint.id, traffic_split=[], update_mask="trafficSplit", etag=routed.etag)
     client.endpoints.deployments.delete(dep.id, endpoint_id=endpoint.id)
