@@ -254,9 +254,15 @@ def test_cli_train_status_deploy_info_and_abort(fake_together, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert jobs[1].id in result.output and sum(fake_together.counts.values()) == before  # no Together call
 
+    listed = fake_together.counts["GET /v1/fine-tunes"]
+    result = runner.invoke(app, ["status", str(fold), "--sync", "--json"])
+    assert result.exit_code == 0, result.output
+    assert fake_together.counts["GET /v1/fine-tunes"] > listed  # --sync reads Together's list itself
+    synced = [(row["epoch"], row["job"], row["recorded"]) for row in json.loads(result.output)["together"]]
+    assert synced == [(1, jobs[0].id, "yes"), (2, jobs[1].id, "yes")]
     result = runner.invoke(app, ["status", str(fold), "--sync"])
     assert result.exit_code == 0, result.output
-    assert fake_together.counts["GET /v1/fine-tunes"] >= 1 and "jobs at Together" in result.output
+    assert "jobs at Together" in result.output and "no jobs at Together" not in result.output
 
     result = runner.invoke(app, ["deploy-info", str(fold), "--json"])
     assert result.exit_code == 0, result.output

@@ -74,7 +74,7 @@ def test_every_bad_line_is_reported_with_the_path(tmp_path):
     path = write(tmp_path, [pref(score=1), "not json", pref(preferred_output=[]), "[1]"])
     problems = validate_method_file(path, "dpo", run_together_check=False)
     assert [p.line for p in problems] == [1, 2, 3, 4]
-    assert all(str(p).startswith(f"{path}:{p.line}: ") or str(p).startswith(f"{p.path}:{p.line}: ") for p in problems)
+    assert all(p.path == str(path) and str(p).startswith(f"{path}:{p.line}: ") for p in problems), problems
 
 
 def test_a_chat_file_given_to_dpo_says_which_format_was_expected(tmp_path):

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from epochwise import validate
 from epochwise.validation_record import RECORD_FILE, validate_file_once, validator_version
 from tests.helpers import count_check_file, make_fold
@@ -63,7 +65,7 @@ def test_a_validator_version_bump_or_other_options_invalidate_the_record(tmp_pat
     assert len(checked) == 3
 
 
-def test_a_broken_record_or_a_read_only_fold_only_costs_a_validation(tmp_path: Path, monkeypatch):
+def test_a_broken_or_unreplaceable_record_only_costs_a_validation(tmp_path: Path, monkeypatch):
     fold = make_fold(tmp_path, "games", "record-broken")
     train = fold / "train.jsonl"
     checked = count_check_file(monkeypatch)
@@ -72,16 +74,28 @@ def test_a_broken_record_or_a_read_only_fold_only_costs_a_validation(tmp_path: P
     assert validate_file_once(train) == []
     assert len(checked) == 1  # the broken record was replaced by a good one
 
+    # A record that cannot be replaced (here a directory in its place: the temporary file is written,
+    # the rename fails, as root too): every run validates again, and no temporary file is left.
     (fold / RECORD_FILE).unlink()
+    (fold / RECORD_FILE).mkdir()
+    assert validate_file_once(train) == [] and validate_file_once(train) == []
+    assert len(checked) == 3 and not any((fold / RECORD_FILE).iterdir())
+    assert sorted(p.name for p in fold.iterdir()) == sorted([RECORD_FILE, "train.jsonl", "val.jsonl"])
+
+
+def test_a_read_only_fold_validates_every_time_and_writes_nothing(tmp_path: Path, monkeypatch):
+    fold = make_fold(tmp_path, "games", "record-read-only")
+    train = fold / "train.jsonl"
+    checked = count_check_file(monkeypatch)
     os.chmod(fold, 0o555)
     try:
-        if os.access(fold, os.W_OK):  # running as root: a read-only mode does not stop writes
-            return
+        if os.access(fold, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes")
         assert validate_file_once(train) == [] and validate_file_once(train) == []
-        assert len(checked) == 3 and not (fold / RECORD_FILE).exists()
+        assert len(checked) == 2 and not (fold / RECORD_FILE).exists()
     finally:
         os.chmod(fold, 0o755)
-    assert not [p.name for p in fold.iterdir() if p.name.startswith(".") and p.name != RECORD_FILE]  # no temp files
+    assert sorted(p.name for p in fold.iterdir()) == ["train.jsonl", "val.jsonl"]  # no temp files
 
 
 def test_missing_files_and_other_suffixes_are_reported_as_before(tmp_path: Path):
