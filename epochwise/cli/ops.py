@@ -42,7 +42,7 @@ def apply(
         None, "--result-storage",
         help=field_help("ops.result_storage"),
     ),
-    prune: bool = typer.Option(False, "--prune", help="Delete epoch-train deployments of folds gone from disk."),
+    prune: bool = typer.Option(False, "--prune", help="Delete the epoch-train and sweep deployments of folds gone from disk."),
     config: Path = ConfigOption,
     preset: list[str] = PresetOption,
 ) -> None:

@@ -82,7 +82,7 @@ def test_readme_server_sets_the_ui_api_url_on_the_port_it_starts() -> None:
 def test_readme_says_which_commands_are_flow_runs_and_where_state_persists() -> None:
     using = section("Using it")
     assert "Every command is a Prefect flow run" not in using
-    assert "`prepare`, `train`, `deploy`, `evaluate` and `endpoints --reap` are Prefect flow runs" in using
+    assert "`prepare`, `train`, `sweep`, `deploy`, `evaluate` and `endpoints --reap` are Prefect flow runs" in using
     assert "~/.prefect/prefect.db" in using and "throwaway" not in (REPO / "README.md").read_text()
     assert "source .venv/bin/activate" in using
     assert "epochwise deployments ls" in using
