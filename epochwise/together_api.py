@@ -27,6 +27,7 @@ from epochwise.config.train import DPOParams, HyperParams
 from epochwise.credentials import TogetherAccess, WandbAccess
 from epochwise.epochs import EpochRecord
 from epochwise.fold import fold_slug
+from epochwise.problems import UserError
 
 # Terminal job states (the status literal of together's types/finetune_response.py); jobs in the last three never count as "existing".
 TERMINAL = ("completed", "cancelled", "error", "user_error")
@@ -39,6 +40,10 @@ SUFFIX_MAX = 40  # Together's limit on a job suffix
 
 class TogetherFailure(RuntimeError):
     """Together rejected a file or a job, or a job ended badly; the message is Together's own."""
+
+
+class LimitsExceeded(TogetherFailure, UserError):
+    """The settings are outside Together's fine-tuning limits for the model: no job would be accepted."""
 
 
 class JobFailed(TogetherFailure):
@@ -543,6 +548,37 @@ def estimate_price(client: Together, request: EpochRequest) -> float | None:
     if not getattr(answer, "estimation_available", False):
         return None
     return float(answer.estimated_total_price)
+
+
+def limit_problems(limits: Any, h: HyperParams, validation: bool) -> list[str]:
+    """What in ``h`` a model's fine-tuning limits (``fine_tuning.model_limits``) refuse,
+    each naming its setting; empty when every epoch's job fits. Together checks these when a job is
+    created; together 3.1.1's create checks only the batch size and the sequence length before sending."""
+    problems = []
+    low, high = getattr(limits, "min_learning_rate", None), getattr(limits, "max_learning_rate", None)
+    if low is not None and high is not None and not low <= h.learning_rate <= high:
+        problems.append(f"train.hyper.learning_rate {h.learning_rate:g} is outside Together's {low:g}..{high:g}")
+    n_evals = max(h.n_evals, 1) if validation else 0  # what create_kwargs sends
+    for name, value, limit in (
+        ("train.hyper.n_evals", n_evals, "max_num_evals"),
+        ("train.hyper.n_checkpoints", h.n_checkpoints, "max_num_checkpoints"),
+    ):
+        most = getattr(limits, limit, None)
+        if most is not None and value > most:
+            problems.append(f"{name} {value} is above Together's {limit} {most}")
+    max_rank = getattr(getattr(limits, "lora_training", None), "max_rank", None)
+    if h.lora and max_rank is not None and h.lora_r > max_rank:
+        problems.append(f"train.hyper.lora_r {h.lora_r} is above Together's max_rank {max_rank}")
+    if not h.lora and getattr(limits, "supports_full_training", True) is False:
+        problems.append("train.hyper.lora false: Together does not offer full training for this model")
+    return problems
+
+
+def check_limits(client: Together, model: str, h: HyperParams, validation: bool) -> None:
+    """Raise `LimitsExceeded` when an epoch's job would be refused for `limit_problems`."""
+    problems = limit_problems(client.fine_tuning.model_limits(model_name=model), h, validation)
+    if problems:
+        raise LimitsExceeded(f"Together would refuse every job on {model}: {'; '.join(problems)}")
 
 
 def price_training_type(h: HyperParams) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from tasks.together import (
     EpochSpec,
     api_base,
     api_tagged,
+    check_model_limits,
     ensure_uploaded,
     fetch_epoch_metrics,
     launch_epoch_job,
@@ -87,6 +88,7 @@ class TogetherSFT:
         return ctx.fold.jsonl
 
     def prepare(self, ctx: TrainContext) -> None:
+        check_model_limits(ctx.train.base_model, ctx.train.hyper, True, ctx.together)  # before any upload
         files = self.fold_files(ctx)
         self.train_file, self.val_file = (ensure_uploaded(path, ctx.together, ctx.ops) for path in files)
         ctx.uploads = [self.train_file, self.val_file]

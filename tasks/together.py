@@ -104,6 +104,13 @@ def upload_if_missing(path: str, purpose: str, together: TogetherConfig) -> api.
 
 
 @task(cache_policy=NO_CACHE)
+def check_model_limits(model: str, hyper: HyperParams, validation: bool, together: TogetherConfig) -> None:
+    """Fail before any upload when Together would refuse every epoch's job: the settings are outside its
+    limits for ``model`` (learning rate, evaluations, checkpoints, LoRA rank, full training)."""
+    api.check_limits(_client(together), model, hyper, validation)
+
+
+@task(cache_policy=NO_CACHE)
 def file_is_live(remote: api.RemoteFile, together: TogetherConfig) -> bool:
     """Whether a cached upload still exists at Together (files can be deleted or expire)."""
     return api.file_exists(_client(together), remote.id)

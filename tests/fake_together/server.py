@@ -799,6 +799,24 @@ def _training_method(body: dict[str, Any], files: list[FakeFile]) -> None:
         raise ApiError(400, f"unknown training_method fields {sorted(unknown)} for {method['method']}")
 
 
+def _within_limits(body: dict[str, Any]) -> None:
+    """The model limits Together checks when a job is created (the SDK checks only the batch size and
+    the sequence length before sending): learning rate, epochs, evaluations, checkpoints, LoRA rank,
+    and full training only where the model supports it."""
+    limits, lora = MODEL_LIMITS, MODEL_LIMITS["lora_training"]
+    lr = float(body.get("learning_rate") or limits["min_learning_rate"])
+    if not limits["min_learning_rate"] <= lr <= limits["max_learning_rate"]:
+        raise ApiError(400, f"learning_rate {lr} is outside [{limits['min_learning_rate']}, {limits['max_learning_rate']}]")
+    for field_, most in (("n_epochs", "max_num_epochs"), ("n_evals", "max_num_evals"), ("n_checkpoints", "max_num_checkpoints")):
+        if int(body.get(field_) or 0) > limits[most]:
+            raise ApiError(400, f"{field_} {body[field_]} is above the model's {most} {limits[most]}")
+    training_type = body.get("training_type") or {}
+    if training_type.get("type") == "Lora" and int(training_type.get("lora_r") or 0) > lora["max_rank"]:
+        raise ApiError(400, f"lora_r {training_type['lora_r']} is above the model's max_rank {lora['max_rank']}")
+    if training_type.get("type") == "Full" and not limits["supports_full_training"]:
+        raise ApiError(400, "this model does not support full training")
+
+
 def jobs_create(fake: FakeTogether, _: dict[str, str], req: Request):
     body = req.json()
     files = [_ready_file(fake, body.get("training_file", ""), "training")]
@@ -809,6 +827,7 @@ def jobs_create(fake: FakeTogether, _: dict[str, str], req: Request):
     _training_method(body, files)
     if bool(body.get("model")) == bool(body.get("from_checkpoint")):
         raise ApiError(400, "exactly one of model and from_checkpoint is required")
+    _within_limits(body)
     suffix = body.get("suffix") or ""
     if len(suffix) > 40:
         raise ApiError(400, "suffix is longer than 40 characters")

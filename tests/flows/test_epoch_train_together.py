@@ -22,6 +22,7 @@ from prefect.settings import (
     PREFECT_SERVER_DATABASE_CONNECTION_URL,
 )
 
+from epochwise.problems import UserError
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
 from tests.helpers import BASE, FAST, OUTAGE_S, REPO, epoch_train_child, make_fold, run_logs, train_cfg
@@ -161,6 +162,18 @@ def test_invalid_fold_fails_before_any_upload(fake_together, tmp_path):
     with pytest.raises(Exception, match=r"train.jsonl:7"):
         state.result()
     assert fake_together.state.uploads == 0 and sum(fake_together.counts.values()) == 0
+
+
+def test_settings_outside_togethers_limits_fail_before_any_upload(fake_together, tmp_path):
+    fold = make_fold(tmp_path, "wide", "limits")
+    state = epoch_train(str(fold), train_cfg(2, hyper={"lora_r": 128, "n_checkpoints": 50}), FAST, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"refuse every job on .*n_checkpoints 50 .*lora_r 128 is above Together's max_rank 64") as failed:
+        state.result()
+    assert isinstance(failed.value, UserError)  # the CLI shows the message, not a traceback
+    assert fake_together.state.uploads == 0 and fake_together.counts["POST /v1/files"] == 0
+    assert not fake_together.state.jobs
 
 
 def test_no_api_key_under_prefect_home_or_result_storage(fake_together, tmp_path, monkeypatch):

@@ -297,6 +297,27 @@ def test_the_estimate_asks_for_the_training_type_and_method_the_job_is_created_w
     assert prices == {True: 1.5, False: 6.0}  # full fine-tuning: the fake's full_price_factor 4
 
 
+def test_limits_name_each_setting_together_would_refuse_and_the_fake_refuses_them(
+    fake_together, together_client, files
+):
+    limits = together_client.fine_tuning.model_limits(model_name=BASE)
+    assert api.limit_problems(limits, HyperParams(), validation=True) == []
+    wide = HyperParams(lora_r=128, learning_rate=2.0, n_evals=101, n_checkpoints=21)
+    assert api.limit_problems(limits, wide, validation=True) == [
+        "train.hyper.learning_rate 2 is outside Together's 1e-08..1",
+        "train.hyper.n_evals 101 is above Together's max_num_evals 100",
+        "train.hyper.n_checkpoints 21 is above Together's max_num_checkpoints 20",
+        "train.hyper.lora_r 128 is above Together's max_rank 64",
+    ]
+    assert api.limit_problems(limits, HyperParams(lora=False, lora_r=128), validation=True) == []
+    with pytest.raises(api.LimitsExceeded, match="max_rank 64"):
+        api.check_limits(together_client, BASE, HyperParams(lora_r=65), validation=True)
+    for too_much in ({"lora_r": 65}, {"learning_rate": 2.0}, {"n_checkpoints": 21}):  # what Together refuses
+        with pytest.raises(api.TogetherFailure, match="Together refused|above|outside"):
+            api.create_job(together_client, request(files, "ew-games-e1-56565656", **too_much), CFG, log=no_sleep())
+    assert not fake_together.state.jobs
+
+
 def test_estimate_price_and_fold_jobs(fake_together, together_client, files):
     fake_together.script.price_per_epoch_usd = 2.25
     assert api.estimate_price(together_client, request(files, "ew-games-e1-88888888")) == 2.25
