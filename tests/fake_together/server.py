@@ -1030,7 +1030,12 @@ def models_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
 def configs_list(fake: FakeTogether, p: dict[str, str], req: Request):
     _project(p)
     ref = req.query.get("referenceModel") or req.query.get("reference_model") or ""
-    ref_id = req.query.get("referenceModelId") or ref.rsplit("/", 1)[-1] or "ml_base"
+    ref_id = req.query.get("referenceModelId") or ref.rsplit("/", 1)[-1]
+    # Configs belong to deployable reference models: a fine-tuned model is deployed on its base model's
+    # configs (a model without a base is its own reference); anything else lists none.
+    references = {"ml_base"} | {mid for mid, m in fake.state.models.items() if not m.get("baseModelId")}
+    if ref_id not in references:
+        return 200, {"data": [], "next_cursor": None}
     return 200, {"data": [{"id": "cr_1", "projectId": "proj_public", "referenceModel": ref or f"projects/proj_public/models/{ref_id}",
                            "referenceModelId": ref_id, "certifications": [], "selectors": [],
                            "hardware": HARDWARE[0]["id"]}], "next_cursor": None}

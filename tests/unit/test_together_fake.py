@@ -129,6 +129,8 @@ def test_v2_deploy_progression_and_chat(fake_together, together_client, train_fi
     client = together_client.with_options(project_id=together_client.whoami().project.id)
     model = client.models.retrieve(f"ml_{job.id}")
     config = client.models.configs.list(reference_model=model.base_model).data[0]
+    assert client.models.configs.list(reference_model_id=model.id).data == []  # the fine-tuned model: none
+    assert client.models.configs.list().data == []
     endpoint = client.endpoints.create(name="games")
     with pytest.raises(ConflictError):
         client.with_options(max_retries=0).endpoints.create(name="games")
