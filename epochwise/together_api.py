@@ -619,18 +619,24 @@ def create_job(
     """Find the epoch's live job by suffix, else create it. Returns ``(job, created)``.
 
     The create call itself runs without SDK retries: a 5xx or a dropped connection may come after
-    Together created the job, so each retry starts by looking for the job in the list again.
+    Together created the job, so each retry starts by looking for the job in the list again. Once a
+    create's reply was lost, a job found in the lagging list may not be the only one this call made
+    (`settle_lost_creates`), so ``created`` is True then and the caller settles as after a create.
     ``listed``: the caller has just looked for the job (and holds the fold's lock), so the first
     attempt creates without reading the list again.
     """
     once = client.with_options(max_retries=0)
     last: Exception | None = None
+    sent = 0  # creates sent; every one whose reply was lost may have made a job
     for attempt in range(cfg.create_attempts):
         existing = None if listed and attempt == 0 else find_job(client, request.suffix)
         if existing is not None:
+            if last is not None:
+                return settle_lost_creates(client, request.suffix, sent, cfg, log, sleep) or existing, True
             log(f"re-attaching to {existing.id} ({existing.status}), suffix {request.suffix}")
             return existing, False
         try:
+            sent += 1
             job = once.fine_tuning.create(**request.create_kwargs())
         except APIStatusError as exc:
             if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
@@ -644,7 +650,45 @@ def create_job(
             return info, True
         log(f"create attempt {attempt + 1} failed ({type(last).__name__}); checking the job list before retrying")
         sleep(min(cfg.poll_initial_s, 5.0) * (attempt + 1))
+    found = settle_lost_creates(client, request.suffix, sent, cfg, log, sleep)  # the last replies may be lost too
+    if found is not None:
+        return found, True
     raise TogetherFailure(f"could not create job {request.suffix}: {last}")
+
+
+def settle_lost_creates(
+    client: Together,
+    suffix: str,
+    sent: int,
+    cfg: TogetherConfig,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobInfo | None:
+    """After ``sent`` creates of ``suffix`` whose replies were not all seen: the one job to continue on
+    (`find_job`'s choice), the other live ones cancelled; None when none was made.
+
+    Each create may have made a job that Together's list shows only later. Before the first one, the
+    list held no live job with ``suffix`` (`create_job` looked), so the list is read until it shows
+    ``sent`` live jobs (every create accounted for) or ``cfg.list_catchup_s`` has passed (a create
+    that failed before Together stored it never shows).
+    """
+    deadline = time.monotonic() + cfg.list_catchup_s
+    live = live_jobs(client, suffix)
+    while len(live) < sent and time.monotonic() < deadline:
+        sleep(cfg.list_poll_s)
+        live = live_jobs(client, suffix)
+    if not live:
+        return None
+    kept = next((j for j in live if j.status == "completed"), live[0])
+    for job in live:
+        if job.id != kept.id:
+            try:
+                status = cancel_job(client, job.id)
+            except APIStatusError as exc:
+                status = f"not cancelled ({exc.status_code}: {api_message(exc)})"
+            log(f"duplicate job {job.id} for {suffix} from a create whose reply was lost: {status}; keeping {kept.id}")
+    log(f"continuing on {kept.id} ({kept.status}), suffix {suffix}, after {sent} create(s) whose replies were not all seen")
+    return kept
 
 
 def api_message(exc: APIStatusError) -> str:

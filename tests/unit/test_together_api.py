@@ -199,9 +199,39 @@ def test_create_whose_reply_is_lost_is_found_in_the_list_not_created_twice(fake_
     job, created = api.create_job(
         together_client, request(files, "ew-games-e1-33333333"), CFG, log=no_sleep(), sleep=no_sleep()
     )
-    assert not created  # found by suffix after the 500
+    assert created  # found by suffix after the 500: this call made it, and the caller settles as after a create
     assert len(fake_together.state.jobs) == 1 and fake_together.counts["POST /v1/fine-tunes"] == 1
     assert job.id == next(iter(fake_together.state.jobs))
+
+
+def test_two_lost_create_replies_and_a_lagging_list_leave_one_live_job(fake_together, together_client, files):
+    """Both creates make a job and lose the reply; the third attempt's list shows only the first job."""
+    import time
+
+    fake_together.script.create_then_500 = 2
+    fake_together.script.list_delay_s = 2.5  # job 1 (t=0) is listed at 2.5 s, job 2 (t=1) at 3.5 s
+    cfg = CFG.model_copy(update={"poll_initial_s": 1.0, "list_poll_s": 0.1, "list_catchup_s": 30})
+    logs: list[str] = []
+    job, created = api.create_job(
+        together_client, request(files, "ew-games-e1-23232323"), cfg, log=logs.append, sleep=time.sleep
+    )
+
+    assert created and fake_together.counts["POST /v1/fine-tunes"] == 2  # attempt 3 (t=3) found job 1
+    first, second = fake_together.state.jobs_in_order()
+    assert job.id == first.id and first.status != "cancel_requested"
+    assert second.status == "cancel_requested"  # the younger duplicate, listed only after attempt 3 looked
+    assert any(f"duplicate job {second.id}" in line and f"keeping {first.id}" in line for line in logs)
+
+
+def test_creates_that_all_lose_their_replies_continue_on_the_job_they_made(fake_together, together_client, files):
+    fake_together.script.create_then_500 = 2
+    fake_together.script.list_delay_s = 0.5  # every attempt's list read comes before the last create shows
+    cfg = CFG.model_copy(update={"create_attempts": 2, "poll_initial_s": 0.0, "list_poll_s": 0.05, "list_catchup_s": 30})
+    job, created = api.create_job(together_client, request(files, "ew-games-e1-45454545"), cfg, log=no_sleep())
+
+    assert created and fake_together.counts["POST /v1/fine-tunes"] == 2
+    first, second = fake_together.state.jobs_in_order()
+    assert job.id == first.id and second.status == "cancel_requested"  # no TogetherFailure, nothing left running
 
 
 def test_create_after_the_callers_own_listing_lists_again_only_after_a_failed_attempt(
@@ -216,7 +246,7 @@ def test_create_after_the_callers_own_listing_lists_again_only_after_a_failed_at
     again, created = api.create_job(
         together_client, request(files, "ew-games-e2-77777777"), CFG, log=no_sleep(), sleep=no_sleep(), listed=True
     )
-    assert not created and fake_together.counts["GET /v1/fine-tunes"] == lists + 1  # one look after the 500
+    assert created and fake_together.counts["GET /v1/fine-tunes"] == lists + 2  # one look after the 500, one to settle
     assert fake_together.counts["POST /v1/fine-tunes"] == 2 and again.id != job.id
 
 
