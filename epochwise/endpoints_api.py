@@ -36,6 +36,7 @@ PREFIX = "ew-"  # every endpoint epochwise creates starts with this; the reaper 
 READY = "DEPLOYMENT_STATE_READY"
 FAILED = "DEPLOYMENT_STATE_FAILED"
 STOPPED = ("DEPLOYMENT_STATE_STOPPED", "DEPLOYMENT_STATE_STOPPING")
+DEPLOYMENT_CREATE_ATTEMPTS = 3  # a create whose reply is lost is looked up by name before the next try
 _ENDPOINT_RE = re.compile(r"ew-(?P<fold>[a-z0-9-]+)-e(?P<epoch>\d+)")
 
 
@@ -314,7 +315,7 @@ def ensure_endpoint(client: Together, slug: str) -> tuple[EndpointInfo, bool]:
 
 
 def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTarget, config: Any,
-                      cfg: DeployConfig) -> tuple[DeploymentInfo, bool]:
+                      cfg: DeployConfig, sleep: Callable[[float], None] = time.sleep) -> tuple[DeploymentInfo, bool]:
     """The endpoint's deployment of ``target``: reused, else created. Returns ``(deployment, created)``.
 
     A reused deployment gets the configured replicas and idle timeout (so a stopped one starts again);
@@ -341,15 +342,31 @@ def ensure_deployment(client: Together, endpoint: EndpointInfo, target: DeployTa
             dep = _deployment_info(client.endpoints.deployments.update(
                 dep.id, endpoint_id=endpoint.id, update_mask=mask, **changes))
         return dep, False
-    try:
-        created = client.endpoints.deployments.create(
-            endpoint.id, name=slug, model=target.model_path, config=config_path(config), autoscaling=scaling,
-            inactive_timeout=cfg.inactive_timeout_min,
-        )
-    except APIStatusError as exc:
-        raise EndpointFailure(f"Together refused the deployment of {target.model_name} ({exc.status_code}): "
-                              f"{api_message(exc)}") from None
-    return _deployment_info(created), True
+    # No SDK retries: a 5xx, a timeout or a dropped connection may come after Together created the
+    # deployment, and a blind resend would make a second one (or a 409 on its name). Each retry looks
+    # the deployment up by its name first; one found is this run's (its name is this model's slug).
+    once = client.with_options(max_retries=0)
+    last: Exception | None = None
+    for attempt in range(DEPLOYMENT_CREATE_ATTEMPTS):
+        if last is not None:
+            found = next((d for d in list_deployments(client, endpoint.id) if short_name(d.name) == slug), None)
+            if found is not None:
+                return found, True
+        try:
+            created = once.endpoints.deployments.create(
+                endpoint.id, name=slug, model=target.model_path, config=config_path(config), autoscaling=scaling,
+                inactive_timeout=cfg.inactive_timeout_min,
+            )
+            return _deployment_info(created), True
+        except APIStatusError as exc:
+            if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                raise EndpointFailure(f"Together refused the deployment of {target.model_name} ({exc.status_code}): "
+                                      f"{api_message(exc)}") from None
+            last = exc
+        except APIConnectionError as exc:
+            last = exc
+        sleep(2.0 * (attempt + 1))
+    raise EndpointFailure(f"could not create the deployment of {target.model_name}: {last}")
 
 
 def route_traffic(client: Together, endpoint_id: str, deployment_id: str) -> EndpointInfo:

@@ -140,6 +140,7 @@ class Script:
     # Loss of one job from its create body and chain depth, e.g. by learning rate (sweeps); overrides losses.
     loss_for: Callable[[dict[str, Any], int], tuple[float, float]] | None = None
     create_then_500: int = 0  # POST /v1/fine-tunes calls that create the job but answer 500 (lost reply)
+    deployment_create_then_500: int = 0  # the same for deployment creates (POST .../deployments)
     # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
     # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
     list_delay_s: float = 0.0
@@ -1136,6 +1137,9 @@ def deployments_create(fake: FakeTogether, p: dict[str, str], req: Request):
         return 200, {}
     did = fake.new_id("dep")
     name = body.get("name") or did
+    # A deployment's name is unique in its endpoint (AIP-133: creating a resource that exists is ALREADY_EXISTS).
+    if any(fake.state.deployments[d]["name"] == f"{ep['name']}/{name}" for d in ep["deployments"]):
+        raise ApiError(409, f"deployment {name} already exists in endpoint {ep['name']}", "conflict")
     dep = {"id": did, "name": f"{ep['name']}/{name}", "endpointId": ep["id"], "projectId": PROJECT["id"], "etag": "d1",
            "config": body.get("config", ""), "configId": "", "model": model, "modelId": model_id, "modelRevisionId": revision or "",
            "hardware": HARDWARE[0]["id"], "autoscaling": body.get("autoscaling", {"minReplicas": 1, "maxReplicas": 1}),
@@ -1144,6 +1148,9 @@ def deployments_create(fake: FakeTogether, p: dict[str, str], req: Request):
            "status": {"state": "DEPLOYMENT_STATE_PROVISIONING", "message": "provisioning", "readyReplicas": 0}}
     fake.state.deployments[did] = dep
     ep["deployments"].append(did)
+    if fake.script.deployment_create_then_500 > 0:
+        fake.script.deployment_create_then_500 -= 1
+        raise ApiError(500, "upstream timeout after the deployment was created", "server_error")
     return 200, dep
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from together import Together
+from together import ConflictError, Together
 
 from epochwise import endpoints_api as ea
 from epochwise.config.deploy import DeployConfig
@@ -38,6 +38,25 @@ def deployed(fake: FakeTogether, client: Together, tmp_path: Path, slug: str = "
     endpoint, _ = ea.ensure_endpoint(client, slug)
     dep, _ = ea.ensure_deployment(client, endpoint, target, config, FAST)
     return target, config, endpoint, dep
+
+
+def test_a_deployment_create_whose_reply_is_lost_is_found_by_its_name_not_made_twice(fake_together, tmp_path):
+    # The SDK's own retries would resend the create (409 on the name, or a second deployment).
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, project_id="proj_1")
+    target = ea.model_from_job(client, completed_job(fake_together, client, tmp_path))
+    endpoint, _ = ea.ensure_endpoint(client, "ew-lost-e1")
+    fake_together.script.deployment_create_then_500 = 1
+    waits: list[float] = []
+    config = ea.choose_config(client, target, None)
+    dep, created = ea.ensure_deployment(client, endpoint, target, config, FAST, sleep=waits.append)
+
+    assert created and fake_together.counts["POST /v2/projects/{project}/endpoints/{eid}/deployments"] == 1
+    assert [d.id for d in ea.list_deployments(client, endpoint.id)] == [dep.id] and waits == [2.0]
+    with pytest.raises(ConflictError):  # the fake's name rule, as Together's
+        client.with_options(max_retries=0).endpoints.deployments.create(
+            endpoint.id, name=ea.deployment_slug(target.model_id), model=target.model_path,
+            config=ea.config_path(config), autoscaling={"min_replicas": 1, "max_replicas": 1},
+        )
 
 
 def test_project_comes_from_the_client_or_else_whoami(fake_together, monkeypatch):
