@@ -43,7 +43,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord, choose_epoch, read_epochs, records_from_table
 from epochwise.fold import Fold
 from epochwise.io import atomic_dir
-from tasks.locks import exclusive_lock
+from tasks.locks import fold_guard
 
 
 def project_client(together: TogetherConfig) -> Together:
@@ -51,9 +51,11 @@ def project_client(together: TogetherConfig) -> Together:
     return ea.with_project(together_client(together))
 
 
-def endpoint_lock(slug: str, wait_s: float) -> contextlib.AbstractContextManager[Path]:
-    """An exclusive lock per endpoint name: find-then-create is never interleaved by two runs."""
-    return exclusive_lock(f"endpoint-{slug}", wait_s, ea.EndpointFailure(f"endpoint {slug} is being deployed by another run"))
+def endpoint_lock(slug: str, wait_s: float, lease_s: float) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock per endpoint name (`fold_guard`: a file lock, and with a Prefect server its
+    lease): find-then-create is never interleaved by two runs on this host or on two workers of a server."""
+    busy = ea.EndpointFailure(f"endpoint {slug} is being deployed by another run")
+    return fold_guard(f"endpoint-{slug}", wait_s, lease_s, busy)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def deploy_model(record: EpochRecord, deploy: DeployConfig, together: TogetherCo
     target = ea.model_of_epoch(client, record.job_id, record.model)
     config = ea.choose_config(client, target, deploy.hardware)
     slug = ea.endpoint_slug(record.fold, record.epoch)
-    with endpoint_lock(slug, together.fold_lock_wait_s):
+    with endpoint_lock(slug, together.fold_lock_wait_s, together.fold_lease_s):
         endpoint, ep_created = ea.ensure_endpoint(client, slug)
         dep, dep_created = ea.ensure_deployment(client, endpoint, target, config, deploy)
         ref = DeploymentRef(

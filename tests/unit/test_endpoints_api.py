@@ -166,7 +166,7 @@ def test_the_endpoint_lock_lets_one_deploy_at_a_time_find_and_create(tmp_path):
 
     def deploy_once() -> None:
         start.wait()
-        with endpoint_lock("ew-g-e1", wait_s=30):
+        with endpoint_lock("ew-g-e1", wait_s=30, lease_s=60):
             inside.append(1)
             overlaps.append(len(inside))
             time.sleep(0.05)  # a listing and a create call
