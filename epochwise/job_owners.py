@@ -8,6 +8,10 @@ its tag; the newest owner decides its fate:
 * newest owner Crashed (machine lost), Running, or anything else: the job runs on, and the next run of
   the fold re-attaches to it by its suffix;
 * no owner known: left alone (another Prefect database's run, or one recorded before tagging existed).
+
+A run also tags itself ``together-suffix:<suffix>`` just before it sends a create: a job whose create
+reply never reached the run (a cancel or Ctrl-C while the create was in flight) has no job tag, and its
+owners are then the runs carrying its suffix's tag.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ from dataclasses import dataclass
 from datetime import datetime
 
 JOB_TAG = "together-job:"
+SUFFIX_TAG = "together-suffix:"
 CANCEL_STATES = ("CANCELLING", "CANCELLED")
 
 
 def job_tag(job_id: str) -> str:
     """The flow-run tag recording that the run owns ``job_id``."""
     return JOB_TAG + job_id
+
+
+def suffix_tag(suffix: str) -> str:
+    """The flow-run tag recording that the run sent a create for the job with ``suffix``."""
+    return SUFFIX_TAG + suffix
 
 
 def tagged_jobs(tags: Iterable[str]) -> list[str]:

@@ -4,7 +4,8 @@ Three paths, because no single one is always there (the rules are in `epochwise.
 
 1. ``record_job_owner``: ``launch_epoch_job`` tags its flow run ``together-job:<id>`` as soon as the
    create (or re-attach) returned, so every later path can find the job from the run, and the run from
-   the job.
+   the job. Before the create it tags the run ``together-suffix:<suffix>`` (``record_creating``): a
+   cancel that cuts the create off finds the job Together made by its suffix (paths 2 and 3).
 2. In the flow process, ``cancel_jobs_on_interrupt`` around the epoch loop: Ctrl-C (KeyboardInterrupt,
    e.g. ``epochwise train`` on the ephemeral API) cancels this run's live jobs at once; a SIGTERM
    (Prefect's TerminationSignal, what a worker sends to cancel) cancels them only if the API shows
@@ -20,7 +21,7 @@ Three paths, because no single one is always there (the rules are in `epochwise.
    a job whose create was already in flight is cancelled as soon as it is recorded. Any other SIGTERM
    only stops new creates, and the jobs run on for the next run to re-attach.
 3. ``reap_cancelled_jobs`` (deployment ``job-reaper/frequent``): every live ``ew-`` job at Together whose
-   newest owning flow run is Cancelling/Cancelled is cancelled; the backstop when the flow process and
+   newest owning flow run (by its job tag, else by its suffix tag) is Cancelling/Cancelled is cancelled; the backstop when the flow process and
    the hook were both skipped (a hook skipped by the worker, a lost worker, an API outage).
 """
 
@@ -44,11 +45,14 @@ from blocks.credentials import together_client
 from epochwise import together_api as api
 from epochwise.config.ops import OpsConfig
 from epochwise.config.together import TogetherConfig
-from epochwise.job_owners import Owner, cancel_requested, job_tag, tagged_jobs
+from epochwise.job_owners import Owner, cancel_requested, job_tag, suffix_tag, tagged_jobs
 
 # Job ids each flow run of this process created or re-attached to (flow run id -> ids, in order): what
 # Ctrl-C cancels without asking the Prefect API, which may be going down with the same signal.
 _OWNED: dict[str, list[str]] = {}
+# Suffixes each flow run of this process sent a create for: an interrupt during the create leaves a job
+# that only Together's list (by suffix) knows.
+_CREATING: dict[str, list[str]] = {}
 _REACH: dict[str, TogetherConfig] = {}  # job id -> the config its client was made from (base URL, key block)
 
 
@@ -84,6 +88,45 @@ def _current_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
 
 
+def record_creating(suffix: str, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """Before a create: record ``suffix`` on the current flow run (tag ``together-suffix:<suffix>``) and
+    in this process, so that a cancel arriving while the create is in flight still finds its job."""
+    run_id = _current_run_id()
+    if run_id is None:
+        return
+    creating = _CREATING.setdefault(run_id, [])
+    if suffix not in creating:
+        creating.append(suffix)
+    _tag_run(run_id, suffix_tag(suffix), log)
+
+
+def _tag_run(run_id: str, tag: str, log: logging.Logger | logging.LoggerAdapter) -> None:
+    try:
+        with get_client(sync_client=True) as prefect:
+            run = prefect.read_flow_run(run_id)  # type: ignore[arg-type]
+            if tag not in run.tags:
+                prefect.update_flow_run(run.id, tags=[*run.tags, tag])
+    except Exception as exc:  # the job must not be lost over a tag: the flow process still knows it
+        log.warning(f"could not tag flow run {run_id} with {tag} ({exc}); job-reaper cannot see this job")
+
+
+def _in_flight_jobs(client: Any, run_id: str | None, log: Any) -> list[str]:
+    """Live jobs of the suffixes this run sent creates for that it never recorded (the reply was cut off)."""
+    owned = set(_OWNED.get(run_id or "", []))
+    found = []
+    for suffix in _CREATING.get(run_id or "", []):
+        try:
+            job = api.find_job(client, suffix)
+        except Exception as exc:
+            log.error(f"could not look up the job of {suffix} ({exc}); job-reaper will")
+            continue
+        if job is None:
+            log.warning(f"a create for {suffix} was in flight; if Together lists it later, job-reaper cancels it")
+        elif job.id not in owned and job.status not in api.TERMINAL:
+            found.append(job.id)
+    return found
+
+
 def record_job_owner(
     job_id: str, log: logging.Logger | logging.LoggerAdapter, together: TogetherConfig | None = None
 ) -> None:
@@ -99,14 +142,7 @@ def record_job_owner(
     owned = _OWNED.setdefault(run_id, [])
     if job_id not in owned:
         owned.append(job_id)
-    tag = job_tag(job_id)
-    try:
-        with get_client(sync_client=True) as prefect:
-            run = prefect.read_flow_run(run_id)  # type: ignore[arg-type]
-            if tag not in run.tags:
-                prefect.update_flow_run(run.id, tags=[*run.tags, tag])
-    except Exception as exc:  # the job must not be lost over a tag: the flow process still knows it
-        log.warning(f"could not tag flow run {run_id} with {tag} ({exc}); job-reaper cannot see this job")
+    _tag_run(run_id, job_tag(job_id), log)
 
 
 def _cancel_live(client: Any, job_ids: list[str], why: str, log: Any) -> list[str]:
@@ -125,9 +161,14 @@ def _cancel_live(client: Any, job_ids: list[str], why: str, log: Any) -> list[st
     return cancelled
 
 
-def _owners(prefect: Any, job_id: str) -> list[Owner]:
-    runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag(job_id)])))
-    return [Owner(str(r.id), r.created, r.state.type.value if r.state else None) for r in runs]
+def _owners(prefect: Any, job_id: str, suffix: str | None = None) -> list[Owner]:
+    """The runs that recorded ``job_id``; none, the runs that sent a create for its ``suffix``."""
+    tags = [job_tag(job_id)] + ([suffix_tag(suffix)] if suffix else [])
+    for tag in tags:
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        if runs:
+            return [Owner(str(r.id), r.created, r.state.type.value if r.state else None) for r in runs]
+    return []
 
 
 def cancel_jobs_of_cancelled_runs(prefect: Any, client: Any, job_ids: list[str], log: Any) -> list[str]:
@@ -153,15 +194,19 @@ def cancel_jobs_on_interrupt(together: TogetherConfig) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        _cancel_live(together_client(together), _OWNED.get(run_id or "", []), "interrupted (Ctrl-C)", get_run_logger())
+        log, client = get_run_logger(), together_client(together)
+        owned = _OWNED.get(run_id or "", []) + _in_flight_jobs(client, run_id, log)
+        _cancel_live(client, owned, "interrupted (Ctrl-C)", log)
         raise
     except TerminationSignal:
         # A worker's SIGTERM comes right after the run went Cancelling; any other SIGTERM (a shutdown, a
         # supervisor) leaves the job running for the next run to re-attach.
-        log = get_run_logger()
+        log, client = get_run_logger(), together_client(together)
         try:
             with get_client(sync_client=True) as prefect:
-                cancel_jobs_of_cancelled_runs(prefect, together_client(together), _OWNED.get(run_id or "", []), log)
+                cancel_jobs_of_cancelled_runs(prefect, client, _OWNED.get(run_id or "", []), log)
+            if _run_cancel_requested(run_id):  # a create cut off by the signal: this run is its only owner
+                _cancel_live(client, _in_flight_jobs(client, run_id, log), "its flow run was cancelled", log)
         except Exception as exc:
             log.error(f"could not check whether this run was cancelled ({exc}); job-reaper will")
         raise
@@ -214,6 +259,7 @@ def stop_chains_on_interrupt() -> Iterator[None]:
 def reap_cancelled_jobs(together: TogetherConfig) -> list[str]:
     """Cancel every live epochwise job at Together whose newest owning flow run was cancelled."""
     client = together_client(together)
-    live = [j.id for j in api.list_jobs(client) if j.status not in api.TERMINAL and (j.suffix or "").startswith("ew-")]
+    live = [j for j in api.list_jobs(client) if j.status not in api.TERMINAL and (j.suffix or "").startswith("ew-")]
     with get_client(sync_client=True) as prefect:
-        return cancel_jobs_of_cancelled_runs(prefect, client, live, get_run_logger())
+        wanted = [j.id for j in live if cancel_requested(_owners(prefect, j.id, j.suffix))]
+    return _cancel_live(client, wanted, "its flow run was cancelled", get_run_logger())

@@ -40,7 +40,7 @@ from epochwise.config.train import DPOParams, HyperParams, TrainConfig
 from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from epochwise.validation_record import together_checked
-from tasks.cancellation import record_job_owner, refuse_if_stopping
+from tasks.cancellation import record_creating, record_job_owner, refuse_if_stopping
 from tasks.locks import fold_guard, serialized_on_host
 
 P = ParamSpec("P")
@@ -226,6 +226,7 @@ def launch_epoch_job(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
         refuse_if_stopping(f"epoch {spec.epoch}'s job")
+        record_creating(spec.suffix, log)  # a cancel during the create still finds the job by its suffix
         job, created = api.create_job(client, request, together, log=log.info, listed=True)  # listed just above
         record_job_owner(job.id, log, together)  # before anything else can fail or be interrupted
         if created:  # a run on another machine (another lock) may have created one at the same time

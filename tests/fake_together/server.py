@@ -141,6 +141,7 @@ class Script:
     loss_for: Callable[[dict[str, Any], int], tuple[float, float]] | None = None
     create_then_500: int = 0  # POST /v1/fine-tunes calls that create the job but answer 500 (lost reply)
     deployment_create_then_500: int = 0  # the same for deployment creates (POST .../deployments)
+    create_reply_delay_s: float = 0.0  # POST /v1/fine-tunes: the job exists at once, its reply comes this late
     # Eventually consistent job list: a new job shows in GET /v1/fine-tunes only this many seconds after
     # its creation (GET /v1/fine-tunes/{id} finds it at once), as Together's list can lag a create.
     list_delay_s: float = 0.0
@@ -510,6 +511,8 @@ class FakeTogether:
                     result = handler(self, match.groupdict(), req)
             except ApiError as exc:
                 return _error(exc)
+            if name == "POST /v1/fine-tunes" and self.script.create_reply_delay_s:
+                time.sleep(self.script.create_reply_delay_s)  # outside the lock: other calls go on meanwhile
             status, payload, *rest = result
             headers = rest[0] if rest else {}
             if isinstance(payload, bytes):

@@ -22,7 +22,7 @@ from together import Together
 
 from epochwise import together_api as api
 from epochwise.io import sha256_file
-from epochwise.job_owners import job_tag
+from epochwise.job_owners import job_tag, suffix_tag
 from flows.epoch_train import epoch_train
 from flows.job_reaper import job_reaper
 from tasks.cancellation import cancel_owned_jobs
@@ -140,6 +140,44 @@ def test_sigterm_cancels_the_job_only_when_the_run_was_cancelled(fake_together, 
     fake_together.release_jobs()
     [record] = epoch_train(str(fold), train_cfg(1), FAST)
     assert record.job_id == job.id and len(fake_together.state.jobs) == 1
+
+
+def test_a_cancel_while_the_create_is_in_flight_cancels_the_job_it_made(fake_together, tmp_path):
+    """The SIGTERM of a cancel arrives after Together made the job, before its reply reached the run:
+    the run never recorded the job, and finds it in Together's list by the suffix it sent."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    fold = make_fold(tmp_path, "inflight", "create-in-flight")
+    fake_together.script.hold_jobs = True
+    fake_together.script.create_reply_delay_s = 60.0  # longer than the test waits: the reply never arrives
+    child = epoch_train_child(fold, 1)
+    try:
+        deadline = time.monotonic() + START_S
+        while not fake_together.state.jobs:
+            assert child.poll() is None and time.monotonic() < deadline, "the flow process never sent its create"
+            time.sleep(0.05)
+        (job,) = fake_together.state.jobs.values()
+        with get_client(sync_client=True) as prefect:
+            (run,) = prefect.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[suffix_tag(job.suffix)]))
+            )
+            assert job_tag(job.id) not in run.tags  # the create has not returned
+            prefect.set_flow_run_state(run.id, Cancelling(), force=True)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=START_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert job.cancelled_at is not None and job.status == "cancel_requested"
+
+
+def test_the_reaper_finds_the_owner_of_a_job_whose_create_reply_was_cut_off_by_its_suffix(fake_together, tmp_path):
+    (job_id,) = held_jobs(fake_together, tmp_path, "ew-held-e1-9a9a9a9a")
+    with get_client(sync_client=True) as prefect:
+        run = prefect.create_flow_run(job_reaper, tags=[suffix_tag("ew-held-e1-9a9a9a9a")], state=Running())
+        prefect.set_flow_run_state(run.id, Cancelled(), force=True)
+    assert job_reaper(FAST) == [job_id]
+    assert fake_together.state.jobs[job_id].status == "cancel_requested"
 
 
 def test_ctrl_c_on_epochwise_train_cancels_its_job(fake_together, tmp_path):
