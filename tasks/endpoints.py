@@ -20,6 +20,7 @@ Credentials are resolved inside each task (blocks or environment), never passed 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -315,9 +316,22 @@ def _forget_leftover(deployment_id: str) -> None:
         Variable.unset(_leftover_name(deployment_id))
 
 
+_VARIABLES_PAGE = 200  # the server's PREFECT_API_DEFAULT_LIMIT: no variables request returns more
+
+
 def _leftovers() -> list[dict[str, Any]]:
+    """Every recorded leftover: the variables named ``ew-leftover-...``, a page at a time (one request
+    answers at most 200 variables, and a workspace may hold more)."""
+    found: list[dict[str, Any]] = []
+    name = {"like_": _LEFTOVER + "%"}
     with get_client(sync_client=True) as client:
-        return [v.value for v in client.read_variables() if v.name.startswith(_LEFTOVER) and isinstance(v.value, dict)]
+        for offset in itertools.count(0, _VARIABLES_PAGE):
+            body = {"variables": {"name": name}, "offset": offset, "limit": _VARIABLES_PAGE}
+            page = client.request("POST", "/variables/filter", json=body).json()
+            found += [v["value"] for v in page if v["name"].startswith(_LEFTOVER) and isinstance(v["value"], dict)]
+            if len(page) < _VARIABLES_PAGE:
+                return found
+    return found
 
 
 @task(cache_policy=NO_CACHE)

@@ -164,6 +164,22 @@ def test_a_rollback_that_keeps_failing_fails_the_flow_with_the_stop_command_and_
     assert again.exit_code == 0 and "0 deployment(s) stopped" in again.output
 
 
+def test_recorded_leftovers_are_found_among_more_variables_than_one_request_returns():
+    from prefect.variables import Variable
+
+    from tasks.endpoints import _leftover_name, _leftovers
+
+    fillers = [f"aa-filler-{i:03d}" for i in range(205)]  # sorted before ew-leftover-: the first page
+    for name in fillers:
+        Variable.set(name, {"not": "a leftover"}, overwrite=True)
+    Variable.set(_leftover_name("dep-paged"), {"deployment_id": "dep-paged"}, overwrite=True)
+    try:
+        assert {"deployment_id": "dep-paged"} in _leftovers()
+    finally:
+        for name in [*fillers, _leftover_name("dep-paged")]:
+            Variable.unset(name)
+
+
 def test_the_stop_command_of_a_failed_rollback_stops_exactly_the_leftover(fake_together, tmp_path, monkeypatch):
     first = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "03" * 32))
     second = sdk_job(fake_together, tmp_path, epoch_suffix("exact", 1, "04" * 32))
