@@ -259,9 +259,11 @@ def train_grpo_epoch(
         done = pt.finished_epoch(client, name)  # another machine's run may have finished it meanwhile
         if done is not None:
             return adopted_record(spec, done, client, log)
-        existing = [s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status == pt.RUNNING]
-        if existing:  # left by a killed or failed run, or driven by a run on another machine right now
-            session = existing[0]
+        existing = [
+            s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status in pt.SESSION_ACTIVE
+        ]
+        if existing:  # left by a killed or failed run (still starting, or running), or another machine's run
+            session = existing[0] if existing[0].status == pt.RUNNING else pt.wait_session(client, existing[0].id, cfg)
             log.info(
                 f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); "
                 "applied steps are not repeated"

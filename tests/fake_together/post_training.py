@@ -88,6 +88,7 @@ class PTScript:
     # kind -> N: the next N operations of that kind are applied but answered 500 (a lost reply); the SDK
     # retries with the same Idempotency-Key.
     lose_replies: Counter = field(default_factory=Counter)
+    hold_sessions_creating: bool = False  # new sessions stay CREATING (a run can be killed while one starts)
 
 
 @dataclass
@@ -398,7 +399,7 @@ def _session(fake: FakeTogether, sid: str) -> Session:
 
 def sessions_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
     sess = _session(fake, p["id"])
-    if sess.status == "TRAINING_SESSION_STATUS_CREATING":
+    if sess.status == "TRAINING_SESSION_STATUS_CREATING" and not state(fake).script.hold_sessions_creating:
         sess.status = RUNNING
     return 200, sess.to_json()
 

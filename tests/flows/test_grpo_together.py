@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
 
 from epochwise.config.together import PostTrainingConfig
 from epochwise.config.train import GRPOParams, HyperParams
 from flows.epoch_train import epoch_train
+from tasks.locks import lease_limit_name
 from tests.fake_together import post_training as fake_pt
 from tests.helpers import FAST, epoch_train_child, train_cfg
 
@@ -88,6 +90,37 @@ def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_
 
 def epoch_sessions(pt, fold: str, epoch: int) -> list:
     return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
+
+
+def test_a_run_killed_while_its_session_starts_resumes_on_that_session(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gc", "kill-creating")
+    pt = fake_pt.state(fake_together)
+    pt.script.hold_sessions_creating = True
+    child = epoch_train_child(fold, 1, grpo_cfg(reward, epochs=1), PT)
+    try:
+        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
+        while not epoch_sessions(pt, "gc", 1):
+            assert child.poll() is None, "the flow process ended before it created its session"
+            assert time.monotonic() < deadline, "the flow process never created its session"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    (starting,) = epoch_sessions(pt, "gc", 1)
+    assert starting.status == "TRAINING_SESSION_STATUS_CREATING"
+    pt.script.hold_sessions_creating = False
+    # The killed run held the fold's server lease; `prefect server start` frees it when it expires, which
+    # the test harness's server does not do: free it as that sweep would.
+    with get_client(sync_client=True) as prefect:
+        prefect.delete_global_concurrency_limit_by_name(lease_limit_name("grpo-gc"))
+
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+
+    assert [r.epoch for r in records] == [1] and len(pt.resources) == 1
+    assert epoch_sessions(pt, "gc", 1) == [starting]  # the starting session, not a second one of that name
+    assert pt.billing() == []
 
 
 def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(fake_together, tmp_path):
