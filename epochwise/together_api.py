@@ -180,10 +180,21 @@ def upload_file(
     """
     path = Path(path)
     size = path.stat().st_size
-    found = find_uploaded(client, sha256, size, purpose)
+    listed = client.files.list().data or []
+    found = _listed_file(listed, sha256, size, purpose, "COMPLETED")
     if found is not None:
         log(f"{path.name}: reusing {found.id} ({found.filename}, {size} bytes), already uploaded and validated")
         return found
+    # Uploaded by a run that stopped while Together validated it (all its bytes arrived, recently enough
+    # to pass before file_deadline_s): wait for that validation, not a second upload.
+    validating = _listed_file(listed, sha256, size, purpose, "PENDING", time.time() - cfg.file_deadline_s)
+    if validating is not None:
+        log(f"{path.name}: {validating.id} ({validating.filename}) is already uploaded; waiting for its validation")
+        try:
+            wait_for_file(client, validating.id, cfg, label=str(path))
+            return validating
+        except TogetherFailure as exc:
+            log(f"{path.name}: {validating.id} did not pass ({exc}); uploading again")
     name = remote_filename(path, sha256)
     with _staging_dir(path) as tmp:
         # The SDK sends the path's own name as the file name: a link under the content-addressed name.
@@ -219,14 +230,22 @@ def remote_filename(path: Path | str, sha256: str) -> str:
 def find_uploaded(client: Together, sha256: str, size: int, purpose: str) -> RemoteFile | None:
     """The newest listed file with ``sha256``'s prefix in its name, exactly ``size`` bytes, ``purpose``
     and ``processing_status`` COMPLETED; None when there is none (then the caller uploads)."""
+    return _listed_file(client.files.list().data or [], sha256, size, purpose, "COMPLETED")
+
+
+def _listed_file(
+    files: list[Any], sha256: str, size: int, purpose: str, status: str, newer_than: float = 0
+) -> RemoteFile | None:
+    """`find_uploaded`'s choice among ``files`` for ``status``, created after ``newer_than`` (Unix seconds)."""
     tag = f"-{sha256[:HASH_CHARS]}."
     matches = [
         f
-        for f in client.files.list().data or []
+        for f in files
         if tag in (f.filename or "")
         and f.bytes == size
         and f.purpose == purpose
-        and str(f.processing_status or "").upper() == "COMPLETED"
+        and str(f.processing_status or "").upper() == status
+        and (f.created_at or 0) > newer_than
     ]
     if not matches:
         return None

@@ -84,22 +84,41 @@ def test_a_listed_file_with_the_name_but_other_bytes_purpose_or_status_is_not_re
     # Same name and bytes, another purpose.
     (decoys / api.remote_filename(path, sha)).write_bytes(path.read_bytes())
     wrong_purpose = together_client.files.upload(decoys / api.remote_filename(path, sha), purpose="eval").id
-    # Same name, bytes and purpose, but Together has not validated it (still PENDING), or rejected it.
+    # Same name, bytes and purpose, but Together rejected it, or it is still PENDING from long ago
+    # (older than file_deadline_s: it would not pass in time).
     fake_together.script.file_polls = 10**6
-    pending = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
     failed = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
     fake_together.state.files[failed].processing_status = "FAILED"
+    stale = together_client.files.upload(decoys / api.remote_filename(path, sha)).id
+    fake_together.state.files[stale].created_at -= int(CFG.file_deadline_s) + 60
     fake_together.script.file_polls = 1
     listed = {f.id: f for f in together_client.files.list().data}
-    assert {listed[i].filename for i in (other_bytes, wrong_purpose, pending, failed)} == {
-        api.remote_filename(path, sha)
-    }
+    assert {listed[i].filename for i in (other_bytes, wrong_purpose, failed, stale)} == {api.remote_filename(path, sha)}
     assert api.find_uploaded(together_client, sha, path.stat().st_size, "fine-tune") is None
 
     remote = api.upload_file(together_client, path, sha, CFG, log=no_sleep())
-    assert remote.id not in (other_bytes, wrong_purpose, pending, failed)
+    assert remote.id not in (other_bytes, wrong_purpose, failed, stale)
     assert fake_together.state.uploads == 5 and fake_together.state.files[remote.id].processing_status == "COMPLETED"
     assert api.find_uploaded(together_client, sha, path.stat().st_size, "fine-tune") == remote
+
+
+def test_an_upload_still_being_validated_is_waited_for_not_uploaded_again(fake_together, together_client, tmp_path):
+    """A run stopped while Together validated its upload: the rerun waits for that file's validation."""
+    path = jsonl(tmp_path / "train.jsonl", [CONVO] * 2)
+    sha = sha256_file(path)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / api.remote_filename(path, sha)).write_bytes(path.read_bytes())
+    fake_together.script.file_polls = 3
+    first = together_client.files.upload(staged / api.remote_filename(path, sha)).id  # then the run stopped
+    assert fake_together.state.files[first].processing_status == "PENDING"
+    logged: list[str] = []
+
+    remote = api.upload_file(together_client, path, sha, CFG, log=logged.append)
+
+    assert remote.id == first and fake_together.state.uploads == 1 and fake_together.counts["POST /v1/files"] == 1
+    assert fake_together.state.files[first].processing_status == "COMPLETED"
+    assert "waiting for its validation" in logged[0]
 
 
 def test_upload_of_a_file_the_server_rejects_fails_with_its_report(fake_together, together_client, tmp_path):
