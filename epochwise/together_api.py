@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 from together import APIConnectionError, APIStatusError, NotFoundError, Together
 
 from epochwise.config.together import TogetherConfig
@@ -646,31 +647,31 @@ def create_job(
     """
     once = client.with_options(max_retries=0)
     last: Exception | None = None
-    sent = 0  # creates sent; every one whose reply was lost may have made a job
+    unsure = 0  # creates whose reply was lost after they reached Together: each may have made a job
     for attempt in range(cfg.create_attempts):
         existing = None if listed and attempt == 0 else find_job(client, request.suffix)
         if existing is not None:
-            if last is not None:
-                return settle_lost_creates(client, request.suffix, sent, cfg, log, sleep) or existing, True
+            if unsure:
+                return settle_lost_creates(client, request.suffix, unsure, cfg, log, sleep) or existing, True
             log(f"re-attaching to {existing.id} ({existing.status}), suffix {request.suffix}")
             return existing, False
         try:
-            sent += 1
             job = once.fine_tuning.create(**request.create_kwargs())
         except APIStatusError as exc:
             if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
                 raise TogetherFailure(f"Together refused the job ({exc.status_code}): {api_message(exc)}") from None
-            last = exc
+            last, unsure = exc, unsure + (exc.status_code != 429)  # a 429 is refused before any work
         except APIConnectionError as exc:
-            last = exc
+            never_sent = isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+            last, unsure = exc, unsure + (not never_sent)
         else:
             info = _info(job)
             log(f"created {info.id} ({request.suffix}) from {request.parent_job or request.base_model}")
             return info, True
         log(f"create attempt {attempt + 1} failed ({type(last).__name__}); checking the job list before retrying")
         sleep(min(cfg.poll_initial_s, 5.0) * (attempt + 1))
-    found = settle_lost_creates(client, request.suffix, sent, cfg, log, sleep)  # the last replies may be lost too
-    if found is not None:
+    found = settle_lost_creates(client, request.suffix, unsure, cfg, log, sleep) if unsure else None
+    if found is not None:  # the last replies were lost too, but Together made the job
         return found, True
     raise TogetherFailure(f"could not create job {request.suffix}: {last}")
 

@@ -242,6 +242,15 @@ def test_two_lost_create_replies_and_a_lagging_list_leave_one_live_job(fake_toge
     assert any(f"duplicate job {second.id}" in line and f"keeping {first.id}" in line for line in logs)
 
 
+def test_creates_refused_with_429_made_nothing_and_are_not_waited_for(fake_together, together_client, files):
+    fake_together.burst("POST /v1/fine-tunes", [429, 429])
+    cfg = CFG.model_copy(update={"create_attempts": 2, "poll_initial_s": 0.0, "list_poll_s": 0.01, "list_catchup_s": 30})
+    with pytest.raises(api.TogetherFailure, match="could not create job"):
+        api.create_job(together_client, request(files, "ew-games-e1-67676767"), cfg, log=no_sleep())
+    assert fake_together.counts["GET /v1/fine-tunes"] == 2  # one look before each attempt, no wait for lost creates
+    assert not fake_together.state.jobs
+
+
 def test_creates_that_all_lose_their_replies_continue_on_the_job_they_made(fake_together, together_client, files):
     fake_together.script.create_then_500 = 2
     fake_together.script.list_delay_s = 0.5  # every attempt's list read comes before the last create shows
