@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from together import APIStatusError, BadRequestError, NotFoundError, Omit, Together
@@ -228,14 +229,33 @@ class SessionInfo:
     status: str
     display_name: str | None
     step: int
+    created_at: str = ""
 
 
 def _session(s: Any) -> SessionInfo:
-    return SessionInfo(s.id, s.resources_id, str(s.status), s.display_name, int(s.step or 0))
+    return SessionInfo(s.id, s.resources_id, str(s.status), s.display_name, int(s.step or 0), _instant(s.created_at))
+
+
+def _instant(value: Any) -> str:
+    """A creation time as a string that sorts in time order (UTC, microseconds always written)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    return str(value or "")
 
 
 def resource_sessions(client: Together, resource_id: str) -> list[SessionInfo]:
     return [_session(s) for s in all_pages(client.post_training.sessions.list, model_resources_id=resource_id)]
+
+
+def active_sessions_named(client: Together, name: str) -> list[SessionInfo]:
+    """The caller's sessions named ``name`` that are starting or running, on any resource, oldest first
+    (``created_at``, then id: every machine that reads the list orders them alike)."""
+    found = [
+        _session(s)
+        for s in all_pages(client.post_training.sessions.list, created_by="me")
+        if s.display_name == name and str(s.status) in SESSION_ACTIVE
+    ]
+    return sorted(found, key=lambda s: (s.created_at, s.id))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,11 @@ What makes it safe with money:
   operation), and a rerun re-attaches to the epoch's session while it is still RUNNING, so a step
   that was applied before a crash returns its original operations instead of being applied again; when
   the session is gone the epoch restarts from the previous epoch's training checkpoint.
+* Runs on two machines that share no Prefect server have no common lock, so both may create a
+  resource and a session for the same epoch. After creating its session each run reads Together's
+  session list: the oldest session of the epoch's name is kept, and a run whose session is not the
+  oldest stops it (and its own resource, when nothing else trains on it) and trains on the oldest
+  (`ResourceLease.settle`), where the shared keys apply each step once.
 """
 
 from __future__ import annotations
@@ -132,6 +137,33 @@ class ResourceLease:
             _tag_run([RESOURCE_TAG + rid, FOLD_TAG + slug], log)  # before anything else can fail
             pt.wait_ready(client, rid, cfg, log=log.info)
         return rid
+
+    def settle(self, client: Any, ours: pt.SessionInfo, log: Any) -> pt.SessionInfo:
+        """The epoch's one session, after this run created ``ours``.
+
+        Runs on two machines that share no Prefect server hold no common lock: both can find no
+        session of the epoch and create one, each on its own resource. Together's list then shows
+        both; every run keeps the oldest (`pt.active_sessions_named`) and the others stop their own
+        session, and their own resource when nothing else trains on it, and train on the oldest one
+        with it. The operations' ``Idempotency-Key`` s are the same on every machine, so two runs
+        driving one session apply each step once.
+        """
+        first = next(iter(pt.active_sessions_named(client, ours.display_name or "")), ours)
+        if first.id == ours.id:
+            return ours
+        log.warning(
+            f"session {first.id} of {ours.display_name} was created first (by another run, on resource "
+            f"{first.resource_id}): stopping this run's session {ours.id} and training on that one"
+        )
+        pt.stop_session(client, ours.id)
+        own = self.resource_id
+        self.resource_id = first.resource_id
+        _tag_run([RESOURCE_TAG + first.resource_id], log)  # the reaper then sees this run on it too
+        if own is not None and own != first.resource_id:
+            busy = [s for s in pt.resource_sessions(client, own) if s.status in pt.SESSION_ACTIVE]
+            if not busy:
+                log.info(f"stopped model resource {own}: {pt.stop_resource(client, own)}")
+        return first if first.status == pt.RUNNING else pt.wait_session(client, first.id, self.together.post_training)
 
     def guard(self) -> Any:
         """The fold's host lock and server lease around a find-then-create (resource or session)."""
@@ -276,6 +308,8 @@ def train_grpo_epoch(
             log.info(
                 f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
             )
+            session = lease.settle(client, session, log)
+            rid = session.resource_id
     rewards = load_rewards(train.rewards)
     rows = read_prompt_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from epochwise.config import load_settings
@@ -82,7 +83,12 @@ def add_preference_files(fold: Path, tag: str, n_train: int = 6, n_val: int = 2)
     def pair(i: int) -> str:
         return json.dumps(
             {
-                "input": {"messages": [{"role": "system", "content": f"prefs {tag}"}, {"role": "user", "content": f"{i} + {i}?"}]},
+                "input": {
+                    "messages": [
+                        {"role": "system", "content": f"prefs {tag}"},
+                        {"role": "user", "content": f"{i} + {i}?"},
+                    ]
+                },
                 "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
                 "non_preferred_output": [{"role": "assistant", "content": f"maybe {2 * i + 1}, hard to say"}],
             }
@@ -264,3 +270,108 @@ def count_check_file(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(together.lib, "check_file", counting)
     return calls
+
+
+HOST = """
+import json, sys, threading, time
+from pathlib import Path
+from prefect import flow
+from epochwise.config.together import TogetherConfig
+from epochwise.config.train import TrainConfig
+from flows.epoch_train import epoch_train
+
+folds, train, together, ready, go = json.loads(sys.argv[1])
+
+@flow
+def warm_up() -> None:  # starts this host's own ephemeral API before the race
+    pass
+
+warm_up()
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.05)
+jobs = {}
+
+def run(fold):
+    records = epoch_train(fold, TrainConfig(**train), TogetherConfig(**together))
+    jobs[Path(fold).name] = [r.job_id for r in records]
+
+threads = [threading.Thread(target=run, args=(fold,)) for fold in folds]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("JOBS " + json.dumps(jobs), flush=True)
+"""
+
+
+class Hosts:
+    """Processes standing for machines: each its own PREFECT_HOME (own file locks, caches and result
+    storage) and its own ephemeral API unless ``api_url`` names a shared Prefect server."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        names: list[str],
+        folds: list[str],
+        epochs: int = 2,
+        api_url: str | None = None,
+        train: TrainConfig | None = None,
+        together: TogetherConfig | None = None,
+    ):
+        """``train`` defaults to `train_cfg` of ``epochs``, ``together`` to `FAST` with a 50 ms list poll."""
+        self.homes, self.children = [], []
+        fast = together or FAST.model_copy(update={"list_poll_s": 0.05})
+        train = train or train_cfg(epochs)
+        for name in names:
+            home = tmp_path / name
+            home.mkdir()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+            env.update(
+                PREFECT_HOME=str(home),
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+                PYTHONPATH=str(REPO),
+            )
+            if api_url:
+                env["PREFECT_API_URL"] = api_url
+            args = [folds, train.model_dump(mode="json"), fast.model_dump(mode="json")]
+            args += [str(home / "ready"), str(home / "go")]
+            with (home / "out.log").open("w") as out:
+                child = subprocess.Popen(
+                    [sys.executable, "-c", HOST, json.dumps(args)], env=env, cwd=REPO, stdout=out, stderr=out
+                )
+            self.homes.append(home)
+            self.children.append(child)
+
+    def log(self, i: int) -> str:
+        return (self.homes[i] / "out.log").read_text()
+
+    def wait_for(self, condition, what: str) -> None:
+        deadline = time.monotonic() + 300  # a generous hang guard on a loaded machine, not a speed assertion
+        while not condition():
+            for i, child in enumerate(self.children):
+                assert child.poll() is None, self.log(i)[-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    def wait_ready(self) -> None:
+        self.wait_for(lambda: all((home / "ready").exists() for home in self.homes), "a host never started")
+
+    def go(self, i: int) -> None:
+        (self.homes[i] / "go").touch()
+
+    def finish(self) -> list[dict[str, list[str]]]:
+        """Wait for every host; the job ids per epoch each one reported, per fold."""
+        for i, child in enumerate(self.children):
+            assert child.wait(timeout=600) == 0, self.log(i)[-3000:]
+        reported = []
+        for i in range(len(self.children)):
+            (line,) = [x for x in self.log(i).splitlines() if x.startswith("JOBS ")]
+            reported.append(json.loads(line.removeprefix("JOBS ")))
+        return reported
+
+    def kill(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()

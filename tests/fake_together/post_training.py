@@ -89,6 +89,8 @@ class PTScript:
     # retries with the same Idempotency-Key.
     lose_replies: Counter = field(default_factory=Counter)
     hold_sessions_creating: bool = False  # new sessions stay CREATING (a run can be killed while one starts)
+    # Resources stay PENDING until this many were created: two runs that share no lock both create one.
+    hold_resources_until: int = 0
 
 
 @dataclass
@@ -285,7 +287,7 @@ def _touch(res: Resource) -> None:
 
 def resources_retrieve(fake: FakeTogether, p: dict[str, str], _: Request):
     res = _resource(fake, p["id"])
-    if res.status in RESOURCE_STEPS[:-1]:
+    if res.status in RESOURCE_STEPS[:-1] and len(state(fake).resources) >= state(fake).script.hold_resources_until:
         res.status = RESOURCE_STEPS[RESOURCE_STEPS.index(res.status) + 1]
         if res.billing():
             res.ready_since = time.monotonic()

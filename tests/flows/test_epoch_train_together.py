@@ -5,11 +5,8 @@ flow polls every few milliseconds, so an epoch takes a fraction of a second."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from prefect.settings import (
 from epochwise.problems import UserError
 from flows.epoch_train import epoch_train
 from tests.fake_together.server import FakeTogether
-from tests.helpers import BASE, FAST, OUTAGE_S, REPO, epoch_train_child, make_fold, run_logs, train_cfg
+from tests.helpers import BASE, FAST, OUTAGE_S, Hosts, epoch_train_child, make_fold, run_logs, train_cfg
 
 
 def progress_artifacts() -> list:
@@ -169,7 +166,9 @@ def test_settings_outside_togethers_limits_fail_before_any_upload(fake_together,
     state = epoch_train(str(fold), train_cfg(2, hyper={"lora_r": 128, "n_checkpoints": 50}), FAST, return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"refuse every job on .*n_checkpoints 50 .*lora_r 128 is above Together's max_rank 64") as failed:
+    with pytest.raises(
+        Exception, match=r"refuse every job on .*n_checkpoints 50 .*lora_r 128 is above Together's max_rank 64"
+    ) as failed:
         state.result()
     assert isinstance(failed.value, UserError)  # the CLI shows the message, not a traceback
     assert fake_together.state.uploads == 0 and fake_together.counts["POST /v1/files"] == 0
@@ -418,100 +417,6 @@ def test_a_rerun_without_result_storage_finds_the_uploads_in_togethers_list(fake
     assert fake_together.counts["GET /v1/files"] == lists + 2  # one listing per file found again
     assert {f.id for f in fake_together.state.files.values()} == files
     assert again[0].job_id == first[0].job_id and len(fake_together.state.jobs) == 1
-
-
-HOST = """
-import json, sys, threading, time
-from pathlib import Path
-from prefect import flow
-from epochwise.config.together import TogetherConfig
-from epochwise.config.train import TrainConfig
-from flows.epoch_train import epoch_train
-
-folds, train, together, ready, go = json.loads(sys.argv[1])
-
-@flow
-def warm_up() -> None:  # starts this host's own ephemeral API before the race
-    pass
-
-warm_up()
-Path(ready).touch()
-while not Path(go).exists():
-    time.sleep(0.05)
-jobs = {}
-
-def run(fold):
-    records = epoch_train(fold, TrainConfig(**train), TogetherConfig(**together))
-    jobs[Path(fold).name] = [r.job_id for r in records]
-
-threads = [threading.Thread(target=run, args=(fold,)) for fold in folds]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-print("JOBS " + json.dumps(jobs), flush=True)
-"""
-
-
-class Hosts:
-    """Processes standing for machines: each its own PREFECT_HOME (own file locks, caches and result
-    storage) and its own ephemeral API unless ``api_url`` names a shared Prefect server."""
-
-    def __init__(self, tmp_path: Path, names: list[str], folds: list[str], epochs: int, api_url: str | None = None):
-        self.homes, self.children = [], []
-        fast = FAST.model_copy(update={"list_poll_s": 0.05})
-        for name in names:
-            home = tmp_path / name
-            home.mkdir()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-            env.update(
-                PREFECT_HOME=str(home),
-                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-                PYTHONPATH=str(REPO),
-            )
-            if api_url:
-                env["PREFECT_API_URL"] = api_url
-            args = [folds, train_cfg(epochs).model_dump(mode="json"), fast.model_dump(mode="json")]
-            args += [str(home / "ready"), str(home / "go")]
-            with (home / "out.log").open("w") as out:
-                child = subprocess.Popen(
-                    [sys.executable, "-c", HOST, json.dumps(args)], env=env, cwd=REPO, stdout=out, stderr=out
-                )
-            self.homes.append(home)
-            self.children.append(child)
-
-    def log(self, i: int) -> str:
-        return (self.homes[i] / "out.log").read_text()
-
-    def wait_for(self, condition, what: str) -> None:
-        deadline = time.monotonic() + 300  # a generous hang guard on a loaded machine, not a speed assertion
-        while not condition():
-            for i, child in enumerate(self.children):
-                assert child.poll() is None, self.log(i)[-3000:]
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
-    def wait_ready(self) -> None:
-        self.wait_for(lambda: all((home / "ready").exists() for home in self.homes), "a host never started")
-
-    def go(self, i: int) -> None:
-        (self.homes[i] / "go").touch()
-
-    def finish(self) -> list[dict[str, list[str]]]:
-        """Wait for every host; the job ids per epoch each one reported, per fold."""
-        for i, child in enumerate(self.children):
-            assert child.wait(timeout=600) == 0, self.log(i)[-3000:]
-        reported = []
-        for i in range(len(self.children)):
-            (line,) = [x for x in self.log(i).splitlines() if x.startswith("JOBS ")]
-            reported.append(json.loads(line.removeprefix("JOBS ")))
-        return reported
-
-    def kill(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
 
 
 def test_two_hosts_training_the_same_folds_at_once_keep_one_job_per_epoch(fake_together, tmp_path):

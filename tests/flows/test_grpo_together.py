@@ -17,7 +17,7 @@ from epochwise.config.train import GRPOParams, HyperParams
 from flows.epoch_train import epoch_train
 from tasks.locks import lease_limit_name
 from tests.fake_together import post_training as fake_pt
-from tests.helpers import FAST, epoch_train_child, train_cfg
+from tests.helpers import FAST, Hosts, epoch_train_child, train_cfg
 
 PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
 REWARDS = '''
@@ -369,3 +369,42 @@ def test_a_run_leaves_the_folds_resource_to_another_run_training_on_it_and_the_r
     client.post_training.sessions.stop(other.id)  # that run's epoch ends ...
     job_reaper(PT)  # ... and (were it to crash before its own stop) the reaper stops the resource
     assert pt.billing() == []
+
+
+def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_each_step_once(fake_together, tmp_path):
+    """Two hosts with no shared lock, cache or Prefect server (each its own ephemeral API) train one
+    GRPO fold at once. Together holds the first model resource PENDING until a second one exists, so
+    host B, started once host A created its resource, finds no session of the fold anywhere and creates
+    a resource and an epoch 1 session too. Each run keeps the oldest session of the epoch; the other one
+    stops its own session and resource and drives the oldest with the same Idempotency-Keys, so every
+    step is applied once and both hosts end on the same checkpoints. (Before, both trained the whole
+    chain, each on its own resource.)"""
+    fold, reward = grpo_fold(tmp_path / "folds", "gr", "race", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.hold_resources_until = 2
+    # Host B may take a while to start its flow run on a loaded machine: A waits that long for READY.
+    together = PT.model_copy(
+        update={
+            "list_poll_s": 0.05,
+            "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=120),
+        }
+    )
+    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=together)
+    try:
+        hosts.wait_ready()
+        hosts.go(0)
+        hosts.wait_for(lambda: len(pt.resources) >= 1, "host A created no model resource")
+        hosts.go(1)
+        reported = hosts.finish()
+    finally:
+        hosts.kill()
+
+    assert len(pt.resources) == 2  # the race did happen: each host created a resource
+    assert pt.billing() == []
+    first = epoch_sessions(pt, "gr", 1)
+    assert len(first) == 2  # and an epoch 1 session
+    trained = {op.session_id for op in pt.operations.values()}
+    assert sum(s.id in trained for s in first) == 1  # the duplicate was stopped before any operation
+    assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
+    assert reported[0]["gr"] == reported[1]["gr"]  # both hosts recorded the same checkpoints
+    assert len(reported[0]["gr"]) == 2
