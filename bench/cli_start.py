@@ -6,10 +6,12 @@ Each round runs, one after the other in fresh interpreters, the baseline ``pytho
 rich"``, ``epochwise --help`` and ``epochwise validate`` of a 24-line fold file (with and without
 ``--together-check``, and once more with an empty user cache, before validate has recorded the
 project's settings); the figures are medians over the rounds, so a busy machine slows both sides
-alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Two reference rows: typer's rich help
+alike. Targets: ``--help`` <= 2x the baseline, ``validate`` <= 3x. Reference rows: typer's rich help
 renderer (``typer.rich_utils``, which loads rich's markdown, traceback and syntax modules; the CLI's
 help is click's plain text since it cost more than the rest of ``--help``), and the floor of any
 command that runs, pydantic (typer 0.29 converts every parameter through a pydantic ``TypeAdapter``).
+A third, the floor of a first run: that plus the imports a full settings load needs before any of
+its own code runs (PyYAML, pydantic's ``BaseModel`` and ``Field``).
 ``--pyc-cache`` gives every command a bytecode cache, as an installed package has, where the
 environment sets PYTHONDONTWRITEBYTECODE (else each run compiles the checkout's sources again). ``--root`` (repeatable, rounds alternate between roots)
 measures another checkout of the code (e.g. a worktree of an older commit) with this same interpreter;
@@ -131,6 +133,15 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
             sys.executable,
             "-c",
             "import typer, rich; from pathlib import Path; from pydantic import TypeAdapter; TypeAdapter(list[Path])",
+        ],
+        # What a full settings load imports on top of that floor before any epochwise code runs: PyYAML
+        # and pydantic's model machinery (BaseModel, Field: pydantic.types, annotated_types). The first
+        # run below cannot start faster than this.
+        "floor: + BaseModel, PyYAML": [
+            sys.executable,
+            "-c",
+            "import typer, rich, hashlib; from pathlib import Path; from pydantic import TypeAdapter; "
+            "TypeAdapter(list[Path]); import yaml; from pydantic import BaseModel, Field",
         ],
         # In the checkout, whose ./epochwise.yaml is loaded and checked once (YAML, Settings); later
         # runs of the same inputs read the two values validate needs from the record of that load.
