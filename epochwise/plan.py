@@ -86,6 +86,7 @@ class Plan:
     files: list[FileCount]
     epochs: list[EpochPlan] = field(default_factory=list)
     kept: int = 0  # epochs 1..kept are recorded with another method; the run continues after them
+    refused: list[str] = field(default_factory=list)  # settings the model's Together limits refuse
 
     @property
     def stops_before(self) -> int | None:
@@ -309,12 +310,13 @@ def _together_plan(fold: Path, train, harmony, client, kept=None) -> Plan:
 
     hyper = train.hyper
     dpo = train.method == "dpo"
+    limits = client.fine_tuning.model_limits(model_name=train.base_model) if client is not None else None
     if "gpt-oss" in train.base_model and not dpo:  # DPO uploads preference JSONL for every model
         from epochwise.harmony import convert_fold, harmony_paths
 
         convert_fold(fold, harmony)  # local parquet only (reused while its manifest matches)
         paths = {role: p for role, p in harmony_paths(fold).items() if role != "manifest" and p.is_file()}
-        max_seq = hyper.max_seq_length or _limit_seq_length(client, train.base_model) or harmony.max_seq_length
+        max_seq = hyper.max_seq_length or _limit_seq_length(limits) or harmony.max_seq_length
         files = [count_parquet(role, p, sha256_file(p), max_seq) for role, p in paths.items()]
         tokenizer = (
             "o200k_base via openai-harmony, the tokens Together trains on; parquet is not packed, so each "
@@ -398,13 +400,14 @@ def _together_plan(fold: Path, train, harmony, client, kept=None) -> Plan:
             sum(r.price_usd or 0.0 for r in kept or []),
         ),
         kept=len(kept or []),
+        refused=api.limit_problems(limits, hyper, val_file is not None) if limits is not None else [],
     )
 
 
-def _limit_seq_length(client, model: str) -> int | None:
-    if client is None:
+def _limit_seq_length(limits) -> int | None:
+    """``max_seq_length_sft`` of a model's limits (``fine_tuning.model_limits``), None offline."""
+    if limits is None:
         return None
-    limits = client.fine_tuning.model_limits(model_name=model)
     value = getattr(limits, "max_seq_length_sft", None) or (limits.model_extra or {}).get("max_seq_length_sft")
     return int(value) if value else None
 

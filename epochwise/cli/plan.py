@@ -6,8 +6,9 @@
 Validates the fold, counts its tokens (the model's own tokenizer where one is available offline, else an
 estimate, and says which) and prints per epoch the training and validation tokens, the price and the
 running total against ``--budget``; for parquet, billed vs real tokens (padding waste). Nothing is
-uploaded and nothing is created: with Together it only lists files, reads the model's limits and, when
-the fold's files are already uploaded, asks Together's ``estimate-price``. ``epochwise train`` prints
+uploaded and nothing is created: with Together it only lists files, reads the model's limits (a setting
+they refuse is an error, as in ``train``, exit code 1) and, when the fold's files are already uploaded,
+asks Together's ``estimate-price``. ``epochwise train`` prints
 the same plan before the flow's first paid call.
 
 ``plan`` takes exactly the options of ``train`` (same declarations, same settings): the command is
@@ -56,11 +57,15 @@ def show_plan(fold: Path, cfg: Settings) -> bool:
         return False
     try:
         with friendly_errors():
-            print_plan(compute_plan(fold, cfg))
+            found = compute_plan(fold, cfg)
+            print_plan(found)
     except Exception as exc:
         if dry or _is_exit(exc):
             raise
         err_console.print(f"plan unavailable ({type(exc).__name__}: {exc}); training goes on", markup=False)
+        return dry
+    if found.refused:  # the flow would stop there too, before uploading anything
+        fail_lines([f"error: Together would refuse every job on {found.model}: {'; '.join(found.refused)}"])
     return dry
 
 

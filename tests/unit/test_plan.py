@@ -172,3 +172,18 @@ def test_plan_of_the_local_tiny_model_counts_with_its_own_tokenizer(tmp_path):
     assert [e.train_tokens for e in found.epochs] == [expected["train"]] * 2
     assert [e.price_usd for e in found.epochs] == [0.0, 0.0] and found.backend == "local"
     assert "trained on this fold" in found.tokenizer
+
+
+def test_plan_stops_on_a_setting_the_models_together_limits_refuse_and_writes_nothing(fake_together, tmp_path):
+    fold = make_fold(tmp_path)
+    args = ["plan", str(fold), "--backend", "together", "--base-model", LLAMA, "-n", "2"]
+
+    result = CliRunner().invoke(app, [*args, "--lora-r", "128"])  # the fake's max_rank is 64
+
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert f"error: Together would refuse every job on {LLAMA}: train.hyper.lora_r 128 is above" in out
+    assert "max_rank 64" in out and "Traceback" not in result.output
+    assert "planfold: epochs" in out  # the plan itself is still shown
+    assert writes(fake_together) == {}
+    assert CliRunner().invoke(app, args).exit_code == 0  # within the limits: no error
