@@ -39,6 +39,7 @@ CANCEL_GUARD_S = 180  # hang guard for the job's cancel; the measured seconds ar
 TOGETHER_TRAINING = {
     "train": {"backend": "together", "epochs": 1, "base_model": BASE},
     "together": {"poll_initial_s": 0.5, "poll_max_s": 1.0, "file_poll_s": 0.2},
+    "deploy": {"poll_s": 0.5},
 }
 
 
@@ -243,3 +244,31 @@ def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
     assert set(fake.state.jobs) == at_cancel  # no job created after the cancel
     assert all(j.status in ("cancel_requested", "cancelled") for j in fake.state.jobs.values() if j.id not in before)
     fake.release_jobs()
+
+
+def test_two_deploy_epoch_runs_on_the_worker_make_one_endpoint_under_its_server_lease(
+    prefect_server: Prefect, fake: FakeTogether, worker: Worker, site: dict[str, Path]
+):
+    """``prefect deployment run deploy-epoch/any-fold`` twice at once on the worker: the endpoint's lock
+    is a file lock plus, with this real server, a lease (a global concurrency limit of one slot), so the
+    second run finds the first one's endpoint and deployment instead of creating its own."""
+    fake.release_jobs()
+    fake.script.hold_jobs = False
+    trained = prefect_server.wait_for_run(deployment_run(prefect_server, "epoch-train/games"), worker.log)
+    assert trained["state"]["type"] == "COMPLETED", (trained["state"], tail(worker.log))
+    endpoints = "POST /v2/projects/{project}/endpoints"
+    deployments = "POST /v2/projects/{project}/endpoints/{eid}/deployments"
+    before = (fake.counts[endpoints], fake.counts[deployments])
+
+    fold = f"fold={site['folds'] / 'games'}"
+    runs = [deployment_run(prefect_server, "deploy-epoch/any-fold", fold, "epoch=1") for _ in range(2)]
+    for run_id in runs:
+        run = prefect_server.wait_for_run(run_id, worker.log)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], tail(worker.log))
+
+    assert (fake.counts[endpoints], fake.counts[deployments]) == (before[0] + 1, before[1] + 1)
+    (endpoint,) = [e for e in fake.state.endpoints.values() if e["name"] == "me/ew-games-e1"]
+    (deployment,) = endpoint["deployments"]
+    assert fake.state.deployments[deployment]["status"]["state"] == "DEPLOYMENT_STATE_READY"
+    lease = prefect_server.get("/v2/concurrency_limits/epochwise-endpoint-ew-games-e1")
+    assert lease["limit"] == 1 and lease["active_slots"] == 0  # taken on the server, released by both runs
