@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from together import APIStatusError, BadRequestError, NotFoundError, Omit, Together
+import httpx
+from together import APIConnectionError, APIStatusError, BadRequestError, NotFoundError, Omit, Together
 
 from epochwise.config.together import PostTrainingConfig
 from epochwise.config.train import GRPOParams, HyperParams
@@ -91,7 +92,7 @@ class ResourceInfo:
 
 def _resource(r: Any) -> ResourceInfo:
     return ResourceInfo(
-        r.id, r.base_model, str(r.status), int(r.compute_config.num_generator_replicas), str(r.created_at or "")
+        r.id, r.base_model, str(r.status), int(r.compute_config.num_generator_replicas), _instant(r.created_at)
     )
 
 
@@ -134,14 +135,74 @@ def fold_resources(client: Together, slug: str) -> list[ResourceInfo]:
     ]
 
 
-def create_resource(client: Together, spec: ResourceSpec) -> ResourceInfo:
-    """Create one resource, without SDK retries: a lost reply must not become a second resource (the
-    caller holds the fold's lock and finds a resource created meanwhile by its sessions and tags)."""
+# How far Together's clock may be behind ours when a lost create's resource is looked for by its time.
+CLOCK_SKEW_S = 120.0
+
+
+def create_resource(
+    client: Together,
+    spec: ResourceSpec,
+    lookup_s: float = 0.0,
+    poll_s: float = 1.0,
+    claimed: Callable[[str], bool] = lambda _: False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ResourceInfo:
+    """Create one resource, without SDK retries: a resent create would be a second resource.
+
+    A resource carries no name, so a create whose reply is lost (a 5xx, 408, a reset or timed-out
+    connection) is answered from Together's list instead (`made_by_lost_create`, read for up to
+    ``lookup_s`` seconds): the one resource of this spec with no session, created since the request
+    left (less `CLOCK_SKEW_S`), that no run has ``claimed``. Several such resources cannot be told
+    apart and none is the error, naming them. A refusal (4xx) or a connection that never opened made
+    nothing.
+    """
     once = client.with_options(max_retries=0)
+    sent = datetime.now(UTC)
     try:
         return _resource(once.post_training.model_resources.create(**spec.body()))
     except APIStatusError as exc:
-        raise PostTrainingFailure(f"Together refused the model resource ({exc.status_code}): {_message(exc)}") from None
+        if exc.status_code < 500 and exc.status_code != 408:
+            raise PostTrainingFailure(
+                f"Together refused the model resource ({exc.status_code}): {_message(exc)}"
+            ) from None
+        lost: Exception = exc
+    except APIConnectionError as exc:
+        if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+            raise PostTrainingFailure(f"could not reach Together to create the model resource: {exc}") from None
+        lost = exc
+    for read in range(math.ceil(lookup_s / poll_s) + 1):  # the list may show a new resource late
+        if read:
+            sleep(poll_s)
+        made = made_by_lost_create(client, spec, sent, claimed)
+        if len(made) == 1:
+            return made[0]
+        if len(made) > 1:
+            raise PostTrainingFailure(
+                f"the reply to the model resource create was lost ({lost}) and {len(made)} new resources of "
+                f"this spec have no session yet: {', '.join(r.id for r in made)}; one may be another run's. "
+                f"Together stops an unused one after post_training.inactive_timeout_s ({spec.inactive_timeout_s} s)"
+            )
+    raise PostTrainingFailure(
+        f"the reply to the model resource create was lost ({lost}) and Together's list shows no new "
+        f"resource of this spec after {lookup_s:.0f} s"
+    )
+
+
+def made_by_lost_create(
+    client: Together, spec: ResourceSpec, sent: datetime, claimed: Callable[[str], bool]
+) -> list[ResourceInfo]:
+    """Live resources that a create of ``spec`` sent at ``sent`` may have made: same base model and
+    generator replicas, created since ``sent`` less `CLOCK_SKEW_S`, no session, not ``claimed``."""
+    since = _instant(datetime.fromtimestamp(sent.timestamp() - CLOCK_SKEW_S, UTC))
+    return [
+        r
+        for r in live_resources(client)
+        if r.base_model == spec.base_model
+        and r.generator_replicas == spec.generator_replicas
+        and r.created_at >= since
+        and not resource_sessions(client, r.id)
+        and not claimed(r.id)
+    ]
 
 
 def wait_ready(

@@ -7,7 +7,8 @@ What makes it safe with money:
   ``ew-<fold>-...`` session, or one a flow run of this fold recorded with the tag
   ``together-resource:<id>``), and creates one only when there is none, so two runs or a rerun never
   pay for a second resource. Before creating, Together's ``estimate-cost`` is shown and checked
-  against ``train.budget_usd`` (`BudgetExceeded`: nothing provisioned).
+  against ``train.budget_usd`` (`BudgetExceeded`: nothing provisioned). A create whose reply is lost
+  is not sent again: the resource it made is found in Together's list (`pt.create_resource`).
 * The run stops the resource (``stop?force=true``) when it ends, in a ``finally``, unless another run
   of the fold is training on it (a live session that is not this run's): that run stops it when it
   ends. The `reap_model_resources` task stops a live resource whose owning flow runs are all finished
@@ -130,7 +131,13 @@ class ResourceLease:
                 rid = found.id
             else:
                 refuse_if_stopping(f"a model resource for {self.fold}")
-                created = pt.create_resource(client, self.spec)
+                created = pt.create_resource(
+                    client,
+                    self.spec,
+                    lookup_s=self.together.list_catchup_s,
+                    poll_s=self.together.list_poll_s,
+                    claimed=lambda rid: bool(_runs_tagged(RESOURCE_TAG + rid)),
+                )
                 rid = created.id
                 log.info(f"created model resource {rid} ({self.spec.generator_replicas} generator replica(s))")
             self.resource_id = rid

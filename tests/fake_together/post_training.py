@@ -91,6 +91,7 @@ class PTScript:
     hold_sessions_creating: bool = False  # new sessions stay CREATING (a run can be killed while one starts)
     # Resources stay PENDING until this many were created: two runs that share no lock both create one.
     hold_resources_until: int = 0
+    create_then_500: int = 0  # resource creates that make the resource but answer 500 (a lost reply)
 
 
 @dataclass
@@ -254,6 +255,9 @@ def resources_create(fake: FakeTogether, _: dict[str, str], req: Request):
     body = _resource_body(req)
     res = Resource(fake.new_id("mr"), body, now_iso())
     pt.resources[res.id] = res
+    if pt.script.create_then_500 > 0:
+        pt.script.create_then_500 -= 1
+        raise ApiError(500, "upstream timeout after the model resource was created", "server_error")
     return 200, res.to_json()
 
 

@@ -176,6 +176,20 @@ def test_budget_stops_before_any_resource_is_provisioned(fake_together, tmp_path
     assert fake_together.counts["POST /v1/rl/model-resources"] == 0
 
 
+def test_a_lost_resource_create_reply_trains_on_the_resource_together_made(fake_together, tmp_path):
+    fold, reward = grpo_fold(tmp_path, "gl", "lost-create", n_train=2)
+    pt = fake_pt.state(fake_together)
+    pt.script.create_then_500 = 1  # Together makes the resource, its reply is lost
+
+    records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
+
+    assert [r.epoch for r in records] == [1]
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 1  # no second create
+    (resource,) = pt.resources
+    assert {s.resource_id for s in epoch_sessions(pt, "gl", 1)} == {resource}  # trained on it
+    assert pt.billing() == []  # and stopped it at the end (the old code failed, leaving it to bill)
+
+
 def test_a_failed_step_fails_the_run_and_stops_the_resource(fake_together, tmp_path):
     fold, reward = grpo_fold(tmp_path, "gf", "fail")
     pt = fake_pt.state(fake_together)

@@ -184,3 +184,46 @@ def test_lists_are_read_page_by_page_and_a_finished_epoch_is_found_on_any_page(f
     ops.run("inference-checkpoint", "k-infer", {})
     done = pt.finished_epoch(together_client, names[-1])
     assert done is not None and done.session_id == last.id and done.model_path.startswith("models/ml_")
+
+
+def test_a_lost_create_reply_is_answered_by_the_one_new_sessionless_resource_of_its_spec(
+    fake_together, together_client
+):
+    state = fake_pt.state(fake_together)
+    spec = pt.ResourceSpec("base/model", 1, 900)
+    busy, _ = ready_session(together_client)  # an older resource of the spec, with a session
+    other_spec = pt.create_resource(together_client, pt.ResourceSpec("base/other", 1, 900)).id
+    claimed = pt.create_resource(together_client, spec).id  # another run recorded this one as its own
+    state.script.create_then_500 = 1
+
+    made = pt.create_resource(together_client, spec, claimed=lambda rid: rid == claimed)
+
+    assert made.id not in (busy, other_spec, claimed) and made.id in state.resources
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 4  # the lost create was not sent again
+
+
+def test_a_lost_create_reply_with_two_candidates_names_both_and_creates_nothing_more(fake_together, together_client):
+    state = fake_pt.state(fake_together)
+    spec = pt.ResourceSpec("base/model", 1, 900)
+    concurrent = pt.create_resource(together_client, spec).id  # another machine's, still without a session
+    state.script.create_then_500 = 1
+
+    with pytest.raises(pt.PostTrainingFailure, match="2 new resources of this spec have no session") as failed:
+        pt.create_resource(together_client, spec)
+
+    ours = next(rid for rid in state.resources if rid != concurrent)
+    assert concurrent in str(failed.value) and ours in str(failed.value)
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 2
+
+
+def test_a_refused_create_and_a_lost_one_that_made_nothing_fail_without_a_second_create(fake_together, together_client):
+    spec = pt.ResourceSpec("base/model", 1, 900)
+    fake_together.burst("POST /v1/rl/model-resources", [400])
+    with pytest.raises(pt.PostTrainingFailure, match=r"Together refused the model resource \(400\)"):
+        pt.create_resource(together_client, spec)
+    fake_together.burst("POST /v1/rl/model-resources", [503])  # answered before anything was made
+    slept = []
+    with pytest.raises(pt.PostTrainingFailure, match="shows no new resource of this spec after 3 s"):
+        pt.create_resource(together_client, spec, lookup_s=3, poll_s=1, sleep=slept.append)
+    assert slept == [1, 1, 1]  # the list was read 4 times over the 3 s
+    assert fake_together.counts["POST /v1/rl/model-resources"] == 2 and fake_pt.state(fake_together).resources == {}
