@@ -152,7 +152,8 @@ def create_resource(
     A resource carries no name, so a create whose reply is lost (a 5xx, 408, a reset or timed-out
     connection) is answered from Together's list instead (`made_by_lost_create`, read for up to
     ``lookup_s`` seconds): the one resource of this spec with no session, created since the request
-    left (less `CLOCK_SKEW_S`), that no run has ``claimed``. Several such resources cannot be told
+    left (less `CLOCK_SKEW_S`), that no run has ``claimed``, seen alone on two reads a poll apart
+    (another machine's may be listed before ours). Several such resources cannot be told
     apart and none is the error, naming them. A refusal (4xx) or a connection that never opened made
     nothing.
     """
@@ -167,15 +168,19 @@ def create_resource(
             ) from None
         lost: Exception = exc
     except APIConnectionError as exc:
-        if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+        if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):  # never sent
             raise PostTrainingFailure(f"could not reach Together to create the model resource: {exc}") from None
         lost = exc
     for read in range(math.ceil(lookup_s / poll_s) + 1):  # the list may show a new resource late
         if read:
             sleep(poll_s)
         made = made_by_lost_create(client, spec, sent, claimed)
-        if len(made) == 1:
-            return made[0]
+        if len(made) == 1:  # read again after a poll: a resource another machine made may show first
+            sleep(poll_s)
+            again = made_by_lost_create(client, spec, sent, claimed)
+            if [r.id for r in again] == [made[0].id]:
+                return made[0]
+            made = again
         if len(made) > 1:
             raise PostTrainingFailure(
                 f"the reply to the model resource create was lost ({lost}) and {len(made)} new resources of "
@@ -184,7 +189,8 @@ def create_resource(
             )
     raise PostTrainingFailure(
         f"the reply to the model resource create was lost ({lost}) and Together's list shows no new "
-        f"resource of this spec after {lookup_s:.0f} s"
+        f"resource of this spec after {lookup_s:.0f} s; should one appear, Together stops it unused after "
+        f"post_training.inactive_timeout_s ({spec.inactive_timeout_s} s)"
     )
 
 
@@ -300,7 +306,8 @@ def _session(s: Any) -> SessionInfo:
 def _instant(value: Any) -> str:
     """A creation time as a string that sorts in time order (UTC, microseconds always written)."""
     if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat(timespec="microseconds")
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # Together's times are UTC
+        return aware.astimezone(UTC).isoformat(timespec="microseconds")
     return str(value or "")
 
 
@@ -344,6 +351,30 @@ def finished_epoch(client: Together, name: str) -> FinishedEpoch | None:
                 path = f"models/{artifact.id}/revisions/{artifact.revision_id}"
                 return FinishedEpoch(s.id, train.id, path, int(train.step))
     return None
+
+
+def wait_finished(
+    client: Together, name: str, session_id: str, poll_s: float, sleep: Callable[[float], None] = time.sleep
+) -> FinishedEpoch:
+    """Wait for another run's session ``session_id`` to finish the epoch ``name`` (`finished_epoch`);
+    an error when the session ends without the epoch's checkpoints (that run failed or was stopped)."""
+    while True:
+        done = finished_epoch(client, name)
+        if done is not None:
+            return done
+        try:
+            status = str(client.post_training.sessions.retrieve(session_id).status)
+        except NotFoundError:
+            status = "gone"
+        if status not in SESSION_ACTIVE:
+            done = finished_epoch(client, name)  # it may have finished between the two reads
+            if done is not None:
+                return done
+            raise PostTrainingFailure(
+                f"session {session_id} of {name}, which another run was training, is {status} without the "
+                "epoch's checkpoints; rerun to train the epoch"
+            )
+        sleep(poll_s)
 
 
 def create_session(

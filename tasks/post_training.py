@@ -98,6 +98,9 @@ class ResourceLease:
         self.resource_id: str | None = None
         self.price_per_hour: float | None = None
         self.sessions: set[str] = set()  # names of the sessions this run trained in
+        # Set once another run's session of an epoch was older than this run's (`settle`): that run
+        # trains the fold, and this one waits for its epochs instead of driving their sessions.
+        self.following = False
 
     def estimate(self, client: Any) -> float:
         if self.price_per_hour is None:
@@ -146,31 +149,32 @@ class ResourceLease:
         return rid
 
     def settle(self, client: Any, ours: pt.SessionInfo, log: Any) -> pt.SessionInfo:
-        """The epoch's one session, after this run created ``ours``.
+        """The epoch's one session: ``ours``, or another run's older session of the epoch's name,
+        whose epoch this run then waits for (`pt.wait_finished`).
 
         Runs on two machines that share no Prefect server hold no common lock: both can find no
         session of the epoch and create one, each on its own resource. Together's list then shows
-        both; every run keeps the oldest (`pt.active_sessions_named`) and the others stop their own
-        session, and their own resource when nothing else trains on it, and train on the oldest one
-        with it. The operations' ``Idempotency-Key`` s are the same on every machine, so two runs
-        driving one session apply each step once.
+        both, and every run keeps the oldest (`pt.active_sessions_named`, ``ours`` counted even when
+        the list does not show it yet). A run whose session is not the oldest stops it, and its own
+        resource when no other session is active there, leaves the fold's resource to the run that
+        trains on it, and from then on waits for an active session of an epoch instead of driving it
+        (`following`): one driver per session.
         """
-        first = next(iter(pt.active_sessions_named(client, ours.display_name or "")), ours)
+        listed = {s.id: s for s in pt.active_sessions_named(client, ours.display_name or "")}
+        first = min({**listed, ours.id: ours}.values(), key=lambda s: (s.created_at, s.id))
         if first.id == ours.id:
             return ours
         log.warning(
             f"session {first.id} of {ours.display_name} was created first (by another run, on resource "
-            f"{first.resource_id}): stopping this run's session {ours.id} and training on that one"
+            f"{first.resource_id}): stopping this run's session {ours.id} and waiting for that run's epoch"
         )
         pt.stop_session(client, ours.id)
-        own = self.resource_id
-        self.resource_id = first.resource_id
-        _tag_run([RESOURCE_TAG + first.resource_id], log)  # the reaper then sees this run on it too
+        own, self.resource_id, self.following = self.resource_id, None, True
         if own is not None and own != first.resource_id:
-            busy = [s for s in pt.resource_sessions(client, own) if s.status in pt.SESSION_ACTIVE]
+            busy = [s for s in pt.resource_sessions(client, own) if s.status in pt.SESSION_ACTIVE and s.id != ours.id]
             if not busy:
                 log.info(f"stopped model resource {own}: {pt.stop_resource(client, own)}")
-        return first if first.status == pt.RUNNING else pt.wait_session(client, first.id, self.together.post_training)
+        return first
 
     def guard(self) -> Any:
         """The fold's host lock and server lease around a find-then-create (resource or session)."""
@@ -195,6 +199,10 @@ class ResourceLease:
     def close(self) -> None:
         """Stop the resource (and its sessions); never raises, says what to do when it could not."""
         if self.resource_id is None:
+            return
+        if self.following:  # the run this one followed trains on it, and stops it when it ends
+            print(f"left model resource {self.resource_id} to the run training the fold on it")
+            self.resource_id = None
             return
         try:
             client = together_client(self.together)
@@ -301,22 +309,31 @@ def train_grpo_epoch(
         existing = [
             s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status in pt.SESSION_ACTIVE
         ]
-        if existing:  # left by a killed or failed run (still starting, or running), or another machine's run
-            session = existing[0] if existing[0].status == pt.RUNNING else pt.wait_session(client, existing[0].id, cfg)
-            log.info(
-                f"epoch {spec.epoch}: re-attaching to session {session.id} (step {session.step}); "
-                "applied steps are not repeated"
-            )
+        mine: pt.SessionInfo | None = None
+        if existing and lease.following:  # the run this one follows trains the fold
+            oldest = existing[0]
         else:
-            refuse_if_stopping(f"epoch {spec.epoch}'s session")
-            session = pt.create_session(
-                client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
-            )
-            log.info(
-                f"epoch {spec.epoch}: session {session.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
-            )
-            session = lease.settle(client, session, log)
-            rid = session.resource_id
+            if existing:  # left by a killed or failed run (still starting, or running), or another machine's run
+                first = existing[0]
+                mine = first if first.status == pt.RUNNING else pt.wait_session(client, first.id, cfg)
+                log.info(
+                    f"epoch {spec.epoch}: re-attaching to session {mine.id} (step {mine.step}); "
+                    "applied steps are not repeated"
+                )
+            else:
+                refuse_if_stopping(f"epoch {spec.epoch}'s session")
+                mine = pt.create_session(
+                    client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
+                )
+                log.info(
+                    f"epoch {spec.epoch}: session {mine.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
+                )
+            oldest = lease.settle(client, mine, log)
+    if mine is None or oldest.id != mine.id:  # another run trains this epoch: wait for it, outside the lock
+        log.info(f"epoch {spec.epoch}: waiting for session {oldest.id} of another run to finish the epoch")
+        return adopted_record(spec, pt.wait_finished(client, name, oldest.id, together.poll_max_s), client, log)
+    session, rid = mine, mine.resource_id
+    lease.following = False  # this run drives the epoch's session (the run it followed, if any, is gone)
     rewards = load_rewards(train.rewards)
     rows = read_prompt_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)

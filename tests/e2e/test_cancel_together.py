@@ -249,9 +249,11 @@ def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
 def test_two_deploy_epoch_runs_on_the_worker_make_one_endpoint_under_its_server_lease(
     prefect_server: Prefect, fake: FakeTogether, worker: Worker, site: dict[str, Path]
 ):
-    """``prefect deployment run deploy-epoch/any-fold`` twice at once on the worker: the endpoint's lock
-    is a file lock plus, with this real server, a lease (a global concurrency limit of one slot), so the
-    second run finds the first one's endpoint and deployment instead of creating its own."""
+    """``prefect deployment run deploy-epoch/any-fold`` twice at once on the worker: one endpoint and one
+    deployment, the second run finding the first one's. The endpoint's lock is a file lock plus, with
+    this real server, a lease (a global concurrency limit of one slot): the lease path runs here against
+    a real server and is released. On one worker the file lock alone already serializes the two runs;
+    the lease is what serializes two workers on two hosts (the two-host SFT test covers that path)."""
     fake.release_jobs()
     fake.script.hold_jobs = False
     trained = prefect_server.wait_for_run(deployment_run(prefect_server, "epoch-train/games"), worker.log)

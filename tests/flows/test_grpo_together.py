@@ -390,9 +390,9 @@ def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_eac
     GRPO fold at once. Together holds the first model resource PENDING until a second one exists, so
     host B, started once host A created its resource, finds no session of the fold anywhere and creates
     a resource and an epoch 1 session too. Each run keeps the oldest session of the epoch; the other one
-    stops its own session and resource and drives the oldest with the same Idempotency-Keys, so every
-    step is applied once and both hosts end on the same checkpoints. (Before, both trained the whole
-    chain, each on its own resource.)"""
+    stops its own session and resource and waits for the first run's epochs, so one run drives every
+    session, each step is applied once and both hosts end on the same checkpoints. (Before, both
+    trained the whole chain, each on its own resource.)"""
     fold, reward = grpo_fold(tmp_path / "folds", "gr", "race", n_train=4)
     pt = fake_pt.state(fake_together)
     pt.script.hold_resources_until = 2
@@ -420,5 +420,13 @@ def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_eac
     trained = {op.session_id for op in pt.operations.values()}
     assert sum(s.id in trained for s in first) == 1  # the duplicate was stopped before any operation
     assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
+    op_posts = sum(
+        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
+    )
+    assert op_posts == len(pt.operations)  # one driver: no operation was sent twice
+    (duplicate,) = [s for s in first if s.id not in trained]
+    (kept,) = [s for s in first if s.id in trained]
+    assert pt.resources[duplicate.resource_id].stopped_at is not None
+    assert {s.resource_id for s in epoch_sessions(pt, "gr", 2)} == {kept.resource_id}  # epoch 2 on the kept one
     assert reported[0]["gr"] == reported[1]["gr"]  # both hosts recorded the same checkpoints
     assert len(reported[0]["gr"]) == 2

@@ -227,3 +227,31 @@ def test_a_refused_create_and_a_lost_one_that_made_nothing_fail_without_a_second
         pt.create_resource(together_client, spec, lookup_s=3, poll_s=1, sleep=slept.append)
     assert slept == [1, 1, 1]  # the list was read 4 times over the 3 s
     assert fake_together.counts["POST /v1/rl/model-resources"] == 2 and fake_pt.state(fake_together).resources == {}
+
+
+def test_waiting_for_another_runs_epoch_ends_with_its_checkpoints_or_an_error_when_its_session_stops(
+    fake_together, together_client
+):
+    _, sid = ready_session(together_client)
+    name = "ew-f-e1-00000000"
+    slept = []
+
+    def stop_on_second_wait(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 2:
+            pt.stop_session(together_client, sid)  # that run failed before its checkpoints
+
+    with pytest.raises(
+        pt.PostTrainingFailure,
+        match=f"session {sid} of {name}, which another run was training, is "
+        "TRAINING_SESSION_STATUS_STOPPED without the epoch's checkpoints; rerun",
+    ):
+        pt.wait_finished(together_client, name, sid, 7.0, sleep=stop_on_second_wait)
+    assert slept == [7.0, 7.0]
+
+    _, sid = ready_session(together_client)  # a second session of the name, which saves its checkpoints
+    ops = pt.Operations(together_client, sid, CFG)
+    ops.run("training-checkpoint", "k-train", {})
+    ops.run("inference-checkpoint", "k-infer", {})
+    done = pt.wait_finished(together_client, name, sid, 7.0, sleep=slept.append)
+    assert done.session_id == sid and len(slept) == 2  # found at once
