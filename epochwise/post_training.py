@@ -354,24 +354,28 @@ def finished_epoch(client: Together, name: str) -> FinishedEpoch | None:
 
 
 def wait_finished(
-    client: Together, name: str, session_id: str, poll_s: float, sleep: Callable[[float], None] = time.sleep
+    client: Together, rival: SessionInfo, poll_s: float, sleep: Callable[[float], None] = time.sleep
 ) -> FinishedEpoch:
-    """Wait for another run's session ``session_id`` to finish the epoch ``name`` (`finished_epoch`);
-    an error when the session ends without the epoch's checkpoints (that run failed or was stopped)."""
+    """Wait for another run's session ``rival`` to finish its epoch (`finished_epoch` of its name); an
+    error when the session, or the resource it runs on, ends without the epoch's checkpoints (that run
+    failed or was stopped)."""
+    name = rival.display_name or ""
     while True:
         done = finished_epoch(client, name)
         if done is not None:
             return done
         try:
-            status = str(client.post_training.sessions.retrieve(session_id).status)
+            status = str(client.post_training.sessions.retrieve(rival.id).status)
         except NotFoundError:
             status = "gone"
+        if status in SESSION_ACTIVE and resource_status(client, rival.resource_id) not in LIVE:
+            status = f"on resource {rival.resource_id}, which is {resource_status(client, rival.resource_id)}"
         if status not in SESSION_ACTIVE:
-            done = finished_epoch(client, name)  # it may have finished between the two reads
+            done = finished_epoch(client, name)  # it may have finished between the reads
             if done is not None:
                 return done
             raise PostTrainingFailure(
-                f"session {session_id} of {name}, which another run was training, is {status} without the "
+                f"session {rival.id} of {name}, which another run was training, is {status} without the "
                 "epoch's checkpoints; rerun to train the epoch"
             )
         sleep(poll_s)

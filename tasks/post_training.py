@@ -26,12 +26,15 @@ What makes it safe with money:
 * Runs on two machines that share no Prefect server have no common lock, so both may create a
   resource and a session for the same epoch. After creating its session each run reads Together's
   session list: the oldest session of the epoch's name is kept, and a run whose session is not the
-  oldest stops it (and its own resource, when nothing else trains on it) and trains on the oldest
-  (`ResourceLease.settle`), where the shared keys apply each step once.
+  oldest stops it (and its own resource, when nothing else trains on it), waits for the other run's
+  epoch and uses its checkpoints (`ResourceLease.settle`, `pt.wait_finished`). It then follows that
+  run: for each later epoch it waits for that run's session (giving it ``list_catchup_s`` to appear)
+  instead of creating or driving one, so a session has one driver.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -101,6 +104,7 @@ class ResourceLease:
         # Set once another run's session of an epoch was older than this run's (`settle`): that run
         # trains the fold, and this one waits for its epochs instead of driving their sessions.
         self.following = False
+        self.leftover: str | None = None  # this run's own resource, left when settle's stop of it failed
 
     def estimate(self, client: Any) -> float:
         if self.price_per_hour is None:
@@ -170,11 +174,31 @@ class ResourceLease:
         )
         pt.stop_session(client, ours.id)
         own, self.resource_id, self.following = self.resource_id, None, True
+        _tag_run([RESOURCE_TAG + first.resource_id], log)  # this host's reaper sees a live owner meanwhile
         if own is not None and own != first.resource_id:
             busy = [s for s in pt.resource_sessions(client, own) if s.status in pt.SESSION_ACTIVE and s.id != ours.id]
             if not busy:
-                log.info(f"stopped model resource {own}: {pt.stop_resource(client, own)}")
+                try:
+                    log.info(f"stopped model resource {own}: {pt.stop_resource(client, own)}")
+                except Exception as exc:  # `close` tries again when the run ends
+                    log.warning(f"could not stop model resource {own} yet ({exc})")
+                    self.leftover = own
         return first
+
+    def await_rival(self, client: Any, name: str, log: Any) -> pt.SessionInfo | None:
+        """While following: the other run's session of epoch ``name`` once Together lists it, waiting up
+        to ``list_catchup_s`` (that run may be between epochs); None when none appears (it is gone) or
+        the epoch finished meanwhile (the caller's next look finds it)."""
+        for read in range(math.ceil(self.together.list_catchup_s / self.together.list_poll_s) + 1):
+            if read:
+                time.sleep(self.together.list_poll_s)
+            if pt.finished_epoch(client, name) is not None:
+                return None
+            active = pt.active_sessions_named(client, name)
+            if active:
+                return active[0]
+        log.info(f"no session of {name} appeared in {self.together.list_catchup_s:.0f} s: this run trains it")
+        return None
 
     def guard(self) -> Any:
         """The fold's host lock and server lease around a find-then-create (resource or session)."""
@@ -198,6 +222,9 @@ class ResourceLease:
 
     def close(self) -> None:
         """Stop the resource (and its sessions); never raises, says what to do when it could not."""
+        if self.leftover is not None:
+            self.resource_id, self.following, self.leftover = self.leftover, False, None
+            self.close()
         if self.resource_id is None:
             return
         if self.following:  # the run this one followed trains on it, and stops it when it ends
@@ -270,6 +297,14 @@ def adopted_record(spec: EpochSpec, done: pt.FinishedEpoch, client: Any, log: An
     return grpo_record(spec, done, client)
 
 
+def followed_record(
+    spec: EpochSpec, rival: pt.SessionInfo, client: Any, together: TogetherConfig, log: Any
+) -> EpochRecord:
+    """The record of epoch ``spec`` once another run's session ``rival`` finished it (`pt.wait_finished`)."""
+    log.info(f"epoch {spec.epoch}: waiting for session {rival.id} of another run to finish the epoch")
+    return adopted_record(spec, pt.wait_finished(client, rival, together.poll_max_s), client, log)
+
+
 def grpo_epoch_policy() -> CachePolicy:
     """Cached on the epoch key, `serialized_on_host`: a second run of the same epoch on this host waits
     for the first one's result and uses it, instead of training (and paying for) the epoch again. Runs
@@ -299,6 +334,8 @@ def train_grpo_epoch(
     done = pt.finished_epoch(client, name)
     if done is not None:
         return adopted_record(spec, done, client, log)
+    if lease.following and (rival := lease.await_rival(client, name, log)) is not None:
+        return followed_record(spec, rival, client, together, log)
     rid = lease.ensure(client, spec.epoch, spent_usd)
     started = datetime.now(UTC)
     clock = time.monotonic()
@@ -330,8 +367,7 @@ def train_grpo_epoch(
                 )
             oldest = lease.settle(client, mine, log)
     if mine is None or oldest.id != mine.id:  # another run trains this epoch: wait for it, outside the lock
-        log.info(f"epoch {spec.epoch}: waiting for session {oldest.id} of another run to finish the epoch")
-        return adopted_record(spec, pt.wait_finished(client, name, oldest.id, together.poll_max_s), client, log)
+        return followed_record(spec, oldest, client, together, log)
     session, rid = mine, mine.resource_id
     lease.following = False  # this run drives the epoch's session (the run it followed, if any, is gone)
     rewards = load_rewards(train.rewards)

@@ -232,8 +232,9 @@ def test_a_refused_create_and_a_lost_one_that_made_nothing_fail_without_a_second
 def test_waiting_for_another_runs_epoch_ends_with_its_checkpoints_or_an_error_when_its_session_stops(
     fake_together, together_client
 ):
-    _, sid = ready_session(together_client)
+    rid, sid = ready_session(together_client)
     name = "ew-f-e1-00000000"
+    rival = pt.SessionInfo(sid, rid, pt.RUNNING, name, 0)
     slept = []
 
     def stop_on_second_wait(seconds: float) -> None:
@@ -246,12 +247,25 @@ def test_waiting_for_another_runs_epoch_ends_with_its_checkpoints_or_an_error_wh
         match=f"session {sid} of {name}, which another run was training, is "
         "TRAINING_SESSION_STATUS_STOPPED without the epoch's checkpoints; rerun",
     ):
-        pt.wait_finished(together_client, name, sid, 7.0, sleep=stop_on_second_wait)
+        pt.wait_finished(together_client, rival, 7.0, sleep=stop_on_second_wait)
     assert slept == [7.0, 7.0]
 
-    _, sid = ready_session(together_client)  # a second session of the name, which saves its checkpoints
+    rid, sid = ready_session(together_client)  # a second session of the name, on its own resource
+    rival = pt.SessionInfo(sid, rid, pt.RUNNING, name, 0)
+    # Its resource stopped (e.g. Together's inactive timeout after that run died) while the session
+    # still reads RUNNING: the fake's own stop ends the sessions too, so the state is set here.
+    fake_pt.state(fake_together).resources[rid].status = "MODEL_RESOURCES_STATUS_STOPPED"
+    assert together_client.post_training.sessions.retrieve(sid).status == pt.RUNNING
+    with pytest.raises(
+        pt.PostTrainingFailure,
+        match=f"session {sid} of {name}, .* is on resource {rid}, which is "
+        "MODEL_RESOURCES_STATUS_STOPPED without the epoch's checkpoints",
+    ):
+        pt.wait_finished(together_client, rival, 7.0, sleep=slept.append)
+
+    rid, sid = ready_session(together_client)  # a third, which saves its checkpoints
     ops = pt.Operations(together_client, sid, CFG)
     ops.run("training-checkpoint", "k-train", {})
     ops.run("inference-checkpoint", "k-infer", {})
-    done = pt.wait_finished(together_client, name, sid, 7.0, sleep=slept.append)
+    done = pt.wait_finished(together_client, pt.SessionInfo(sid, rid, pt.RUNNING, name, 0), 7.0, sleep=slept.append)
     assert done.session_id == sid and len(slept) == 2  # found at once
