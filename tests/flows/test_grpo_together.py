@@ -430,3 +430,37 @@ def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_eac
     assert {s.resource_id for s in epoch_sessions(pt, "gr", 2)} == {kept.resource_id}  # epoch 2 on the kept one
     assert reported[0]["gr"] == reported[1]["gr"]  # both hosts recorded the same checkpoints
     assert len(reported[0]["gr"]) == 2
+
+
+def test_a_following_run_gives_the_other_runs_next_session_time_to_appear(fake_together, tmp_path):
+    import logging
+    import threading
+
+    from together import Together
+
+    from tasks.post_training import ResourceLease
+    from tests.helpers import BASE
+
+    _, reward = grpo_fold(tmp_path, "gw", "follow")
+    together = PT.model_copy(update={"list_catchup_s": 5.0, "list_poll_s": 0.02})
+    lease = ResourceLease("gw", grpo_cfg(reward), together)
+    lease.following = True
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
+    client.post_training.model_resources.retrieve(res.id)
+    client.post_training.model_resources.retrieve(res.id)  # READY
+    name = "ew-gw-e2-0ther000"
+
+    def other_run_starts_its_epoch() -> None:  # the run being followed, between epochs for a moment
+        time.sleep(0.3)
+        client.post_training.sessions.create(model_resources_id=res.id, display_name=name)
+
+    starter = threading.Thread(target=other_run_starts_its_epoch)
+    starter.start()
+    rival = lease.await_rival(client, name, logging.getLogger("test"))
+    starter.join()
+    assert rival is not None and rival.display_name == name and rival.resource_id == res.id
+    assert len(fake_pt.state(fake_together).resources) == 1  # nothing provisioned meanwhile
+
+    quick = ResourceLease("gw", grpo_cfg(reward), PT.model_copy(update={"list_catchup_s": 0.1, "list_poll_s": 0.02}))
+    assert quick.await_rival(client, "ew-gw-e3-0ther000", logging.getLogger("test")) is None  # that run is gone
