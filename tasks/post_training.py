@@ -221,33 +221,35 @@ class ResourceLease:
         return None
 
     def close(self) -> None:
-        """Stop the resource (and its sessions); never raises, says what to do when it could not."""
+        """Stop this run's resources (and their sessions): a duplicate `settle` could not stop, and the
+        fold's resource unless this run follows another one (which stops it); never raises."""
         if self.leftover is not None:
-            self.resource_id, self.following, self.leftover = self.leftover, False, None
-            self.close()
+            self._stop(self.leftover)
+            self.leftover = None
         if self.resource_id is None:
             return
         if self.following:  # the run this one followed trains on it, and stops it when it ends
             print(f"left model resource {self.resource_id} to the run training the fold on it")
-            self.resource_id = None
-            return
+        else:
+            self._stop(self.resource_id)
+        self.resource_id = None
+
+    def _stop(self, resource_id: str) -> None:
+        """Stop ``resource_id`` unless another run's session is active on it; says what to do when it could not."""
         try:
             client = together_client(self.together)
             others = [
                 s.display_name
-                for s in pt.resource_sessions(client, self.resource_id)
+                for s in pt.resource_sessions(client, resource_id)
                 if s.status in pt.SESSION_ACTIVE and s.display_name not in self.sessions
             ]
             if others:  # another run of the fold trains on it now; that run stops it when it ends
-                print(f"left model resource {self.resource_id} running for session(s) {', '.join(map(str, others))}")
-                self.resource_id = None
+                print(f"left model resource {resource_id} running for session(s) {', '.join(map(str, others))}")
                 return
-            status = pt.stop_resource(client, self.resource_id)
-            print(f"stopped model resource {self.resource_id}: {status}")
-            self.resource_id = None
+            print(f"stopped model resource {resource_id}: {pt.stop_resource(client, resource_id)}")
         except Exception as exc:
             print(
-                f"could not stop model resource {self.resource_id} ({exc}); the resource reaper stops it "
+                f"could not stop model resource {resource_id} ({exc}); the resource reaper stops it "
                 "(prefect deployment run job-reaper/frequent), Together after post_training.inactive_timeout_s"
             )
 

@@ -464,3 +464,26 @@ def test_a_following_run_gives_the_other_runs_next_session_time_to_appear(fake_t
 
     quick = ResourceLease("gw", grpo_cfg(reward), PT.model_copy(update={"list_catchup_s": 0.1, "list_poll_s": 0.02}))
     assert quick.await_rival(client, "ew-gw-e3-0ther000", logging.getLogger("test")) is None  # that run is gone
+
+
+def test_close_stops_both_a_duplicate_settle_could_not_stop_and_the_folds_resource(fake_together, tmp_path):
+    from together import Together
+
+    from tasks.post_training import ResourceLease
+    from tests.helpers import BASE
+
+    _, reward = grpo_fold(tmp_path, "gx", "close")
+    client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
+    ids = []
+    for _ in range(2):
+        res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
+        client.post_training.model_resources.retrieve(res.id)
+        client.post_training.model_resources.retrieve(res.id)  # READY
+        ids.append(res.id)
+    lease = ResourceLease("gx", grpo_cfg(reward), PT)
+    lease.leftover, lease.resource_id = ids  # the duplicate's stop failed; later this run trained the fold
+
+    lease.close()
+
+    assert fake_pt.state(fake_together).billing() == []
+    assert lease.leftover is None and lease.resource_id is None
