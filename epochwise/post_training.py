@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -199,7 +199,7 @@ def made_by_lost_create(
 ) -> list[ResourceInfo]:
     """Live resources that a create of ``spec`` sent at ``sent`` may have made: same base model and
     generator replicas, created since ``sent`` less `CLOCK_SKEW_S`, no session, not ``claimed``."""
-    since = _instant(datetime.fromtimestamp(sent.timestamp() - CLOCK_SKEW_S, UTC))
+    since = _instant(sent - timedelta(seconds=CLOCK_SKEW_S))
     return [
         r
         for r in live_resources(client)
@@ -368,8 +368,8 @@ def wait_finished(
             status = str(client.post_training.sessions.retrieve(rival.id).status)
         except NotFoundError:
             status = "gone"
-        if status in SESSION_ACTIVE and resource_status(client, rival.resource_id) not in LIVE:
-            status = f"on resource {rival.resource_id}, which is {resource_status(client, rival.resource_id)}"
+        if status in SESSION_ACTIVE and (host := resource_status(client, rival.resource_id)) not in LIVE:
+            status = f"on resource {rival.resource_id}, which is {host}"
         if status not in SESSION_ACTIVE:
             done = finished_epoch(client, name)  # it may have finished between the reads
             if done is not None:
