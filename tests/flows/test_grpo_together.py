@@ -88,6 +88,16 @@ def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_
     assert len(pt.resources) == 1 and pt.applied["optim-step"] == 16
 
 
+def ready_resource(client):
+    """A model resource of the base model, made READY (the fake moves one state per GET), as another run's."""
+    from tests.helpers import BASE
+
+    res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
+    client.post_training.model_resources.retrieve(res.id)
+    client.post_training.model_resources.retrieve(res.id)
+    return res
+
+
 def epoch_sessions(pt, fold: str, epoch: int) -> list:
     return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
 
@@ -364,15 +374,12 @@ def test_a_run_leaves_the_folds_resource_to_another_run_training_on_it_and_the_r
     from together import Together
 
     from flows.job_reaper import job_reaper
-    from tests.helpers import BASE
 
     fold, reward = grpo_fold(tmp_path, "gs", "shared", n_train=2)
     pt = fake_pt.state(fake_together)
     # Another run of the fold (another config) is training on the fold's resource right now.
     client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
-    res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
-    client.post_training.model_resources.retrieve(res.id)
-    client.post_training.model_resources.retrieve(res.id)  # READY
+    res = ready_resource(client)
     other = client.post_training.sessions.create(model_resources_id=res.id, display_name="ew-gs-e1-0ther000")
     client.post_training.sessions.retrieve(other.id)  # RUNNING
 
@@ -439,16 +446,13 @@ def test_a_following_run_gives_the_other_runs_next_session_time_to_appear(fake_t
     from together import Together
 
     from tasks.post_training import ResourceLease
-    from tests.helpers import BASE
 
     _, reward = grpo_fold(tmp_path, "gw", "follow")
     together = PT.model_copy(update={"list_catchup_s": 5.0, "list_poll_s": 0.02})
     lease = ResourceLease("gw", grpo_cfg(reward), together)
     lease.following = True
     client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
-    res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
-    client.post_training.model_resources.retrieve(res.id)
-    client.post_training.model_resources.retrieve(res.id)  # READY
+    res = ready_resource(client)
     name = "ew-gw-e2-0ther000"
 
     def other_run_starts_its_epoch() -> None:  # the run being followed, between epochs for a moment
@@ -470,16 +474,12 @@ def test_close_stops_both_a_duplicate_settle_could_not_stop_and_the_folds_resour
     from together import Together
 
     from tasks.post_training import ResourceLease
-    from tests.helpers import BASE
 
     _, reward = grpo_fold(tmp_path, "gx", "close")
     client = Together(api_key=fake_together.api_key, base_url=fake_together.base_url, max_retries=0)
     ids = []
     for _ in range(2):
-        res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
-        client.post_training.model_resources.retrieve(res.id)
-        client.post_training.model_resources.retrieve(res.id)  # READY
-        ids.append(res.id)
+        ids.append(ready_resource(client).id)
     lease = ResourceLease("gx", grpo_cfg(reward), PT)
     lease.leftover, lease.resource_id = ids  # the duplicate's stop failed; later this run trained the fold
 
