@@ -143,7 +143,7 @@ def cli_start(roots: list[Path], runs: int, small: Path) -> None:
             "import typer, rich, hashlib; from pathlib import Path; from pydantic import TypeAdapter; "
             "TypeAdapter(list[Path]); import yaml; from pydantic import BaseModel, Field",
         ],
-        # In the checkout, whose ./epochwise.yaml is loaded and checked once (YAML, data + train); later
+        # In the checkout, whose ./epochwise.yaml is loaded and checked once (YAML, Settings); later
         # runs of the same inputs read the two values validate needs from the record of that load.
         "epochwise validate (24 lines)": [sys.executable, "-c", CLI, "validate", str(small)],
         # The same, each run with an empty user cache (the marker is dropped before running).

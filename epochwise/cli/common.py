@@ -9,7 +9,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -38,8 +38,6 @@ class LazyConsole:
             self._console = Console(**self._options)
         return getattr(self._console, name)
 
-
-T = TypeVar("T")
 
 console: Any = LazyConsole(highlight=False)
 err_console: Any = LazyConsole(stderr=True, highlight=False)
@@ -243,26 +241,11 @@ def resolve_settings(
     ``flag_names`` spells the flag of a dotted path in messages when it is not the command's own
     option (``config show --set``).
     """
-    from epochwise.config.settings import validate_layers
-
-    return load_layers(validate_layers, config, presets, records, flag_names, flags)
-
-
-def load_layers(
-    check: Callable[[list[Any]], T],
-    config: Path | None,
-    presets: list[str] | None,
-    records: Path | None,
-    flag_names: dict[str, str] | None,
-    flags: dict[str, Any],
-) -> T:
-    """Read every settings layer and ``check`` them (`validate_layers`, `validate_sections`); any
-    mistake ends the command with one ``SOURCE: reason`` line per problem (`fail_lines`)."""
     import yaml
     from pydantic import ValidationError
 
     from epochwise.config.presets import find_preset, records_config
-    from epochwise.config.settings import UnknownSettingError, read_layers
+    from epochwise.config.settings import UnknownSettingError, read_layers, validate_layers
 
     config = config_path(config)
     given = {dotted_path: value for dotted_path, value in flags.items() if value is not None}
@@ -271,7 +254,7 @@ def load_layers(
         files = [find_preset(name, config) for name in presets or []]
         records_file = records_config(records) if records is not None else None
         layers = read_layers(config, nested(given), files, records_file, line_of=yaml_line)
-        result = check(layers)
+        resolved = validate_layers(layers)
     except UnknownSettingError as exc:
         fail_lines(exc.lines)
     except ValidationError as exc:
@@ -283,7 +266,7 @@ def load_layers(
         fail_lines([f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}"])
     except (FileNotFoundError, ValueError) as exc:
         fail_lines([str(exc)])
-    return result
+    return resolved
 
 
 def defaults_apply(config: Path | None, presets: list[str] | None = None) -> bool:
@@ -314,14 +297,10 @@ def settings_values(
 ) -> dict[str, Any]:
     """The values at the dotted ``paths`` of `settings` (JSON values), answered from the record of an
     earlier passed load of the same inputs when there is one (`epochwise.config.checked`): no YAML, no
-    validation. Otherwise (or when a preset name does not resolve) the layers are read, every key of
-    them checked, and the sections the paths are in validated (`validate_sections`), with the same
-    messages as `settings`; a pass is recorded."""
-    from functools import partial
-
+    `Settings` validation. Otherwise (or when a preset name does not resolve) the full load runs, with
+    its messages, and a pass is recorded."""
     from epochwise.config import checked
     from epochwise.config.presets import find_preset
-    from epochwise.config.settings import validate_sections
 
     config_file = config_path(config)
     given = {dotted_path: value for dotted_path, value in flags.items() if value is not None}
@@ -333,8 +312,7 @@ def settings_values(
         digest = None
     if digest is not None and (values := checked.recorded_values(digest)) is not None:
         return values
-    sections = tuple(dict.fromkeys(dotted_path.split(".", 1)[0] for dotted_path in paths))
-    loaded = load_layers(partial(validate_sections, names=sections), config, presets, None, None, flags)
+    loaded = settings(config, presets, **flags)
     values = {}
     for dotted_path in paths:
         node: Any = loaded

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from epochwise.config.data import DataConfig
 from epochwise.config.deploy import DeployConfig
@@ -45,13 +45,9 @@ class Settings(BaseModel):
     A section nothing sets defaults to ``{}``, which ``validate_default`` turns into the section through
     this model's own validator: a section class as the factory would build that section's validator
     too (deferred, see `epochwise.config.base.Section`), 5 of the 7 ms of a first `Settings()`.
-
-    Its validator is built on first use too (``defer_build``): building it builds every section's,
-    most of the 27 ms this module took to import, and `validate_sections` needs only some of them.
     """
 
-    # extra="forbid" as pydantic-settings' BaseSettings
-    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # as pydantic-settings' BaseSettings
 
     data: DataConfig = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=dict)
@@ -246,33 +242,10 @@ def read_layers(
 
 def validate_layers(layers: list[Layer]) -> Resolved:
     """Merge the layers (later wins) and validate them into `Settings` (a pydantic ValidationError if bad)."""
-    return Resolved(Settings.model_validate(merge_layers(layers)), layers)
-
-
-def merge_layers(layers: list[Layer]) -> dict[str, Any]:
-    """The layers' values put over each other, lowest priority first."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = deep_merge(merged, layer.values)
-    return merged
-
-
-@functools.cache
-def sections_model(names: tuple[str, ...]) -> type[BaseModel]:
-    """A model of only the sections ``names`` of `Settings`, each field as `Settings` has it (so the
-    same values pass and fail with the same messages and locations); other keys are left to
-    `read_layers`, which has already refused unknown ones."""
-    fields: dict[str, Any] = {
-        name: (Settings.model_fields[name].annotation, Settings.model_fields[name]) for name in names
-    }
-    return create_model("Settings", __config__=ConfigDict(extra="ignore", validate_default=True), **fields)
-
-
-def validate_sections(layers: list[Layer], names: tuple[str, ...]) -> BaseModel:
-    """`validate_layers` for a command that reads only the sections ``names``: a bad value elsewhere is
-    not its concern (the commands that use it report it). ``epochwise validate`` reads two sections of
-    nine, and `Settings`' validator was most of its first run in a project (bench/cli_start.py)."""
-    return sections_model(names).model_validate(merge_layers(layers))
+    return Resolved(Settings.model_validate(merged), layers)
 
 
 def load_settings(
