@@ -390,10 +390,12 @@ def create_session(
     cfg: PostTrainingConfig,
     sleep: Callable[[float], None] = time.sleep,
     wandb_project: str | None = None,
+    created: Callable[[str], None] | None = None,
 ) -> SessionInfo:
     """A LoRA training session on the READY resource, resumed from ``resume_from`` (a training
     checkpoint, with its optimizer state) when given; waits until RUNNING. ``wandb_project`` goes into
-    the session's ``metadata.wandb`` (project, run name = the session name, group = the fold)."""
+    the session's ``metadata.wandb`` (project, run name = the session name, group = the fold).
+    ``created`` is called with the new session's id as soon as Together returns it, before the wait."""
     lora = {
         "rank": hyper.lora_r,
         "alpha": hyper.effective_lora_alpha,
@@ -409,14 +411,16 @@ def create_session(
         }
     once = client.with_options(max_retries=0)  # a lost reply is found again by name (caller holds the lock)
     try:
-        created = once.post_training.sessions.create(
+        session = once.post_training.sessions.create(
             model_resources_id=resource_id, display_name=name, lora_config=lora, **extra
         )
     except APIStatusError as exc:
         raise PostTrainingFailure(
             f"Together refused the training session ({exc.status_code}): {_message(exc)}"
         ) from None
-    return wait_session(client, created.id, cfg, sleep)
+    if created is not None:
+        created(session.id)
+    return wait_session(client, session.id, cfg, sleep)
 
 
 def wait_session(

@@ -22,7 +22,11 @@ What makes it safe with money:
 * Within an epoch each operation's ``Idempotency-Key`` comes from (fold, epoch key, step,
   operation), and a rerun re-attaches to the epoch's session while it is still RUNNING, so a step
   that was applied before a crash returns its original operations instead of being applied again; when
-  the session is gone the epoch restarts from the previous epoch's training checkpoint.
+  the session is gone the epoch restarts from the previous epoch's training checkpoint. It re-attaches
+  only to a session a run of this Prefect server created (each run tags itself ``grpo-session:<name>``
+  before the create and ``grpo-session:<name>:<id>`` when Together returns it: `left_by_this_server`);
+  an active session of the epoch that no run here created is driven by a run on another machine,
+  which this run follows (below) instead of driving it too.
 * Runs on two machines that share no Prefect server have no common lock, so both may create a
   resource and a session for the same epoch. After creating its session each run reads Together's
   session list: the oldest session of the epoch's name is kept, and a run whose session is not the
@@ -62,6 +66,7 @@ from tasks.together import EpochSpec
 
 RESOURCE_TAG = "together-resource:"
 FOLD_TAG = "grpo-fold:"
+SESSION_TAG = "grpo-session:"
 ALIVE_STATES = ("RUNNING", "PENDING", "SCHEDULED", "PAUSED", "CANCELLING")
 
 
@@ -267,6 +272,34 @@ def release_lease(name: str) -> None:
     _LEASES.pop(name, None)
 
 
+def session_claims(fold: str, name: str) -> tuple[bool, set[str]]:
+    """What this Prefect server's runs of ``fold`` recorded about creating the session ``name``: whether
+    one set out to (tag ``grpo-session:<name>``, written before the create) and the ids Together gave
+    them (``grpo-session:<name>:<id>``, written as the create returns)."""
+    tag = SESSION_TAG + name
+    intent, ids = False, set()
+    for run in _runs_tagged(FOLD_TAG + fold_slug(fold)):
+        intent |= tag in run.tags
+        ids |= {t[len(tag) + 1 :] for t in run.tags if t.startswith(tag + ":")}
+    return intent, ids
+
+
+def left_by_this_server(existing: list[pt.SessionInfo], intent: bool, ids: set[str]) -> pt.SessionInfo | None:
+    """Of an epoch's active sessions (oldest first), the one a run of this Prefect server created and
+    left (killed or failed), which a rerun re-attaches to; None when they are all another machine's.
+
+    A session this server's runs recorded is theirs. When one set out to create the session but
+    recorded no id, it was killed before Together's reply reached it: the oldest session is taken as
+    that one (a rival created in those same milliseconds would be driven twice, its steps still
+    applied once by their idempotency keys). Any other session is a run's on a machine with another
+    Prefect server, still driving it: this run follows it (before, it re-attached and drove it too).
+    """
+    claimed = [s for s in existing if s.id in ids]
+    if claimed:
+        return claimed[0]
+    return existing[0] if intent and not ids else None
+
+
 def grpo_epoch_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-grpo-epoch-" + params["spec"].key
 
@@ -349,20 +382,31 @@ def train_grpo_epoch(
             s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status in pt.SESSION_ACTIVE
         ]
         mine: pt.SessionInfo | None = None
-        if existing and lease.following:  # the run this one follows trains the fold
+        left = (
+            None if lease.following or not existing else left_by_this_server(existing, *session_claims(spec.fold, name))
+        )
+        if existing and left is None:  # another run trains the epoch: the one this run follows, or another machine's
             oldest = existing[0]
+            lease.following = True
         else:
-            if existing:  # left by a killed or failed run (still starting, or running), or another machine's run
-                first = existing[0]
-                mine = first if first.status == pt.RUNNING else pt.wait_session(client, first.id, cfg)
+            if left is not None:  # left by a killed or failed run here (still starting, or running)
+                mine = left if left.status == pt.RUNNING else pt.wait_session(client, left.id, cfg)
                 log.info(
                     f"epoch {spec.epoch}: re-attaching to session {mine.id} (step {mine.step}); "
                     "applied steps are not repeated"
                 )
             else:
                 refuse_if_stopping(f"epoch {spec.epoch}'s session")
+                _tag_run([SESSION_TAG + name], log)  # before the create: a kill before its reply is still ours
                 mine = pt.create_session(
-                    client, rid, name, train.hyper, spec.parent, cfg, wandb_project=train.wandb_project
+                    client,
+                    rid,
+                    name,
+                    train.hyper,
+                    spec.parent,
+                    cfg,
+                    wandb_project=train.wandb_project,
+                    created=lambda sid: _tag_run([f"{SESSION_TAG}{name}:{sid}"], log),
                 )
                 log.info(
                     f"epoch {spec.epoch}: session {mine.id}" + (f" resumed from {spec.parent}" if spec.parent else "")

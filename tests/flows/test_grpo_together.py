@@ -487,3 +487,66 @@ def test_close_stops_both_a_duplicate_settle_could_not_stop_and_the_folds_resour
 
     assert fake_pt.state(fake_together).billing() == []
     assert lease.leftover is None and lease.resource_id is None
+
+
+def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sends_no_operation(
+    fake_together, tmp_path
+):
+    """Host B (its own Prefect server, no lock shared with host A) starts the fold while A's epoch 1
+    session is RUNNING with a step applied. No run of B's server created that session, so B follows A's
+    run: it waits for A's epochs and uses their checkpoints instead of re-attaching to A's session and
+    sending every operation a second time (as it did before). A rerun of a killed follower is this case."""
+    fold, reward = grpo_fold(tmp_path / "folds", "gm", "midway", n_train=4)
+    pt = fake_pt.state(fake_together)
+    pt.script.hold_after = {"optim-step": 1}  # A's 2nd optim step is applied, then held until B is in
+    together = PT.model_copy(
+        update={
+            "list_poll_s": 0.05,
+            "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=300),
+        }
+    )
+    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=together)
+    try:
+        hosts.wait_ready()
+        hosts.go(0)
+        hosts.wait_for(lambda: pt.applied["optim-step"] >= 2, "host A never reached its held step")
+        hosts.go(1)
+        hosts.wait_for(
+            lambda: "to finish the epoch" in hosts.log(1) or "re-attaching" in hosts.log(1),
+            "host B never decided what to do with host A's session",
+        )
+        assert "re-attaching" not in hosts.log(1)
+        pt.script.hold_after = {}
+        reported = hosts.finish()
+    finally:
+        hosts.kill()
+
+    assert len(pt.resources) == 1 and pt.billing() == []  # B provisioned nothing; A stopped its resource
+    assert [len(epoch_sessions(pt, "gm", e)) for e in (1, 2)] == [1, 1]
+    op_posts = sum(
+        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
+    )
+    assert op_posts == len(pt.operations)  # one driver: no operation was sent twice
+    assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
+    assert reported[0]["gm"] == reported[1]["gm"] and len(reported[0]["gm"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("intent", "ids", "expected"),
+    [
+        (False, set(), None),  # no run here set out to create it: another machine's run drives it
+        (True, {"ts_a"}, "ts_a"),  # a run here created it and was killed or failed: re-attach
+        (True, {"ts_dup"}, None),  # a killed follower: its duplicate (stopped by settle) was recorded, not ts_a
+        (True, set(), "ts_a"),  # killed before Together's reply: the oldest session is taken as its own
+    ],
+)
+def test_a_rerun_re_attaches_only_to_a_session_a_run_of_its_server_created(intent, ids, expected):
+    from epochwise.post_training import RUNNING, SessionInfo
+    from tasks.post_training import left_by_this_server
+
+    existing = [
+        SessionInfo(sid, "mr_1", RUNNING, "ew-f-e1-00000000", 2, f"2026-12-07T12:00:0{i}")
+        for i, sid in enumerate(["ts_a", "ts_b"])
+    ]
+    left = left_by_this_server(existing, intent, ids)
+    assert (left.id if left else None) == expected
