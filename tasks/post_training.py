@@ -378,9 +378,10 @@ def train_grpo_epoch(
         done = pt.finished_epoch(client, name)  # another machine's run may have finished it meanwhile
         if done is not None:
             return adopted_record(spec, done, client, log)
-        existing = [
-            s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status in pt.SESSION_ACTIVE
-        ]
+        existing = sorted(  # oldest first, as every machine orders them (`pt.active_sessions_named`)
+            (s for s in pt.resource_sessions(client, rid) if s.display_name == name and s.status in pt.SESSION_ACTIVE),
+            key=lambda s: (s.created_at, s.id),
+        )
         mine: pt.SessionInfo | None = None
         left = (
             None if lease.following or not existing else left_by_this_server(existing, *session_claims(spec.fold, name))
