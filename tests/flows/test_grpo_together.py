@@ -20,6 +20,14 @@ from tests.fake_together import post_training as fake_pt
 from tests.helpers import FAST, Hosts, epoch_train_child, train_cfg
 
 PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
+# For two hosts, each starting its own Prefect API: host B may take a while to start its flow run on a
+# loaded machine, and host A waits that long for READY or on a held step (hang guards, not speed).
+HOSTS_PT = PT.model_copy(
+    update={
+        "list_poll_s": 0.05,
+        "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=300),
+    }
+)
 REWARDS = '''
 def letter_a(prompts, completions, target, **kwargs):
     """Share of the completion's characters that are the row's target letter."""
@@ -403,14 +411,7 @@ def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_eac
     fold, reward = grpo_fold(tmp_path / "folds", "gr", "race", n_train=4)
     pt = fake_pt.state(fake_together)
     pt.script.hold_resources_until = 2
-    # Host B may take a while to start its flow run on a loaded machine: A waits that long for READY.
-    together = PT.model_copy(
-        update={
-            "list_poll_s": 0.05,
-            "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=120),
-        }
-    )
-    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=together)
+    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=HOSTS_PT)
     try:
         hosts.wait_ready()
         hosts.go(0)
@@ -499,13 +500,7 @@ def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sen
     fold, reward = grpo_fold(tmp_path / "folds", "gm", "midway", n_train=4)
     pt = fake_pt.state(fake_together)
     pt.script.hold_after = {"optim-step": 1}  # A's 2nd optim step is applied, then held until B is in
-    together = PT.model_copy(
-        update={
-            "list_poll_s": 0.05,
-            "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=300),
-        }
-    )
-    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=together)
+    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=HOSTS_PT)
     try:
         hosts.wait_ready()
         hosts.go(0)
