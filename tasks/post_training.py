@@ -89,12 +89,14 @@ def _runs_tagged(tag: str) -> list[Any]:
         return prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
 
 
+def fold_tags(fold: str) -> set[str]:
+    """Every tag of this fold's flow runs on this Prefect server (the runs tagged ``grpo-fold:<fold>``)."""
+    return {t for run in _runs_tagged(FOLD_TAG + fold_slug(fold)) for t in run.tags}
+
+
 def fold_resource_ids(fold: str) -> set[str]:
     """Resource ids recorded by this fold's flow runs (tags ``together-resource:<id>``)."""
-    ids = set()
-    for run in _runs_tagged(FOLD_TAG + fold_slug(fold)):
-        ids |= {t[len(RESOURCE_TAG) :] for t in run.tags if t.startswith(RESOURCE_TAG)}
-    return ids
+    return {t[len(RESOURCE_TAG) :] for t in fold_tags(fold) if t.startswith(RESOURCE_TAG)}
 
 
 class ResourceLease:
@@ -276,12 +278,8 @@ def session_claims(fold: str, name: str) -> tuple[bool, set[str]]:
     """What this Prefect server's runs of ``fold`` recorded about creating the session ``name``: whether
     one set out to (tag ``grpo-session:<name>``, written before the create) and the ids Together gave
     them (``grpo-session:<name>:<id>``, written as the create returns)."""
-    tag = SESSION_TAG + name
-    intent, ids = False, set()
-    for run in _runs_tagged(FOLD_TAG + fold_slug(fold)):
-        intent |= tag in run.tags
-        ids |= {t[len(tag) + 1 :] for t in run.tags if t.startswith(tag + ":")}
-    return intent, ids
+    tag, tags = SESSION_TAG + name, fold_tags(fold)
+    return tag in tags, {t[len(tag) + 1 :] for t in tags if t.startswith(tag + ":")}
 
 
 def left_by_this_server(existing: list[pt.SessionInfo], intent: bool, ids: set[str]) -> pt.SessionInfo | None:
@@ -292,7 +290,7 @@ def left_by_this_server(existing: list[pt.SessionInfo], intent: bool, ids: set[s
     recorded no id, it was killed before Together's reply reached it: the oldest session is taken as
     that one (a rival created in those same milliseconds would be driven twice, its steps still
     applied once by their idempotency keys). Any other session is a run's on a machine with another
-    Prefect server, still driving it: this run follows it (before, it re-attached and drove it too).
+    Prefect server, still driving it: this run follows it.
     """
     claimed = [s for s in existing if s.id in ids]
     if claimed:
@@ -383,9 +381,9 @@ def train_grpo_epoch(
             key=lambda s: (s.created_at, s.id),
         )
         mine: pt.SessionInfo | None = None
-        left = (
-            None if lease.following or not existing else left_by_this_server(existing, *session_claims(spec.fold, name))
-        )
+        left = None
+        if existing and not lease.following:
+            left = left_by_this_server(existing, *session_claims(spec.fold, name))
         if existing and left is None:  # another run trains the epoch: the one this run follows, or another machine's
             oldest = existing[0]
             lease.following = True
