@@ -21,7 +21,6 @@ from pathlib import Path
 from prefect import get_client
 from prefect.automations import Automation
 from prefect.client.schemas.actions import (
-    GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
 )
@@ -29,12 +28,13 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from deployments.definitions import plan_deployments
 from epochwise.config import OpsConfig, Settings
 from epochwise.names import TAG
+from tasks.locks import read_or_create_limit
 
 CRASH_AUTOMATION = "epochwise: crash flow runs without heartbeat"
 WORK_POOL_TYPE = "process"
@@ -62,15 +62,18 @@ def ensure_work_pool(client, name: str) -> Applied:
     except ObjectNotFound:
         from prefect.workers.process import ProcessWorker
 
-        client.create_work_pool(
-            WorkPoolCreate(
-                name=name,
-                type=WORK_POOL_TYPE,
-                base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="epochwise flow runs, each in its own process on the worker's machine.",
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=WORK_POOL_TYPE,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="epochwise flow runs, each in its own process on the worker's machine.",
+                )
             )
-        )
-        return Applied("work pool", name, "created", WORK_POOL_TYPE)
+            return Applied("work pool", name, "created", WORK_POOL_TYPE)
+        except ObjectAlreadyExists:  # a rival apply made it, or this create did and its resend found it
+            pool = client.read_work_pool(name)
     if pool.type != WORK_POOL_TYPE:
         raise ValueError(f"work pool {name!r} exists with type {pool.type!r}; epochwise needs a process pool")
     return Applied("work pool", name, "unchanged", WORK_POOL_TYPE)
@@ -82,10 +85,8 @@ def ensure_limit(client, name: str, slots: int) -> Applied:
     A limit that Prefect auto-created (inactive, when a flow asked for a name before any apply) is
     switched on here: an inactive limit limits nothing.
     """
-    try:
-        limit = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True))
+    limit = read_or_create_limit(client, name, slots)
+    if limit is None:
         return Applied("limit", name, "created", f"{slots} slot(s)")
     if limit.limit == slots and limit.active:
         return Applied("limit", name, "unchanged", f"{slots} slot(s)")

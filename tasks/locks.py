@@ -67,6 +67,25 @@ def exclusive_lock(name: str, wait_s: float, busy: Exception, directory: Path | 
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def read_or_create_limit(client: Any, name: str, slots: int) -> Any | None:
+    """The global concurrency limit ``name`` as the server has it, or None when this call created it
+    (active, ``slots`` slots).
+
+    A create that answers 409 found the limit there: a rival created it between the read and the create,
+    or this very create did. Prefect's client resends a request after a read timeout or a 503 (both
+    come when SQLite is busy), and a create that committed the first time answers 409 to its resend.
+    """
+    try:
+        return client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        pass
+    try:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True))
+        return None
+    except ObjectAlreadyExists:
+        return client.read_global_concurrency_limit_by_name(name)
+
+
 def lease_limit_name(name: str) -> str:
     """The global concurrency limit behind ``server_lease(name)``."""
     return f"epochwise-{name}"
@@ -78,13 +97,7 @@ def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exceptio
     raise ``busy`` if it is still taken after ``wait_s`` seconds (None: wait as long as it takes)."""
     limit = lease_limit_name(name)
     with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(limit)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-            except ObjectAlreadyExists:  # the racer we are about to wait for created it first
-                pass
+        read_or_create_limit(client, limit, 1)
     slot = contextlib.ExitStack()
     try:
         # strict: a limit deleted in between fails loudly instead of silently holding nothing; a failed

@@ -16,9 +16,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
 
 from blocks.credentials import together_client
 from epochwise import sweep as sw
@@ -32,6 +31,7 @@ from epochwise.epochs import EpochRecord
 from epochwise.fold import Fold
 from epochwise.io import atomic_write_bytes
 from epochwise.report import data_uri
+from tasks.locks import read_or_create_limit
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,8 @@ def trial_slots(ref: SweepRef, parallel: int) -> str:
     API never expires leases: Prefect runs that service only in ``prefect server start``).
     """
     with get_client(sync_client=True) as client:
-        try:
-            current = client.read_global_concurrency_limit_by_name(ref.limit)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=ref.limit, limit=parallel))
+        current = read_or_create_limit(client, ref.limit, parallel)
+        if current is None:
             return ref.limit
         update = GlobalConcurrencyLimitUpdate(limit=parallel)
         if current.active_slots:
