@@ -142,18 +142,22 @@ def late_first_create(route: str, late_s: float = 3.0) -> Iterator[LateFirstCrea
         proxy.server_close()
 
 
+def delete_if_there(limits: list[str], pool: str) -> None:
+    with get_client(sync_client=True) as client:
+        for name in limits:
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_global_concurrency_limit_by_name(name)
+        with contextlib.suppress(ObjectNotFound):
+            client.delete_work_pool(pool)
+
+
 def test_a_create_that_commits_but_answers_late_is_found_not_failed():
     """Prefect's client resends a create that timed out; the resend of one that had committed answers 409.
     `read_or_create_limit` (behind `deployments apply`, the sweep's trial slots and the server lease)
     and `ensure_work_pool` read what is there then instead of failing."""
     names = ["epochwise-test-late-create-apply", "epochwise-test-late-create-lease"]
     pool = "epochwise-test-late-create"
-    with get_client(sync_client=True) as client:
-        for name in names:
-            with contextlib.suppress(ObjectNotFound):
-                client.delete_global_concurrency_limit_by_name(name)
-        with contextlib.suppress(ObjectNotFound):
-            client.delete_work_pool(pool)
+    delete_if_there(names, pool)  # the session's API is shared
     try:
         with late_first_create(LIMITS) as proxy, get_client(sync_client=True) as client:
             applied = ensure_limit(client, names[0], 2)
@@ -168,9 +172,4 @@ def test_a_create_that_commits_but_answers_late_is_found_not_failed():
             assert proxy.creates == 2
             assert (applied.action, client.read_work_pool(pool).type) == ("unchanged", "process")
     finally:
-        with get_client(sync_client=True) as client:
-            for name in names:
-                with contextlib.suppress(ObjectNotFound):
-                    client.delete_global_concurrency_limit_by_name(name)
-            with contextlib.suppress(ObjectNotFound):
-                client.delete_work_pool(pool)
+        delete_if_there(names, pool)
