@@ -27,6 +27,11 @@ What makes it safe with money:
   before the create and ``grpo-session:<name>:<id>`` when Together returns it: `left_by_this_server`);
   an active session of the epoch that no run here created is driven by a run on another machine,
   which this run follows (below) instead of driving it too.
+* Among the runs of one host and of one Prefect server (workers on several machines), one run drives
+  an epoch's session: it holds the epoch's drive lease (`ResourceLease.drive`: a host lock and the
+  server lease ``epochwise-grpo-drive-<fold>-e<k>``) from before it looks for the session until the
+  epoch ends. A second run waits there, then finds the epoch finished and uses its checkpoints; a
+  killed driver's lease expires after ``fold_lease_s`` and the rerun then re-attaches to its session.
 * Runs on two machines that share no Prefect server have no common lock, so both may create a
   resource and a session for the same epoch. After creating its session each run reads Together's
   session list: the oldest session of the epoch's name is kept, and a run whose session is not the
@@ -38,8 +43,10 @@ What makes it safe with money:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -213,6 +220,26 @@ class ResourceLease:
         busy = TogetherFailure(f"fold {self.fold} is being provisioned by another run; waited {wait:.0f} s")
         return fold_guard(f"grpo-{fold_slug(self.fold)}", wait, self.together.fold_lease_s, busy)
 
+    @contextlib.contextmanager
+    def drive(self, epoch: int, log: Any) -> Iterator[None]:
+        """Be the one run of this host and of this Prefect server that drives epoch ``epoch``'s session:
+        hold the fold's drive lease for that epoch (`drive_lease_name`) until the epoch ends.
+
+        A second run of the fold there, on another machine too, waits here for the first one's epoch
+        and then finds it finished, instead of re-attaching to its running session as a second driver.
+        A killed driver's hold ends with its process on its host and, on the server, when its lease
+        expires (``fold_lease_s``); the rerun then re-attaches to the session it left.
+        """
+        name, lease_s = drive_lease_name(self.fold, epoch), self.together.fold_lease_s
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(fold_guard(name, 0.5, lease_s, DriverBusy()))
+        except DriverBusy:
+            log.info(f"epoch {epoch}: another run of {self.fold} drives its session; waiting for that run's epoch")
+            held.enter_context(fold_guard(name, None, lease_s, DriverBusy()))
+        with held:
+            yield
+
     def _find(self, client: Any, slug: str) -> pt.ResourceInfo | None:
         live = [
             r for r in pt.live_resources(client) if r.base_model == self.spec.base_model and r.generator_replicas >= 1
@@ -259,6 +286,16 @@ class ResourceLease:
                 f"could not stop model resource {resource_id} ({exc}); the resource reaper stops it "
                 "(prefect deployment run job-reaper/frequent), Together after post_training.inactive_timeout_s"
             )
+
+
+class DriverBusy(Exception):
+    """The epoch's drive lease is held by another run (`ResourceLease.drive`)."""
+
+
+def drive_lease_name(fold: str, epoch: int) -> str:
+    """``grpo-drive-<fold>-e<k>``: one lease per fold and epoch number, so the server keeps a bounded set
+    of limits (runs of one fold with other settings take turns on an epoch, on the fold's one resource)."""
+    return f"grpo-drive-{fold_slug(fold)}-e{epoch}"
 
 
 _LEASES: dict[str, ResourceLease] = {}
@@ -359,7 +396,6 @@ def train_grpo_epoch(
     log = get_run_logger()
     lease = _LEASES[lease_name]
     client = together_client(together)
-    cfg = together.post_training
     name = pt.session_name(spec.fold, spec.epoch, spec.key)
     lease.sessions.add(name)
     # Prefect's cache (this task is SERIALIZABLE on the epoch key: `grpo_epoch_policy`) answers a rerun on
@@ -369,6 +405,28 @@ def train_grpo_epoch(
         return adopted_record(spec, done, client, log)
     if lease.following and (rival := lease.await_rival(client, name, log)) is not None:
         return followed_record(spec, rival, client, together, log)
+    with lease.drive(spec.epoch, log):
+        return drive_grpo_epoch(spec, lease, client, name, train_path, val_path, train, together, spent_usd)
+
+
+def drive_grpo_epoch(
+    spec: EpochSpec,
+    lease: ResourceLease,
+    client: Any,
+    name: str,
+    train_path: str,
+    val_path: str,
+    train: TrainConfig,
+    together: TogetherConfig,
+    spent_usd: float,
+) -> EpochRecord:
+    """`train_grpo_epoch` under the epoch's drive lease: the epoch's session (found, left by a killed
+    run of this server, or created), every step of it, and the record; or another run's record."""
+    log = get_run_logger()
+    cfg = together.post_training
+    done = pt.finished_epoch(client, name)  # the run this one waited for (`ResourceLease.drive`) finished it
+    if done is not None:
+        return adopted_record(spec, done, client, log)
     rid = lease.ensure(client, spec.epoch, spent_usd)
     started = datetime.now(UTC)
     clock = time.monotonic()

@@ -16,6 +16,7 @@ from epochwise.config.together import PostTrainingConfig
 from epochwise.config.train import GRPOParams, HyperParams
 from flows.epoch_train import epoch_train
 from tasks.locks import lease_limit_name
+from tasks.post_training import drive_lease_name
 from tests.fake_together import post_training as fake_pt
 from tests.helpers import FAST, Hosts, epoch_train_child, train_cfg
 
@@ -110,6 +111,15 @@ def epoch_sessions(pt, fold: str, epoch: int) -> list:
     return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
 
 
+def free_leases_of_a_killed_run(*names: str) -> None:
+    """A killed run leaves the server leases it held (the fold's, the epoch's drive lease); `prefect server
+    start` frees them when they expire, which the test harness's server does not do: free them as that
+    sweep would."""
+    with get_client(sync_client=True) as prefect:
+        for name in names:
+            prefect.delete_global_concurrency_limit_by_name(lease_limit_name(name))
+
+
 def test_a_run_killed_while_its_session_starts_resumes_on_that_session(fake_together, tmp_path):
     fold, reward = grpo_fold(tmp_path, "gc", "kill-creating")
     pt = fake_pt.state(fake_together)
@@ -129,10 +139,7 @@ def test_a_run_killed_while_its_session_starts_resumes_on_that_session(fake_toge
     (starting,) = epoch_sessions(pt, "gc", 1)
     assert starting.status == "TRAINING_SESSION_STATUS_CREATING"
     pt.script.hold_sessions_creating = False
-    # The killed run held the fold's server lease; `prefect server start` frees it when it expires, which
-    # the test harness's server does not do: free it as that sweep would.
-    with get_client(sync_client=True) as prefect:
-        prefect.delete_global_concurrency_limit_by_name(lease_limit_name("grpo-gc"))
+    free_leases_of_a_killed_run("grpo-gc", drive_lease_name("gc", 1))
 
     records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
 
@@ -163,6 +170,7 @@ def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(f
             child.kill()
     assert pt.applied["optim-step"] == 3 and pt.billing()  # killed: nothing stopped the resource
     pt.script.hold_after = {}
+    free_leases_of_a_killed_run(drive_lease_name("gk", 1))
 
     records = epoch_train(str(fold), grpo_cfg(reward), PT)
 
@@ -490,24 +498,33 @@ def test_close_stops_both_a_duplicate_settle_could_not_stop_and_the_folds_resour
     assert lease.leftover is None and lease.resource_id is None
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-servers", "one-server"])
 def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sends_no_operation(
-    fake_together, tmp_path
+    fake_together, tmp_path, shared
 ):
-    """Host B (its own Prefect server, no lock shared with host A) starts the fold while A's epoch 1
-    session is RUNNING with a step applied. No run of B's server created that session, so B follows A's
-    run: it waits for A's epochs and uses their checkpoints instead of re-attaching to A's session and
-    sending every operation a second time (as it did before). A rerun of a killed follower is this case."""
+    """Host B starts the fold while host A's epoch 1 session is RUNNING with a step applied; the hosts
+    share no file lock. With its own Prefect server, B finds that no run of its server created the
+    session and follows A's run. With one server for both (workers on two machines), B waits on the
+    epoch's drive lease that A holds. Either way B uses A's checkpoints instead of re-attaching to A's
+    session and sending every operation a second time (as it did before: with one server, until the
+    drive lease). A rerun of a killed follower is the first case."""
+    from prefect.settings import PREFECT_API_URL
+
     fold, reward = grpo_fold(tmp_path / "folds", "gm", "midway", n_train=4)
     pt = fake_pt.state(fake_together)
     pt.script.hold_after = {"optim-step": 1}  # A's 2nd optim step is applied, then held until B is in
-    hosts = Hosts(tmp_path, ["host-a", "host-b"], [str(fold)], train=grpo_cfg(reward), together=HOSTS_PT)
+    api_url = PREFECT_API_URL.value() if shared else None
+    hosts = Hosts(
+        tmp_path, ["host-a", "host-b"], [str(fold)], api_url=api_url, train=grpo_cfg(reward), together=HOSTS_PT
+    )
+    decided = ("to finish the epoch", "waiting for that run's epoch", "re-attaching")
     try:
         hosts.wait_ready()
         hosts.go(0)
         hosts.wait_for(lambda: pt.applied["optim-step"] >= 2, "host A never reached its held step")
         hosts.go(1)
         hosts.wait_for(
-            lambda: "to finish the epoch" in hosts.log(1) or "re-attaching" in hosts.log(1),
+            lambda: any(line in hosts.log(1) for line in decided),
             "host B never decided what to do with host A's session",
         )
         assert "re-attaching" not in hosts.log(1)
