@@ -235,7 +235,10 @@ class ResourceLease:
         try:
             held.enter_context(fold_guard(name, 0.5, lease_s, DriverBusy()))
         except DriverBusy:
-            log.info(f"epoch {epoch}: another run of {self.fold} drives its session; waiting for that run's epoch")
+            log.info(
+                f"epoch {epoch}: another run of {self.fold} drives its session (a killed run's hold ends within "
+                f"together.fold_lease_s={lease_s:.0f} s); waiting for that run's epoch"
+            )
             held.enter_context(fold_guard(name, None, lease_s, DriverBusy()))
         with held:
             yield
