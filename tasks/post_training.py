@@ -29,7 +29,7 @@ What makes it safe with money:
   which this run follows (below) instead of driving it too.
 * Among the runs of one host and of one Prefect server (workers on several machines), one run drives
   an epoch's session: it holds the epoch's drive lease (`ResourceLease.drive`: a host lock and the
-  server lease ``epochwise-grpo-drive-<fold>-e<k>``) from before it looks for the session until the
+  server lease ``epochwise-grpo-drive.<fold>.<model>.e<k>``) from before it looks for the session until the
   epoch ends. A second run waits there, then finds the epoch finished and uses its checkpoints; a
   killed driver's lease expires after ``fold_lease_s`` and the rerun then re-attaches to its session.
 * Runs on two machines that share no Prefect server have no common lock, so both may create a
@@ -44,9 +44,10 @@ What makes it safe with money:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -221,25 +222,34 @@ class ResourceLease:
         return fold_guard(f"grpo-{fold_slug(self.fold)}", wait, self.together.fold_lease_s, busy)
 
     @contextlib.contextmanager
-    def drive(self, epoch: int, log: Any) -> Iterator[None]:
+    def drive(self, epoch: int, finished: Callable[[], bool], log: Any) -> Iterator[None]:
         """Be the one run of this host and of this Prefect server that drives epoch ``epoch``'s session:
-        hold the fold's drive lease for that epoch (`drive_lease_name`) until the epoch ends.
+        hold the epoch's drive lease (`drive_lease_name`) until the epoch ends.
 
         A second run of the fold there, on another machine too, waits here for the first one's epoch
         and then finds it finished, instead of re-attaching to its running session as a second driver.
-        A killed driver's hold ends with its process on its host and, on the server, when its lease
-        expires (``fold_lease_s``); the rerun then re-attaches to the session it left.
+        While it waits it asks Together every ``list_poll_s`` whether the epoch ``finished()``, and goes
+        on without the lease once it has: a slot its holder can no longer free (a Prefect server
+        restarted with in-memory leases) holds nobody up after the epoch ends. A killed driver's hold
+        ends with its process on its host and, on the server, when its lease expires (``fold_lease_s``);
+        the rerun then re-attaches to the session it left.
         """
-        name, lease_s = drive_lease_name(self.fold, epoch), self.together.fold_lease_s
+        name, lease_s = drive_lease_name(self.fold, self.spec.base_model, epoch), self.together.fold_lease_s
         held = contextlib.ExitStack()
-        try:
-            held.enter_context(fold_guard(name, 0.5, lease_s, DriverBusy()))
-        except DriverBusy:
-            log.info(
-                f"epoch {epoch}: another run of {self.fold} drives its session (a killed run's hold ends within "
-                f"together.fold_lease_s={lease_s:.0f} s); waiting for that run's epoch"
-            )
-            held.enter_context(fold_guard(name, None, lease_s, DriverBusy()))
+        waiting = False
+        while True:
+            try:
+                held.enter_context(fold_guard(name, self.together.list_poll_s, lease_s, DriverBusy()))
+                break
+            except DriverBusy:
+                if not waiting:
+                    log.info(
+                        f"epoch {epoch}: another run of {self.fold} drives its session (a killed run's hold "
+                        f"ends within together.fold_lease_s={lease_s:.0f} s); waiting for that run's epoch"
+                    )
+                    waiting = True
+                if finished():
+                    break
         with held:
             yield
 
@@ -295,10 +305,13 @@ class DriverBusy(Exception):
     """The epoch's drive lease is held by another run (`ResourceLease.drive`)."""
 
 
-def drive_lease_name(fold: str, epoch: int) -> str:
-    """``grpo-drive-<fold>-e<k>``: one lease per fold and epoch number, so the server keeps a bounded set
-    of limits (runs of one fold with other settings take turns on an epoch, on the fold's one resource)."""
-    return f"grpo-drive-{fold_slug(fold)}-e{epoch}"
+def drive_lease_name(fold: str, base_model: str, epoch: int) -> str:
+    """``grpo-drive.<fold>.<8 hex of the base model>.e<k>``: one lease per fold, base model and epoch
+    number, so the server keeps a bounded set of limits; runs of one fold and model with other settings
+    take turns on an epoch, on the fold's one resource. (Dots never occur in a fold slug, so no fold's
+    ``grpo-<fold>`` guard has this name.)"""
+    model = hashlib.sha256(base_model.encode()).hexdigest()[:8]
+    return f"grpo-drive.{fold_slug(fold)}.{model}.e{epoch}"
 
 
 _LEASES: dict[str, ResourceLease] = {}
@@ -408,7 +421,7 @@ def train_grpo_epoch(
         return adopted_record(spec, done, client, log)
     if lease.following and (rival := lease.await_rival(client, name, log)) is not None:
         return followed_record(spec, rival, client, together, log)
-    with lease.drive(spec.epoch, log):
+    with lease.drive(spec.epoch, lambda: pt.finished_epoch(client, name) is not None, log):
         return drive_grpo_epoch(spec, lease, client, name, train_path, val_path, train, together, spent_usd)
 
 
@@ -472,7 +485,7 @@ def drive_grpo_epoch(
                     f"epoch {spec.epoch}: session {mine.id}" + (f" resumed from {spec.parent}" if spec.parent else "")
                 )
             oldest = lease.settle(client, mine, log)
-    if mine is None or oldest.id != mine.id:  # another run trains this epoch: wait for it, outside the lock
+    if mine is None or oldest.id != mine.id:  # another run trains this epoch: wait for it, outside the fold guard
         return followed_record(spec, oldest, client, together, log)
     session, rid = mine, mine.resource_id
     lease.following = False  # this run drives the epoch's session (the run it followed, if any, is gone)

@@ -182,11 +182,17 @@ def labelled_spans(row) -> list[list[int]]:
 
 
 def epoch_train_child(
-    fold: Path, epochs: int, train: TrainConfig | None = None, together: TogetherConfig | None = None, **train_kw
+    fold: Path,
+    epochs: int,
+    train: TrainConfig | None = None,
+    together: TogetherConfig | None = None,
+    log: Path | None = None,
+    **train_kw,
 ) -> subprocess.Popen:
     """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
     result storage, so a test can SIGKILL or SIGTERM it mid-run (``train``/``together``: other settings;
-    ``train_kw``: changes to the default ``train_cfg``, e.g. ``method="dpo"``)."""
+    ``log``: where its output goes, else nowhere; ``train_kw``: changes to the default ``train_cfg``,
+    e.g. ``method="dpo"``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     params = {
@@ -201,13 +207,18 @@ def epoch_train_child(
         "PYTHONPATH": str(REPO),
     }
     code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(params)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    out = log.open("w") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(params)],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        )
+    finally:
+        if log:
+            out.close()
 
 
 # --- Counting work at a library boundary ----------------------------------------------------------

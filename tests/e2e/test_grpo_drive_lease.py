@@ -73,6 +73,8 @@ def test_a_killed_drivers_lease_expires_on_a_real_server_and_the_rerun_re_attach
                 first.kill()
         pt.script.hold_after = {}
         killed = time.monotonic()
+        # the README's server settings keep leases in files, so a server restart would not orphan this one
+        assert list((prefect_server.home / "concurrency_leases").glob("*.json"))
 
         rerun = epoch_train_process(prefect_server, fake, params, tmp_path / "rerun.log")
         try:

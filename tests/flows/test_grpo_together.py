@@ -18,7 +18,7 @@ from flows.epoch_train import epoch_train
 from tasks.locks import lease_limit_name
 from tasks.post_training import drive_lease_name
 from tests.fake_together import post_training as fake_pt
-from tests.helpers import FAST, Hosts, epoch_train_child, train_cfg
+from tests.helpers import BASE, FAST, Hosts, epoch_train_child, train_cfg
 
 PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
 # For two hosts, each starting its own Prefect API: host B may take a while to start its flow run on a
@@ -99,7 +99,6 @@ def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_
 
 def ready_resource(client):
     """A model resource of the base model, made READY (the fake moves one state per GET), as another run's."""
-    from tests.helpers import BASE
 
     res = client.post_training.model_resources.create(base_model=BASE, compute_config={"num_generator_replicas": 1})
     client.post_training.model_resources.retrieve(res.id)
@@ -139,7 +138,7 @@ def test_a_run_killed_while_its_session_starts_resumes_on_that_session(fake_toge
     (starting,) = epoch_sessions(pt, "gc", 1)
     assert starting.status == "TRAINING_SESSION_STATUS_CREATING"
     pt.script.hold_sessions_creating = False
-    free_leases_of_a_killed_run("grpo-gc", drive_lease_name("gc", 1))
+    free_leases_of_a_killed_run("grpo-gc", drive_lease_name("gc", BASE, 1))
 
     records = epoch_train(str(fold), grpo_cfg(reward, epochs=1), PT)
 
@@ -170,7 +169,7 @@ def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(f
             child.kill()
     assert pt.applied["optim-step"] == 3 and pt.billing()  # killed: nothing stopped the resource
     pt.script.hold_after = {}
-    free_leases_of_a_killed_run(drive_lease_name("gk", 1))
+    free_leases_of_a_killed_run(drive_lease_name("gk", BASE, 1))
 
     records = epoch_train(str(fold), grpo_cfg(reward), PT)
 
@@ -517,6 +516,7 @@ def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sen
     hosts = Hosts(
         tmp_path, ["host-a", "host-b"], [str(fold)], api_url=api_url, train=grpo_cfg(reward), together=HOSTS_PT
     )
+    expected = "waiting for that run's epoch" if shared else "to finish the epoch"  # drive lease / follow
     decided = ("to finish the epoch", "waiting for that run's epoch", "re-attaching")
     try:
         hosts.wait_ready()
@@ -527,7 +527,7 @@ def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sen
             lambda: any(line in hosts.log(1) for line in decided),
             "host B never decided what to do with host A's session",
         )
-        assert "re-attaching" not in hosts.log(1)
+        assert "re-attaching" not in hosts.log(1) and expected in hosts.log(1)
         pt.script.hold_after = {}
         reported = hosts.finish()
     finally:
@@ -562,3 +562,50 @@ def test_a_rerun_re_attaches_only_to_a_session_a_run_of_its_server_created(inten
     ]
     left = left_by_this_server(existing, intent, ids)
     assert (left.id if left else None) == expected
+
+
+def test_a_run_waiting_on_a_slot_nobody_frees_uses_the_epoch_once_together_shows_it_finished(fake_together, tmp_path):
+    """A Prefect server restarted with in-memory leases keeps a slot held at the time taken for good. A
+    run that waits on that epoch's drive lease asks Together meanwhile, and uses the epoch once a run on
+    another machine (its own Prefect server) finished it: it provisions nothing and sends no operation,
+    instead of waiting forever."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from tasks.locks import read_or_create_limit
+
+    fold, reward = grpo_fold(tmp_path / "folds", "go", "orphan", n_train=4)
+    pt = fake_pt.state(fake_together)
+    train = grpo_cfg(reward, epochs=1)
+    limit = lease_limit_name(drive_lease_name("go", BASE, 1))
+    with get_client(sync_client=True) as prefect:
+        read_or_create_limit(prefect, limit, 1)
+        prefect.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=1))
+    log = tmp_path / "waiter.log"
+    waiter = epoch_train_child(fold, 1, train, HOSTS_PT, log=log)
+    hosts = None
+    try:
+        deadline = time.monotonic() + 300  # a generous bound on start-up, not a speed assertion
+        while "waiting for that run's epoch" not in log.read_text():
+            assert waiter.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the waiting run never reached the drive lease"
+            time.sleep(0.05)
+        hosts = Hosts(tmp_path, ["host-a"], [str(fold)], train=train, together=HOSTS_PT)
+        hosts.wait_ready()
+        hosts.go(0)
+        (reported,) = hosts.finish()
+        assert waiter.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for child in [waiter, *(hosts.children if hosts else [])]:
+            if child.poll() is None:
+                child.kill()
+        with get_client(sync_client=True) as prefect:
+            prefect.delete_global_concurrency_limit_by_name(limit)
+
+    assert "already ran to its end" in log.read_text() and "re-attaching" not in log.read_text()
+    assert len(pt.resources) == 1 and pt.billing() == []  # host A's resource only, stopped
+    assert len(epoch_sessions(pt, "go", 1)) == 1
+    op_posts = sum(
+        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
+    )
+    assert op_posts == len(pt.operations)  # one driver: host A
+    assert len(reported["go"]) == 1
