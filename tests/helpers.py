@@ -187,12 +187,13 @@ def epoch_train_child(
     train: TrainConfig | None = None,
     together: TogetherConfig | None = None,
     log: Path | None = None,
+    env: dict[str, str] | None = None,
     **train_kw,
 ) -> subprocess.Popen:
     """``epoch-train`` on the Together backend in a child process sharing this test's Prefect API and
     result storage, so a test can SIGKILL or SIGTERM it mid-run (``train``/``together``: other settings;
-    ``log``: where its output goes, else nowhere; ``train_kw``: changes to the default ``train_cfg``,
-    e.g. ``method="dpo"``)."""
+    ``log``: where its output goes, else nowhere; ``env``: the child's environment instead, e.g. a real
+    server's and the fake's; ``train_kw``: changes to the default ``train_cfg``, e.g. ``method="dpo"``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
     params = {
@@ -200,12 +201,13 @@ def epoch_train_child(
         "train": (train or train_cfg(epochs, **train_kw)).model_dump(mode="json"),
         "together": (together or FAST).model_dump(mode="json"),
     }
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
-        "PYTHONPATH": str(REPO),
-    }
+    if env is None:
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": PREFECT_API_URL.value(),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        }
+    env = {**env, "PYTHONPATH": str(REPO)}
     code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
     out = log.open("w") if log else subprocess.DEVNULL
     try:

@@ -8,10 +8,7 @@ run's leases by hand); this is the path those tests cannot show.
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,44 +18,35 @@ from tests.e2e.processes import Prefect, tail
 from tests.fake_together import post_training as fake_pt
 from tests.fake_together.server import FakeTogether
 from tests.flows.test_grpo_together import PT, epoch_sessions, grpo_cfg, grpo_fold
+from tests.helpers import epoch_train_child
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 LEASE_S = 60.0  # the shortest `together.fold_lease_s` allows
 HANG_S = 300  # hang guard: the lease, the repossessor's 15 s loop and start-up on 2 loaded cores
 
 
-def epoch_train_process(prefect: Prefect, fake: FakeTogether, params: dict, log: Path) -> subprocess.Popen:
-    """``epoch-train`` in its own process against the real server and the fake Together."""
-    env = {
+def child_env(prefect: Prefect, fake: FakeTogether) -> dict[str, str]:
+    """A flow process's environment: the real server's client settings and the fake Together."""
+    return {
         **prefect.env,
         "TOGETHER_BASE_URL": fake.base_url,
         "TOGETHER_API_KEY": fake.api_key,
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
-        "PYTHONPATH": str(REPO),
     }
-    code = "import json,sys; from flows.epoch_train import epoch_train; epoch_train(**json.loads(sys.argv[1]))"
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(params)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 def test_a_killed_drivers_lease_expires_on_a_real_server_and_the_rerun_re_attaches(
     prefect_server: Prefect, tmp_path: Path
 ):
     fold, reward = grpo_fold(tmp_path, "gl", "lease", n_train=4)
-    params = {
-        "fold": str(fold),
-        "train": grpo_cfg(reward, epochs=1).model_dump(mode="json"),
-        "together": PT.model_copy(update={"fold_lease_s": LEASE_S}).model_dump(mode="json"),
-    }
+    train, together = grpo_cfg(reward, epochs=1), PT.model_copy(update={"fold_lease_s": LEASE_S})
     with FakeTogether(api_key="fake-key-e2e-drive-lease") as fake:
         pt = fake_pt.state(fake)
         pt.script.hold_after = {"optim-step": 1}  # the 2nd (last) optim step is applied, then held
-        first = epoch_train_process(prefect_server, fake, params, tmp_path / "first.log")
+        env = child_env(prefect_server, fake)
+        first = epoch_train_child(fold, 1, train, together, log=tmp_path / "first.log", env=env)
         try:
             deadline = time.monotonic() + HANG_S
             while pt.applied["optim-step"] < 2:
@@ -76,7 +64,7 @@ def test_a_killed_drivers_lease_expires_on_a_real_server_and_the_rerun_re_attach
         # the README's server settings keep leases in files, so a server restart would not orphan this one
         assert list((prefect_server.home / "concurrency_leases").glob("*.json"))
 
-        rerun = epoch_train_process(prefect_server, fake, params, tmp_path / "rerun.log")
+        rerun = epoch_train_child(fold, 1, train, together, log=tmp_path / "rerun.log", env=env)
         try:
             assert rerun.wait(timeout=HANG_S) == 0, tail(tmp_path / "rerun.log")
         finally:

@@ -110,6 +110,11 @@ def epoch_sessions(pt, fold: str, epoch: int) -> list:
     return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
 
 
+def operation_posts(fake) -> int:
+    """How many operation POSTs the fake received, resends included (one driver sends each once)."""
+    return sum(n for route, n in fake.counts.items() if route.startswith("POST") and "/operations/" in route)
+
+
 def free_leases_of_a_killed_run(*names: str) -> None:
     """A killed run leaves the server leases it held (the fold's, the epoch's drive lease); `prefect server
     start` frees them when they expire, which the test harness's server does not do: free them as that
@@ -435,9 +440,7 @@ def test_two_hosts_racing_one_grpo_fold_keep_one_session_per_epoch_and_apply_eac
     trained = {op.session_id for op in pt.operations.values()}
     assert sum(s.id in trained for s in first) == 1  # the duplicate was stopped before any operation
     assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
-    op_posts = sum(
-        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
-    )
+    op_posts = operation_posts(fake_together)
     assert op_posts == len(pt.operations)  # one driver: no operation was sent twice
     (duplicate,) = [s for s in first if s.id not in trained]
     (kept,) = [s for s in first if s.id in trained]
@@ -535,9 +538,7 @@ def test_a_host_that_starts_a_fold_mid_epoch_follows_the_run_training_it_and_sen
 
     assert len(pt.resources) == 1 and pt.billing() == []  # B provisioned nothing; A stopped its resource
     assert [len(epoch_sessions(pt, "gm", e)) for e in (1, 2)] == [1, 1]
-    op_posts = sum(
-        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
-    )
+    op_posts = operation_posts(fake_together)
     assert op_posts == len(pt.operations)  # one driver: no operation was sent twice
     assert pt.applied["optim-step"] == 4 and len(set(pt.applied_keys)) == len(pt.applied_keys)
     assert reported[0]["gm"] == reported[1]["gm"] and len(reported[0]["gm"]) == 2
@@ -604,8 +605,6 @@ def test_a_run_waiting_on_a_slot_nobody_frees_uses_the_epoch_once_together_shows
     assert "already ran to its end" in log.read_text() and "re-attaching" not in log.read_text()
     assert len(pt.resources) == 1 and pt.billing() == []  # host A's resource only, stopped
     assert len(epoch_sessions(pt, "go", 1)) == 1
-    op_posts = sum(
-        n for route, n in fake_together.counts.items() if route.startswith("POST") and "/operations/" in route
-    )
+    op_posts = operation_posts(fake_together)
     assert op_posts == len(pt.operations)  # one driver: host A
     assert len(reported["go"]) == 1
