@@ -467,6 +467,8 @@ class Operations:
     cfg: PostTrainingConfig
     sleep: Callable[[float], None] = time.sleep
     posted: list[tuple[str, str]] = field(default_factory=list)  # (kind, key), for logs and tests
+    # called before each POST: raises when this run may no longer send (another run drives the session)
+    before_post: Callable[[], None] = lambda: None
 
     @property
     def _base(self) -> str:
@@ -476,6 +478,7 @@ class Operations:
         """POST the operation (``body`` uploaded first when over 0.5 MiB), poll it to COMPLETED and return
         its output; `PostTrainingFailure` with Together's error code when it FAILED."""
         body = self._offload(body)
+        self.before_post()
         try:
             op = self.client.post(
                 f"{self._base}/operations/{kind}",

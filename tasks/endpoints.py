@@ -44,7 +44,7 @@ from epochwise.config.together import TogetherConfig
 from epochwise.epochs import EpochRecord, choose_epoch, read_epochs, records_from_table
 from epochwise.fold import Fold
 from epochwise.io import atomic_dir
-from tasks.locks import fold_guard
+from tasks.locks import HostOnly, ServerLease, fold_guard
 
 
 def project_client(together: TogetherConfig) -> Together:
@@ -52,7 +52,9 @@ def project_client(together: TogetherConfig) -> Together:
     return ea.with_project(together_client(together))
 
 
-def endpoint_lock(slug: str, wait_s: float, lease_s: float) -> contextlib.AbstractContextManager[None]:
+def endpoint_lock(
+    slug: str, wait_s: float, lease_s: float
+) -> contextlib.AbstractContextManager[ServerLease | HostOnly]:
     """An exclusive lock per endpoint name (`fold_guard`: a file lock, and with a Prefect server its
     lease): find-then-create is never interleaved by two runs on this host or on two workers of a server."""
     busy = ea.EndpointFailure(f"endpoint {slug} is being deployed by another run")

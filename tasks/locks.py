@@ -6,15 +6,18 @@ holder dies, even by SIGKILL, so a crash never leaves a fold locked.
 
 A server lease (`server_lease`) is the one slot of a Prefect global concurrency limit, created on first
 use: it holds across workers and machines that share one Prefect server. The slot is leased for
-``lease_s`` seconds and renewed in the background while held, so a holder that dies frees it once
-its lease expires (the server's expired-lease sweep). `fold_guard` takes it only with a Prefect server
-(``PREFECT_API_URL``); on the ephemeral API the flock alone covers the host.
+``lease_s`` seconds and renewed in the background while held (`LeaseKeeper`, through server outages),
+so a holder that dies frees it once its lease expires (the server's expired-lease sweep). `fold_guard`
+takes it only with a Prefect server (``PREFECT_API_URL``); on the ephemeral API the flock alone covers
+the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 from prefect.cache_policies import CachePolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.concurrency._asyncio import _discard_cleanup_lease
+from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
+from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.locking.protocol import LockManager
@@ -91,36 +97,151 @@ def lease_limit_name(name: str) -> str:
     return f"epochwise-{name}"
 
 
+class LeaseLost(RuntimeError):
+    """A server lease expired while its holder ran (another run may hold the slot now)."""
+
+
+class LeaseKeeper:
+    """Renews the lease ``lease_id`` (``lease_s`` long) every ``every_s`` seconds in a thread until `stop`.
+
+    Prefect's own renewal (`prefect.concurrency.sync.concurrency`) tries three times, a few seconds
+    apart, then stops for good: a server away for those seconds ends the lease while its holder runs
+    on, and a run waiting on another machine takes the slot. This one retries until the server answers
+    again, so an outage shorter than ``lease_s - every_s`` costs nothing; when the server answers 410
+    (the lease expired and its sweep reclaimed it) it sets ``lost`` and stops, and `ServerLease.check`
+    stops the holder.
+    """
+
+    RETRY_S = (1.0, 2.0, 5.0)  # waits between failed renewals; the last one repeats
+
+    def __init__(self, name: str, lease_id: Any, lease_s: float, every_s: float) -> None:
+        self.name, self.lease_id, self.lease_s, self.every_s = name, lease_id, lease_s, every_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        # in the holder's context: its settings (the API it talks to) and run, whose logger shows the keeper's lines
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), daemon=True, name=f"lease-{name}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with get_client(sync_client=True) as client:
+            while not self._stop.wait(self.every_s) and self._renew(client):
+                pass
+
+    def _renew(self, client: Any) -> bool:
+        """One renewal, retried through failures; False once the lease is gone or the keeper stops."""
+        for attempt in itertools.count():
+            try:
+                client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=self.lease_s)
+                if attempt:
+                    logger.info(f"renewed the lease of {self.name} after {attempt} failed tries")
+                return True
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == 410:
+                    logger.error(
+                        f"the lease of {self.name} expired before it could be renewed (the Prefect server was "
+                        f"unreachable for longer than its {self.lease_s:.0f} s); another run may hold it now"
+                    )
+                    self.lost.set()
+                    return False
+                failure: Exception = exc
+            except Exception as exc:  # the server is away (refused, timed out, restarting)
+                failure = exc
+            wait = self.RETRY_S[min(attempt, len(self.RETRY_S) - 1)]
+            logger.warning(f"could not renew the lease of {self.name} ({failure}); trying again in {wait:.0f} s")
+            if self._stop.wait(wait):
+                return False
+        raise AssertionError("unreachable")
+
+
+class ServerLease:
+    """The held slot of ``epochwise-<name>``; `check` before each step that only its holder may take.
+
+    Made of the parts of ``prefect.concurrency.sync.concurrency`` (prefect 3.8: acquisition with its
+    waits on 423, release, events), with `LeaseKeeper` instead of Prefect's renewal loop."""
+
+    def __init__(self, limit: str, lease_s: float, every_s: float) -> None:
+        self.limit, self.lease_s, self.every_s = limit, lease_s, every_s
+        self.keeper: LeaseKeeper | None = None
+        self.limits: list[Any] = []
+        self.events: dict[Any, Any] = {}
+
+    def acquire(self, wait_s: float | None) -> None:
+        """Take the slot, waiting up to ``wait_s`` seconds (None: as long as it takes); TimeoutError if busy.
+
+        strict: a limit deleted in between fails loudly instead of silently holding nothing."""
+        granted = acquire_concurrency_slots_with_lease(
+            [self.limit], 1, timeout_seconds=wait_s, lease_duration=self.lease_s, strict=True
+        )
+        self.limits = granted.limits
+        self.events = emit_concurrency_acquisition_events(self.limits, 1)
+        self.keeper = LeaseKeeper(self.limit, granted.lease_id, self.lease_s, self.every_s)
+
+    def release(self) -> None:
+        if self.keeper is None:
+            return
+        keeper, self.keeper = self.keeper, None
+        keeper.stop()
+        release_concurrency_slots_with_lease(keeper.lease_id)  # a lease already gone: the server answers 204
+        _discard_cleanup_lease(keeper.lease_id)
+        emit_concurrency_release_events(self.limits, 1, self.events)
+
+    def check(self) -> None:
+        """Raise `LeaseLost` once the lease expired (`LeaseKeeper.lost`): another run may hold the slot, or
+        have held it and gone on with the work meanwhile, so this one stops rather than take it again."""
+        if self.keeper is None or not self.keeper.lost.is_set():
+            return
+        self.release()
+        raise LeaseLost(
+            f"{self.limit}: this run's lease expired while the Prefect server was unreachable for longer than "
+            f"{self.lease_s:.0f} s, so another run may hold it now; this run stops here so that two runs never "
+            "go on at once (a rerun goes on from what is done)"
+        )
+
+    def taken(self) -> bool:
+        """Whether a run holds the slot now (after `check` raised: another run)."""
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(self.limit).active_slots > 0
+
+
+class HostOnly:
+    """What `fold_guard` holds without a Prefect server: the file lock alone, which cannot expire."""
+
+    def check(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def server_lease(name: str, wait_s: float | None, lease_s: float, busy: Exception) -> Iterator[None]:
+def server_lease(
+    name: str, wait_s: float | None, lease_s: float, busy: Exception, renew_every_s: float | None = None
+) -> Iterator[ServerLease]:
     """Hold the single slot of the global concurrency limit ``epochwise-<name>`` (created on demand);
-    raise ``busy`` if it is still taken after ``wait_s`` seconds (None: wait as long as it takes)."""
+    raise ``busy`` if it is still taken after ``wait_s`` seconds (None: wait as long as it takes).
+
+    The lease is renewed every ``renew_every_s`` (default a third of ``lease_s``), through outages; a
+    failed renewal never stops the holder (an hours-long local epoch), the file lock still holds."""
     limit = lease_limit_name(name)
     with get_client(sync_client=True) as client:
         read_or_create_limit(client, limit, 1)
-    slot = contextlib.ExitStack()
+    held = ServerLease(limit, lease_s, lease_s / 3 if renew_every_s is None else renew_every_s)
     try:
-        # strict: a limit deleted in between fails loudly instead of silently holding nothing; a failed
-        # renewal (server briefly away) must not kill an hours-long local epoch, the file lock still holds
-        held = concurrency(
-            limit,
-            occupy=1,
-            timeout_seconds=wait_s,
-            lease_duration=lease_s,
-            strict=True,
-            raise_on_lease_renewal_failure=False,
-        )
-        slot.enter_context(held)
+        held.acquire(wait_s)
     except TimeoutError:
         raise busy from None
-    with slot:
-        yield
+    try:
+        yield held
+    finally:
+        held.release()
 
 
 @contextlib.contextmanager
 def fold_guard(
     name: str, wait_s: float | None, lease_s: float, busy: Exception, directory: Path | None = None
-) -> Iterator[None]:
+) -> Iterator[ServerLease | HostOnly]:
     """The file lock (in ``directory``, default `locks_dir`), then, with a Prefect server, its lease of
     ``name``: one holder at a time on this host and on every worker of the server.
 
@@ -131,11 +252,11 @@ def fold_guard(
     start = time.monotonic()
     with exclusive_lock(name, float("inf") if wait_s is None else wait_s, busy, directory):
         if not PREFECT_API_URL.value():
-            yield
+            yield HostOnly()
             return
         left = None if wait_s is None else max(wait_s - (time.monotonic() - start), 1.0)
-        with server_lease(name, left, lease_s, busy):
-            yield
+        with server_lease(name, left, lease_s, busy) as held:
+            yield held
 
 
 class HostLockManager(LockManager):

@@ -69,7 +69,7 @@ from epochwise.fold import fold_slug
 from epochwise.rewards import load_rewards, read_prompt_rows
 from epochwise.together_api import BudgetExceeded, TogetherFailure
 from tasks.cancellation import _current_run_id, refuse_if_stopping
-from tasks.locks import fold_guard, serialized_on_host
+from tasks.locks import HostOnly, LeaseLost, ServerLease, fold_guard, serialized_on_host
 from tasks.together import EpochSpec
 
 RESOURCE_TAG = "together-resource:"
@@ -222,7 +222,7 @@ class ResourceLease:
         return fold_guard(f"grpo-{fold_slug(self.fold)}", wait, self.together.fold_lease_s, busy)
 
     @contextlib.contextmanager
-    def drive(self, epoch: int, finished: Callable[[], bool], log: Any) -> Iterator[None]:
+    def drive(self, epoch: int, finished: Callable[[], bool], log: Any) -> Iterator[ServerLease | HostOnly]:
         """Be the one run of this host and of this Prefect server that drives epoch ``epoch``'s session:
         hold the epoch's drive lease (`drive_lease_name`) until the epoch ends.
 
@@ -232,14 +232,16 @@ class ResourceLease:
         on without the lease once it has: a slot its holder can no longer free (a Prefect server
         restarted with in-memory leases) holds nobody up after the epoch ends. A killed driver's hold
         ends with its process on its host and, on the server, when its lease expires (``fold_lease_s``);
-        the rerun then re-attaches to the session it left.
+        the rerun then re-attaches to the session it left. Yields the hold, whose ``check()`` the driver
+        calls before each operation it sends (`still_driving`).
         """
         name, lease_s = drive_lease_name(self.fold, self.spec.base_model, epoch), self.together.fold_lease_s
         held = contextlib.ExitStack()
+        hold: ServerLease | HostOnly = HostOnly()  # the epoch finished while this run waited: nothing to drive
         waiting = False
         while True:
             try:
-                held.enter_context(fold_guard(name, self.together.list_poll_s, lease_s, DriverBusy()))
+                hold = held.enter_context(fold_guard(name, self.together.list_poll_s, lease_s, DriverBusy()))
                 break
             except DriverBusy:
                 if not waiting:
@@ -251,7 +253,7 @@ class ResourceLease:
                 if finished():
                     break
         with held:
-            yield
+            yield hold
 
     def _find(self, client: Any, slug: str) -> pt.ResourceInfo | None:
         live = [
@@ -421,13 +423,14 @@ def train_grpo_epoch(
         return adopted_record(spec, done, client, log)
     if lease.following and (rival := lease.await_rival(client, name, log)) is not None:
         return followed_record(spec, rival, client, together, log)
-    with lease.drive(spec.epoch, lambda: pt.finished_epoch(client, name) is not None, log):
-        return drive_grpo_epoch(spec, lease, client, name, train_path, val_path, train, together, spent_usd)
+    with lease.drive(spec.epoch, lambda: pt.finished_epoch(client, name) is not None, log) as hold:
+        return drive_grpo_epoch(spec, lease, hold, client, name, train_path, val_path, train, together, spent_usd)
 
 
 def drive_grpo_epoch(
     spec: EpochSpec,
     lease: ResourceLease,
+    hold: ServerLease | HostOnly,
     client: Any,
     name: str,
     train_path: str,
@@ -492,7 +495,7 @@ def drive_grpo_epoch(
     rewards = load_rewards(train.rewards)
     rows = read_prompt_rows(train_path)
     tokenizer = pt.load_tokenizer(train.grpo.tokenizer or train.base_model)
-    ops = pt.Operations(client, session.id, cfg)
+    ops = pt.Operations(client, session.id, cfg, before_post=lambda: still_driving(hold, lease))
     epoch = pt.GRPOEpoch(
         ops,
         tokenizer,
@@ -545,6 +548,18 @@ def drive_grpo_epoch(
         started_at=started,
         finished_at=datetime.now(UTC),
     )
+
+
+def still_driving(hold: ServerLease | HostOnly, lease: ResourceLease) -> None:
+    """Raise `LeaseLost` when the epoch's drive lease expired under this run (a Prefect server away for
+    longer than ``fold_lease_s``): another run may have taken it and re-attached to this session, so this
+    one sends nothing more. It leaves the fold's resource to a run that holds the lease now, which stops
+    it when it ends; with none, `ResourceLease.close` stops it as after any failure."""
+    try:
+        hold.check()
+    except LeaseLost:
+        lease.following = isinstance(hold, ServerLease) and hold.taken()
+        raise
 
 
 def _owners_alive(resource_id: str) -> bool | None:

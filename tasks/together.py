@@ -41,7 +41,7 @@ from epochwise.epochs import EpochRecord, epoch_key
 from epochwise.io import sha256_file
 from epochwise.validation_record import together_checked
 from tasks.cancellation import record_creating, record_job_owner, refuse_if_stopping
-from tasks.locks import fold_guard, serialized_on_host
+from tasks.locks import HostOnly, ServerLease, fold_guard, serialized_on_host
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -178,7 +178,7 @@ def epoch_job_key(ctx: TaskRunContext, params: dict) -> str:
     return "together-epoch-" + params["spec"].key
 
 
-def fold_lock(fold: str, together: TogetherConfig) -> contextlib.AbstractContextManager[None]:
+def fold_lock(fold: str, together: TogetherConfig) -> contextlib.AbstractContextManager[ServerLease | HostOnly]:
     """The per-fold host lock and server lease around find-then-create of the fold's epoch jobs."""
     wait_s = together.fold_lock_wait_s
     busy = api.TogetherFailure(f"fold {fold} is being submitted by another run; waited {wait_s:.0f} s")
@@ -213,7 +213,7 @@ def launch_epoch_job(
         wandb_name=f"{spec.fold}-epoch-{spec.epoch}",
         dpo=spec.dpo,
     )
-    with fold_lock(spec.fold, together):
+    with fold_lock(spec.fold, together) as held:
         existing = api.find_job(client, spec.suffix)
         price = api.estimate_price(client, request)  # also for a re-attached job, so the fold's spend adds up
         log.info(f"epoch {spec.epoch}: estimated price " + ("unavailable" if price is None else f"${price:.2f}"))
@@ -226,6 +226,7 @@ def launch_epoch_job(
                 f"epoch {spec.epoch} would cost ${price:.2f}; ${spent_usd:.2f} spent of the ${train.budget_usd:.2f} budget"
             )
         refuse_if_stopping(f"epoch {spec.epoch}'s job")
+        held.check()  # LeaseLost if the fold's lease expired under a server outage: another run may submit
         record_creating(spec.suffix, log)  # a cancel during the create still finds the job by its suffix
         job, created = api.create_job(client, request, together, log=log.info, listed=True)  # listed just above
         record_job_owner(job.id, log, together)  # before anything else can fail or be interrupted

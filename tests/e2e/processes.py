@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,3 +149,74 @@ def start_worker(prefect: Prefect, pool: str, log: Path) -> Worker:
             pytest.fail(f"worker not registered after {SERVER_START_S} s:\n{tail(log)}")
         time.sleep(0.5)
     return Worker(process, log)
+
+
+class CuttableLink:
+    """A TCP relay to a local port, for clients on "another machine": they reach the server through it
+    until `cut`, which drops every open connection and closes each new one at once, as a network outage
+    between that machine and the server does (the server runs on for everyone else); `mend` ends it.
+    It relays bytes, so HTTP and Prefect's event websocket pass alike."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = threading.Event()
+        self.up.set()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            if not self.up.is_set():
+                near.close()
+                continue
+            try:
+                far = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                near.close()
+                continue
+            with self.lock:
+                self.sockets += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def cut(self) -> None:
+        self.up.clear()
+        with self.lock:
+            open_now, self.sockets = self.sockets, []
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def mend(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()

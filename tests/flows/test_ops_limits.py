@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 from prefect import flow, get_client, task
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, temporary_settings
 
 from deployments.apply import ensure_limit, ensure_work_pool
 from epochwise.config import OpsConfig
 from tasks.locks import read_or_create_limit
+from tests.prefect_proxy import LIMITS, late_first_create
 
 TAG = OpsConfig().together_api_tag
 
@@ -83,65 +79,6 @@ def test_a_configured_together_api_tag_is_the_tag_the_flows_together_tasks_carry
         assert custom not in tags[reads] and TAG not in tags[reads], (reads, tags[reads])
 
 
-LIMITS = "/v2/concurrency_limits"
-
-
-class LateFirstCreate(ThreadingHTTPServer):
-    """A proxy in front of the Prefect API that forwards every request and answers the first POST to
-    ``route`` only ``late_s`` seconds after the API committed it, as a busy SQLite API does. ``creates``
-    counts the POSTs to ``route`` it forwarded."""
-
-    def __init__(self, upstream: str, route: str, late_s: float) -> None:
-        self.upstream, self.route, self.late_s, self.creates = upstream.rstrip("/"), route, late_s, 0
-        super().__init__(("127.0.0.1", 0), ForwardHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/api"
-
-
-class ForwardHandler(BaseHTTPRequestHandler):
-    server: LateFirstCreate
-
-    def forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        path = self.path.removeprefix("/api")
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        reply = httpx.request(self.command, self.server.upstream + path, content=body, headers=headers)
-        if self.command == "POST" and path.rstrip("/") == self.server.route:
-            self.server.creates += 1
-            if self.server.creates == 1:
-                time.sleep(self.server.late_s)  # committed upstream; the client has given up by now
-        try:
-            self.send_response(reply.status_code)
-            for key, value in reply.headers.items():
-                if key.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(reply.content)))
-            self.end_headers()
-            self.wfile.write(reply.content)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = forward
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def late_first_create(route: str, late_s: float = 3.0) -> Iterator[LateFirstCreate]:
-    """Point this process's Prefect client at a `LateFirstCreate` proxy with a 1 s request timeout."""
-    proxy = LateFirstCreate(PREFECT_API_URL.value(), route, late_s)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        with temporary_settings({PREFECT_API_URL: proxy.url, PREFECT_API_REQUEST_TIMEOUT: 1.0}):
-            yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-
-
 def delete_if_there(limits: list[str], pool: str) -> None:
     with get_client(sync_client=True) as client:
         for name in limits:
@@ -161,15 +98,15 @@ def test_a_create_that_commits_but_answers_late_is_found_not_failed():
     try:
         with late_first_create(LIMITS) as proxy, get_client(sync_client=True) as client:
             applied = ensure_limit(client, names[0], 2)
-            assert proxy.creates == 2  # the client resent the create that answered late
+            assert proxy.rules[0].seen == 2  # the client resent the create that answered late
             assert applied.action == "unchanged" and applied.name == names[0]
         with late_first_create(LIMITS) as proxy, get_client(sync_client=True) as client:
             found = read_or_create_limit(client, names[1], 1)
-            assert proxy.creates == 2
+            assert proxy.rules[0].seen == 2
             assert found is not None and (found.name, found.limit, found.active) == (names[1], 1, True)
         with late_first_create("/work_pools") as proxy, get_client(sync_client=True) as client:
             applied = ensure_work_pool(client, pool)
-            assert proxy.creates == 2
+            assert proxy.rules[0].seen == 2
             assert (applied.action, client.read_work_pool(pool).type) == ("unchanged", "process")
     finally:
         delete_if_there(names, pool)
