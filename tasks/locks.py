@@ -36,7 +36,7 @@ from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.locking.protocol import LockManager
 from prefect.logging import get_logger
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, PREFECT_HOME, temporary_settings
 from prefect.transactions import IsolationLevel
 
 POLL_S = 0.2  # how often a waiting run retries the lock
@@ -107,15 +107,18 @@ class LeaseKeeper:
     Prefect's own renewal (`prefect.concurrency.sync.concurrency`) tries three times, a few seconds
     apart, then stops for good: a server away for those seconds ends the lease while its holder runs
     on, and a run waiting on another machine takes the slot. This one retries until the server answers
-    again, so an outage shorter than ``lease_s - every_s`` costs nothing; when the server answers 410
-    (the lease expired and its sweep reclaimed it) it sets ``lost`` and stops, and `ServerLease.check`
-    stops the holder.
+    again, so an outage shorter than ``lease_s - every_s`` costs nothing. `expired` once no renewal
+    reached the server for ``lease_s`` (the server may have freed the slot for another run); when the
+    server answers 410 (it did: the lease expired and its sweep reclaimed it) it sets ``lost`` and stops.
+    Either way `ServerLease.check` stops the holder.
     """
 
     RETRY_S = (1.0, 2.0, 5.0)  # waits between failed renewals; the last one repeats
+    MARGIN_S = 1.0  # the grant's reply may come this late after the server started the lease
 
     def __init__(self, name: str, lease_id: Any, lease_s: float, every_s: float) -> None:
         self.name, self.lease_id, self.lease_s, self.every_s = name, lease_id, lease_s, every_s
+        self.valid_until = time.monotonic() - self.MARGIN_S + lease_s  # the server's expiry, or earlier
         self.lost = threading.Event()
         self._stop = threading.Event()
         # in the holder's context: its settings (the API it talks to) and run, whose logger shows the keeper's lines
@@ -123,9 +126,15 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=context.run, args=(self._run,), daemon=True, name=f"lease-{name}")
         self._thread.start()
 
-    def stop(self) -> None:
+    def expired(self) -> bool:
+        """The lease may be over: the server reclaimed it (410), or no renewal reached it for ``lease_s``."""
+        return self.lost.is_set() or time.monotonic() >= self.valid_until
+
+    def stop(self, wait: bool = True) -> None:
+        """End the renewals; ``wait=False``: without waiting for one in flight (a server still away)."""
         self._stop.set()
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def _run(self) -> None:
         with get_client(sync_client=True) as client:
@@ -135,8 +144,10 @@ class LeaseKeeper:
     def _renew(self, client: Any) -> bool:
         """One renewal, retried through failures; False once the lease is gone or the keeper stops."""
         for attempt in itertools.count():
+            sent = time.monotonic()  # the server extends the lease to lease_s after it receives this
             try:
                 client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=self.lease_s)
+                self.valid_until = sent + self.lease_s
                 if attempt:
                     logger.info(f"renewed the lease of {self.name} after {attempt} failed tries")
                 return True
@@ -191,11 +202,19 @@ class ServerLease:
         emit_concurrency_release_events(self.limits, 1, self.events)
 
     def check(self) -> None:
-        """Raise `LeaseLost` once the lease expired (`LeaseKeeper.lost`): another run may hold the slot, or
-        have held it and gone on with the work meanwhile, so this one stops rather than take it again."""
-        if self.keeper is None or not self.keeper.lost.is_set():
+        """Raise `LeaseLost` once the lease may be over (`LeaseKeeper.expired`): another run may hold the
+        slot, or have held it and gone on with the work meanwhile, so this one stops rather than go on
+        beside it (or take the slot again). Works while the server is still unreachable."""
+        if self.keeper is None or not self.keeper.expired():
             return
-        self.release()
+        keeper, self.keeper = self.keeper, None
+        keeper.stop(wait=False)
+        try:  # frees the slot at once if the server still has the lease
+            with one_try(), get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(keeper.lease_id)
+            _discard_cleanup_lease(keeper.lease_id)
+        except Exception as exc:  # the server is away still: the lease ends on its own
+            logger.warning(f"could not release {self.limit} ({exc}); its lease ends on its own")
         raise LeaseLost(
             f"{self.limit}: this run's lease expired while the Prefect server was unreachable for longer than "
             f"{self.lease_s:.0f} s, so another run may hold it now; this run stops here so that two runs never "
@@ -203,9 +222,20 @@ class ServerLease:
         )
 
     def taken(self) -> bool:
-        """Whether a run holds the slot now (after `check` raised: another run)."""
-        with get_client(sync_client=True) as client:
-            return client.read_global_concurrency_limit_by_name(self.limit).active_slots > 0
+        """Whether a run holds the slot now (after `check` raised: another run); True when the server
+        cannot say, so that nothing of that run's is stopped."""
+        try:
+            with one_try(), get_client(sync_client=True) as client:
+                return client.read_global_concurrency_limit_by_name(self.limit).active_slots > 0
+        except Exception as exc:
+            logger.warning(f"could not read {self.limit} ({exc}); taking it as held by another run")
+            return True
+
+
+def one_try() -> contextlib.AbstractContextManager[Any]:
+    """Prefect clients made within make each request once: a call to a server that may still be away
+    fails at once instead of retrying for a minute or more."""
+    return temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0})
 
 
 class HostOnly:
@@ -222,8 +252,9 @@ def server_lease(
     """Hold the single slot of the global concurrency limit ``epochwise-<name>`` (created on demand);
     raise ``busy`` if it is still taken after ``wait_s`` seconds (None: wait as long as it takes).
 
-    The lease is renewed every ``renew_every_s`` (default a third of ``lease_s``), through outages; a
-    failed renewal never stops the holder (an hours-long local epoch), the file lock still holds."""
+    The lease is renewed every ``renew_every_s`` (default a third of ``lease_s``), through outages. A
+    lease that may have ended stops its holder only where it calls `ServerLease.check` (before a paid
+    step); an hours-long local epoch, which calls none, goes on under its file lock."""
     limit = lease_limit_name(name)
     with get_client(sync_client=True) as client:
         read_or_create_limit(client, limit, 1)

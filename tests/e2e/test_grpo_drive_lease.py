@@ -2,7 +2,7 @@
 drive lease it held expires on the server (``together.fold_lease_s``, freed by the server's repossessor
 service), and the rerun waits for that, then re-attaches to the session and applies no step twice. And a
 driver that cannot reach the server for longer than its lease, while a run on another machine waits:
-that run takes the lease and the session, and the driver, back online, stops without another operation.
+that run takes the lease and the session, and the driver stops without another operation.
 
 The flow tests run on Prefect's test harness, whose server never expires a lease (they free a killed
 run's leases by hand); this is the path those tests cannot show.
@@ -95,10 +95,11 @@ def wait_for_line(log: Path, line: str, *alive) -> None:
 def test_a_driver_cut_off_from_the_server_past_its_lease_stops_and_the_run_that_took_it_finishes(
     prefect_server: Prefect, tmp_path: Path
 ):
-    """Machine A drives the epoch and loses its link to the server while its 2nd step is in flight; its
-    lease expires there and machine B's run, waiting on it, takes it and re-attaches to A's session. When
-    the link comes back A's next renewal answers 410; A sends nothing more, leaves the resource to B and
-    fails with a clear reason, and B ends the epoch: one session, each step once, nothing billing."""
+    """Machine A drives the epoch and loses its link to the server (not to Together) while its 2nd step
+    is in flight; its lease expires there and machine B's run, waiting on it, takes it and re-attaches to
+    A's session. A, no renewal of its lease confirmed for the lease's length, sends nothing more: it
+    fails with a clear reason and leaves the resource to B, and B ends the epoch: one session, each step
+    once, nothing billing."""
     fold, reward = grpo_fold(tmp_path, "gx", "cut", n_train=4)
     # HOSTS_PT: A polls its held step for minutes (the outage, B's start), not PT's 30 s
     train, together = grpo_cfg(reward, epochs=1), HOSTS_PT.model_copy(update={"fold_lease_s": LEASE_S})
@@ -124,10 +125,10 @@ def test_a_driver_cut_off_from_the_server_past_its_lease_stops_and_the_run_that_
             wait_for_line(logs["b"], "re-attaching to session", a, b)
             took = time.monotonic() - cut
             posts_when_b_took = operation_posts(fake)
-            link.mend()
-            wait_for_line(logs["a"], "expired before it could be renewed", a, b)
             # the step's optim-step ends for both; B, the lease's holder now, is held on the step's weights-sync
             pt.script.hold_after = {"weights-sync": 1}
+            wait_for_line(logs["a"], "this run's lease expired", a, b)  # A, still cut off, stops before it
+            link.mend()
             assert a.wait(timeout=HANG_S) != 0, tail(logs["a"])
             posts_when_a_stopped = operation_posts(fake)
             pt.script.hold_after = {}
