@@ -192,12 +192,22 @@ class ServerLease:
         self.events = emit_concurrency_acquisition_events(self.limits, 1)
         self.keeper = LeaseKeeper(self.limit, granted.lease_id, self.lease_s, self.every_s)
 
-    def release(self) -> None:
+    def release(self, server_away: bool = False) -> None:
+        """Give the slot back (a lease already gone: the server answers 204). ``server_away``: the server
+        may still be unreachable, so one try, without waiting on a renewal in flight, and a failure is
+        only logged (the lease then ends on its own)."""
         if self.keeper is None:
             return
         keeper, self.keeper = self.keeper, None
-        keeper.stop()
-        release_concurrency_slots_with_lease(keeper.lease_id)  # a lease already gone: the server answers 204
+        keeper.stop(wait=not server_away)
+        try:
+            with one_try() if server_away else contextlib.nullcontext():
+                release_concurrency_slots_with_lease(keeper.lease_id)
+        except Exception as exc:
+            if not server_away:
+                raise
+            logger.warning(f"could not release {self.limit} ({exc}); its lease ends on its own")
+            return
         _discard_cleanup_lease(keeper.lease_id)
         emit_concurrency_release_events(self.limits, 1, self.events)
 
@@ -207,14 +217,7 @@ class ServerLease:
         beside it (or take the slot again). Works while the server is still unreachable."""
         if self.keeper is None or not self.keeper.expired():
             return
-        keeper, self.keeper = self.keeper, None
-        keeper.stop(wait=False)
-        try:  # frees the slot at once if the server still has the lease
-            with one_try(), get_client(sync_client=True) as client:
-                client.release_concurrency_slots_with_lease(keeper.lease_id)
-            _discard_cleanup_lease(keeper.lease_id)
-        except Exception as exc:  # the server is away still: the lease ends on its own
-            logger.warning(f"could not release {self.limit} ({exc}); its lease ends on its own")
+        self.release(server_away=True)  # frees the slot at once if the server still has the lease
         raise LeaseLost(
             f"{self.limit}: this run's lease expired while the Prefect server was unreachable for longer than "
             f"{self.lease_s:.0f} s, so another run may hold it now; this run stops here so that two runs never "
