@@ -11,14 +11,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from epochwise.config import load_settings
 from epochwise.config.data import RecordMapping
 from epochwise.config.deploy import DeployConfig
 from epochwise.config.local import LocalConfig, TinyModel
-from epochwise.config.together import TogetherConfig
-from epochwise.config.train import HyperParams, TrainConfig
+from epochwise.config.together import PostTrainingConfig, TogetherConfig
+from epochwise.config.train import GRPOParams, HyperParams, TrainConfig
 from epochwise.prepare import prepare
 from epochwise.records import read_records
 
@@ -318,6 +319,25 @@ print("JOBS " + json.dumps(jobs), flush=True)
 """
 
 
+def wait_for(
+    done: Callable[[], bool],
+    what: str,
+    *,
+    alive: Sequence[subprocess.Popen] = (),
+    explain: Callable[[], str] = str,
+    timeout_s: float = 300.0,
+) -> None:
+    """Poll ``done`` every 50 ms until it holds. Fails with ``what`` (and ``explain()``, e.g. a log's tail)
+    after ``timeout_s``, a hang guard on a loaded machine rather than a speed assertion, or as soon as a
+    process in ``alive`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        for child in alive:
+            assert child.poll() is None, f"{what} (a process exited with {child.returncode})\n{explain()}"
+        assert time.monotonic() < deadline, f"{what} (within {timeout_s:.0f} s)\n{explain()}"
+        time.sleep(0.05)
+
+
 class Hosts:
     """Processes standing for machines: each its own PREFECT_HOME (own file locks, caches and result
     storage) and its own ephemeral API unless ``api_url`` names a shared Prefect server."""
@@ -360,13 +380,12 @@ class Hosts:
     def log(self, i: int) -> str:
         return (self.homes[i] / "out.log").read_text()
 
-    def wait_for(self, condition, what: str) -> None:
-        deadline = time.monotonic() + 300  # a generous hang guard on a loaded machine, not a speed assertion
-        while not condition():
-            for i, child in enumerate(self.children):
-                assert child.poll() is None, self.log(i)[-3000:]
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
+    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        """`wait_for` while every host lives; a host that exits fails the test with its log's tail."""
+        wait_for(condition, what, alive=self.children, explain=self.exited_logs)
+
+    def exited_logs(self) -> str:
+        return "\n".join(self.log(i)[-3000:] for i, child in enumerate(self.children) if child.poll() is not None)
 
     def wait_ready(self) -> None:
         self.wait_for(lambda: all((home / "ready").exists() for home in self.homes), "a host never started")
@@ -388,3 +407,123 @@ class Hosts:
         for child in self.children:
             if child.poll() is None:
                 child.kill()
+
+
+# --- GRPO on Together's post-training API ------------------------------------------------------
+
+PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
+# For two hosts, each starting its own Prefect API: host B may take a while to start its flow run on a
+# loaded machine, and host A waits that long for READY or on a held step (hang guards, not speed).
+HOSTS_PT = PT.model_copy(
+    update={
+        "list_poll_s": 0.05,
+        "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=300),
+    }
+)
+REWARDS = '''
+def letter_a(prompts, completions, target, **kwargs):
+    """Share of the completion's characters that are the row's target letter."""
+    return [c[0]["content"].count(t) / max(len(c[0]["content"]), 1) for c, t in zip(completions, target)]
+'''
+
+
+def grpo_fold(root: Path, name: str, tag: str, n_train: int = 8, n_val: int = 2) -> tuple[Path, str]:
+    """A fold of prompt rows (``messages`` + a ``target`` column) and a reward file beside it."""
+    fold = root / name
+    fold.mkdir(parents=True)
+
+    def row(i: int) -> str:
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": f"fold {tag}"},
+                    {"role": "user", "content": f"Write letters, prompt {i}"},
+                ],
+                "target": "a",
+            }
+        )
+
+    (fold / "train.jsonl").write_text("".join(row(i) + "\n" for i in range(n_train)))
+    (fold / "val.jsonl").write_text("".join(row(100 + i) + "\n" for i in range(n_val)))
+    (root / "rewards.py").write_text(REWARDS)
+    return fold, f"{root / 'rewards.py'}:letter_a"
+
+
+def grpo_cfg(reward: str, epochs: int = 2, **kw):
+    return train_cfg(
+        epochs,
+        method="grpo",
+        rewards=[reward],
+        hyper=HyperParams(learning_rate=1e-4),
+        grpo=GRPOParams(num_generations=4, max_new_tokens=8, prompts_per_step=2, tokenizer="bytes"),
+        **kw,
+    )
+
+
+def epoch_sessions(pt, fold: str, epoch: int) -> list:
+    return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
+
+
+def operation_posts(fake) -> int:
+    """How many operation POSTs the fake received, resends included (one driver sends each once)."""
+    return sum(n for route, n in fake.counts.items() if route.startswith("POST") and "/operations/" in route)
+
+
+# --- the installed CLI and a records directory ------------------------------------------------
+
+
+def run_cli(args: list[str], storage: Path, cwd: Path) -> tuple[int, list[str]]:
+    """Run the ``epochwise`` script against the test harness's API; returns (exit code, screen lines)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "epochwise"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+def records_dir(tmp_path: Path) -> Path:
+    """A records directory under ``tmp_path`` with its own mapping (``epochwise.yaml``) beside 20 rows."""
+    records = tmp_path / "records"
+    records.mkdir()
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "b": f"other {i}"} for i in range(20)]
+    (records / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (records / "epochwise.yaml").write_text("data:\n  mapping:\n    user_template: 'Q: {q}'\n    assistant_field: a\n")
+    return records
+
+
+# --- local LoRA (torch, peft and transformers imported by the caller's first use) ------------------
+
+
+def lora_model(seed: int = 0, dropout: float = 0.0, **config_extra):
+    """A 2-layer Llama with peft LoRA on every linear and non-zero ``lora_B`` (peft starts it at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **config_extra,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return model

@@ -26,6 +26,7 @@ import yaml
 from epochwise.job_owners import job_tag
 from tests.e2e.processes import Prefect, Worker, start_worker, stop, tail
 from tests.fake_together.server import FakeJob, FakeTogether
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -160,10 +161,12 @@ def test_cancelling_a_deployment_run_cancels_its_together_job(
 
     cancelled_from = time.time()
     prefect_server.run("prefect", "flow-run", "cancel", flow_run_id)
-    deadline = time.monotonic() + CANCEL_GUARD_S
-    while job.cancelled_at is None:
-        assert time.monotonic() < deadline, f"job {job.id} not cancelled after {CANCEL_GUARD_S} s:\n{tail(worker.log)}"
-        time.sleep(0.1)
+    wait_for(
+        lambda: job.cancelled_at is not None,
+        f"job {job.id} not cancelled",
+        explain=lambda: tail(worker.log),
+        timeout_s=CANCEL_GUARD_S,
+    )
     seconds = job.cancelled_at - cancelled_from
     with capsys.disabled():
         print(f"\ncancel -> fake's POST /v1/fine-tunes/{job.id}/cancel: {seconds:.1f} s")
@@ -230,10 +233,12 @@ def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
     cancelled_from = time.time()
     at_cancel = set(fake.state.jobs)
     prefect_server.run("prefect", "flow-run", "cancel", nightly_id)
-    deadline = time.monotonic() + CANCEL_GUARD_S
-    while job.cancelled_at is None:
-        assert time.monotonic() < deadline, f"job {job.id} not cancelled after {CANCEL_GUARD_S} s:\n{tail(worker.log)}"
-        time.sleep(0.1)
+    wait_for(
+        lambda: job.cancelled_at is not None,
+        f"job {job.id} not cancelled",
+        explain=lambda: tail(worker.log),
+        timeout_s=CANCEL_GUARD_S,
+    )
     with capsys.disabled():
         print(
             f"\nthreaded nightly cancel -> fake's POST /v1/fine-tunes/{job.id}/cancel: {job.cancelled_at - cancelled_from:.1f} s"

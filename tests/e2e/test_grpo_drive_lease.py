@@ -19,8 +19,16 @@ import pytest
 from tests.e2e.processes import CuttableLink, Prefect, tail
 from tests.fake_together import post_training as fake_pt
 from tests.fake_together.server import FakeTogether
-from tests.flows.test_grpo_together import HOSTS_PT, PT, epoch_sessions, grpo_cfg, grpo_fold, operation_posts
-from tests.helpers import epoch_train_child
+from tests.helpers import (
+    HOSTS_PT,
+    PT,
+    epoch_sessions,
+    epoch_train_child,
+    grpo_cfg,
+    grpo_fold,
+    operation_posts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +58,13 @@ def test_a_killed_drivers_lease_expires_on_a_real_server_and_the_rerun_re_attach
         env = child_env(prefect_server, fake)
         first = epoch_train_child(fold, 1, train, together, log=tmp_path / "first.log", env=env)
         try:
-            deadline = time.monotonic() + HANG_S
-            while pt.applied["optim-step"] < 2:
-                assert first.poll() is None, tail(tmp_path / "first.log")
-                assert time.monotonic() < deadline, "the first run never reached its held step"
-                time.sleep(0.05)
+            wait_for(
+                lambda: pt.applied["optim-step"] >= 2,
+                "the first run never reached its held step",
+                alive=[first],
+                explain=lambda: tail(tmp_path / "first.log"),
+                timeout_s=HANG_S,
+            )
             time.sleep(0.2)  # it is polling the held operation, holding the epoch's drive lease
             first.send_signal(signal.SIGKILL)
             first.wait()
@@ -84,12 +94,13 @@ def test_a_killed_drivers_lease_expires_on_a_real_server_and_the_rerun_re_attach
 
 
 def wait_for_line(log: Path, line: str, *alive) -> None:
-    deadline = time.monotonic() + HANG_S
-    while not log.exists() or line not in log.read_text():
-        for child in alive:
-            assert child.poll() is None, f"{log.name} never logged {line!r}:\n" + tail(log)
-        assert time.monotonic() < deadline, f"{log.name} never logged {line!r}:\n" + tail(log)
-        time.sleep(0.1)
+    wait_for(
+        lambda: log.exists() and line in log.read_text(),
+        f"{log.name} never logged {line!r}",
+        alive=alive,
+        explain=lambda: tail(log),
+        timeout_s=HANG_S,
+    )
 
 
 def test_a_driver_cut_off_from_the_server_past_its_lease_stops_and_the_run_that_took_it_finishes(
@@ -114,11 +125,13 @@ def test_a_driver_cut_off_from_the_server_past_its_lease_stops_and_the_run_that_
         a = epoch_train_child(fold, 1, train, together, log=logs["a"], env={**env, "PREFECT_API_URL": link.api_url()})
         b = None
         try:
-            deadline = time.monotonic() + HANG_S
-            while pt.applied["optim-step"] < 2:
-                assert a.poll() is None, tail(logs["a"])
-                assert time.monotonic() < deadline, "machine A never reached its held step"
-                time.sleep(0.05)
+            wait_for(
+                lambda: pt.applied["optim-step"] >= 2,
+                "machine A never reached its held step",
+                alive=[a],
+                explain=lambda: tail(logs["a"]),
+                timeout_s=HANG_S,
+            )
             link.cut()
             cut = time.monotonic()
             b = epoch_train_child(fold, 1, train, together, log=logs["b"], env=env_b)

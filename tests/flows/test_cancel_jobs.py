@@ -27,7 +27,7 @@ from flows.epoch_train import epoch_train
 from flows.job_reaper import job_reaper
 from tasks.cancellation import cancel_owned_jobs
 from tests.fake_together.server import FakeJob, FakeTogether
-from tests.helpers import BASE, FAST, epoch_train_child, make_fold, train_cfg
+from tests.helpers import BASE, FAST, epoch_train_child, make_fold, train_cfg, wait_for
 
 START_S = 180  # hang guard for a child process to reach a running job, not a speed assertion
 
@@ -152,10 +152,9 @@ def test_a_cancel_while_the_create_is_in_flight_cancels_the_job_it_made(fake_tog
     fake_together.script.create_reply_delay_s = 60.0  # longer than the test waits: the reply never arrives
     child = epoch_train_child(fold, 1)
     try:
-        deadline = time.monotonic() + START_S
-        while not fake_together.state.jobs:
-            assert child.poll() is None and time.monotonic() < deadline, "the flow process never sent its create"
-            time.sleep(0.05)
+        wait_for(
+            lambda: fake_together.state.jobs, "the flow process never sent its create", alive=[child], timeout_s=START_S
+        )
         (job,) = fake_together.state.jobs.values()
         with get_client(sync_client=True) as prefect:
             (run,) = prefect.read_flow_runs(
@@ -215,11 +214,13 @@ def test_ctrl_c_on_epochwise_train_cancels_its_job(fake_together, tmp_path):
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + START_S
-        while not any(j.status == "running" for j in fake_together.state.jobs.values()):
-            assert child.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.05)
+        wait_for(
+            lambda: any(j.status == "running" for j in fake_together.state.jobs.values()),
+            "the flow process never reached a running job",
+            alive=[child],
+            explain=out.read_text,
+            timeout_s=START_S,
+        )
         [job] = fake_together.state.jobs.values()
         os.killpg(child.pid, signal.SIGINT)
         try:

@@ -4,69 +4,29 @@ provisioning, the resource stopped after a failure and by the reaper, deploy of 
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 
-from epochwise.config.together import PostTrainingConfig
-from epochwise.config.train import GRPOParams, HyperParams
+from epochwise.config.train import GRPOParams
 from flows.epoch_train import epoch_train
 from tasks.locks import lease_limit_name
 from tasks.post_training import drive_lease_name
 from tests.fake_together import post_training as fake_pt
-from tests.helpers import BASE, FAST, Hosts, epoch_train_child, train_cfg
-
-PT = FAST.model_copy(update={"post_training": PostTrainingConfig(poll_s=0.001, ready_deadline_s=30, op_deadline_s=30)})
-# For two hosts, each starting its own Prefect API: host B may take a while to start its flow run on a
-# loaded machine, and host A waits that long for READY or on a held step (hang guards, not speed).
-HOSTS_PT = PT.model_copy(
-    update={
-        "list_poll_s": 0.05,
-        "post_training": PostTrainingConfig(poll_s=0.02, ready_deadline_s=300, op_deadline_s=300),
-    }
+from tests.helpers import (
+    BASE,
+    HOSTS_PT,
+    PT,
+    Hosts,
+    epoch_sessions,
+    epoch_train_child,
+    grpo_cfg,
+    grpo_fold,
+    operation_posts,
+    wait_for,
 )
-REWARDS = '''
-def letter_a(prompts, completions, target, **kwargs):
-    """Share of the completion's characters that are the row's target letter."""
-    return [c[0]["content"].count(t) / max(len(c[0]["content"]), 1) for c, t in zip(completions, target)]
-'''
-
-
-def grpo_fold(root: Path, name: str, tag: str, n_train: int = 8, n_val: int = 2) -> tuple[Path, str]:
-    """A fold of prompt rows (``messages`` + a ``target`` column) and a reward file beside it."""
-    fold = root / name
-    fold.mkdir(parents=True)
-
-    def row(i: int) -> str:
-        return json.dumps(
-            {
-                "messages": [
-                    {"role": "system", "content": f"fold {tag}"},
-                    {"role": "user", "content": f"Write letters, prompt {i}"},
-                ],
-                "target": "a",
-            }
-        )
-
-    (fold / "train.jsonl").write_text("".join(row(i) + "\n" for i in range(n_train)))
-    (fold / "val.jsonl").write_text("".join(row(100 + i) + "\n" for i in range(n_val)))
-    (root / "rewards.py").write_text(REWARDS)
-    return fold, f"{root / 'rewards.py'}:letter_a"
-
-
-def grpo_cfg(reward: str, epochs: int = 2, **kw):
-    return train_cfg(
-        epochs,
-        method="grpo",
-        rewards=[reward],
-        hyper=HyperParams(learning_rate=1e-4),
-        grpo=GRPOParams(num_generations=4, max_new_tokens=8, prompts_per_step=2, tokenizer="bytes"),
-        **kw,
-    )
 
 
 def test_two_grpo_epochs_reward_rises_checkpoints_and_nothing_left_billing(fake_together, tmp_path):
@@ -106,15 +66,6 @@ def ready_resource(client):
     return res
 
 
-def epoch_sessions(pt, fold: str, epoch: int) -> list:
-    return [s for s in pt.sessions.values() if s.body["display_name"].startswith(f"ew-{fold}-e{epoch}-")]
-
-
-def operation_posts(fake) -> int:
-    """How many operation POSTs the fake received, resends included (one driver sends each once)."""
-    return sum(n for route, n in fake.counts.items() if route.startswith("POST") and "/operations/" in route)
-
-
 def free_leases_of_a_killed_run(*names: str) -> None:
     """A killed run leaves the server leases it held (the fold's, the epoch's drive lease); `prefect server
     start` frees them when they expire, which the test harness's server does not do: free them as that
@@ -130,11 +81,7 @@ def test_a_run_killed_while_its_session_starts_resumes_on_that_session(fake_toge
     pt.script.hold_sessions_creating = True
     child = epoch_train_child(fold, 1, grpo_cfg(reward, epochs=1), PT)
     try:
-        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
-        while not epoch_sessions(pt, "gc", 1):
-            assert child.poll() is None, "the flow process ended before it created its session"
-            assert time.monotonic() < deadline, "the flow process never created its session"
-            time.sleep(0.05)
+        wait_for(lambda: epoch_sessions(pt, "gc", 1), "the flow process never created its session", alive=[child])
         child.send_signal(signal.SIGKILL)
         child.wait()
     finally:
@@ -158,14 +105,14 @@ def test_a_killed_run_resumes_on_its_session_without_repeating_an_applied_step(f
     pt.script.hold_after = {"optim-step": 2}  # the 3rd optim step is applied, then never reported done
     child = epoch_train_child(fold, 2, grpo_cfg(reward), PT)
     try:
-        deadline = time.monotonic() + 120  # a generous bound on start-up, not a speed assertion
-        while (
-            fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] < 1
-            or pt.applied["optim-step"] < 3
-        ):
-            assert child.poll() is None, "the flow process ended before it waited on the held step"
-            assert time.monotonic() < deadline, "the flow process never reached the third step"
-            time.sleep(0.05)
+        wait_for(
+            lambda: (
+                fake_together.counts["GET /v1/rl/training-sessions/{id}/operations/{kind}/{op}"] >= 1
+                and pt.applied["optim-step"] >= 3
+            ),
+            "the flow process never waited on the third step",
+            alive=[child],
+        )
         time.sleep(0.2)  # it is polling the held operation now
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -585,11 +532,12 @@ def test_a_run_waiting_on_a_slot_nobody_frees_uses_the_epoch_once_together_shows
     waiter = epoch_train_child(fold, 1, train, HOSTS_PT, log=log)
     hosts = None
     try:
-        deadline = time.monotonic() + 300  # a generous bound on start-up, not a speed assertion
-        while "waiting for that run's epoch" not in log.read_text():
-            assert waiter.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the waiting run never reached the drive lease"
-            time.sleep(0.05)
+        wait_for(
+            lambda: "waiting for that run's epoch" in log.read_text(),
+            "the waiting run never reached the drive lease",
+            alive=[waiter],
+            explain=lambda: log.read_text()[-3000:],
+        )
         hosts = Hosts(tmp_path, ["host-a"], [str(fold)], train=train, together=HOSTS_PT)
         hosts.wait_ready()
         hosts.go(0)

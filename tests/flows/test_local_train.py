@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -21,7 +20,7 @@ from epochwise.config.train import TrainConfig
 from epochwise.local import keys
 from flows.epoch_train import epoch_train
 from tasks.local_train import train_local_epoch
-from tests.helpers import HYPER, REPO, example_fold, local_config, resume_config
+from tests.helpers import HYPER, REPO, example_fold, local_config, resume_config, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +261,7 @@ def test_a_cancelled_local_run_keeps_its_last_checkpoint_and_the_rerun_resumes(t
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 300  # hang guard for start-up, not a speed assertion
-        while not checkpoint.is_file():
-            assert child.poll() is None, "the flow ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.05)
+        wait_for(checkpoint.is_file, "no checkpoint written", alive=[child])
         with get_client(sync_client=True) as prefect:  # what `prefect flow-run cancel` does first
             [run] = [
                 r

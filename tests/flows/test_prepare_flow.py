@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -17,6 +14,7 @@ from epochwise.config import load_settings
 from epochwise.fold import TRAIN_FILE, VAL_FILE
 from epochwise.problems import InputError
 from flows.prepare_fold import prepare_fold
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 GAMES_MAPPING = REPO / "examples" / "records" / "games" / "epochwise.yaml"
@@ -96,22 +94,6 @@ def test_cli_validate_exit_code(tmp_path: Path) -> None:
 # --- bad input through the installed CLI in its own process: reasons on screen, traceback in the run log
 
 
-def epochwise(args: list[str], storage: Path, cwd: Path) -> tuple[int, list[str]]:
-    """Run the ``epochwise`` script against the test harness's API; returns (exit code, screen lines)."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "epochwise"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-    )
-    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-
-
 def run_log(fold: Path) -> list[str]:
     """Every log message Prefect's API holds for the prepare-fold run that wrote to ``fold``."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
@@ -133,7 +115,7 @@ def test_cli_records_that_cannot_make_a_fold_print_only_the_reason(tmp_path: Pat
     src.write_text('{"story": "a", "context": "x"}\n', encoding="utf-8")
     shutil.copy(GAMES_MAPPING, tmp_path / "epochwise.yaml")  # the games records' mapping, beside them
     fold = tmp_path / "fold"
-    code, screen = epochwise(["prepare", str(src), "--fold", str(fold)], prefect_harness, REPO)
+    code, screen = run_cli(["prepare", str(src), "--fold", str(fold)], prefect_harness, REPO)
     assert code == 1
     shown = "\n".join(screen)
     assert "Traceback" not in shown and "| ERROR" not in shown
@@ -157,7 +139,7 @@ def test_cli_strict_with_an_unmappable_record_prints_only_the_reason(tmp_path: P
     )
     shutil.copy(GAMES_MAPPING, src / "epochwise.yaml")
     fold = tmp_path / "fold"
-    code, screen = epochwise(["prepare", str(src), "--fold", str(fold), "--strict"], prefect_harness, REPO)
+    code, screen = run_cli(["prepare", str(src), "--fold", str(fold), "--strict"], prefect_harness, REPO)
     assert code == 1
     shown = "\n".join(screen)
     assert "Traceback" not in shown and "InputError" not in shown and "Failed(" not in shown

@@ -11,9 +11,7 @@ from pathlib import Path
 from epochwise.config import load_settings
 from epochwise.config.presets import shipped_presets
 from epochwise.local import keys
-from tests.flows.test_prepare_flow import epochwise
-from tests.helpers import EXAMPLE_RECORDS, REPO, example_fold
-from tests.unit.test_presets import records_dir
+from tests.helpers import EXAMPLE_RECORDS, REPO, example_fold, records_dir, run_cli
 
 
 def test_quick_test_trains_one_short_epoch_under_its_own_run_key(tmp_path: Path, monkeypatch, prefect_harness) -> None:
@@ -22,7 +20,7 @@ def test_quick_test_trains_one_short_epoch_under_its_own_run_key(tmp_path: Path,
     monkeypatch.setenv("EPOCHWISE_LOCAL__THREADS", "1")
     # No epochwise.yaml in the working directory: the shipped preset alone shapes the run.
     args = ["train", str(fold), "--backend", "local", "--preset", "quick_test"]
-    code, screen = epochwise(args, prefect_harness, tmp_path)
+    code, screen = run_cli(args, prefect_harness, tmp_path)
     assert code == 0, "\n".join(screen)
     [run] = sorted((fold / "local").iterdir())
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("epoch-")) == ["epoch-1"]
@@ -41,20 +39,20 @@ def digest(folder: Path) -> dict[str, str]:
 def test_prepare_from_another_directory_uses_the_records_own_mapping(tmp_path: Path, prefect_harness) -> None:
     # The README's first command from the repository root, and the same records from a directory
     # without any epochwise.yaml: the mapping beside the records makes the same, valid fold.
-    code, screen = epochwise(
+    code, screen = run_cli(
         ["prepare", "examples/records/games", "--fold", str(tmp_path / "root")], prefect_harness, REPO
     )
     assert code == 0, "\n".join(screen)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code, screen = epochwise(
+    code, screen = run_cli(
         ["prepare", str(EXAMPLE_RECORDS), "--fold", str(tmp_path / "other")], prefect_harness, elsewhere
     )
     assert code == 0, "\n".join(screen)
     assert digest(tmp_path / "other") == digest(tmp_path / "root") == digest(example_fold(tmp_path / "lib"))
     assert len(digest(tmp_path / "root")) == 2 and any("skipped      │ 0" in line for line in screen)
     # One records file: the mapping beside it applies too.
-    code, screen = epochwise(
+    code, screen = run_cli(
         ["prepare", str(EXAMPLE_RECORDS / "nim.jsonl"), "--fold", str(tmp_path / "nim")], prefect_harness, elsewhere
     )
     assert code == 0 and any("skipped      │ 0" in line for line in screen), "\n".join(screen)
@@ -64,7 +62,7 @@ def test_the_users_config_file_wins_over_the_records_own_mapping(tmp_path: Path,
     records = records_dir(tmp_path)
     (tmp_path / "mine.yaml").write_text("data:\n  mapping:\n    assistant_field: b\n")
     args = ["prepare", str(records), "--fold", str(tmp_path / "f"), "--config", str(tmp_path / "mine.yaml")]
-    code, screen = epochwise(args, prefect_harness, tmp_path)
+    code, screen = run_cli(args, prefect_harness, tmp_path)
     assert code == 0, "\n".join(screen)
     rows = [
         json.loads(line)

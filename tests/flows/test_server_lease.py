@@ -5,13 +5,12 @@ leaving the slot to the run that took it."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 from prefect import get_client
 
 from tasks.locks import LeaseLost, lease_limit_name, server_lease
+from tests.helpers import wait_for
 from tests.prefect_proxy import RENEW, Rule, api_proxy
 
 LEASE_S = 60.0  # the shortest lease the server grants
@@ -27,13 +26,6 @@ def active_slots(name: str) -> int:
         return client.read_global_concurrency_limit_by_name(lease_limit_name(name)).active_slots
 
 
-def wait_until(done: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s  # a hang guard, not a speed assertion
-    while not done():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def reclaim(lease_id) -> None:
     """What the server's expired-lease sweep does to a lease its holder did not renew in time: revoke it
     and free its slot (the test harness's server runs no such sweep)."""
@@ -47,7 +39,7 @@ def test_a_lease_is_renewed_through_an_outage_that_outlasts_prefects_three_tries
     outage = Rule("POST", RENEW, status=lambda n: 500 if n <= failing else None)  # a 500 is not resent by the client
     with api_proxy([outage]) as proxy:
         with server_lease(name, 30, LEASE_S, Busy(), renew_every_s=RENEW_EVERY_S) as held:
-            wait_until(lambda: len(proxy.answered) > failing, "no renewal after the outage")
+            wait_for(lambda: len(proxy.answered) > failing, "no renewal after the outage", timeout_s=60)
             assert [status for _, status in proxy.answered[:failing]] == [500] * failing
             assert 200 <= proxy.answered[failing][1] < 300  # the renewal after the outage held the lease
             assert not held.keeper.lost.is_set()
@@ -71,7 +63,7 @@ def test_a_holder_whose_lease_was_reclaimed_stops_at_its_next_check_and_leaves_t
         other.start()
         try:
             assert rival_holds.wait(30), "the rival never took the freed slot"
-            wait_until(held.keeper.lost.is_set, "the keeper never saw its lease gone (410)")
+            wait_for(held.keeper.lost.is_set, "the keeper never saw its lease gone (410)", timeout_s=60)
             assert held.taken()  # by the rival
             with pytest.raises(LeaseLost, match="another run may hold it now"):
                 held.check()

@@ -10,29 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from epochwise.local.lora import fuse_lora_updates
-
-
-def lora_model(seed: int = 0, dropout: float = 0.0, **config_extra):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        **config_extra,
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = get_peft_model(
-        LlamaForCausalLM(config),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():  # peft starts lora_B at zero: make the update non-zero so it is tested
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
-    return model
+from tests.helpers import lora_model
 
 
 def loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

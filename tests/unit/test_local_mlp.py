@@ -53,7 +53,7 @@ def test_fused_model_matches_and_keeps_fewer_activations():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_a_lora_down_projection_keeps_only_gate_and_up_and_matches_peft(dropout):
     from epochwise.local.lora import fuse_lora_updates
-    from tests.unit.test_local_lora import lora_model
+    from tests.helpers import lora_model
 
     reference = lora_model(dropout=dropout)
     fused = copy.deepcopy(reference)

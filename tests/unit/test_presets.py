@@ -16,7 +16,7 @@ from epochwise.cli import app
 from epochwise.config import LocalConfig, load_settings
 from epochwise.config.data import DataConfig
 from epochwise.config.presets import with_records_mapping
-from tests.helpers import EXAMPLE_RECORDS, REPO
+from tests.helpers import EXAMPLE_RECORDS, REPO, records_dir
 
 PROJECT = "train:\n  epochs: 5\n  hyper:\n    seed: 1\nlocal:\n  seq_length: 64\n"
 
@@ -195,15 +195,6 @@ def test_max_steps_is_part_of_the_run_key_only_when_set() -> None:
 
 
 # --- a records directory's own mapping -------------------------------------------------------
-
-
-def records_dir(tmp_path: Path) -> Path:
-    records = tmp_path / "records"
-    records.mkdir()
-    rows = [{"q": f"question {i}", "a": f"answer {i}", "b": f"other {i}"} for i in range(20)]
-    (records / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (records / "epochwise.yaml").write_text("data:\n  mapping:\n    user_template: 'Q: {q}'\n    assistant_field: a\n")
-    return records
 
 
 def test_a_records_file_may_only_carry_the_mapping(tmp_path: Path, monkeypatch) -> None:
