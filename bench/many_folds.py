@@ -16,6 +16,11 @@ number of ``epoch-train`` runs RUNNING at once (sampled every 0.5 s from the API
 per epoch (the fake's counters), and CPU seconds per fold-epoch (server + worker + their children,
 from /proc) against one empty flow run's. Job polling uses ``--poll-initial-s``/``--poll-max-s``
 (the bench's epochwise.yaml), the worker polls the server every ``--worker-query-s``.
+
+``--trace-api`` also records every HTTP request that the worker and its flow run processes send to the
+Prefect server (``bench/_api_trace/sitecustomize.py``, first on their ``PYTHONPATH``) and prints the
+nightly run's by route: how many, per fold-epoch, the seconds spent waiting on each, and how many were
+answered other than 2xx (a busy SQLite server's 503s, which Prefect's client retries after 2, 4, 8 ... s).
 """
 
 from __future__ import annotations
@@ -154,6 +159,12 @@ def main() -> None:
     parser.add_argument("--api-slots", type=int, default=None, help="ops.together_api_slots (default: the config's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument(
+        "--trace-api",
+        action="store_true",
+        help="record every Prefect API request of the worker and its flow runs (bench/_api_trace) and print "
+        "the nightly run's requests by route: count, seconds waited, answers other than 2xx",
+    )
+    parser.add_argument(
         "--database-url",
         default=None,
         help="the server's database (e.g. postgresql+asyncpg://prefect:prefect@127.0.0.1:5432/prefect, emptied "
@@ -215,6 +226,16 @@ def main() -> None:
             "TOGETHER_API_KEY": fake.api_key,
             "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_query_s),
         }
+        trace_dir = root / "trace"
+        worker_env = client_env
+        if args.trace_api:
+            trace_dir.mkdir()
+            worker_env = {
+                **client_env,
+                "PYTHONPATH": f"{REPO / 'bench' / '_api_trace'}{os.pathsep}{REPO}",
+                "EW_TRACE_PORT": str(port),
+                "EW_TRACE_DIR": str(trace_dir),
+            }
         try:
             server = start(
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -243,7 +264,7 @@ def main() -> None:
             register_empty(client_env)
             worker = start(
                 [str(BIN / "prefect"), "worker", "start", "--pool", "epochwise", "--limit", str(args.parallel + 2)],
-                client_env,
+                worker_env,
                 root / "worker.log",
                 REPO,
             )
@@ -270,7 +291,7 @@ def main() -> None:
                 peak = max(peak, api.running("epoch-train"))
 
             calls_before = sum(fake.counts.values())
-            before, start_t = cpu(), time.monotonic()
+            before, start_t, started_at = cpu(), time.monotonic(), time.time()
             run = api.run_deployment("nightly-folds/nightly", {"fan_out": args.fan_out})
             waves = math.ceil(args.folds / args.parallel)
             state = wait_done(api, run, 120 + 20 * waves * args.epochs * args.job_s, sample)
@@ -320,6 +341,8 @@ def main() -> None:
             }
         )
     )
+    if args.trace_api:
+        print_trace(trace_dir, started_at, fold_epochs)
     if args.keep:
         print(f"  kept {root}")
     else:
@@ -362,6 +385,31 @@ def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: fl
         add("last job seen done -> child run end", end - jobs[-1].completed_mono)
         add("child run end -> nightly run end", nightly_end - end)
     return phases
+
+
+def print_trace(trace_dir: Path, since: float, fold_epochs: int) -> None:
+    """The nightly run's Prefect API requests (from ``since``, wall clock) by route, most waited-on first."""
+    routes: dict[str, list[tuple[float, int]]] = {}
+    for path in trace_dir.glob("api-*.tsv"):
+        for line in path.read_text().splitlines():
+            started, took, method, route, status = line.split("\t")
+            if float(started) >= since:
+                routes.setdefault(f"{method} {route}", []).append((float(took), int(status)))
+    total = sum(len(v) for v in routes.values())
+    waited = sum(t for v in routes.values() for t, _ in v)
+    failed = sum(1 for v in routes.values() for _, status in v if not 200 <= status < 300)
+    print(
+        f"  Prefect API requests: {total} ({total / fold_epochs:.1f} per fold-epoch), {waited:.1f} s waited in all, "
+        f"{failed} answered other than 2xx (or not at all)"
+    )
+    print(f"    {'route':<64} {'count':>6} {'per f-e':>7} {'waited s':>8} {'median ms':>9} {'max s':>6} {'not 2xx':>7}")
+    for name, calls in sorted(routes.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:20]:
+        times = [t for t, _ in calls]
+        bad = sum(1 for _, status in calls if not 200 <= status < 300)
+        print(
+            f"    {name[:64]:<64} {len(calls):>6} {len(calls) / fold_epochs:>7.1f} {sum(times):>8.1f} "
+            f"{1000 * statistics.median(times):>9.0f} {max(times):>6.1f} {bad:>7}"
+        )
 
 
 def register_empty(env: dict) -> None:
