@@ -390,17 +390,19 @@ def timeline(api: Api, fake, nightly_start: float, nightly_end: float, job_s: fl
 def print_trace(trace_dir: Path, since: float, fold_epochs: int) -> None:
     """The nightly run's Prefect API requests (from ``since``, wall clock) by route, most waited-on first."""
     routes: dict[str, list[tuple[float, int]]] = {}
+    clients: set[tuple[str, str]] = set()  # (process, client): each new Prefect client first fetches a CSRF token
     for path in trace_dir.glob("api-*.tsv"):
         for line in path.read_text().splitlines():
-            started, took, method, route, status = line.split("\t")
+            started, took, method, route, status, client = line.split("\t")
             if float(started) >= since:
                 routes.setdefault(f"{method} {route}", []).append((float(took), int(status)))
+                clients.add((path.stem, client))
     total = sum(len(v) for v in routes.values())
     waited = sum(t for v in routes.values() for t, _ in v)
     failed = sum(1 for v in routes.values() for _, status in v if not 200 <= status < 300)
     print(
         f"  Prefect API requests: {total} ({total / fold_epochs:.1f} per fold-epoch), {waited:.1f} s waited in all, "
-        f"{failed} answered other than 2xx (or not at all)"
+        f"{failed} answered other than 2xx (or not at all), from {len(clients)} clients"
     )
     print(f"    {'route':<64} {'count':>6} {'per f-e':>7} {'waited s':>8} {'median ms':>9} {'max s':>6} {'not 2xx':>7}")
     for name, calls in sorted(routes.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:20]:

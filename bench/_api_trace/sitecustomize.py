@@ -5,7 +5,8 @@ puts this directory first on the worker's ``PYTHONPATH``, so the worker and ever
 starts record each HTTP request their httpx clients send to the Prefect server (the port in
 ``EW_TRACE_PORT``): one tab-separated line per request in ``$EW_TRACE_DIR/api-<pid>.tsv``, with the
 request's start (``time.time()``), seconds until its answer, method, path with ids replaced by ``{id}``,
-and status (0 for no answer). Events over the websocket are not requests and are not recorded.
+status (0 for no answer) and which client sent it (``id()`` of the httpx client, so a route that comes
+first for many clients shows where clients are made: each new Prefect client first asks for a CSRF token). Events over the websocket are not requests and are not recorded.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def _route(request) -> str | None:
     return _ID.sub("/{id}", url.path.removeprefix("/api"))
 
 
-def _write(started: float, took: float, method: str, route: str, status: int) -> None:
+def _write(started: float, took: float, method: str, route: str, status: int, client: int) -> None:
     with open(os.path.join(_DIR, f"api-{os.getpid()}.tsv"), "a") as out:
-        out.write(f"{started:.4f}\t{took:.4f}\t{method}\t{route}\t{status}\n")
+        out.write(f"{started:.4f}\t{took:.4f}\t{method}\t{route}\t{status}\t{client}\n")
 
 
 def _install() -> None:
@@ -46,7 +47,7 @@ def _install() -> None:
             status = response.status_code
             return response
         finally:
-            _write(started, time.perf_counter() - t0, request.method, route, status)
+            _write(started, time.perf_counter() - t0, request.method, route, status, id(self))
 
     async def asend(self, request, *args, **kwargs):
         route = _route(request)
@@ -58,7 +59,7 @@ def _install() -> None:
             status = response.status_code
             return response
         finally:
-            _write(started, time.perf_counter() - t0, request.method, route, status)
+            _write(started, time.perf_counter() - t0, request.method, route, status, id(self))
 
     httpx.Client.send, httpx.AsyncClient.send = send, asend
 
