@@ -6,7 +6,8 @@ starts record each HTTP request their httpx clients send to the Prefect server (
 ``EW_TRACE_PORT``): one tab-separated line per request in ``$EW_TRACE_DIR/api-<pid>.tsv``, with the
 request's start (``time.time()``), seconds until its answer, method, path with ids replaced by ``{id}``,
 status (0 for no answer) and which client sent it (``id()`` of the httpx client, so a route that comes
-first for many clients shows where clients are made: each new Prefect client first asks for a CSRF token). Events over the websocket are not requests and are not recorded.
+first for many clients shows where clients are made: each new Prefect client first asks for a CSRF
+token). Events over the websocket are not requests and are not recorded.
 """
 
 from __future__ import annotations
