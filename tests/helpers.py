@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from epochwise.config import load_settings
 from epochwise.config.data import RecordMapping
@@ -319,23 +320,28 @@ print("JOBS " + json.dumps(jobs), flush=True)
 """
 
 
+T = TypeVar("T")
+
+
 def wait_for(
-    done: Callable[[], bool],
+    done: Callable[[], T],
     what: str,
     *,
     alive: Sequence[subprocess.Popen] = (),
     explain: Callable[[], str] = str,
     timeout_s: float = 300.0,
-) -> None:
-    """Poll ``done`` every 50 ms until it holds. Fails with ``what`` (and ``explain()``, e.g. a log's tail)
-    after ``timeout_s``, a hang guard on a loaded machine rather than a speed assertion, or as soon as a
-    process in ``alive`` exits first."""
+    every_s: float = 0.05,
+) -> T:
+    """Call ``done`` every ``every_s`` until it returns something true, and return that. Fails with
+    ``what`` (and ``explain()``, e.g. a log's tail) after ``timeout_s``, a hang guard on a loaded machine
+    rather than a speed assertion, or as soon as a process in ``alive`` exits first."""
     deadline = time.monotonic() + timeout_s
-    while not done():
+    while not (found := done()):
         for child in alive:
             assert child.poll() is None, f"{what} (a process exited with {child.returncode})\n{explain()}"
         assert time.monotonic() < deadline, f"{what} (within {timeout_s:.0f} s)\n{explain()}"
-        time.sleep(0.05)
+        time.sleep(every_s)
+    return found
 
 
 class Hosts:

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import wait_for
+
 BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SERVER_START_S = 180  # hang guard: ~12 s measured on a fresh SQLite DB, more on 2 loaded cores
@@ -97,14 +99,18 @@ class Prefect:
 
     def wait_for_run(self, flow_run_id: str, worker_log: Path | None = None) -> dict[str, Any]:
         """Poll the flow run until it is in a terminal state; returns the run as the API shows it."""
-        deadline = time.monotonic() + RUN_WAIT_S
-        while time.monotonic() < deadline:
+
+        def finished() -> dict[str, Any] | None:
             run = self.get(f"/flow_runs/{flow_run_id}")
-            if run["state"] and run["state"]["type"] in TERMINAL:
-                return run
-            time.sleep(1)
-        pytest.fail(f"flow run {flow_run_id} not finished after {RUN_WAIT_S} s; worker log:\n"
-                    + (tail(worker_log) if worker_log else ""))
+            return run if run["state"] and run["state"]["type"] in TERMINAL else None
+
+        return wait_for(
+            finished,
+            f"flow run {flow_run_id} not finished; worker log:",
+            explain=lambda: tail(worker_log) if worker_log else "",
+            timeout_s=RUN_WAIT_S,
+            every_s=1,
+        )
 
     def artifacts(self, key: str) -> list[dict[str, Any]]:
         return self.post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC"})

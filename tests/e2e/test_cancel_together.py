@@ -110,8 +110,8 @@ def running_job(
 ) -> FakeJob:
     """Wait until the run's (new) job, its suffix starting with ``suffix``, is running at the fake and a
     run has recorded it in its tags: the run itself, or a subflow of it."""
-    deadline = time.monotonic() + HANG_S
-    while True:
+
+    def recorded() -> FakeJob | None:
         jobs = [
             j
             for j in fake.state.jobs.values()
@@ -126,8 +126,9 @@ def running_job(
             run["state"],
             tail(worker.log),
         )
-        assert time.monotonic() < deadline, f"no running job after {HANG_S} s:\n{tail(worker.log)}"
-        time.sleep(0.2)
+        return None
+
+    return wait_for(recorded, "no running job", explain=lambda: tail(worker.log), timeout_s=HANG_S, every_s=0.2)
 
 
 def subflows(prefect: Prefect, flow_run_id: str) -> list[dict]:
@@ -166,6 +167,7 @@ def test_cancelling_a_deployment_run_cancels_its_together_job(
         f"job {job.id} not cancelled",
         explain=lambda: tail(worker.log),
         timeout_s=CANCEL_GUARD_S,
+        every_s=0.1,
     )
     seconds = job.cancelled_at - cancelled_from
     with capsys.disabled():
@@ -238,6 +240,7 @@ def test_cancelling_a_threaded_nightly_run_cancels_its_folds_jobs(
         f"job {job.id} not cancelled",
         explain=lambda: tail(worker.log),
         timeout_s=CANCEL_GUARD_S,
+        every_s=0.1,
     )
     with capsys.disabled():
         print(

@@ -100,6 +100,7 @@ def wait_for_line(log: Path, line: str, *alive) -> None:
         alive=alive,
         explain=lambda: tail(log),
         timeout_s=HANG_S,
+        every_s=0.1,
     )
 
 

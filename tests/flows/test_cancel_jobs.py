@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -101,21 +100,19 @@ def test_on_cancellation_hook_cancels_the_runs_live_jobs(fake_together, tmp_path
 
 def running_job(fake: FakeTogether, child: subprocess.Popen) -> tuple[FakeJob, str]:
     """The child's job once it is running and recorded on its flow run; returns (job, flow run id)."""
-    deadline = time.monotonic() + START_S
-    while True:
-        assert child.poll() is None, "the flow process ended before its job was running"
-        assert time.monotonic() < deadline, "the flow process never reached a running job"
-        jobs = [j for j in fake.state.jobs.values() if j.status == "running"]
-        if jobs:
-            with get_client(sync_client=True) as prefect:
-                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-                runs = prefect.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag(jobs[0].id)]))
-                )
-            if runs:
-                return jobs[0], str(runs[0].id)
-        time.sleep(0.05)
+    def recorded() -> tuple[FakeJob, str] | None:
+        jobs = [j for j in fake.state.jobs.values() if j.status == "running"]
+        if not jobs:
+            return None
+        with get_client(sync_client=True) as prefect:
+            runs = prefect.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag(jobs[0].id)]))
+            )
+        return (jobs[0], str(runs[0].id)) if runs else None
+
+    return wait_for(recorded, "the flow process never reached a running job", alive=[child], timeout_s=START_S)
 
 
 @pytest.mark.parametrize("cancelled", [True, False], ids=["cancel", "shutdown"])
